@@ -1,0 +1,1 @@
+"""API keys to identities, and the owner permission model."""

@@ -1,0 +1,51 @@
+"""Hops off the event loop: blocking I/O to a thread pool, CPU work to a CPU pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_io_pool: ThreadPoolExecutor | None = None
+_cpu_pool: ThreadPoolExecutor | None = None
+
+
+def _pools() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+    global _io_pool, _cpu_pool
+    if _io_pool is None:
+        _io_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="callfs-io")
+    if _cpu_pool is None:
+        _cpu_pool = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="callfs-cpu"
+        )
+    return _io_pool, _cpu_pool
+
+
+async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking call (disk, sqlite3, boto3) on the I/O thread pool; context vars carry over."""
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    return await loop.run_in_executor(_pools()[0], call)
+
+
+async def run_cpu(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run CPU-bound work that releases the GIL (zfec, hashing) on the CPU pool."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(fn, *args, **kwargs)
+    return await loop.run_in_executor(_pools()[1], call)
+
+
+def shutdown_pools() -> None:
+    global _io_pool, _cpu_pool
+    for pool in (_io_pool, _cpu_pool):
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    _io_pool = _cpu_pool = None

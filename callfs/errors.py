@@ -1,0 +1,127 @@
+"""One error tree for everything CallFS raises on purpose.
+
+    CallFSError
+    ├── BadRequest            400 BAD_REQUEST
+    ├── AuthenticationFailed  401 AUTHENTICATION_FAILED
+    ├── PermissionDenied      403 PERMISSION_DENIED
+    ├── NotFound              404 FILE_NOT_FOUND
+    ├── LinkNotFound          404 LINK_NOT_FOUND
+    ├── AlreadyExists         409 FILE_ALREADY_EXISTS
+    ├── DirectoryNotEmpty     409 DIRECTORY_NOT_EMPTY
+    ├── LinkExpired           410 LINK_EXPIRED
+    ├── LinkAlreadyUsed       410 LINK_ALREADY_USED
+    ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
+    ├── RangeNotSatisfiable   416 RANGE_NOT_SATISFIABLE
+    ├── RateLimited           429 RATE_LIMIT_EXCEEDED
+    ├── InternalError         500 INTERNAL_ERROR
+    ├── PeerUnavailable       502 PEER_UNAVAILABLE
+    ├── Unavailable           503 UNAVAILABLE (store down, lock wait timed out, no leader)
+    │   └── LockTimeout
+    ├── InsufficientShards    503 INSUFFICIENT_SHARDS
+    ├── VersionConflict       a conditional metadata write lost a race (internal; retried or mapped)
+    ├── UnsafePath            a backend path resolves outside its root (500)
+    └── ConfigError           configuration could not be loaded or validated (never reaches HTTP)
+
+The message of every error is safe to show to a client: it never contains server paths, secrets or
+exception text. ``api/errors.py`` holds the single table from class to HTTP status and code.
+"""
+
+from __future__ import annotations
+
+
+class CallFSError(Exception):
+    """Base of every error CallFS raises on purpose."""
+
+    default_message = "an internal error occurred"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message if message is not None else self.default_message
+        super().__init__(self.message)
+
+
+class BadRequest(CallFSError):
+    default_message = "bad request"
+
+
+class AuthenticationFailed(CallFSError):
+    default_message = "authentication failed"
+
+
+class PermissionDenied(CallFSError):
+    default_message = "permission denied"
+
+
+class NotFound(CallFSError):
+    default_message = "file not found"
+
+
+class LinkNotFound(CallFSError):
+    default_message = "link not found"
+
+
+class AlreadyExists(CallFSError):
+    default_message = "file already exists"
+
+
+class DirectoryNotEmpty(CallFSError):
+    default_message = "directory not empty"
+
+
+class LinkExpired(CallFSError):
+    default_message = "link expired"
+
+
+class LinkAlreadyUsed(CallFSError):
+    default_message = "link already used"
+
+
+class PayloadTooLarge(CallFSError):
+    default_message = "payload too large"
+
+
+class RangeNotSatisfiable(CallFSError):
+    default_message = "range not satisfiable"
+
+    def __init__(self, size: int, message: str | None = None) -> None:
+        self.size = size
+        super().__init__(message)
+
+
+class RateLimited(CallFSError):
+    default_message = "Rate limit exceeded"
+
+
+class InternalError(CallFSError):
+    default_message = "an internal error occurred"
+
+
+class PeerUnavailable(CallFSError):
+    default_message = "peer unavailable"
+
+
+class Unavailable(CallFSError):
+    default_message = "service unavailable"
+
+    def __init__(self, message: str | None = None, retry_after: int = 1) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class LockTimeout(Unavailable):
+    default_message = "timed out waiting for a lock"
+
+
+class InsufficientShards(CallFSError):
+    default_message = "not enough intact shards to rebuild the file"
+
+
+class VersionConflict(CallFSError):
+    default_message = "the item changed concurrently"
+
+
+class UnsafePath(CallFSError):
+    default_message = "an internal error occurred"
+
+
+class ConfigError(CallFSError):
+    default_message = "invalid configuration"

@@ -1,0 +1,1 @@
+"""Path locks behind ``locks.base.LockManager``."""

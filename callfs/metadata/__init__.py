@@ -1,0 +1,1 @@
+"""The namespace: entries, links and erasure layouts behind ``metadata.base.MetadataStore``."""

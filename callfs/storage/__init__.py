@@ -1,0 +1,1 @@
+"""Byte storage backends behind one Protocol (``storage.base.StorageBackend``)."""
