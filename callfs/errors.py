@@ -18,6 +18,7 @@
     ├── Unavailable           503 UNAVAILABLE (store down, lock wait timed out, no leader)
     │   └── LockTimeout
     ├── InsufficientShards    503 INSUFFICIENT_SHARDS
+    ├── RemoteOwner           the item's bytes live on another node: proxy there (or 409 on create)
     ├── VersionConflict       a conditional metadata write lost a race (internal; retried or mapped)
     ├── UnsafePath            a backend path resolves outside its root (500)
     └── ConfigError           configuration could not be loaded or validated (never reaches HTTP)
@@ -113,6 +114,20 @@ class LockTimeout(Unavailable):
 
 class InsufficientShards(CallFSError):
     default_message = "not enough intact shards to rebuild the file"
+
+
+class RemoteOwner(CallFSError):
+    """The item is owned by another node (``instance_id``); the API layer proxies the request there,
+    or answers a create with the cross-server 409 (§9.5)."""
+
+    default_message = "resource exists on another server"
+
+    def __init__(self, path: str, instance_id: str, is_dir: bool, backend_type: str) -> None:
+        self.path = path
+        self.instance_id = instance_id
+        self.is_dir = is_dir
+        self.backend_type = backend_type
+        super().__init__()
 
 
 class VersionConflict(CallFSError):

@@ -1,0 +1,22 @@
+"""``build_app``: the aiohttp application of one node, from already-built components."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from callfs.api import directories, files, health
+from callfs.api.middleware import on_response_prepare, pipeline
+from callfs.api.state import STATE, ApiState
+
+#: aiohttp's own limit for buffered reads; bodies we care about are streamed and capped ourselves.
+_CLIENT_MAX_SIZE = 1 << 20
+
+
+def build_app(state: ApiState) -> web.Application:
+    app = web.Application(middlewares=[pipeline], client_max_size=_CLIENT_MAX_SIZE)
+    app[STATE] = state
+    app.on_response_prepare.append(on_response_prepare)
+    health.add_routes(app)
+    files.add_routes(app)
+    directories.add_routes(app)
+    return app

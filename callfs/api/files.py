@@ -1,0 +1,266 @@
+"""``/v1/files/{path}``: GET, HEAD, POST, PUT, DELETE, PATCH (API.md §9.3–9.8)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from callfs.api.errors import dumps, json_response
+from callfs.api.ranges import parse_range
+from callfs.api.state import api_state, identity
+from callfs.core.engine import MoveRequest
+from callfs.errors import BadRequest, PayloadTooLarge, RemoteOwner
+from callfs.model import Entry
+from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
+from callfs.storage.base import ByteStream
+
+FILES_PREFIX = "/v1/files"
+OCTET = "application/octet-stream"
+MAX_PATCH_BODY = 1 << 20
+#: Ranges below this go out with ``write``; larger local files use sendfile (zero-copy).
+_SENDFILE_MIN = 256 * 1024
+
+
+def rfc3339(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def request_path(request: web.Request, prefix: str = FILES_PREFIX) -> CanonicalPath:
+    """Canonical path of the raw (still percent-encoded) request path after ``prefix``."""
+    raw = request.rel_url.raw_path[len(prefix) :]
+    if raw.startswith("/"):
+        raw = raw[1:]
+    return parse_request_path(raw)
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "path": entry.path,
+        "type": entry.type.value,
+        "size": entry.size,
+        "mode": entry.mode,
+        "owner": entry.owner,
+        "mtime": rfc3339(entry.mtime),
+    }
+
+
+def item_headers(entry: Entry) -> dict[str, str]:
+    return {
+        "X-CallFS-Type": entry.type.value,
+        "X-CallFS-Size": str(entry.size),
+        "X-CallFS-Mode": entry.mode,
+        "X-CallFS-Owner": entry.owner,
+        "X-CallFS-MTime": rfc3339(entry.mtime),
+    }
+
+
+async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never whole; ``PayloadTooLarge`` past ``limit``."""
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge()
+        yield chunk
+
+
+def check_declared_size(request: web.Request) -> None:
+    length = request.content_length
+    if length is not None and length > api_state(request).max_upload_size:
+        raise PayloadTooLarge()
+
+
+# ---- GET / HEAD ------------------------------------------------------------------------------
+async def get_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    state = api_state(request)
+    who = identity(request)
+    entry = await state.engine.stat(who, path)
+    if entry.is_dir:
+        _, children = await state.engine.list_directory(who, path, recursive=False, max_depth=0)
+        resp = web.Response(
+            body=dumps([entry_json(c) for c in children]).encode(), headers=item_headers(entry)
+        )
+        resp.content_type = "application/json"
+        return resp
+    span = parse_range(request.headers.get("Range"), entry.size, request.headers.get("If-Range"))
+    offset, length = (0, None) if span is None else (span[0], span[1] - span[0] + 1)
+    stream = await state.engine.open_file(who, entry, offset, length)
+    headers = item_headers(entry)
+    headers["Accept-Ranges"] = "bytes"
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {span[0]}-{span[0] + stream.length - 1}/{entry.size}"
+    return await send_stream(request, stream, status, headers)
+
+
+async def send_stream(
+    request: web.Request, stream: ByteStream, status: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a ByteStream: tiny local reads inline, big local files by sendfile, others chunked."""
+    try:
+        small: bytes | None = getattr(stream, "small_body", None)
+        if small is not None:
+            resp = web.Response(status=status, body=small, headers=headers)
+            resp.content_type = OCTET
+            return resp
+        sresp = web.StreamResponse(status=status, headers=headers)
+        sresp.content_type = OCTET
+        sresp.content_length = stream.length
+        await sresp.prepare(request)
+        fileobj = getattr(stream, "fileobj", None)
+        transport = request.transport
+        if (
+            fileobj is not None
+            and transport is not None
+            and stream.length >= _SENDFILE_MIN
+            and transport.get_extra_info("sslcontext") is None
+        ):
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sendfile(transport, fileobj, getattr(stream, "offset", 0), stream.length)
+                await sresp.write_eof()
+                return sresp
+            except NotImplementedError:
+                pass  # a loop without sendfile (uvloop): stream it instead
+        async for chunk in stream:
+            await sresp.write(chunk)
+        await sresp.write_eof()
+        return sresp
+    finally:
+        await stream.aclose()
+
+
+async def head_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    state = api_state(request)
+    entry = await state.engine.stat(identity(request), path)
+    if entry.instance_id is not None and entry.instance_id != state.instance_id:
+        raise RemoteOwner(entry.path, entry.instance_id, entry.is_dir, entry.backend_type)
+    headers = item_headers(entry)
+    if entry.is_dir:
+        content_type = "application/json"
+    else:
+        content_type = OCTET
+        headers["Accept-Ranges"] = "bytes"
+    if entry.instance_id is not None:
+        headers["X-CallFS-Instance-ID"] = entry.instance_id
+    headers["Content-Type"] = content_type
+    return web.Response(status=200, headers=headers)
+
+
+# ---- POST / PUT ------------------------------------------------------------------------------
+async def post_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    state = api_state(request)
+    who = identity(request)
+    if path.dir_form:
+        created = await state.engine.make_directory(who, path)
+        return web.Response(status=201 if created else 200)
+    check_declared_size(request)
+    await state.engine.create_file(who, path, body_chunks(request, state.max_upload_size))
+    return web.Response(status=201)
+
+
+async def put_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    if path.dir_form:
+        raise BadRequest("PUT requires a file path, not a directory path")
+    check_declared_size(request)
+    state = api_state(request)
+    _, created = await state.engine.put_file(
+        identity(request), path, body_chunks(request, state.max_upload_size)
+    )
+    return web.Response(status=201 if created else 200)
+
+
+# ---- DELETE ----------------------------------------------------------------------------------
+async def delete_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    recursive = request.rel_url.query.get("recursive") == "true"
+    await api_state(request).engine.delete(identity(request), path, recursive)
+    return web.Response(status=204)
+
+
+# ---- PATCH -----------------------------------------------------------------------------------
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string")
+    return value
+
+
+def _optional_bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be a boolean")
+    return value
+
+
+async def read_json_object(request: web.Request, limit: int, message: str) -> dict[str, Any]:
+    """A JSON object body of at most ``limit`` bytes, or ``BadRequest(message)``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(message)
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise BadRequest(message)
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(message) from exc
+    if not isinstance(body, dict):
+        raise BadRequest(message)
+    return body
+
+
+def parse_move(source: CanonicalPath, body: dict[str, Any], overwrite_query: bool) -> MoveRequest:
+    name = _optional_str(body, "name") or None
+    destination = _optional_str(body, "destination") or None
+    if (name is None) == (destination is None):
+        raise BadRequest("exactly one of name and destination is required")
+    if name is not None:
+        validate_name(name)
+        base = source.parent if source.path != "/" else "/"
+        target = parse_body_path(base.rstrip("/") + "/" + name)
+    else:
+        assert destination is not None
+        target = parse_body_path(destination)
+    return MoveRequest(
+        destination=target,
+        backend=_optional_str(body, "backend") or None,
+        instance=_optional_str(body, "instance") or None,
+        overwrite=_optional_bool(body, "overwrite") or overwrite_query,
+        create_parents=_optional_bool(body, "create_parents"),
+    )
+
+
+async def patch_file(request: web.Request) -> web.StreamResponse:
+    path = request_path(request)
+    body = await read_json_object(request, MAX_PATCH_BODY, "invalid JSON body")
+    move = parse_move(path, body, request.rel_url.query.get("overwrite") == "true")
+    new_path = await api_state(request).engine.move(identity(request), path, move)
+    return json_response({"path": new_path}, newline=True)
+
+
+def add_routes(app: web.Application) -> None:
+    for pattern in (FILES_PREFIX, FILES_PREFIX + "/{tail:.*}"):
+        resource = app.router.add_resource(pattern)
+        resource.add_route("GET", get_file)
+        resource.add_route("HEAD", head_file)
+        resource.add_route("POST", post_file)
+        resource.add_route("PUT", put_file)
+        resource.add_route("DELETE", delete_file)
+        resource.add_route("PATCH", patch_file)

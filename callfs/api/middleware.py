@@ -1,0 +1,162 @@
+"""The public request pipeline (API.md §3): request id, security headers, authentication, one
+translation of errors to JSON, and a 500 for anything unexpected. Internal endpoints skip it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from callfs.api.errors import error_response, render_error
+from callfs.api.state import IDENTITY, REQUEST_ID, api_state
+from callfs.errors import CallFSError
+from callfs.log import request_id_var
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("callfs.access")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'self'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "Permissions-Policy": (
+        "geolocation=(), microphone=(), camera=(), payment=(), usb=(), magnetometer=(), "
+        "gyroscope=(), accelerometer=()"
+    ),
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+}
+HSTS = "max-age=31536000; includeSubDomains; preload"
+
+INTERNAL_PREFIX = "/v1/internal/"
+
+
+def is_internal(request: web.Request) -> bool:
+    return request.rel_url.raw_path.startswith(INTERNAL_PREFIX)
+
+
+def needs_bearer(raw_path: str) -> bool:
+    """``/metrics`` and all of ``/v1/`` except ``/v1/internal/`` — decided before routing."""
+    if raw_path == "/metrics":
+        return True
+    return (raw_path == "/v1" or raw_path.startswith("/v1/")) and not raw_path.startswith(
+        INTERNAL_PREFIX
+    )
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every public response carries, streamed ones included (set before headers go out)."""
+    if is_internal(request):
+        return
+    headers = response.headers
+    headers.update(SECURITY_HEADERS)
+    if request.secure:
+        headers["Strict-Transport-Security"] = HSTS
+    rid = request.get(REQUEST_ID)
+    if isinstance(rid, str):
+        headers["X-Request-ID"] = rid
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        return error_response(404, "NOT_FOUND", "not found")
+    if exc.status == 405:
+        resp = error_response(405, "METHOD_NOT_ALLOWED", "method not allowed")
+        allow = exc.headers.get("Allow")
+        if allow:
+            resp.headers["Allow"] = allow
+        return resp
+    if exc.status == 413:
+        return error_response(413, "PAYLOAD_TOO_LARGE", "payload too large")
+    if exc.status < 500:
+        return error_response(exc.status, "BAD_REQUEST", exc.reason or "bad request")
+    return error_response(500, "INTERNAL_ERROR", "")
+
+
+#: aiohttp resource patterns -> the route templates used as the ``path`` metric label (§16).
+_TEMPLATES = {
+    "/health": "/health",
+    "/metrics": "/metrics",
+    "/v1/files": "/v1/files/*",
+    "/v1/files/{tail}": "/v1/files/*",
+    "/v1/files/ws/{tail}": "/v1/files/ws/*",
+    "/v1/directories": "/v1/directories/*",
+    "/v1/directories/{tail}": "/v1/directories/*",
+    "/v1/shards/{tail}": "/v1/shards/*",
+    "/v1/links/generate": "/v1/links/generate",
+    "/download/{token}": "/download/{token}",
+}
+
+
+def route_template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    return _TEMPLATES.get(resource.canonical, "unmatched")
+
+
+@web.middleware
+async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if is_internal(request):
+        return await handler(request)
+    rid = secrets.token_hex(8)
+    request[REQUEST_ID] = rid
+    request_id_var.set(rid)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await _handle(request, handler)
+        status = response.status
+        return response
+    finally:
+        _observe(request, status, time.perf_counter() - started, rid)
+
+
+def _observe(request: web.Request, status: int, duration: float, rid: str) -> None:
+    """One metrics observation and one access-log line per public request (§16, §17)."""
+    template = route_template(request)
+    metrics = api_state(request).metrics
+    metrics.http_requests.labels(request.method, template, str(status)).inc()
+    metrics.http_duration.labels(request.method, template).observe(duration)
+    if status >= 500:
+        metrics.errors.labels("http", str(status)).inc()
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    access_log.info(
+        "HTTP request",
+        extra={
+            "method": request.method,
+            "path": template,
+            "status": status,
+            "duration": round(duration, 6),
+            "user_agent": request.headers.get("User-Agent", ""),
+            "remote_addr": peer[0] if isinstance(peer, tuple) else "",
+            "request_id": rid,
+        },
+    )
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if needs_bearer(request.rel_url.raw_path):
+            request[IDENTITY] = api_state(request).auth.identify(
+                request.headers.get("Authorization")
+            )
+        return await handler(request)
+    except CallFSError as exc:
+        if type(exc).__name__ == "InternalError" or render_error(exc).status >= 500:
+            log.warning("request failed: %s (%s)", type(exc).__name__, exc.message)
+        return render_error(exc)
+    except web.HTTPException as exc:
+        return _from_http_exception(exc)
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(500, "INTERNAL_ERROR", "")

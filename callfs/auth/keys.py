@@ -1,0 +1,67 @@
+"""Bearer tokens to identities (API.md §4). Every comparison is constant-time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping, Sequence
+
+from callfs.errors import AuthenticationFailed
+from callfs.model import INTERNAL_PROXY_USER, Identity
+
+_BEARER = "Bearer "
+
+
+def extract_token(header: str | None) -> str:
+    """Strip one leading ``Bearer `` (case-sensitive, one space) if present, then trim."""
+    if header is None:
+        return ""
+    if header.startswith(_BEARER):
+        header = header[len(_BEARER) :]
+    return header.strip()
+
+
+class Authenticator:
+    """Maps a bearer token to the user it belongs to.
+
+    ``api_keys[i]`` is user ``api-user-<i>``; ``api_key_users`` maps user -> key; the internal proxy
+    secret is the admin identity ``internal-proxy``. No key maps to ``root``.
+    """
+
+    def __init__(
+        self,
+        api_keys: Sequence[str],
+        api_key_users: Mapping[str, str],
+        internal_proxy_secret: str,
+    ) -> None:
+        table: list[tuple[bytes, str]] = [
+            (key.encode(), f"api-user-{i}") for i, key in enumerate(api_keys)
+        ]
+        table += [(key.encode(), user) for user, key in sorted(api_key_users.items())]
+        if internal_proxy_secret:
+            table.append((internal_proxy_secret.encode(), INTERNAL_PROXY_USER))
+        self._table = tuple(table)
+        self._internal = internal_proxy_secret.encode()
+
+    def identify(self, authorization: str | None) -> Identity:
+        """The identity of an ``Authorization`` header value; ``AuthenticationFailed`` otherwise.
+
+        Compares against every key without stopping at the first match, so timing does not reveal
+        which key (or how much of one) matched."""
+        token = extract_token(authorization).encode()
+        found: str | None = None
+        if token:
+            for key, user in self._table:
+                if hmac.compare_digest(token, key) and found is None:
+                    found = user
+        if found is None:
+            raise AuthenticationFailed()
+        return Identity(found)
+
+    def is_internal(self, authorization: str | None) -> bool:
+        """True iff the header carries the internal proxy secret (internal endpoints, §12.6).
+
+        An empty configured secret rejects everything."""
+        token = extract_token(authorization).encode()
+        if not self._internal or not token:
+            return False
+        return hmac.compare_digest(token, self._internal)

@@ -1,0 +1,265 @@
+"""The composition root: the only module that names concrete classes and their start/stop order.
+
+``Node`` builds one node from a validated ``Config``: metadata store, lock manager, storage backends,
+the engine, and the aiohttp listeners. ``run`` serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from callfs.api.app import build_app
+from callfs.api.state import ApiState
+from callfs.auth.keys import Authenticator
+from callfs.concurrency import shutdown_pools
+from callfs.config import Config
+from callfs.core.engine import Engine, EngineSettings
+from callfs.errors import CallFSError, ConfigError
+from callfs.locks.base import LockManager
+from callfs.metadata.base import MetadataStore
+from callfs.metadata.guarded import GuardedMetadataStore
+from callfs.metrics import Metrics
+from callfs.storage.base import StorageBackend
+
+log = logging.getLogger(__name__)
+
+#: SIGTERM/SIGINT stop every listener within this many seconds (§2).
+SHUTDOWN_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 120.0
+
+
+def split_listen_addr(addr: str) -> tuple[str | None, int]:
+    """``:8443`` -> (None, 8443) (all interfaces); ``127.0.0.1:8443``; ``[::1]:8443``."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"invalid listen address {addr!r}: expected host:port")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+def make_metadata_store(cfg: Config) -> MetadataStore:
+    ms = cfg.metadata_store
+    if ms.type == "sqlite":
+        from callfs.metadata.sqlite import SqliteMetadataStore
+
+        return SqliteMetadataStore(ms.sqlite_path)
+    if ms.type == "postgres":
+        from callfs.metadata.postgres import PostgresMetadataStore
+
+        return PostgresMetadataStore(ms.dsn, op_timeout=cfg.server.metadata_op_timeout)
+    if ms.type == "redis":
+        from callfs.metadata.redis import RedisMetadataStore
+
+        return RedisMetadataStore(
+            ms.redis_addr,
+            password=ms.redis_password,
+            db=ms.redis_db,
+            key_prefix=ms.redis_key_prefix,
+            op_timeout=cfg.server.metadata_op_timeout,
+        )
+    raise ConfigError(f"metadata_store.type {ms.type!r} is not available in this version")
+
+
+def make_lock_manager(cfg: Config) -> LockManager:
+    if cfg.dlm.type == "local":
+        from callfs.locks.local import LocalLockManager
+
+        return LocalLockManager()
+    from callfs.locks.redis import RedisLockManager
+
+    return RedisLockManager(cfg.dlm.redis_addr, password=cfg.dlm.redis_password)
+
+
+def make_backends(cfg: Config) -> dict[str, StorageBackend]:
+    backends: dict[str, StorageBackend] = {}
+    b = cfg.backend
+    if b.localfs_root_path:
+        from callfs.storage.localfs import LocalFSBackend
+
+        backends["localfs"] = LocalFSBackend(b.localfs_root_path)
+    if b.s3_bucket_name:
+        from callfs.storage.s3 import S3Backend
+
+        backends["s3"] = S3Backend(
+            bucket=b.s3_bucket_name,
+            region=b.s3_region,
+            endpoint=b.s3_endpoint,
+            access_key=b.s3_access_key,
+            secret_key=b.s3_secret_key,
+            sse=b.s3_server_side_encryption,
+            kms_key_id=b.s3_kms_key_id,
+            acl=b.s3_acl,
+        )
+    return backends
+
+
+def uses_tls(cfg: Config) -> bool:
+    s = cfg.server
+    if s.protocol == "http":
+        return False
+    if s.protocol == "auto":
+        return bool(s.cert_file and s.key_file)
+    return True
+
+
+def make_ssl_context(cfg: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"failed to load TLS certificate/key (server.cert_file={cfg.server.cert_file!r}, "
+            f"server.key_file={cfg.server.key_file!r}): {exc.__class__.__name__}"
+        ) from exc
+    return ctx
+
+
+@dataclass
+class Node:
+    """One running CallFS node. ``start`` brings it up in dependency order; ``stop`` reverses it."""
+
+    cfg: Config
+    metrics: Metrics = field(default_factory=Metrics)
+    meta: MetadataStore | None = None
+    locks: LockManager | None = None
+    backends: dict[str, StorageBackend] = field(default_factory=dict)
+    engine: Engine | None = None
+    app: web.Application | None = None
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    _started: list[object] = field(default_factory=list)
+
+    def build(self) -> web.Application:
+        """Construct every component (no I/O) and return the main application."""
+        cfg = self.cfg
+        self.meta = GuardedMetadataStore(
+            make_metadata_store(cfg), cfg.server.metadata_op_timeout, self.metrics
+        )
+        self.locks = make_lock_manager(cfg)
+        self.backends = make_backends(cfg)
+        settings = EngineSettings(
+            instance_id=cfg.instance_discovery.instance_id,
+            default_backend=cfg.backend.default_backend,
+            lock_timeout=cfg.dlm.lock_timeout,
+            file_op_timeout=cfg.server.file_op_timeout,
+            known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
+        )
+        self.engine = Engine(self.meta, self.locks, self.backends, settings)
+        state = ApiState(
+            engine=self.engine,
+            auth=Authenticator(
+                cfg.auth.api_keys, cfg.auth.api_key_users, cfg.auth.internal_proxy_secret
+            ),
+            max_upload_size=cfg.server.max_upload_size,
+            instance_id=cfg.instance_discovery.instance_id,
+            external_url=cfg.server.external_url,
+            metrics=self.metrics,
+        )
+        self.app = build_app(state)
+        return self.app
+
+    async def start_components(self) -> None:
+        """Start stores and backends (what the aiohttp test client needs before requests)."""
+        if self.app is None:
+            self.build()
+        assert self.meta is not None and self.locks is not None
+        for component in (self.meta, self.locks, *self.backends.values()):
+            await component.start()
+            self._started.append(component)
+
+    async def start(self) -> None:
+        await self.start_components()
+        assert self.app is not None
+        cfg = self.cfg
+        ssl_ctx = make_ssl_context(cfg) if uses_tls(cfg) else None
+        main = web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await main.setup()
+        self._runners.append(main)
+        host, port = split_listen_addr(cfg.server.listen_addr)
+        await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
+        if cfg.metrics.listen_addr:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", self._metrics_handler, allow_head=False)
+            runner = web.AppRunner(metrics_app, access_log=None)
+            await runner.setup()
+            self._runners.append(runner)
+            mhost, mport = split_listen_addr(cfg.metrics.listen_addr)
+            await web.TCPSite(runner, mhost, mport).start()
+
+    async def _metrics_handler(self, request: web.Request) -> web.StreamResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        for component in reversed(self._started):
+            try:
+                await component.close()  # type: ignore[attr-defined]
+            except Exception:
+                log.warning("error while closing %s", type(component).__name__, exc_info=True)
+        self._started.clear()
+
+
+async def serve(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
+    node = Node(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        log.info("listening on %s", cfg.server.listen_addr)
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await node.stop()
+
+
+def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; the process exit code (1 when start-up fails)."""
+    from callfs.log import configure_logging
+
+    auth = cfg.auth
+    configure_logging(
+        cfg.log.level,
+        cfg.log.format,
+        secrets=[
+            *auth.api_keys,
+            *auth.api_key_users.values(),
+            auth.internal_proxy_secret,
+            auth.single_use_link_secret,
+            cfg.backend.s3_secret_key,
+            cfg.metadata_store.redis_password,
+            cfg.dlm.redis_password,
+        ],
+    )
+    try:
+        asyncio.run(serve(cfg, on_ready))
+    except (CallFSError, OSError) as exc:
+        message = exc.message if isinstance(exc, CallFSError) else str(exc)
+        log.error("start-up failed: %s", message)
+        import sys
+
+        print(f"Error: {message}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutdown_pools()
+    return 0

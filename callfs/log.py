@@ -1,0 +1,116 @@
+"""Logging set-up (API.md §17): level, json|console on stderr, a request id in a contextvar, and a
+redaction filter so API keys, secrets and link tokens never appear in full in any record."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+#: Fields of ``extra=`` that formatters print (the access log uses them).
+_EXTRA_FIELDS = (
+    "method",
+    "path",
+    "status",
+    "duration",
+    "user_agent",
+    "remote_addr",
+    "request_id",
+)
+#: A link token: 24-char id (ending ==) + "." + 44-char signature.
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{22}==)\.[A-Za-z0-9_-]{43}=")
+
+
+class RedactionFilter(logging.Filter):
+    """Replaces every configured secret with ``[REDACTED]`` and cuts link tokens to 8 characters,
+    in the message, its arguments and the extra fields."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[REDACTED]")
+        return _TOKEN.sub(lambda m: m.group(1)[:8] + "...", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redact(record.getMessage())
+        record.args = None
+        for name in _EXTRA_FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                record.__dict__[name] = self.redact(value)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = record.__dict__.get("request_id") or request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        for name in _EXTRA_FIELDS:
+            if name != "request_id" and name in record.__dict__:
+                out[name] = record.__dict__[name]
+        if record.exc_text:
+            out["error"] = record.exc_text
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        parts = [f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"]
+        rid = record.__dict__.get("request_id") or request_id_var.get()
+        for name in _EXTRA_FIELDS:
+            if name != "request_id" and name in record.__dict__:
+                parts.append(f"{name}={record.__dict__[name]}")
+        if rid:
+            parts.append(f"request_id={rid}")
+        line = " ".join(parts)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+REDACTION = RedactionFilter()
+
+
+def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
+    """Route every record to stderr through the redaction filter (idempotent)."""
+    REDACTION.set_secrets(secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(REDACTION)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS.get(level.lower(), logging.INFO))

@@ -1,0 +1,99 @@
+"""Prometheus metrics of API.md §16, one private registry per node (tests build many nodes)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+
+class Metrics:
+    def __init__(self) -> None:
+        reg = self.registry = CollectorRegistry()
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        self.http_requests = Counter(
+            "callfs_http_requests_total",
+            "HTTP requests by method, route template and status.",
+            ["method", "path", "status_code"],
+            registry=reg,
+        )
+        self.http_duration = Histogram(
+            "callfs_http_request_duration_seconds",
+            "HTTP request duration by method and route template.",
+            ["method", "path"],
+            registry=reg,
+        )
+        self.file_ops = Counter(
+            "callfs_file_operations_total",
+            "File operations by kind and backend.",
+            ["operation", "backend_type"],
+            registry=reg,
+        )
+        self.backend_duration = Histogram(
+            "callfs_backend_op_duration_seconds",
+            "Backend byte operation duration.",
+            ["backend_type", "operation"],
+            registry=reg,
+        )
+        self.backend_ops = Counter(
+            "callfs_backend_ops_total",
+            "Backend operations.",
+            ["backend_type", "operation"],
+            registry=reg,
+        )
+        self.link_generations = Counter(
+            "callfs_single_use_link_generations_total",
+            "Single-use links generated.",
+            registry=reg,
+        )
+        self.link_consumptions = Counter(
+            "callfs_single_use_link_consumptions_total",
+            "Single-use link redemptions by outcome.",
+            ["status"],
+            registry=reg,
+        )
+        self.metadata_queries = Counter(
+            "callfs_metadata_db_queries_total",
+            "Metadata store calls.",
+            ["operation"],
+            registry=reg,
+        )
+        self.metadata_duration = Histogram(
+            "callfs_metadata_db_query_duration_seconds",
+            "Metadata store call duration.",
+            ["operation"],
+            registry=reg,
+        )
+        self.lock_ops = Counter(
+            "callfs_lock_operations_total",
+            "Lock acquires and releases by outcome.",
+            ["operation", "status"],
+            registry=reg,
+        )
+        self.lock_duration = Histogram(
+            "callfs_lock_operation_duration_seconds",
+            "Lock acquire and release duration.",
+            ["operation"],
+            registry=reg,
+        )
+        self.active_locks = Gauge(
+            "callfs_active_locks", "Locks this node currently holds.", registry=reg
+        )
+        self.errors = Counter(
+            "callfs_errors_total",
+            "5xx answers and logged internal failures.",
+            ["component", "error_type"],
+            registry=reg,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
