@@ -29,7 +29,7 @@ def _pools() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
 
 
 async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run a blocking call (disk, sqlite3, boto3) on the I/O thread pool; context vars carry over."""
+    """Run a blocking call (disk, sqlite3, boto3) on the I/O pool; context vars carry over."""
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
     call = functools.partial(ctx.run, fn, *args, **kwargs)

@@ -1,7 +1,7 @@
 """The composition root: the only module that names concrete classes and their start/stop order.
 
-``Node`` builds one node from a validated ``Config``: metadata store, lock manager, storage backends,
-the engine, and the aiohttp listeners. ``run`` serves until SIGINT/SIGTERM.
+``Node`` builds one node from a validated ``Config``: metadata store, lock manager, storage
+backends, the engine, and the aiohttp listeners. ``run`` serves until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from callfs.api.app import build_app
+from callfs.api.proxy import PeerClient
 from callfs.api.state import ApiState
 from callfs.auth.keys import Authenticator
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config
 from callfs.core.engine import Engine, EngineSettings
 from callfs.errors import CallFSError, ConfigError
+from callfs.links.service import LinkService
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metadata.guarded import GuardedMetadataStore
@@ -121,6 +123,12 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
+def peer_ssl_context(cfg: Config) -> ssl.SSLContext | bool:
+    """How this node verifies other nodes' certificates
+    (``backend.internal_proxy_skip_tls_verify``)."""
+    return not cfg.backend.internal_proxy_skip_tls_verify
+
+
 @dataclass
 class Node:
     """One running CallFS node. ``start`` brings it up in dependency order; ``stop`` reverses it."""
@@ -132,6 +140,7 @@ class Node:
     backends: dict[str, StorageBackend] = field(default_factory=dict)
     engine: Engine | None = None
     app: web.Application | None = None
+    peers: PeerClient | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[object] = field(default_factory=list)
 
@@ -151,6 +160,14 @@ class Node:
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
         )
         self.engine = Engine(self.meta, self.locks, self.backends, settings)
+        self.peers = PeerClient(
+            {
+                **cfg.instance_discovery.peer_endpoints,
+                cfg.instance_discovery.instance_id: cfg.server.external_url,
+            },
+            cfg.auth.internal_proxy_secret,
+            ssl_context=peer_ssl_context(cfg),
+        )
         state = ApiState(
             engine=self.engine,
             auth=Authenticator(
@@ -160,6 +177,8 @@ class Node:
             instance_id=cfg.instance_discovery.instance_id,
             external_url=cfg.server.external_url,
             metrics=self.metrics,
+            links=LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics),
+            peers=self.peers,
         )
         self.app = build_app(state)
         return self.app
@@ -169,7 +188,8 @@ class Node:
         if self.app is None:
             self.build()
         assert self.meta is not None and self.locks is not None
-        for component in (self.meta, self.locks, *self.backends.values()):
+        assert self.peers is not None
+        for component in (self.meta, self.locks, *self.backends.values(), self.peers):
             await component.start()
             self._started.append(component)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from callfs.api.errors import dumps, json_response
 from callfs.api.ranges import parse_range
@@ -255,12 +256,50 @@ async def patch_file(request: web.Request) -> web.StreamResponse:
     return json_response({"path": new_path}, newline=True)
 
 
+_SUGGESTIONS = {
+    (True, True): "Directory already exists on another server. Use GET to access it.",
+    (True, False): "Path exists as file on another server, cannot create directory",
+    (False, False): "File already exists on another server. Use PUT to update it.",
+    (False, True): "Path exists as directory on another server, cannot create file",
+}
+
+
+def cross_server_conflict(request: web.Request, exc: RemoteOwner) -> web.Response:
+    """The §8 shape-2 409 for a POST onto an item owned by another node."""
+    want_dir = request_path(request).dir_form
+    body: dict[str, Any] = {
+        "error": "Resource exists on another server",
+        "existing_path": exc.path,
+        "instance_id": exc.instance_id,
+        "backend_type": exc.backend_type,
+        "suggestion": _SUGGESTIONS[(want_dir, exc.is_dir)],
+    }
+    endpoint = api_state(request).peers.endpoint(exc.instance_id)
+    if not want_dir and not exc.is_dir and endpoint is not None:
+        body["update_url"] = f"{endpoint}/v1/files{exc.path}"
+    return json_response(body, status=409)
+
+
+def owner_routed(handler: Handler) -> Handler:
+    """Send the request to the owner node when the item lives there (§12.2)."""
+
+    async def routed(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RemoteOwner as exc:
+            if request.method == "POST":
+                return cross_server_conflict(request, exc)
+            return await api_state(request).peers.forward(request, exc.instance_id)
+
+    return routed
+
+
 def add_routes(app: web.Application) -> None:
     for pattern in (FILES_PREFIX, FILES_PREFIX + "/{tail:.*}"):
         resource = app.router.add_resource(pattern)
-        resource.add_route("GET", get_file)
-        resource.add_route("HEAD", head_file)
-        resource.add_route("POST", post_file)
-        resource.add_route("PUT", put_file)
-        resource.add_route("DELETE", delete_file)
-        resource.add_route("PATCH", patch_file)
+        resource.add_route("GET", owner_routed(get_file))
+        resource.add_route("HEAD", owner_routed(head_file))
+        resource.add_route("POST", owner_routed(post_file))
+        resource.add_route("PUT", owner_routed(put_file))
+        resource.add_route("DELETE", owner_routed(delete_file))
+        resource.add_route("PATCH", owner_routed(patch_file))

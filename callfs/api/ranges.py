@@ -12,8 +12,8 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 def parse_range(header: str | None, size: int, if_range: str | None) -> tuple[int, int] | None:
     """``(first, last)`` inclusive for a satisfiable single range; None means "send it all (200)".
 
-    Multiple ranges, a malformed header, or any ``If-Range`` get the full 200. A first byte at or past
-    the end (so any range of an empty file) raises ``RangeNotSatisfiable``."""
+    Multiple ranges, a malformed header, or any ``If-Range`` get the full 200. A first byte at or
+    past the end (so any range of an empty file) raises ``RangeNotSatisfiable``."""
     if header is None or if_range is not None:
         return None
     m = _RANGE.fullmatch(header.strip())

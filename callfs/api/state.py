@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from callfs.api.proxy import PeerClient
+from callfs.api.ratelimit import RateLimiter
 from callfs.auth.keys import Authenticator
 from callfs.core.engine import Engine
+from callfs.links.service import LinkService
 from callfs.metrics import Metrics
 from callfs.model import Identity
 
@@ -20,6 +23,11 @@ class ApiState:
     instance_id: str
     external_url: str
     metrics: Metrics
+    links: LinkService
+    peers: PeerClient
+    #: §15: link generation 100/s burst 1, downloads 10/s burst 5, per client IP, per node.
+    link_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(100.0, 1))
+    download_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(10.0, 5))
 
 
 STATE = web.AppKey("callfs_state", ApiState)

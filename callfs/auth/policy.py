@@ -1,7 +1,8 @@
 """The owner permission model (API.md §5), as pure functions over metadata records.
 
-Read: anything that exists. Write: an existing directory (anyone may create children in it), or a file
-the caller owns; a missing target defers to its immediate parent (a missing parent allows the write).
+Read: anything that exists. Write: an existing directory (anyone may create children in it), or a
+file the caller owns; a missing target defers to its immediate parent (a missing parent allows the
+write).
 Delete: only the owner. ``root`` and ``internal-proxy`` pass every check.
 """
 

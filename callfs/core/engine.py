@@ -1,9 +1,9 @@
 """The engine: every namespace use case, independent of HTTP.
 
 Handlers parse, call one method here, render. The engine authorizes (§5), decides conflicts, streams
-bytes to a backend, and commits metadata under the path lock (§14): bytes are staged (durable, not yet
-visible) before the lock is taken, so a slow upload never holds a lock; under the lock the bytes are
-published and the metadata committed, and only then is the write acknowledged.
+bytes to a backend, and commits metadata under the path lock (§14): bytes are staged (durable, not
+yet visible) before the lock is taken, so a slow upload never holds a lock; under the lock the bytes
+are published and the metadata committed, and only then is the write acknowledged.
 """
 
 from __future__ import annotations
@@ -256,9 +256,7 @@ class Engine:
             await staged.discard()
             raise
 
-    async def _publish_new(
-        self, owner: str, path: str, kind: str, staged: StagedObject
-    ) -> Entry:
+    async def _publish_new(self, owner: str, path: str, kind: str, staged: StagedObject) -> Entry:
         await staged.publish()
         now = self._now()
         entry = Entry(
@@ -377,9 +375,12 @@ class Engine:
             raise BadRequest("cannot move the root directory")
         if kind not in (b.value for b in BackendType):
             raise BadRequest("backend must be one of: localfs, s3, erasure")
-        if instance is not None and instance != self.settings.instance_id:
-            if instance not in self.settings.known_instances:
-                raise BadRequest("unknown instance")
+        if (
+            instance is not None
+            and instance != self.settings.instance_id
+            and instance not in self.settings.known_instances
+        ):
+            raise BadRequest("unknown instance")
         changes_backend = kind != source.backend_type.value
         changes_instance = instance is not None and instance != (
             source.instance_id or self.settings.instance_id

@@ -1,1 +1,1 @@
-"""links"""
+"""Single-use, HMAC-signed, expiring download links (API.md §10)."""

@@ -1,8 +1,8 @@
 """The MetadataStore seam: the namespace, links and erasure layouts.
 
-Every implementation (sqlite, postgres, redis, raft) passes ``callfs/tests/contract/test_metadata.py``.
-All paths are canonical engine paths. Races are decided by the store: conditional writes either apply
-atomically or raise, never half-apply.
+Every implementation (sqlite, postgres, redis, raft) passes
+``callfs/tests/contract/test_metadata.py``. All paths are canonical engine paths. Races are decided
+by the store: conditional writes either apply atomically or raise, never half-apply.
 
 Errors: ``AlreadyExists``, ``NotFound``, ``VersionConflict`` as documented per method; a store that
 cannot be reached raises ``Unavailable`` (never a driver exception).
@@ -44,7 +44,8 @@ class MetadataStore(Protocol):
 
     async def delete(self, path: str, expected_version: int | None = None) -> None:
         """Delete one entry (children untouched). ``NotFound`` if missing; ``VersionConflict`` if
-        ``expected_version`` is given and differs. The root is never deleted (``PermissionDenied``)."""
+        ``expected_version`` is given and differs. The root is never deleted
+        (``PermissionDenied``)."""
         ...
 
     async def list_children(self, path: str) -> list[Entry]:
@@ -66,7 +67,8 @@ class MetadataStore(Protocol):
 
     async def move_tree(self, src: str, dst: str) -> None:
         """Re-key ``src`` and its whole subtree to ``dst`` atomically (one transaction). Every other
-        field stays; versions bump. ``NotFound`` if src is missing; ``AlreadyExists`` if dst exists."""
+        field stays; versions bump. ``NotFound`` if src is missing; ``AlreadyExists`` if dst
+        exists."""
         ...
 
     # ---- single-use links ----------------------------------------------------------------

@@ -62,9 +62,7 @@ async def node(tmp_path: Path, config_env: Mapping[str, str]) -> AsyncIterator[N
 
 
 @pytest.fixture
-async def client(
-    node: Node, aiohttp_client: Callable[..., Any]
-) -> TestClient[Any, Any]:
+async def client(node: Node, aiohttp_client: Callable[..., Any]) -> TestClient[Any, Any]:
     assert node.app is not None
     return await aiohttp_client(node.app)  # type: ignore[no-any-return]
 

@@ -1,0 +1,166 @@
+"""``GET /v1/files/ws/{path}?mode=download|upload``: WebSocket transfers (API.md §9.9)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from callfs.api.files import request_path
+from callfs.api.state import api_state, identity
+from callfs.errors import (
+    AlreadyExists,
+    BadRequest,
+    CallFSError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+
+log = logging.getLogger(__name__)
+
+WS_PREFIX = "/v1/files/ws"
+FRAME = 65536
+#: aiohttp's limit is exclusive: a message of exactly 1 MiB must pass.
+MAX_MESSAGE = (1 << 20) + 1
+UPLOAD_CAP = 100 * 1024 * 1024
+MODES = ("download", "upload")
+
+
+class UploadAborted(Exception):
+    """The client ended the upload in a way that stores nothing (§9.9)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+def origin_allowed(request: web.Request) -> bool:
+    """A missing Origin is allowed; otherwise its host part must be exactly ``Host``."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    _, sep, rest = origin.partition("://")
+    host = rest.split("/", 1)[0] if sep else ""
+    return host == request.headers.get("Host", "")
+
+
+async def transfer(request: web.Request) -> web.StreamResponse:
+    path = request_path(request, WS_PREFIX)
+    if path.dir_form:
+        raise BadRequest("websocket transfer requires a file path")
+    mode = request.rel_url.query.get("mode", "download").strip().lower() or "download"
+    if mode not in MODES:
+        raise BadRequest("mode must be one of: download, upload")
+    state = api_state(request)
+    identity(request)
+    if mode == "upload":
+        existing = await state.engine.meta.get(path.path)
+        if existing is not None and existing.is_dir:
+            raise BadRequest("target path is a directory")
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, autoclose=False)
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("not a WebSocket request")
+    if not origin_allowed(request):
+        raise PermissionDenied()
+    await ws.prepare(request)
+    if mode == "download":
+        await _download(ws, request, path.path)
+    else:
+        await _upload(ws, request, path.path)
+    return ws
+
+
+async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) -> None:
+    state = api_state(request)
+    try:
+        entry = await state.engine.stat(identity(request), request_path(request, WS_PREFIX))
+        if entry.is_dir:
+            raise NotFound()
+    except CallFSError:
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"read access denied")
+        return
+    try:
+        stream = await state.engine.open_file(identity(request), entry)
+    except CallFSError:
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"failed to open file")
+        return
+    try:
+        async for chunk in stream:
+            for start in range(0, len(chunk), FRAME):
+                await ws.send_bytes(chunk[start : start + FRAME])
+    except (CallFSError, OSError):
+        log.warning("websocket download of a file failed mid-way", exc_info=True)
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file read failed")
+        return
+    finally:
+        await stream.aclose()
+    await ws.close(code=WSCloseCode.OK, message=b"download complete")
+
+
+async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) -> None:
+    state = api_state(request)
+    cap = min(UPLOAD_CAP, state.max_upload_size)
+    ended_by_eof = False
+
+    async def frames() -> AsyncIterator[bytes]:
+        nonlocal ended_by_eof
+        total = 0
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.BINARY:
+                total += len(msg.data)
+                if total > cap:
+                    raise UploadAborted(WSCloseCode.MESSAGE_TOO_BIG, "upload too large")
+                yield msg.data
+            elif msg.type == WSMsgType.TEXT:
+                if msg.data == "EOF":
+                    ended_by_eof = True
+                    return
+            elif msg.type == WSMsgType.CLOSE:
+                if msg.data in (WSCloseCode.OK, WSCloseCode.GOING_AWAY):
+                    return
+                raise UploadAborted(WSCloseCode.OK, "upload aborted")
+            elif msg.type == WSMsgType.ERROR:
+                # aiohttp reports an over-size message as an error and has closed with 1009
+                raise UploadAborted(WSCloseCode.MESSAGE_TOO_BIG, "message too large")
+            else:  # CLOSING / CLOSED: the peer went away without a proper close
+                raise UploadAborted(WSCloseCode.ABNORMAL_CLOSURE, "connection lost")
+
+    existed = (await state.engine.meta.get(path)) is not None
+    try:
+        entry, _ = await state.engine.put_file(
+            identity(request), request_path(request, WS_PREFIX), frames()
+        )
+    except UploadAborted as exc:
+        if not ws.closed:
+            await ws.close(code=exc.code, message=exc.reason.encode())
+        return
+    except PermissionDenied:
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"write access denied")
+        return
+    except (BadRequest, AlreadyExists):
+        await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"target path is not a file")
+        return
+    except PayloadTooLarge:
+        await ws.close(code=WSCloseCode.MESSAGE_TOO_BIG, message=b"upload too large")
+        return
+    except (CallFSError, OSError):
+        log.warning("websocket upload commit failed", exc_info=True)
+        reason = b"file update failed" if existed else b"file create failed"
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=reason)
+        return
+    try:
+        await ws.send_str(f"ok:{entry.size}")
+    except (ConnectionError, RuntimeError):
+        if ended_by_eof:
+            log.info("websocket upload stored but the client left before the acknowledgement")
+    await ws.close(code=WSCloseCode.OK, message=b"upload complete")
+
+
+def add_routes(app: web.Application) -> None:
+    # Registered before /v1/files/{tail}: GET here is always the WebSocket endpoint; other
+    # methods fall through to the file handlers (§6.2).
+    app.router.add_get(WS_PREFIX + "/{tail:.*}", transfer, allow_head=False)
