@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from callfs.api.app import build_app
-from callfs.api.proxy import PeerClient
 from callfs.api.state import ApiState
 from callfs.auth.keys import Authenticator
 from callfs.concurrency import shutdown_pools
@@ -29,6 +28,7 @@ from callfs.metadata.base import MetadataStore
 from callfs.metadata.guarded import GuardedMetadataStore
 from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
+from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,6 @@ class Node:
             file_op_timeout=cfg.server.file_op_timeout,
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
         )
-        self.engine = Engine(self.meta, self.locks, self.backends, settings)
         self.peers = PeerClient(
             {
                 **cfg.instance_discovery.peer_endpoints,
@@ -168,6 +167,7 @@ class Node:
             cfg.auth.internal_proxy_secret,
             ssl_context=peer_ssl_context(cfg),
         )
+        self.engine = Engine(self.meta, self.locks, self.backends, settings, peers=self.peers)
         state = ApiState(
             engine=self.engine,
             auth=Authenticator(

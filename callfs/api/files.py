@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callfs.api.errors import dumps, json_response
+from callfs.api.proxy import forward
 from callfs.api.ranges import parse_range
 from callfs.api.state import api_state, identity
 from callfs.core.engine import MoveRequest
@@ -289,7 +290,7 @@ def owner_routed(handler: Handler) -> Handler:
         except RemoteOwner as exc:
             if request.method == "POST":
                 return cross_server_conflict(request, exc)
-            return await api_state(request).peers.forward(request, exc.instance_id)
+            return await forward(api_state(request).peers, request, exc.instance_id)
 
     return routed
 

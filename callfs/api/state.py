@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from callfs.api.proxy import PeerClient
 from callfs.api.ratelimit import RateLimiter
 from callfs.auth.keys import Authenticator
 from callfs.core.engine import Engine
 from callfs.links.service import LinkService
 from callfs.metrics import Metrics
 from callfs.model import Identity
+from callfs.storage.peer import PeerClient
 
 
 @dataclass(slots=True)

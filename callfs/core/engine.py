@@ -32,6 +32,7 @@ from callfs.metadata.base import MetadataStore
 from callfs.model import BackendType, Entry, EntryType, Identity, parent_of
 from callfs.paths import CanonicalPath
 from callfs.storage.base import ByteStream, StagedObject, StorageBackend
+from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class Engine:
         backends: Mapping[str, StorageBackend],
         settings: EngineSettings,
         clock: Callable[[], float] = time.time,
+        peers: PeerClient | None = None,
     ) -> None:
+        self.peers = peers
         self.meta = meta
         self.locks = locks
         self.backends = dict(backends)
@@ -197,11 +200,13 @@ class Engine:
         del who  # read access was decided by stat(); kept for symmetry with the write paths
         if entry.is_dir:
             raise BadRequest("path is a directory")
-        self._route(entry)
-        backend = self.backend(entry.backend_type)
         try:
             async with asyncio.timeout(self.settings.file_op_timeout):
-                return await backend.open_read(entry.path, offset, length)
+                if self._is_remote(entry) and self.peers is not None:
+                    assert entry.instance_id is not None
+                    return await self.peers.open_read(entry.instance_id, entry.path, offset, length)
+                self._route(entry)
+                return await self.backend(entry.backend_type).open_read(entry.path, offset, length)
         except TimeoutError as exc:
             raise Unavailable("timed out opening the file") from exc
 
@@ -298,14 +303,28 @@ class Engine:
                     return await self._publish_new(who.user_id, path.path, kind, staged), True
                 if current.is_dir:
                     raise BadRequest("path is a directory")
-                if self._is_remote(current) or current.backend_type.value != kind:
-                    # Created concurrently elsewhere while our body streamed: our bytes sit on the
-                    # wrong node or backend. Ask the client to retry; the retry routes correctly.
-                    raise Unavailable("the file changed during the upload, retry")
                 check_write(who, current, None)
                 await staged.publish()
-                updated = replace(current, size=staged.size, mtime=self._now())
-                return await self.meta.update(updated, current.version), False
+                # Normally the same node and backend. If another node (or backend) created the file
+                # while our body streamed, last writer wins: this node takes the file over, and the
+                # record switches atomically to the bytes just published here.
+                updated = replace(
+                    current,
+                    size=staged.size,
+                    mtime=self._now(),
+                    backend_type=BackendType(kind),
+                    instance_id=self._instance_for(kind),
+                )
+                stored = await self.meta.update(updated, current.version)
+                if current.backend_type.value != kind and not self._is_remote(current):
+                    await self._drop_bytes(current)
+                elif self._is_remote(current):
+                    log.warning(
+                        "took over a file created concurrently on node %s; its old "
+                        "bytes there are unreferenced",
+                        current.instance_id,
+                    )
+                return stored, False
         except BaseException:
             await staged.discard()
             raise

@@ -1,0 +1,115 @@
+"""Another node's bytes over its HTTP API (API.md §12.3), with the internal secret.
+
+``PeerClient`` is the one inter-node HTTP client of a node: request forwarding (``api/proxy.py``)
+and remote reads (``open_read``, used by the engine for items another node owns) both go through
+it, so TLS settings live in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+
+from callfs.errors import NotFound, PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+PROXY_TIMEOUT = 30.0
+CHUNK = 256 * 1024
+_PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
+
+
+def url_path(engine_path: str) -> str:
+    """``/a b/c`` -> ``/a%20b/c``: each segment percent-encoded for a request line."""
+    return "/".join(urllib.parse.quote(seg, safe="") for seg in engine_path.split("/"))
+
+
+class PeerStream:
+    """A ByteStream over a peer's HTTP response body."""
+
+    def __init__(self, response: aiohttp.ClientResponse, length: int) -> None:
+        self._response = response
+        self.length = length
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK):
+                yield chunk
+        except _PEER_ERRORS as exc:
+            raise PeerUnavailable("owner node failed mid-transfer") from exc
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+class PeerClient:
+    def __init__(
+        self,
+        endpoints: Mapping[str, str],
+        internal_secret: str,
+        ssl_context: ssl.SSLContext | bool = True,
+    ) -> None:
+        self.endpoints = {k: v.rstrip("/") for k, v in endpoints.items()}
+        self._secret = internal_secret
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=256),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=PROXY_TIMEOUT, sock_read=PROXY_TIMEOUT
+                ),
+                auto_decompress=False,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def endpoint(self, instance_id: str) -> str | None:
+        return self.endpoints.get(instance_id)
+
+    def require_endpoint(self, instance_id: str) -> str:
+        base = self.endpoint(instance_id)
+        if base is None:
+            raise PeerUnavailable("the owner node has no known endpoint")
+        return base
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise PeerUnavailable("inter-node client is not running")
+        return self._session
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._secret}"}
+
+    async def open_read(
+        self, instance_id: str, path: str, offset: int = 0, length: int | None = None
+    ) -> PeerStream:
+        """Stream ``[offset, offset+length)`` of a file the node ``instance_id`` owns."""
+        url = self.require_endpoint(instance_id) + "/v1/files" + url_path(path)
+        headers = self.auth_headers()
+        if offset or length is not None:
+            last = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{last}"
+        try:
+            response = await self.session.get(url, headers=headers, allow_redirects=False)
+        except _PEER_ERRORS as exc:
+            log.warning("owner node %s unreachable: %s", instance_id, type(exc).__name__)
+            raise PeerUnavailable("owner node unreachable") from exc
+        if response.status in (200, 206):
+            return PeerStream(response, int(response.headers.get("Content-Length", "0")))
+        response.release()
+        if response.status == 404:
+            raise NotFound()
+        if response.status == 416:
+            return PeerStream(response, 0)
+        raise PeerUnavailable(f"owner node answered {response.status}")

@@ -1,0 +1,121 @@
+"""End to end: ``callfs server --dev`` as a subprocess, then the README walk-through over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_banner(proc: subprocess.Popen[str], deadline: float) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while len(lines) < 3:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no dev banner in time; got {lines!r}")
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"server exited early ({proc.poll()}); got {lines!r}")
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
+@pytest.mark.slow
+async def test_dev_server_readme_walkthrough(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "CALLFS_SERVER__LISTEN_ADDR": f"127.0.0.1:{port}",
+        "CALLFS_SERVER__EXTERNAL_URL": base,
+    }
+    cmd = [sys.executable, "-m", "callfs", "server", "--dev"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        banner = await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
+        assert banner[0] == f"CallFS dev server listening on {base} (data in ./callfs-data)"
+        m = re.fullmatch(r"API key: (\S+)", banner[1])
+        assert m, banner
+        key = m.group(1)
+        assert banner[2] == (
+            f"Try: curl -H \"Authorization: Bearer {key}\" --data-binary 'hello' "
+            f"{base}/v1/files/hello.txt"
+        )
+        creds = tmp_path / "callfs-data" / "dev-credentials.yaml"
+        assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+        assert key in creds.read_text()
+
+        h = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession(base) as s:
+            async with s.post("/v1/files/docs/hello.txt", data=b"hello", headers=h) as r:
+                assert r.status == 201
+            async with s.put("/v1/files/docs/readme.md", data=b"# readme\n", headers=h) as r:
+                assert r.status == 201
+            async with s.get("/v1/files/docs/hello.txt", headers=h) as r:
+                assert r.status == 200
+                assert await r.read() == b"hello"
+            async with s.get("/v1/files/docs/hello.txt", headers={**h, "Range": "bytes=0-1"}) as r:
+                assert r.status == 206
+                assert await r.read() == b"he"
+            async with s.get("/v1/directories/docs", headers=h) as r:
+                listing = await r.json()
+                assert [i["name"] for i in listing["items"]] == ["hello.txt", "readme.md"]
+            async with s.patch(
+                "/v1/files/docs/hello.txt", data=b'{"name":"hi.txt"}', headers=h
+            ) as r:
+                assert r.status == 200
+                assert await r.json() == {"path": "/docs/hi.txt"}
+            async with s.delete("/v1/files/docs/hi.txt", headers=h) as r:
+                assert r.status == 204
+            async with s.delete("/v1/files/docs?recursive=true", headers=h) as r:
+                assert r.status == 204
+            async with s.get("/v1/files/docs", headers=h) as r:
+                assert r.status == 404
+            async with s.get("/health") as r:
+                assert await r.read() == b'{"status":"ok"}'
+        assert (tmp_path / "callfs-data" / "files").is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        stderr = proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == 0, stderr
+
+    # A second start reuses the saved credentials.
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        banner = await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
+        assert banner[1] == f"API key: {key}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()

@@ -1,0 +1,133 @@
+"""Real ``callfs server`` processes on 127.0.0.1 with generated configs. Poll with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_KEY = "cluster-test-key-0123456789"
+OTHER_KEY = "cluster-test-key-other-0123"
+INTERNAL = "cluster-internal-secret-0123456789"
+LINK_SECRET = "cluster-link-secret-0123456789"
+
+
+def free_ports(n: int) -> list[int]:
+    """Bind n sockets at once so the ports differ, then release them for the children."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    port: int
+    workdir: Path
+    config: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.workdir / f"{self.name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(self.config))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLFS_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "callfs", "server", "-c", str(cfg_path)],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not healthy in {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return "(no log)"
+
+
+def node_config(
+    name: str,
+    port: int,
+    workdir: Path,
+    peers: dict[str, str],
+    metadata: dict[str, Any],
+    dlm: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "server": {
+            "protocol": "http",
+            "cert_file": "",
+            "key_file": "",
+            "listen_addr": f"127.0.0.1:{port}",
+            "external_url": f"http://127.0.0.1:{port}",
+        },
+        "metrics": {"listen_addr": ""},
+        "log": {"level": "info", "format": "console"},
+        "auth": {
+            "api_key_users": {"alice": API_KEY, "bob": OTHER_KEY},
+            "internal_proxy_secret": INTERNAL,
+            "single_use_link_secret": LINK_SECRET,
+        },
+        "backend": {"localfs_root_path": str(workdir / name / "files")},
+        "metadata_store": metadata,
+        "dlm": dlm,
+        "instance_discovery": {
+            "instance_id": name,
+            "peer_endpoints": {k: v for k, v in peers.items() if k != name},
+        },
+    }
