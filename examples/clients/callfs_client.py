@@ -1,6 +1,7 @@
 """A small asyncio client for the CallFS HTTP API: streams uploads and downloads from/to disk.
 
-python examples/clients/callfs_client.py --base http://127.0.0.1:8443 --key KEY put ./big.iso /isos/big.iso
+BASE=http://127.0.0.1:8443
+python examples/clients/callfs_client.py --base $BASE --key KEY put ./big.iso /isos/big.iso
 python examples/clients/callfs_client.py --base ... --key KEY get /isos/big.iso ./copy.iso
 python examples/clients/callfs_client.py --base ... --key KEY ls /isos
 python examples/clients/callfs_client.py --base ... --key KEY link /isos/big.iso --expiry 600
