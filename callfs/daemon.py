@@ -29,6 +29,7 @@ from callfs.metadata.guarded import GuardedMetadataStore
 from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
 from callfs.storage.peer import PeerClient
+from callfs.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +113,13 @@ def uses_tls(cfg: Config) -> bool:
 
 
 def make_ssl_context(cfg: Config) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(cfg.server.cert_file, cfg.server.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"failed to load TLS certificate/key (server.cert_file={cfg.server.cert_file!r}, "
-            f"server.key_file={cfg.server.key_file!r}): {exc.__class__.__name__}"
-        ) from exc
-    return ctx
+    return server_context(cfg.server.cert_file, cfg.server.key_file)
 
 
-def peer_ssl_context(cfg: Config) -> ssl.SSLContext | bool:
+def peer_ssl_context(cfg: Config) -> ssl.SSLContext:
     """How this node verifies other nodes' certificates
     (``backend.internal_proxy_skip_tls_verify``)."""
-    return not cfg.backend.internal_proxy_skip_tls_verify
+    return client_context(cfg.backend.internal_proxy_skip_tls_verify)
 
 
 @dataclass
