@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import ssl
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from callfs.api.app import build_app
-from callfs.api.state import ApiState
+from callfs.api.state import STATE, ApiState
 from callfs.auth.keys import Authenticator
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config
@@ -30,6 +34,9 @@ from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
 from callfs.storage.peer import PeerClient
 from callfs.tls import client_context, server_context
+
+if TYPE_CHECKING:
+    from callfs.api.http3 import Http3Server
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,13 @@ def uses_tls(cfg: Config) -> bool:
     return True
 
 
+def alt_svc(cfg: Config) -> str | None:
+    if not cfg.server.enable_quic:
+        return None
+    _, port = split_listen_addr(cfg.server.quic_listen_addr)
+    return f'h3=":{port}"; ma=3600'
+
+
 def make_ssl_context(cfg: Config) -> ssl.SSLContext:
     return server_context(cfg.server.cert_file, cfg.server.key_file)
 
@@ -136,6 +150,8 @@ class Node:
     peers: PeerClient | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[object] = field(default_factory=list)
+    _http3: Http3Server | None = None
+    _bridge_dir: str | None = None
 
     def build(self) -> web.Application:
         """Construct every component (no I/O) and return the main application."""
@@ -172,6 +188,7 @@ class Node:
             metrics=self.metrics,
             links=LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics),
             peers=self.peers,
+            alt_svc=alt_svc(cfg),
         )
         self.app = build_app(state)
         return self.app
@@ -201,6 +218,8 @@ class Node:
         self._runners.append(main)
         host, port = split_listen_addr(cfg.server.listen_addr)
         await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
+        if cfg.server.enable_quic:
+            await self._start_http3(main)
         if cfg.metrics.listen_addr:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics_handler, allow_head=False)
@@ -210,6 +229,23 @@ class Node:
             mhost, mport = split_listen_addr(cfg.metrics.listen_addr)
             await web.TCPSite(runner, mhost, mport).start()
 
+    async def _start_http3(self, main: web.AppRunner) -> None:
+        """HTTP/3 relays to the same app over a private unix socket (see ``api/http3.py``)."""
+        from callfs.api.http3 import Http3Server
+
+        cfg = self.cfg
+        self._bridge_dir = tempfile.mkdtemp(prefix="callfs-h3-")
+        socket_path = os.path.join(self._bridge_dir, "bridge.sock")
+        await web.UnixSite(main, socket_path).start()
+        os.chmod(socket_path, 0o600)
+        assert self.app is not None
+        self.app[STATE].h3_socket = socket_path
+        qhost, qport = split_listen_addr(cfg.server.quic_listen_addr)
+        self._http3 = Http3Server(
+            qhost or "::", qport, cfg.server.cert_file, cfg.server.key_file, socket_path
+        )
+        await self._http3.start()
+
     async def _metrics_handler(self, request: web.Request) -> web.StreamResponse:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -218,6 +254,9 @@ class Node:
         )
 
     async def stop(self) -> None:
+        if self._http3 is not None:
+            await self._http3.stop()
+            self._http3 = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -227,6 +266,9 @@ class Node:
             except Exception:
                 log.warning("error while closing %s", type(component).__name__, exc_info=True)
         self._started.clear()
+        if self._bridge_dir is not None:
+            shutil.rmtree(self._bridge_dir, ignore_errors=True)
+            self._bridge_dir = None
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:

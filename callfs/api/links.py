@@ -9,7 +9,7 @@ from aiohttp import web
 
 from callfs.api.errors import json_response
 from callfs.api.files import read_json_object, send_stream
-from callfs.api.state import api_state, identity
+from callfs.api.state import api_state, client_ip, identity
 from callfs.errors import BadRequest, NotFound, RateLimited
 from callfs.links.service import MAX_EXPIRY, MIN_EXPIRY
 from callfs.model import INTERNAL_PROXY_USER, Identity
@@ -17,14 +17,6 @@ from callfs.paths import parse_body_path
 
 MAX_LINK_BODY = 4096
 _SAFE = "-._~"  # with A-Z a-z 0-9: the only characters left unescaped in the file name
-
-
-def client_ip(request: web.Request) -> str:
-    """The host part of the TCP peer address; forwarding headers are ignored (§15)."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return ""
 
 
 def link_base(external_url: str) -> str:

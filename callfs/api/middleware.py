@@ -11,7 +11,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callfs.api.errors import error_response, render_error
-from callfs.api.state import IDENTITY, REQUEST_ID, api_state
+from callfs.api.state import (
+    IDENTITY,
+    REQUEST_ID,
+    api_state,
+    client_ip,
+    from_h3_bridge,
+    is_tls,
+)
 from callfs.errors import CallFSError
 from callfs.log import request_id_var
 
@@ -57,8 +64,11 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         return
     headers = response.headers
     headers.update(SECURITY_HEADERS)
-    if request.secure:
+    if is_tls(request):
         headers["Strict-Transport-Security"] = HSTS
+    alt_svc = api_state(request).alt_svc
+    if alt_svc and not from_h3_bridge(request):
+        headers["Alt-Svc"] = alt_svc
     rid = request.get(REQUEST_ID)
     if isinstance(rid, str):
         headers["X-Request-ID"] = rid
@@ -127,7 +137,6 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
     metrics.http_duration.labels(request.method, template).observe(duration)
     if status >= 500:
         metrics.errors.labels("http", str(status)).inc()
-    peer = request.transport.get_extra_info("peername") if request.transport else None
     access_log.info(
         "HTTP request",
         extra={
@@ -136,7 +145,7 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
             "status": status,
             "duration": round(duration, 6),
             "user_agent": request.headers.get("User-Agent", ""),
-            "remote_addr": peer[0] if isinstance(peer, tuple) else "",
+            "remote_addr": client_ip(request),
             "request_id": rid,
         },
     )

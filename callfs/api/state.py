@@ -25,6 +25,10 @@ class ApiState:
     metrics: Metrics
     links: LinkService
     peers: PeerClient
+    #: The private unix socket the HTTP/3 relay talks to (its requests came over TLS), if any.
+    h3_socket: str | None = None
+    #: ``Alt-Svc`` value advertised on TCP responses when QUIC is on.
+    alt_svc: str | None = None
     #: §15: link generation 100/s burst 1, downloads 10/s burst 5, per client IP, per node.
     link_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(100.0, 1))
     download_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(10.0, 5))
@@ -44,3 +48,28 @@ def identity(request: web.Request) -> Identity:
     who = request.get(IDENTITY)
     assert isinstance(who, Identity), "authentication middleware did not run"
     return who
+
+
+def from_h3_bridge(request: web.Request) -> bool:
+    """True when the request arrived through the HTTP/3 relay's private socket."""
+    state = api_state(request)
+    if state.h3_socket is None or request.transport is None:
+        return False
+    return bool(request.transport.get_extra_info("sockname") == state.h3_socket)
+
+
+def client_ip(request: web.Request) -> str:
+    """The host part of the TCP peer address (§15); forwarding headers are ignored, except the
+    relay's own header on its private socket."""
+    if from_h3_bridge(request):
+        from callfs.api.http3 import BRIDGE_CLIENT_HEADER
+
+        return request.headers.get(BRIDGE_CLIENT_HEADER, "")
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return ""
+
+
+def is_tls(request: web.Request) -> bool:
+    return request.secure or from_h3_bridge(request)
