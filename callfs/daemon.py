@@ -28,10 +28,12 @@ from callfs.core.engine import Engine, EngineSettings
 from callfs.errors import CallFSError, ConfigError
 from callfs.links.service import LinkService
 from callfs.locks.base import LockManager
+from callfs.locks.instrumented import InstrumentedLockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metadata.guarded import GuardedMetadataStore
 from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
+from callfs.storage.instrumented import InstrumentedBackend
 from callfs.storage.peer import PeerClient
 from callfs.tls import client_context, server_context
 
@@ -159,8 +161,11 @@ class Node:
         self.meta = GuardedMetadataStore(
             make_metadata_store(cfg), cfg.server.metadata_op_timeout, self.metrics
         )
-        self.locks = make_lock_manager(cfg)
-        self.backends = make_backends(cfg)
+        self.locks = InstrumentedLockManager(make_lock_manager(cfg), self.metrics)
+        self.backends = {
+            kind: InstrumentedBackend(backend, self.metrics)
+            for kind, backend in make_backends(cfg).items()
+        }
         settings = EngineSettings(
             instance_id=cfg.instance_discovery.instance_id,
             default_backend=cfg.backend.default_backend,
@@ -176,7 +181,9 @@ class Node:
             cfg.auth.internal_proxy_secret,
             ssl_context=peer_ssl_context(cfg),
         )
-        self.engine = Engine(self.meta, self.locks, self.backends, settings, peers=self.peers)
+        self.engine = Engine(
+            self.meta, self.locks, self.backends, settings, peers=self.peers, metrics=self.metrics
+        )
         state = ApiState(
             engine=self.engine,
             auth=Authenticator(

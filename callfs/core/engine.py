@@ -29,6 +29,7 @@ from callfs.errors import (
 )
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
+from callfs.metrics import Metrics
 from callfs.model import BackendType, Entry, EntryType, Identity, parent_of
 from callfs.paths import CanonicalPath
 from callfs.storage.base import ByteStream, StagedObject, StorageBackend
@@ -73,8 +74,10 @@ class Engine:
         settings: EngineSettings,
         clock: Callable[[], float] = time.time,
         peers: PeerClient | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.peers = peers
+        self._metrics = metrics
         self.meta = meta
         self.locks = locks
         self.backends = dict(backends)
@@ -82,6 +85,11 @@ class Engine:
         self._clock = clock
 
     # ---- helpers -------------------------------------------------------------------------
+    def _count(self, operation: str, backend_type: str) -> None:
+        """``callfs_file_operations_total`` (§16): create, read, update, delete, rename."""
+        if self._metrics is not None:
+            self._metrics.file_ops.labels(operation, backend_type).inc()
+
     def _now(self) -> int:
         return int(self._clock())
 
@@ -200,6 +208,7 @@ class Engine:
         del who  # read access was decided by stat(); kept for symmetry with the write paths
         if entry.is_dir:
             raise BadRequest("path is a directory")
+        self._count("read", entry.backend_type.value)
         try:
             async with asyncio.timeout(self.settings.file_op_timeout):
                 if self._is_remote(entry) and self.peers is not None:
@@ -274,7 +283,9 @@ class Engine:
             instance_id=self._instance_for(kind),
             created_at=now,
         )
-        return await self.meta.create(entry)
+        stored = await self.meta.create(entry)
+        self._count("create", kind)
+        return stored
 
     async def put_file(
         self, who: Identity, path: CanonicalPath, chunks: AsyncIterable[bytes]
@@ -316,6 +327,7 @@ class Engine:
                     instance_id=self._instance_for(kind),
                 )
                 stored = await self.meta.update(updated, current.version)
+                self._count("update", kind)
                 if current.backend_type.value != kind and not self._is_remote(current):
                     await self._drop_bytes(current)
                 elif self._is_remote(current):
@@ -339,6 +351,7 @@ class Engine:
                 if current is None:
                     raise NotFound()
                 await self.meta.delete(current.path)
+            self._count("delete", current.backend_type.value)
             await self._drop_bytes(current)
             return
         if recursive:
@@ -451,6 +464,7 @@ class Engine:
                 if current.backend_type is not BackendType.ERASURE:
                     await backend.move(current.path, dst)
                 await self.meta.move_tree(current.path, dst)
+            self._count("rename", kind)
         return dst
 
     async def _move_across_backends(self, source: Entry, dst: str, kind: str) -> None:

@@ -1,8 +1,8 @@
 """The StorageBackend seam: bytes by canonical engine path.
 
-Every implementation (localfs, s3, peer, replicated) passes ``callfs/tests/contract/test_storage.py``.
-Paths given to a backend are canonical engine paths (``/a/b``; see ``callfs.paths``); the backend maps
-them onto its own namespace and must refuse anything that would land outside it (``UnsafePath``).
+Every implementation (localfs, s3, replicated) passes ``callfs/tests/contract/test_storage.py``.
+Paths given to a backend are canonical engine paths (``/a/b``; see ``callfs.paths``); the backend
+maps them onto its own namespace and must refuse anything that lands outside it (``UnsafePath``).
 """
 
 from __future__ import annotations
