@@ -35,9 +35,8 @@ class ApiState:
 
 
 STATE = web.AppKey("callfs_state", ApiState)
-IDENTITY = "callfs.identity"
-REQUEST_ID = "callfs.request_id"
-ROUTE = "callfs.route"
+IDENTITY = web.RequestKey("callfs_identity", Identity)
+REQUEST_ID = web.RequestKey("callfs_request_id", str)
 
 
 def api_state(request: web.Request) -> ApiState:
@@ -45,9 +44,7 @@ def api_state(request: web.Request) -> ApiState:
 
 
 def identity(request: web.Request) -> Identity:
-    who = request.get(IDENTITY)
-    assert isinstance(who, Identity), "authentication middleware did not run"
-    return who
+    return request[IDENTITY]
 
 
 def from_h3_bridge(request: web.Request) -> bool:

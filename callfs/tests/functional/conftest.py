@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from callfs.config import Config, load_config
 from callfs.daemon import Node
@@ -65,6 +66,11 @@ async def node(tmp_path: Path, config_env: Mapping[str, str]) -> AsyncIterator[N
 async def client(node: Node, aiohttp_client: Callable[..., Any]) -> TestClient[Any, Any]:
     assert node.app is not None
     return await aiohttp_client(node.app)  # type: ignore[no-any-return]
+
+
+def raw_url(client: TestClient[Any, Any], raw_path: str) -> URL:
+    """A URL sent exactly as written (the client would otherwise resolve ``..`` itself)."""
+    return URL(str(client.make_url("/")).rstrip("/") + raw_path, encoded=True)
 
 
 def auth(key: str = ALICE_KEY) -> dict[str, str]:

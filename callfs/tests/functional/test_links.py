@@ -114,7 +114,7 @@ async def test_generate_validation(client: Client, body: Any, status: int) -> No
     assert resp.status == status, await resp.text()
 
 
-async def test_generate_body_limits(client: Client) -> None:
+async def test_generate_body_caps(client: Client) -> None:
     await client.post("/v1/files/f.txt", data=b"x", headers=auth())
     big = b'{"path":"/f.txt","expiry_seconds":60,"pad":"' + b"x" * 5000 + b'"}'
     resp = await client.post("/v1/links/generate", data=big, headers=auth())
