@@ -15,7 +15,7 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -138,6 +138,12 @@ def peer_ssl_context(cfg: Config) -> ssl.SSLContext:
     return client_context(cfg.backend.internal_proxy_skip_tls_verify)
 
 
+class Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class Node:
     """One running CallFS node. ``start`` brings it up in dependency order; ``stop`` reverses it."""
@@ -151,7 +157,7 @@ class Node:
     app: web.Application | None = None
     peers: PeerClient | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
-    _started: list[object] = field(default_factory=list)
+    _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
     _bridge_dir: str | None = None
 
@@ -206,7 +212,8 @@ class Node:
             self.build()
         assert self.meta is not None and self.locks is not None
         assert self.peers is not None
-        for component in (self.meta, self.locks, *self.backends.values(), self.peers):
+        components: list[Lifecycle] = [self.meta, self.locks, *self.backends.values(), self.peers]
+        for component in components:
             await component.start()
             self._started.append(component)
 
@@ -269,7 +276,7 @@ class Node:
         self._runners.clear()
         for component in reversed(self._started):
             try:
-                await component.close()  # type: ignore[attr-defined]
+                await component.close()
             except Exception:
                 log.warning("error while closing %s", type(component).__name__, exc_info=True)
         self._started.clear()
