@@ -236,11 +236,16 @@ class LocalFSBackend:
             if exc.errno in (errno.ENOTDIR, errno.EISDIR):
                 raise NotFound() from exc
             raise
-        fileobj = os.fdopen(fd, "rb", buffering=0)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotFound()
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotFound()
+        fileobj = os.fdopen(fd, "rb", buffering=0)
+        try:
             start = min(max(offset, 0), st.st_size)
             end = st.st_size if length is None else min(st.st_size, start + max(length, 0))
             count = end - start

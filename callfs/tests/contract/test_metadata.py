@@ -1,0 +1,303 @@
+"""The MetadataStore contract: every store (sqlite, postgres, redis) passes every test here."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from callfs.errors import AlreadyExists, NotFound, PermissionDenied, VersionConflict
+from callfs.metadata.base import MetadataStore
+from callfs.model import (
+    BackendType,
+    Entry,
+    EntryType,
+    ErasureLayout,
+    Link,
+    LinkStatus,
+    ShardInfo,
+)
+from callfs.tests.contract.factories import StoreHandle
+
+
+def entry(path: str, kind: str = "f", owner: str = "alice", size: int = 1) -> Entry:
+    return Entry(
+        path=path,
+        type=EntryType.DIRECTORY if kind == "d" else EntryType.FILE,
+        size=0 if kind == "d" else size,
+        owner=owner,
+        mtime=1_700_000_000,
+        backend_type=BackendType.LOCALFS,
+        instance_id="node-1",
+        created_at=1_700_000_000,
+    )
+
+
+async def tree(store: MetadataStore, *paths: str) -> None:
+    """Create paths (``x/`` = directory) with their parents, parents first."""
+    made: set[str] = {"/"}
+    for raw in paths:
+        is_dir = raw.endswith("/")
+        path = raw.rstrip("/")
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            parent = "/" + "/".join(parts[:i])
+            if parent not in made:
+                await store.create(entry(parent, "d"))
+                made.add(parent)
+        if path not in made:
+            await store.create(entry(path, "d" if is_dir else "f"))
+            made.add(path)
+
+
+@pytest.fixture
+def store(store_handle: StoreHandle) -> MetadataStore:
+    return store_handle.store
+
+
+async def test_root_exists(store: MetadataStore, store_handle: StoreHandle) -> None:
+    root = await store.get("/")
+    assert root is not None
+    assert root.is_dir and root.owner == "root" and root.instance_id is None
+    again = await store_handle.reopen()
+    assert await again.get("/") == root
+
+
+async def test_create_get_round_trip(store: MetadataStore) -> None:
+    e = Entry(
+        path="/dir",
+        type=EntryType.DIRECTORY,
+        size=0,
+        owner="bob",
+        mtime=1_700_000_123,
+        backend_type=BackendType.S3,
+        instance_id=None,
+        created_at=1_700_000_100,
+    )
+    stored = await store.create(e)
+    assert stored.version == 1
+    assert await store.get("/dir") == stored
+    f = Entry(
+        path="/dir/é x%_.txt",
+        type=EntryType.FILE,
+        size=12345678901,
+        owner="bob",
+        mtime=5,
+        backend_type=BackendType.ERASURE,
+        instance_id="node-9",
+        created_at=4,
+        erasure_coded=True,
+    )
+    await store.create(f)
+    got = await store.get("/dir/é x%_.txt")
+    assert got is not None
+    assert (got.size, got.backend_type, got.instance_id, got.erasure_coded) == (
+        12345678901,
+        BackendType.ERASURE,
+        "node-9",
+        True,
+    )
+    assert await store.get("/missing") is None
+
+
+async def test_create_if_absent_race(store: MetadataStore) -> None:
+    results = await asyncio.gather(
+        *(store.create(entry("/race", owner=f"u{i}")) for i in range(20)), return_exceptions=True
+    )
+    wins = [r for r in results if isinstance(r, Entry)]
+    assert len(wins) == 1
+    assert all(isinstance(r, AlreadyExists) for r in results if not isinstance(r, Entry))
+    stored = await store.get("/race")
+    assert stored is not None and stored.owner == wins[0].owner
+
+
+async def test_update_with_versions(store: MetadataStore) -> None:
+    first = await store.create(entry("/f"))
+    second = await store.update(entry("/f", size=99), expected_version=first.version)
+    assert second.version == first.version + 1
+    got = await store.get("/f")
+    assert got is not None and got.size == 99 and got.version == second.version
+    with pytest.raises(VersionConflict):
+        await store.update(entry("/f", size=1), expected_version=first.version)
+    with pytest.raises(NotFound):
+        await store.update(entry("/nope"), expected_version=1)
+    results = await asyncio.gather(
+        *(store.update(entry("/f", size=i), second.version) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Entry) for r in results) == 1
+
+
+async def test_delete(store: MetadataStore) -> None:
+    e = await store.create(entry("/f"))
+    with pytest.raises(VersionConflict):
+        await store.delete("/f", expected_version=e.version + 5)
+    await store.delete("/f", expected_version=e.version)
+    assert await store.get("/f") is None
+    with pytest.raises(NotFound):
+        await store.delete("/f")
+    with pytest.raises(PermissionDenied):
+        await store.delete("/")
+
+
+async def test_children_order_and_isolation(store: MetadataStore) -> None:
+    await tree(
+        store,
+        "/d/zeta",
+        "/d/Alpha",
+        "/d/é",
+        "/d/b_dir/",
+        "/d/a%dir/",
+        "/d/.hidden",
+        "/d/with space",
+        "/d/b_dir/grandchild",
+        "/da",
+        "/d0",
+    )
+    names = [e.name for e in await store.list_children("/d")]
+    assert names == [".hidden", "Alpha", "with space", "zeta", "é", "a%dir", "b_dir"]
+    assert [e.path for e in await store.list_children("/")] == ["/d0", "/da", "/d"]
+    assert await store.list_children("/missing") == []
+    assert await store.has_children("/d")
+    assert not await store.has_children("/d/zeta")
+    assert not await store.has_children("/missing")
+
+
+async def test_list_tree(store: MetadataStore) -> None:
+    await tree(store, "/a/b/c/deep.txt", "/a/top.txt", "/a/b/x.txt", "/a/a/", "/ab/no.txt")
+    paths = [e.path for e in await store.list_tree("/a", 1)]
+    assert paths == ["/a/top.txt", "/a/a", "/a/b", "/a/b/x.txt", "/a/b/c"]
+    assert [e.path for e in await store.list_tree("/a", 0)] == ["/a/top.txt", "/a/a", "/a/b"]
+    full = [e.path for e in await store.list_tree("/a", 100)]
+    assert full == ["/a/top.txt", "/a/a", "/a/b", "/a/b/x.txt", "/a/b/c", "/a/b/c/deep.txt"]
+    everything = [e.path for e in await store.list_tree("/", 100)]
+    assert everything[:3] == ["/a", "/ab", "/a/top.txt"]
+    assert len(everything) == 9
+
+
+async def test_list_tree_large(store: MetadataStore) -> None:
+    await store.create(entry("/big", "d"))
+    for d in range(20):
+        await store.create(entry(f"/big/d{d:02d}", "d"))
+    await asyncio.gather(
+        *(store.create(entry(f"/big/d{d:02d}/f{i:03d}")) for d in range(20) for i in range(100))
+    )
+    listing = await store.list_tree("/big", 100)
+    assert len(listing) == 2020
+    assert [e.path for e in listing[:21]] == [f"/big/d{d:02d}" for d in range(20)] + [
+        "/big/d00/f000"
+    ]
+    assert len(await store.list_children("/big/d07")) == 100
+
+
+async def test_delete_tree(store: MetadataStore) -> None:
+    await tree(store, "/t/a/1", "/t/a/b/2", "/t/c", "/tz")
+    removed = await store.delete_tree("/t")
+    paths = [e.path for e in removed]
+    assert sorted(paths) == ["/t/a", "/t/a/1", "/t/a/b", "/t/a/b/2", "/t/c"]
+    depth = [p.count("/") for p in paths]
+    assert depth == sorted(depth, reverse=True)
+    assert await store.get("/t") is not None
+    assert await store.get("/tz") is not None
+    assert await store.list_children("/t") == []
+
+
+async def test_move_tree(store: MetadataStore) -> None:
+    await tree(store, "/src/a/1.txt", "/src/b.txt", "/srcx/keep.txt", "/dst/")
+    before = await store.get("/src/a/1.txt")
+    await store.move_tree("/src", "/dst/moved")
+    assert await store.get("/src") is None
+    assert await store.get("/src/a/1.txt") is None
+    moved = await store.get("/dst/moved/a/1.txt")
+    assert moved is not None and before is not None
+    assert (moved.owner, moved.size, moved.instance_id, moved.mtime) == (
+        before.owner,
+        before.size,
+        before.instance_id,
+        before.mtime,
+    )
+    assert [e.name for e in await store.list_children("/dst/moved")] == ["b.txt", "a"]
+    assert [e.path for e in await store.list_children("/dst")] == ["/dst/moved"]
+    assert await store.get("/srcx/keep.txt") is not None
+    assert [e.name for e in await store.list_children("/")] == ["dst", "srcx"]
+    with pytest.raises(NotFound):
+        await store.move_tree("/nope", "/x")
+    await store.create(entry("/other"))
+    with pytest.raises(AlreadyExists):
+        await store.move_tree("/other", "/dst/moved")
+    await store.move_tree("/other", "/renamed")
+    assert await store.get("/renamed") is not None
+
+
+def link(token: str, status: LinkStatus = LinkStatus.ACTIVE, **kw: float) -> Link:
+    return Link(
+        token=token,
+        path="/f.txt",
+        status=status,
+        expires_at=kw.get("expires_at", 2_000_000_000.0),
+        created_at=1_700_000_000.5,
+        signature="sig=",
+        used_at=kw.get("used_at"),
+        used_by_ip="10.0.0.1" if "used_at" in kw else None,
+    )
+
+
+async def test_links(store: MetadataStore) -> None:
+    await store.create_link(link("tok-1"))
+    got = await store.get_link("tok-1")
+    assert got == link("tok-1")
+    assert await store.get_link("nope") is None
+    results = await asyncio.gather(
+        *(store.consume_link("tok-1", 1_800_000_000.25, f"10.0.0.{i}") for i in range(50))
+    )
+    assert results.count(True) == 1
+    used = await store.get_link("tok-1")
+    assert used is not None and used.status is LinkStatus.USED
+    assert used.used_at == 1_800_000_000.25 and used.used_by_ip is not None
+    assert await store.consume_link("missing", 1.0, "x") is False
+
+
+async def test_sweep_links(store: MetadataStore) -> None:
+    now = 1_800_000_000.0
+    await store.create_link(link("expired", expires_at=now - 1))
+    await store.create_link(link("fresh", expires_at=now + 100))
+    await store.create_link(link("old-used", LinkStatus.USED, used_at=now - 90_000))
+    await store.create_link(link("new-used", LinkStatus.USED, used_at=now - 10))
+    removed = await store.sweep_links(now, now - 86_400)
+    assert removed == 2
+    assert await store.get_link("expired") is None
+    assert await store.get_link("old-used") is None
+    assert await store.get_link("fresh") is not None
+    assert await store.get_link("new-used") is not None
+
+
+async def test_erasure_layouts(store: MetadataStore) -> None:
+    layout = ErasureLayout(
+        file_path="/e.bin",
+        original_size=1000,
+        data_shards=2,
+        parity_shards=1,
+        shard_size=500,
+        upload_id="0" * 32,
+        shards=tuple(
+            ShardInfo(i, f"node-{i}", "localfs", f".erasure/{'0' * 32}/{i}", 500, "ab" * 32)
+            for i in range(3)
+        ),
+    )
+    await store.put_erasure(layout)
+    assert await store.get_erasure("/e.bin") == layout
+    replaced = ErasureLayout("/e.bin", 5, 1, 1, 5, "1" * 32, ())
+    await store.put_erasure(replaced)
+    assert await store.get_erasure("/e.bin") == replaced
+    await store.delete_erasure("/e.bin")
+    await store.delete_erasure("/e.bin")
+    assert await store.get_erasure("/e.bin") is None
+
+
+async def test_persistence(store_handle: StoreHandle) -> None:
+    await tree(store_handle.store, "/keep/me.txt")
+    await store_handle.store.create_link(link("persisted"))
+    store = await store_handle.reopen()
+    assert await store.get("/keep/me.txt") is not None
+    assert [e.path for e in await store.list_children("/keep")] == ["/keep/me.txt"]
+    assert await store.get_link("persisted") is not None
