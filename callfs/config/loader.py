@@ -150,18 +150,20 @@ def env_layer(env: Mapping[str, str]) -> dict[str, Any]:
     return layer
 
 
-def read_file(path: Path, explicit: bool) -> dict[str, Any]:
+def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str, Any]:
+    """Parse one config file; errors quote ``shown`` (the path as the user gave it)."""
+    name = shown or str(path)
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         if explicit:
             raise ConfigError(
-                f"specified config file {path} not found: {exc.strerror or exc}"
+                f"specified config file {name} not found: {exc.strerror or exc}"
             ) from exc
         return {}
     except OSError as exc:
-        raise ConfigError(f"failed to load config file {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"failed to load config file {name}: {exc.strerror or exc}") from exc
     try:
         if suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
@@ -169,14 +171,14 @@ def read_file(path: Path, explicit: bool) -> dict[str, Any]:
             data = json.loads(text)
         else:
             raise ConfigError(
-                f'failed to load config file {path}: unsupported config type "{suffix[1:]}"'
+                f'failed to load config file {name}: unsupported config type "{suffix[1:]}"'
             )
     except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"failed to load config file {path}: {exc}") from exc
+        raise ConfigError(f"failed to load config file {name}: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"failed to load config file {path}: the top level must be a map")
+        raise ConfigError(f"failed to load config file {name}: the top level must be a map")
     return data
 
 
@@ -241,7 +243,7 @@ def load_config(
         file_path = Path(path)
         if not file_path.is_absolute():
             file_path = cwd / file_path
-        raw = merge(raw, read_file(file_path, explicit=True))
+        raw = merge(raw, read_file(file_path, explicit=True, shown=path))
     else:
         for name in SEARCH:
             candidate = cwd / name

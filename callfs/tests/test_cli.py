@@ -1,0 +1,167 @@
+"""The ``callfs`` command line (API.md §20) through click's runner and a real join endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from callfs.cli import cli, main, mask_dsn
+
+GOOD = {
+    "CALLFS_AUTH__API_KEYS": "k" * 16,
+    "CALLFS_AUTH__INTERNAL_PROXY_SECRET": "s" * 20,
+    "CALLFS_AUTH__SINGLE_USE_LINK_SECRET": "l" * 20,
+}
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> Any:
+    runner = CliRunner()
+    with runner.isolated_filesystem():
+        return runner.invoke(cli, args, env={**GOOD, **(env or {})})
+
+
+def test_config_validate_success() -> None:
+    result = run(["config", "validate"], {"CALLFS_BACKEND__S3_BUCKET_NAME": "bkt"})
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "Validating configuration...",
+        "Configuration is valid",
+        "Instance ID: callfs-instance-1",
+        "Listen Address: :8443",
+        "Metadata Store DSN: postgres:/***require",
+        "Redis Address: localhost:6379",
+        "Local FS Root: /var/lib/callfs",
+        "S3 Bucket: bkt",
+        "S3 Region: us-east-1",
+    ]
+
+
+def test_config_validate_failure() -> None:
+    result = run(["config", "validate"], {"CALLFS_SERVER__LISTEN_ADDR": ""})
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "Validating configuration...",
+        "Configuration validation failed: config validation failed: server.listen_addr is required",
+    ]
+
+
+def test_config_flag_on_group_and_command(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("instance_discovery: {instance_id: from-file}\n")
+    for args in (
+        ["config", "-c", str(cfg), "validate"],
+        ["config", "validate", "--config", str(cfg)],
+    ):
+        result = run(args)
+        assert "Instance ID: from-file" in result.output, result.output
+
+
+def test_mask() -> None:
+    assert mask_dsn("") == ""
+    assert mask_dsn("short") == "***"
+    assert mask_dsn("postgres://u:p@host/db?x=1") == "postgres:/***/db?x=1"
+
+
+def test_errors_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["nope"], ["server", "--bogus"], ["cluster", "join"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 1
+        assert capsys.readouterr().err.startswith("Error: ")
+    with pytest.raises(SystemExit):
+        main(["cluster", "join"])
+    assert 'required flag(s) "leader" not set' in capsys.readouterr().err
+
+
+def test_help_and_completion() -> None:
+    assert "server" in run(["--help"]).output
+    assert "validate" in run(["help", "config"]).output
+    assert "--dev" in run(["server", "-h"]).output
+    assert "_CALLFS_COMPLETE" in run(["completion", "bash"]).output
+
+
+def test_join_missing_values_and_unreachable_leader() -> None:
+    result = run(
+        ["cluster", "join", "--leader", "http://127.0.0.1:9"], {"CALLFS_AUTH__API_KEYS": ""}
+    )
+    assert result.exit_code == 1
+    assert "node id (use --node-id or set raft.node_id in config) is required" in result.output
+    result = run(
+        [
+            "cluster",
+            "join",
+            "--leader",
+            "http://127.0.0.1:9",
+            "--node-id",
+            "n2",
+            "--raft-addr",
+            "127.0.0.1:7001",
+            "--api-endpoint",
+            "http://x",
+            "--internal-secret",
+            "s",
+        ]
+    )
+    assert result.exit_code == 1
+    assert "failed to contact leader:" in result.output
+
+
+async def test_join_against_a_leader(aiohttp_server: Any) -> None:
+    seen: list[Any] = []
+
+    async def join(request: web.Request) -> web.Response:
+        seen.append((request.headers["Authorization"], await request.json()))
+        if seen[-1][1]["node_id"] == "bad":
+            return web.json_response({"status": "error", "error": "not leader"}, status=502)
+        return web.Response(text='{"status":"joined","leader_id":"n1"}\n')
+
+    app = web.Application()
+    app.router.add_post("/v1/internal/raft/join", join)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}/"
+    args = [
+        "cluster",
+        "join",
+        "--leader",
+        base,
+        "--raft-addr",
+        "127.0.0.1:7002",
+        "--api-endpoint",
+        "http://n2:8443",
+        "--internal-secret",
+        "sec",
+    ]
+    ok = await asyncio.to_thread(run, [*args, "--node-id", "n2"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == "Join successful: node=n2 leader=n1 status=joined"
+    assert seen[0] == (
+        "Bearer sec",
+        {"node_id": "n2", "raft_addr": "127.0.0.1:7002", "api_endpoint": "http://n2:8443"},
+    )
+    bad = await asyncio.to_thread(run, [*args, "--node-id", "bad"])
+    assert bad.exit_code == 1
+    assert "join failed: not leader" in bad.output
+
+
+def test_cert_generate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    result = run(
+        [
+            "cert",
+            "generate",
+            "--host",
+            "localhost,127.0.0.1",
+            "--cert-file",
+            str(cert),
+            "--key-file",
+            str(key),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert cert.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
