@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -88,7 +89,9 @@ async def test_one_namespace_across_nodes(cluster: list[ClusterNode], tmp_path: 
     a, b, c = cluster
     blob = os.urandom(2 * 1024 * 1024 + 3)
     async with aiohttp.ClientSession() as s:
-        async with s.put(f"{a.base}/v1/files/shared/blob.bin", data=blob, headers=H) as r:
+        async with s.put(
+            f"{a.base}/v1/files/shared/blob.bin", data=io.BytesIO(blob), headers=H
+        ) as r:
             assert r.status == 201
         # read-your-writes on every node, bytes proxied from the owner
         for node in (b, c):
@@ -160,7 +163,8 @@ async def test_concurrent_writes_through_different_nodes(cluster: list[ClusterNo
 
         async def put(i: int) -> int:
             node = cluster[i % len(cluster)]
-            async with s.put(f"{node.base}/v1/files/race/one.bin", data=bodies[i], headers=H) as r:
+            url = f"{node.base}/v1/files/race/one.bin"
+            async with s.put(url, data=io.BytesIO(bodies[i]), headers=H) as r:
                 return r.status
 
         statuses = await asyncio.gather(*(put(i) for i in range(len(bodies))))

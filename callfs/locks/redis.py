@@ -1,0 +1,147 @@
+"""Redis locks (``dlm.type: redis``, API.md §14): shared by every node that uses the same Redis.
+
+``SET <prefix><key> <token> NX PX <lease>`` with a random per-process owner plus a per-hold counter
+as the token; release and renewal are compare-then-act Lua scripts, so a node never frees or
+extends a lock it no longer owns. While held, the lease is renewed every lease/3; if renewal finds the lock
+gone (a long pause, a Redis restart) the hold is marked lost and leaving it raises ``Unavailable``,
+so the caller fails cleanly instead of reporting success for an unprotected write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from callfs.errors import LockTimeout, Unavailable
+
+log = logging.getLogger(__name__)
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return (host.strip("[]") or "localhost"), int(port or 6379)
+
+
+class RedisLockManager:
+    def __init__(
+        self,
+        addr: str,
+        *,
+        password: str = "",
+        key_prefix: str = "callfs:lock:",
+        lease: float = 30.0,
+        op_timeout: float = 5.0,
+    ) -> None:
+        self._host, self._port = split_addr(addr)
+        self._password = password or None
+        self._prefix = key_prefix
+        self._lease_ms = int(lease * 1000)
+        self._op_timeout = op_timeout
+        self._owner = secrets.token_hex(8)
+        self._counter = itertools.count()
+        self._held = 0
+        self._redis: aioredis.Redis | None = None
+        self._pool: aioredis.BlockingConnectionPool | None = None
+
+    async def start(self) -> None:
+        pool = aioredis.BlockingConnectionPool(
+            host=self._host,
+            port=self._port,
+            password=self._password,
+            max_connections=64,
+            timeout=self._op_timeout,
+            socket_timeout=self._op_timeout,
+            socket_connect_timeout=self._op_timeout,
+        )
+        self._pool = pool
+        self._redis = aioredis.Redis(connection_pool=pool)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        if self._pool is not None:
+            # A pool passed in explicitly is not closed by Redis.aclose().
+            await self._pool.aclose()
+            self._pool = None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise Unavailable("lock manager is not running")
+        return self._redis
+
+    def hold(self, key: str, timeout: float) -> AbstractAsyncContextManager[None]:
+        return self._hold(self._prefix + key, timeout)
+
+    @asynccontextmanager
+    async def _hold(self, name: str, wait: float) -> AsyncIterator[None]:
+        token = f"{self._owner}:{next(self._counter)}"
+        await self._acquire(name, token, wait)
+        self._held += 1
+        lost = asyncio.Event()
+        renewer = asyncio.create_task(self._renew(name, token, lost))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            self._held -= 1
+            try:
+                released = await self.client.eval(_RELEASE, 1, name, token)
+            except RedisError:
+                log.warning("could not release a lock; it expires with its lease")
+                released = 1
+            if lost.is_set() or not released:
+                raise Unavailable("lock lost while held")
+
+    async def _acquire(self, name: str, token: str, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        delay = 0.005
+        while True:
+            try:
+                if await self.client.set(name, token, nx=True, px=self._lease_ms):
+                    return
+            except RedisError as exc:
+                raise Unavailable("lock service unavailable") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout()
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    async def _renew(self, name: str, token: str, lost: asyncio.Event) -> None:
+        interval = self._lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                still_ours = await self.client.eval(_RENEW, 1, name, token, self._lease_ms)
+            except RedisError:
+                continue  # keep trying until the lease runs out
+            if not still_ours:
+                log.error("a held lock was lost (lease expired or Redis restarted)")
+                lost.set()
+                return
