@@ -2,9 +2,9 @@
 
 ``SET <prefix><key> <token> NX PX <lease>`` with a random per-process owner plus a per-hold counter
 as the token; release and renewal are compare-then-act Lua scripts, so a node never frees or
-extends a lock it no longer owns. While held, the lease is renewed every lease/3; if renewal finds the lock
-gone (a long pause, a Redis restart) the hold is marked lost and leaving it raises ``Unavailable``,
-so the caller fails cleanly instead of reporting success for an unprotected write.
+extends a lock it no longer owns. While held, the lease is renewed every lease/3; if renewal finds
+the lock gone (a long pause, a Redis restart) the hold is marked lost and leaving it raises
+``Unavailable``, so the caller fails cleanly instead of reporting success for an unprotected write.
 """
 
 from __future__ import annotations
