@@ -126,7 +126,9 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext:
 def peer_ssl_context(cfg: Config) -> ssl.SSLContext:
     """How this node verifies other nodes' certificates
     (``backend.internal_proxy_skip_tls_verify``)."""
-    return client_context(cfg.backend.internal_proxy_skip_tls_verify)
+    return client_context(
+        cfg.backend.internal_proxy_skip_tls_verify, cfg.backend.internal_proxy_ca_file
+    )
 
 
 class Lifecycle(Protocol):
