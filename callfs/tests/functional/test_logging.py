@@ -1,0 +1,98 @@
+"""Logging (API.md §17): JSON/console lines, the access log, and redaction of secrets and tokens."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from callfs.api.ratelimit import RateLimiter
+from callfs.api.state import STATE
+from callfs.daemon import Node
+from callfs.log import ConsoleFormatter, JsonFormatter, RedactionFilter, configure_logging
+from callfs.tests.functional.conftest import ALICE_KEY, INTERNAL, LINK_SECRET, auth
+
+SECRETS = [ALICE_KEY, INTERNAL, LINK_SECRET]
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactionFilter(SECRETS))
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+async def test_no_secret_or_token_in_any_log_line(
+    client: TestClient[Any, Any], node: Node, captured: io.StringIO
+) -> None:
+    assert node.app is not None
+    node.app[STATE].download_limiter = RateLimiter(1e6, 1000)
+    await client.post("/v1/files/f.txt", data=b"secret body bytes", headers=auth())
+    resp = await client.post(
+        "/v1/links/generate", json={"path": "/f.txt", "expiry_seconds": 60}, headers=auth()
+    )
+    token = (await resp.json())["token"]
+    assert (await client.get(f"/download/{token}")).status == 200
+    assert (await client.get(f"/download/{token}")).status == 410
+    await client.get("/v1/files/f.txt", headers={"Authorization": "Bearer " + ALICE_KEY[:-1]})
+    # code that logs a secret or a token by mistake is still redacted
+    logging.getLogger("callfs.test").warning(
+        "oops %s %s %s", ALICE_KEY, token, f"download/{token}", extra={"path": INTERNAL}
+    )
+    try:
+        raise ValueError(f"failure mentioning {LINK_SECRET}")
+    except ValueError:
+        logging.getLogger("callfs.test").exception("with a traceback")
+    text = captured.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    access = [line for line in lines if line["msg"] == "HTTP request"]
+    assert len(access) >= 5
+    first = access[0]
+    assert {
+        "method",
+        "path",
+        "status",
+        "duration",
+        "user_agent",
+        "remote_addr",
+        "request_id",
+    } <= set(first)
+    assert first["path"] == "/v1/files/*"
+    for secret in [*SECRETS, token, token.split(".")[1], b"secret body bytes".decode()]:
+        assert secret not in text
+    assert token[:8] in text  # cut to the first 8 characters, still traceable
+    assert "[REDACTED]" in text
+
+
+def test_formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("debug", "console", secrets=["top-secret-value-123"])
+    logging.getLogger("callfs.x").info("hello top-secret-value-123", extra={"status": 200})
+    err = capsys.readouterr().err
+    assert "hello [REDACTED]" in err and "status=200" in err
+    configure_logging("nonsense", "json")
+    assert logging.getLogger().level == logging.INFO
+    logging.getLogger("callfs.x").debug("hidden")
+    logging.getLogger("callfs.x").info("shown")
+    out = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [o["msg"] for o in out] == ["shown"]
+    configure_logging("warn", "json")
+    assert logging.getLogger().level == logging.WARNING
+    assert isinstance(logging.getLogger().handlers[0].formatter, JsonFormatter)
+    configure_logging("error", "text")
+    assert isinstance(logging.getLogger().handlers[0].formatter, ConsoleFormatter)
+    logging.getLogger().handlers.clear()
