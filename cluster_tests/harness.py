@@ -47,6 +47,7 @@ class ClusterNode:
 
     def __post_init__(self) -> None:
         self.log_path = self.workdir / f"{self.name}.log"
+        self._health: Any = lambda: urllib.request.urlopen(self.base + "/health", timeout=1)
 
     @property
     def base(self) -> str:
@@ -68,17 +69,31 @@ class ClusterNode:
         )
         log.close()
         deadline = time.monotonic() + timeout
+        last = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.logs()}")
             try:
-                with urllib.request.urlopen(self.base + "/health", timeout=1) as r:
+                with self._health() as r:
                     if r.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
-                pass
+            except (urllib.error.URLError, OSError) as exc:
+                last = repr(exc)
             time.sleep(0.1)
-        raise AssertionError(f"{self.name} not healthy in {timeout}s:\n{self.logs()}")
+        raise AssertionError(f"{self.name} not healthy in {timeout}s ({last}):\n{self.logs()}")
+
+    def start_tls(self, ca_file: Path, timeout: float = 30.0) -> None:
+        """Like ``start`` for a node serving HTTPS with a certificate signed by ``ca_file``."""
+        if self.config["server"].get("protocol") != "https":
+            self.start(timeout)
+            return
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        self._health = lambda: urllib.request.urlopen(
+            f"https://127.0.0.1:{self.port}/health", timeout=1, context=ctx
+        )
+        self.start(timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:
