@@ -26,7 +26,7 @@ TMP_DIR = ".callfs-tmp"
 WRITE_BATCH = 1 << 20
 #: Reads up to this size are done in the same thread hop as the open and answered inline.
 SMALL_READ = 64 * 1024
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
 _VERIFIED_MAX = 4096
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
