@@ -97,8 +97,17 @@ def make_backends(cfg: Config) -> dict[str, StorageBackend]:
 
         backends["localfs"] = LocalFSBackend(b.localfs_root_path)
     if b.s3_bucket_name:
-        raise ConfigError(
-            "backend.s3_bucket_name is set, but this version of CallFS has no S3 backend yet"
+        from callfs.storage.s3 import S3Backend
+
+        backends["s3"] = S3Backend(
+            bucket=b.s3_bucket_name,
+            region=b.s3_region,
+            endpoint=b.s3_endpoint,
+            access_key=b.s3_access_key,
+            secret_key=b.s3_secret_key,
+            sse=b.s3_server_side_encryption,
+            kms_key_id=b.s3_kms_key_id,
+            acl=b.s3_acl,
         )
     return backends
 

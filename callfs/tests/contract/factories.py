@@ -17,7 +17,7 @@ from callfs.storage.base import StorageBackend
 
 METADATA_KINDS = ["sqlite", "postgres", "redis"]
 LOCK_KINDS = ["local", "redis"]
-STORAGE_KINDS = ["localfs"]
+STORAGE_KINDS = ["localfs", "s3"]
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_ADDR = "127.0.0.1:6379"
 

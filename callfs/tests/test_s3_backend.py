@@ -1,0 +1,130 @@
+"""S3 specifics against moto's server over HTTP: multipart, abort, start-up checks, SSE, and a node
+whose default backend is S3, with moves between localfs and S3."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from callfs.daemon import Node
+from callfs.errors import ConfigError
+from callfs.storage.s3 import S3Backend
+from callfs.tests import s3server
+from callfs.tests.functional.conftest import auth, make_config
+
+MiB = 1 << 20
+
+
+async def parts(data: bytes, size: int = MiB) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def test_multipart_upload_and_ranges() -> None:
+    async with s3server.s3_backend(part_size=5 * MiB) as backend:
+        data = os.urandom(20 * MiB + 123)
+        staged = await backend.stage("/big/blob.bin", parts(data))
+        assert staged._upload and len(staged._upload["parts"]) == 5  # type: ignore[attr-defined]
+        uploads = s3server.client().list_multipart_uploads(Bucket=backend.bucket)
+        assert len(uploads.get("Uploads", [])) == 1  # in flight, not visible yet
+        assert await backend.stat("/big/blob.bin") is None
+        await staged.publish()
+        stream = await backend.open_read("/big/blob.bin", 5 * MiB - 10, 20)
+        assert b"".join([c async for c in stream]) == data[5 * MiB - 10 : 5 * MiB + 10]
+        await stream.aclose()
+        head = s3server.client().head_object(Bucket=backend.bucket, Key="big/blob.bin")
+        assert head["ContentLength"] == len(data)
+        assert head["ServerSideEncryption"] == "AES256"
+
+
+async def test_failed_upload_aborts_multipart() -> None:
+    async def failing() -> AsyncIterator[bytes]:
+        for _ in range(12):
+            yield b"z" * MiB
+        raise ConnectionResetError("client went away")
+
+    async with s3server.s3_backend(part_size=5 * MiB) as backend:
+        with pytest.raises(ConnectionResetError):
+            await backend.stage("/f.bin", failing())
+        uploads = s3server.client().list_multipart_uploads(Bucket=backend.bucket)
+        assert uploads.get("Uploads", []) == []
+        assert await backend.stat("/f.bin") is None
+
+
+async def test_start_checks() -> None:
+    missing = S3Backend(
+        bucket="no-such-bucket-callfs",
+        endpoint=s3server.endpoint(),
+        access_key="testing",
+        secret_key="testing",
+    )
+    with pytest.raises(ConfigError, match=r"backend\.s3_bucket_name"):
+        await missing.start()
+    unreachable = S3Backend(
+        bucket="x", endpoint="http://127.0.0.1:9", access_key="testing", secret_key="testing"
+    )
+    with pytest.raises(ConfigError, match="not reachable"):
+        await unreachable.start()
+
+
+@pytest.fixture
+async def s3_node(tmp_path: Path) -> AsyncIterator[Node]:
+    bucket = s3server.make_bucket()
+    cfg = make_config(
+        tmp_path,
+        CALLFS_BACKEND__DEFAULT_BACKEND="s3",
+        CALLFS_BACKEND__S3_BUCKET_NAME=bucket,
+        CALLFS_BACKEND__S3_ENDPOINT=s3server.endpoint(),
+        CALLFS_BACKEND__S3_ACCESS_KEY="testing",
+        CALLFS_BACKEND__S3_SECRET_KEY="testing",
+    )
+    node = Node(cfg)
+    node.build()
+    await node.start_components()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+async def test_s3_default_backend_and_moves(s3_node: Node, aiohttp_client: Any) -> None:
+    client: TestClient[Any, Any] = await aiohttp_client(s3_node.app)
+    bucket = s3_node.cfg.backend.s3_bucket_name
+    blob = os.urandom(3 * MiB)
+    resp = await client.put("/v1/files/s3dir/a.bin", data=io.BytesIO(blob), headers=auth())
+    assert resp.status == 201
+    head = s3server.client().head_object(Bucket=bucket, Key="s3dir/a.bin")
+    assert head["ContentLength"] == len(blob)
+    resp = await client.head("/v1/files/s3dir/a.bin", headers=auth())
+    assert "X-CallFS-Instance-ID" not in resp.headers  # S3 items belong to no node
+    resp = await client.get("/v1/files/s3dir/a.bin", headers={**auth(), "Range": "bytes=1-4"})
+    assert resp.status == 206 and await resp.read() == blob[1:5]
+    # s3 -> localfs, then back
+    resp = await client.patch(
+        "/v1/files/s3dir/a.bin",
+        json={"destination": "/s3dir/a.bin", "backend": "localfs"},
+        headers=auth(),
+    )
+    assert resp.status == 200, await resp.text()
+    local = Path(s3_node.cfg.backend.localfs_root_path) / "s3dir" / "a.bin"
+    assert local.read_bytes() == blob
+    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix="s3dir/a.bin")
+    resp = await client.head("/v1/files/s3dir/a.bin", headers=auth())
+    assert resp.headers["X-CallFS-Instance-ID"] == "callfs-instance-1"
+    resp = await client.patch(
+        "/v1/files/s3dir/a.bin",
+        json={"destination": "/moved/b.bin", "backend": "s3", "create_parents": True},
+        headers=auth(),
+    )
+    assert resp.status == 200, await resp.text()
+    assert not local.exists()
+    assert await (await client.get("/v1/files/moved/b.bin", headers=auth())).read() == blob
+    resp = await client.delete("/v1/files/moved/b.bin", headers=auth())
+    assert resp.status == 204
+    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix="moved/b.bin")
