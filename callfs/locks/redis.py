@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from callfs.errors import LockTimeout, Unavailable
+from callfs.redisconn import open_redis
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ return 0
 """
 
 
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return (host.strip("[]") or "localhost"), int(port or 6379)
-
-
 class RedisLockManager:
     def __init__(
         self,
@@ -50,8 +46,8 @@ class RedisLockManager:
         lease: float = 30.0,
         op_timeout: float = 5.0,
     ) -> None:
-        self._host, self._port = split_addr(addr)
-        self._password = password or None
+        self._addr = addr
+        self._password = password
         self._prefix = key_prefix
         self._lease_ms = int(lease * 1000)
         self._op_timeout = op_timeout
@@ -62,17 +58,7 @@ class RedisLockManager:
         self._pool: aioredis.BlockingConnectionPool | None = None
 
     async def start(self) -> None:
-        pool = aioredis.BlockingConnectionPool(
-            host=self._host,
-            port=self._port,
-            password=self._password,
-            max_connections=64,
-            timeout=self._op_timeout,
-            socket_timeout=self._op_timeout,
-            socket_connect_timeout=self._op_timeout,
-        )
-        self._pool = pool
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis, self._pool = open_redis(self._addr, self._password, timeout=self._op_timeout)
 
     async def close(self) -> None:
         if self._redis is not None:

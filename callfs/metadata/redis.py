@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -30,7 +31,6 @@ from callfs.errors import (
     Unavailable,
     VersionConflict,
 )
-from callfs.locks.redis import split_addr
 from callfs.metadata.base import order_tree
 from callfs.metadata.sqlite import pack_layout, unpack_layout
 from callfs.model import (
@@ -44,6 +44,7 @@ from callfs.model import (
     name_of,
     parent_of,
 )
+from callfs.redisconn import open_redis
 
 T = TypeVar("T")
 
@@ -221,8 +222,8 @@ class RedisMetadataStore:
         key_prefix: str = "callfs:",
         op_timeout: float = 5.0,
     ) -> None:
-        self._host, self._port = split_addr(addr)
-        self._password = password or None
+        self._addr = addr
+        self._password = password
         self._db = db
         self.p = key_prefix
         self._timeout = op_timeout
@@ -230,17 +231,7 @@ class RedisMetadataStore:
         self._pool: aioredis.BlockingConnectionPool | None = None
 
     async def start(self) -> None:
-        self._pool = aioredis.BlockingConnectionPool(
-            host=self._host,
-            port=self._port,
-            password=self._password,
-            db=self._db,
-            max_connections=64,
-            timeout=self._timeout,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-        )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._redis, self._pool = open_redis(self._addr, self._password, self._db, self._timeout)
         root = Entry(
             path="/",
             type=EntryType.DIRECTORY,
@@ -304,7 +295,7 @@ class RedisMetadataStore:
         )
         if not created:
             raise AlreadyExists()
-        return _with_version(entry, 1)
+        return replace(entry, version=1)
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
         old = await self.get(entry.path)
@@ -324,7 +315,7 @@ class RedisMetadataStore:
             raise NotFound()
         if result == 0:
             raise VersionConflict()
-        return _with_version(entry, expected_version + 1)
+        return replace(entry, version=expected_version + 1)
 
     async def delete(self, path: str, expected_version: int | None = None) -> None:
         if path == "/":
@@ -467,18 +458,3 @@ class RedisMetadataStore:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _with_version(entry: Entry, version: int) -> Entry:
-    return Entry(
-        path=entry.path,
-        type=entry.type,
-        size=entry.size,
-        owner=entry.owner,
-        mtime=entry.mtime,
-        backend_type=entry.backend_type,
-        instance_id=entry.instance_id,
-        version=version,
-        created_at=entry.created_at,
-        erasure_coded=entry.erasure_coded,
-    )

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import msgpack
@@ -291,7 +292,7 @@ class SqliteMetadataStore:
             try:
                 return fn(self._inline)
             except sqlite3.Error:
-                pass
+                log.debug("inline metadata read failed; retrying on a reader thread")
         return await self._read(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -318,18 +319,7 @@ class SqliteMetadataStore:
         return await self._point_read(lambda c: self._get(c, path))
 
     async def create(self, entry: Entry) -> Entry:
-        stored = Entry(
-            path=entry.path,
-            type=entry.type,
-            size=entry.size,
-            owner=entry.owner,
-            mtime=entry.mtime,
-            backend_type=entry.backend_type,
-            instance_id=entry.instance_id,
-            version=1,
-            created_at=entry.created_at,
-            erasure_coded=entry.erasure_coded,
-        )
+        stored = replace(entry, version=1)
 
         def op(conn: sqlite3.Connection) -> Entry:
             try:
@@ -362,18 +352,7 @@ class SqliteMetadataStore:
         )
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
-        stored = Entry(
-            path=entry.path,
-            type=entry.type,
-            size=entry.size,
-            owner=entry.owner,
-            mtime=entry.mtime,
-            backend_type=entry.backend_type,
-            instance_id=entry.instance_id,
-            version=expected_version + 1,
-            created_at=entry.created_at,
-            erasure_coded=entry.erasure_coded,
-        )
+        stored = replace(entry, version=expected_version + 1)
 
         def op(conn: sqlite3.Connection) -> Entry:
             cur = conn.execute(
