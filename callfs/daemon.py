@@ -112,6 +112,14 @@ def make_backends(cfg: Config) -> dict[str, StorageBackend]:
     return backends
 
 
+def backend_configured(cfg: Config, kind: str) -> bool:
+    if kind == "localfs":
+        return bool(cfg.backend.localfs_root_path)
+    if kind == "s3":
+        return bool(cfg.backend.s3_bucket_name)
+    return False
+
+
 def uses_tls(cfg: Config) -> bool:
     s = cfg.server
     if s.protocol == "http":
@@ -170,6 +178,11 @@ class Node:
             make_metadata_store(cfg), cfg.server.metadata_op_timeout, self.metrics
         )
         self.locks = InstrumentedLockManager(make_lock_manager(cfg), self.metrics)
+        if cfg.ha.replication_enabled and not backend_configured(cfg, cfg.ha.replica_backend):
+            raise ConfigError(
+                f"ha.replica_backend is {cfg.ha.replica_backend!r}, but that backend is not "
+                "configured (set backend.localfs_root_path or backend.s3_bucket_name)"
+            )
         self.backends = {
             kind: InstrumentedBackend(backend, self.metrics)
             for kind, backend in make_backends(cfg).items()
@@ -180,6 +193,8 @@ class Node:
             lock_timeout=cfg.dlm.lock_timeout,
             file_op_timeout=cfg.server.file_op_timeout,
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
+            replica_backend=cfg.ha.replica_backend if cfg.ha.replication_enabled else None,
+            require_replica_success=cfg.ha.require_replica_success,
         )
         self.peers = PeerClient(
             {

@@ -48,6 +48,9 @@ class EngineSettings:
     lock_timeout: float = 30.0
     file_op_timeout: float = 10.0
     known_instances: frozenset[str] = frozenset()
+    #: HA replication (§13): the backend that receives a copy of every regular file change.
+    replica_backend: str | None = None
+    require_replica_success: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +292,7 @@ class Engine:
         )
         stored = await self.meta.create(entry)
         self._count("create", kind)
+        await self._replicate(stored)
         return stored
 
     async def put_file(
@@ -332,6 +336,7 @@ class Engine:
                 )
                 stored = await self.meta.update(updated, current.version)
                 self._count("update", kind)
+                await self._replicate(stored)
                 if current.backend_type.value != kind and not self._is_remote(current):
                     await self._drop_bytes(current)
                 elif self._is_remote(current):
@@ -357,6 +362,7 @@ class Engine:
                 await self.meta.delete(current.path)
             self._count("delete", current.backend_type.value)
             await self._drop_bytes(current)
+            await self._replicate_delete(current)
             return
         if recursive:
             await self._delete_tree(who, target)
@@ -384,6 +390,52 @@ class Engine:
                 removed.append(top)
         for entry in removed:  # deepest first
             await self._drop_bytes(entry)
+
+    # ---- HA replication (§13) ----------------------------------------------------------
+    def _replica_for(self, entry: Entry) -> StorageBackend | None:
+        kind = self.settings.replica_backend
+        if not kind or entry.is_dir or entry.backend_type.value in (kind, BackendType.ERASURE):
+            return None
+        return self.backend(kind)
+
+    async def _replica_failed(self, what: str) -> None:
+        if self._metrics is not None:
+            self._metrics.errors.labels("replication", what).inc()
+        if self.settings.require_replica_success:
+            log.error("replica %s failed; the primary change stands", what)
+            raise InternalError()
+        log.warning("replica %s failed; the primary change stands", what, exc_info=True)
+
+    async def _replicate(self, entry: Entry) -> None:
+        """Copy a created or updated file to the replica backend: bytes re-read from the primary
+        and written as a whole new object there (update-or-create)."""
+        replica = self._replica_for(entry)
+        if replica is None:
+            return
+        try:
+            stream = await self.backend(entry.backend_type).open_read(entry.path, 0, entry.size)
+            try:
+                staged = await replica.stage(entry.path, _iterate(stream))
+            finally:
+                await stream.aclose()
+            try:
+                await staged.publish()
+            except BaseException:
+                await staged.discard()
+                raise
+        except (CallFSError, OSError):
+            await self._replica_failed("write")
+
+    async def _replicate_delete(self, entry: Entry) -> None:
+        replica = self._replica_for(entry)
+        if replica is None:
+            return
+        try:
+            await replica.delete(entry.path)
+        except NotFound:
+            pass
+        except (CallFSError, OSError):
+            await self._replica_failed("delete")
 
     async def _drop_bytes(self, entry: Entry) -> None:
         """Bytes go after the metadata; a failure here is only logged (§9.8)."""

@@ -1,0 +1,110 @@
+"""HA replication (API.md §13): localfs primary, S3 replica (moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aiohttp.test_utils import TestClient
+from moto.server import ThreadedMotoServer
+
+from callfs.daemon import Node
+from callfs.errors import ConfigError
+from callfs.tests import s3server
+from callfs.tests.functional.conftest import auth, make_config
+
+
+def replica_env(bucket: str, endpoint: str, require: bool) -> dict[str, str]:
+    return {
+        "CALLFS_HA__REPLICATION_ENABLED": "true",
+        "CALLFS_HA__REPLICA_BACKEND": "s3",
+        "CALLFS_HA__REQUIRE_REPLICA_SUCCESS": "true" if require else "false",
+        "CALLFS_BACKEND__S3_BUCKET_NAME": bucket,
+        "CALLFS_BACKEND__S3_ENDPOINT": endpoint,
+        "CALLFS_BACKEND__S3_ACCESS_KEY": "testing",
+        "CALLFS_BACKEND__S3_SECRET_KEY": "testing",
+    }
+
+
+@pytest.fixture
+async def replicated(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[tuple[Node, Any]]:
+    bucket = s3server.make_bucket()
+    node = Node(make_config(tmp_path, **replica_env(bucket, s3server.endpoint(), False)))
+    node.build()
+    await node.start_components()
+    try:
+        yield node, await aiohttp_client(node.app)
+    finally:
+        await node.stop()
+
+
+def keys(bucket: str, endpoint: str | None = None) -> dict[str, bytes]:
+    c = (
+        s3server.client()
+        if endpoint is None
+        else boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **s3server.CREDS)
+    )
+    listing = c.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing}
+
+
+async def test_changes_reach_the_replica(replicated: tuple[Node, TestClient[Any, Any]]) -> None:
+    node, client = replicated
+    bucket = node.cfg.backend.s3_bucket_name
+    assert (await client.put("/v1/files/r/a.txt", data=b"one", headers=auth())).status == 201
+    assert keys(bucket) == {"r/a.txt": b"one"}
+    assert (await client.put("/v1/files/r/a.txt", data=b"two!", headers=auth())).status == 200
+    assert keys(bucket) == {"r/a.txt": b"two!"}
+    assert (await client.post("/v1/files/r/dir/", headers=auth())).status == 201
+    assert (await client.delete("/v1/files/r/a.txt", headers=auth())).status == 204
+    assert keys(bucket) == {}  # directories are not replicated; the delete reached the replica
+    # reads never fall back to the replica: the primary is the truth
+    local = Path(node.cfg.backend.localfs_root_path)
+    assert not (local / "r" / "a.txt").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("require", [False, True])
+async def test_replica_down(tmp_path: Path, aiohttp_client: Any, require: bool) -> None:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", **s3server.CREDS
+    ).create_bucket(Bucket="replica")
+    node = Node(make_config(tmp_path, **replica_env("replica", endpoint, require)))
+    node.build()
+    await node.start_components()
+    try:
+        client = await aiohttp_client(node.app)
+        assert (await client.put("/v1/files/up.txt", data=b"ok", headers=auth())).status == 201
+        server.stop()
+        resp = await client.put("/v1/files/down.txt", data=b"primary", headers=auth())
+        if require:
+            assert resp.status == 500
+            assert (await resp.json())["code"] == "INTERNAL_ERROR"
+        else:
+            assert resp.status == 201
+        # the primary change stands either way, and the primary keeps serving
+        got = await client.get("/v1/files/down.txt", headers=auth())
+        assert got.status == 200 and await got.read() == b"primary"
+    finally:
+        await node.stop()
+        server.stop()
+
+
+async def test_unconfigured_replica_refused(tmp_path: Path) -> None:
+    env = {"CALLFS_HA__REPLICATION_ENABLED": "true", "CALLFS_HA__REPLICA_BACKEND": "s3"}
+    node = Node(make_config(tmp_path, **env))
+    with pytest.raises(ConfigError, match=r"ha\.replica_backend"):
+        node.build()
