@@ -25,6 +25,7 @@ from callfs.auth.keys import Authenticator
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config
 from callfs.core.engine import Engine, EngineSettings
+from callfs.core.replication import ReplicationWorker
 from callfs.errors import CallFSError, ConfigError
 from callfs.links.service import LinkService
 from callfs.locks.base import LockManager
@@ -230,6 +231,9 @@ class Node:
         assert self.meta is not None and self.locks is not None
         assert self.peers is not None
         components: list[Lifecycle] = [self.meta, self.locks, *self.backends.values(), self.peers]
+        if self.cfg.ha.replication_enabled and not self.cfg.ha.require_replica_success:
+            assert self.engine is not None
+            components.append(ReplicationWorker(self.engine, self.metrics))
         for component in components:
             await component.start()
             self._started.append(component)

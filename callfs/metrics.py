@@ -88,6 +88,11 @@ class Metrics:
         self.active_locks = Gauge(
             "callfs_active_locks", "Locks this node currently holds.", registry=reg
         )
+        self.replication_backlog = Gauge(
+            "callfs_replication_backlog",
+            "Changes queued for the HA replica and not yet applied.",
+            registry=reg,
+        )
         self.errors = Counter(
             "callfs_errors_total",
             "5xx answers and logged internal failures.",

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, replace
 
 from callfs.auth.policy import check_delete, check_read, check_write, may_delete
@@ -30,7 +30,7 @@ from callfs.errors import (
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import BackendType, Entry, EntryType, Identity, parent_of
+from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity, parent_of
 from callfs.paths import CanonicalPath
 from callfs.storage.base import ByteStream, StagedObject, StorageBackend
 from callfs.storage.peer import PeerClient
@@ -81,6 +81,8 @@ class Engine:
     ) -> None:
         self.peers = peers
         self._metrics = metrics
+        #: Called after a change is queued for the replica (wakes the replication worker).
+        self.on_replication_queued: Callable[[], None] | None = None
         self.meta = meta
         self.locks = locks
         self.backends = dict(backends)
@@ -399,43 +401,58 @@ class Engine:
         return self.backend(kind)
 
     async def _replica_failed(self, what: str) -> None:
+        """``require_replica_success``: the request fails (500) though the primary change stands."""
         if self._metrics is not None:
             self._metrics.errors.labels("replication", what).inc()
-        if self.settings.require_replica_success:
-            log.error("replica %s failed; the primary change stands", what)
-            raise InternalError()
-        log.warning("replica %s failed; the primary change stands", what, exc_info=True)
+        log.error("replica %s failed; the primary change stands", what)
+        raise InternalError()
 
     async def _replicate(self, entry: Entry) -> None:
-        """Copy a created or updated file to the replica backend: bytes re-read from the primary
-        and written as a whole new object there (update-or-create)."""
-        replica = self._replica_for(entry)
-        if replica is None:
-            return
-        try:
-            stream = await self.backend(entry.backend_type).open_read(entry.path, 0, entry.size)
-            try:
-                staged = await replica.stage(entry.path, _iterate(stream))
-            finally:
-                await stream.aclose()
-            try:
-                await staged.publish()
-            except BaseException:
-                await staged.discard()
-                raise
-        except (CallFSError, OSError):
-            await self._replica_failed("write")
+        """After a create or update: copy now (``require_replica_success``) or queue the change
+        durably for the replication worker."""
+        await self._replica_change(entry, "put")
 
     async def _replicate_delete(self, entry: Entry) -> None:
-        replica = self._replica_for(entry)
-        if replica is None:
+        await self._replica_change(entry, "delete")
+
+    async def _replica_change(self, entry: Entry, op: str) -> None:
+        if self._replica_for(entry) is None:
+            return
+        if not self.settings.require_replica_success:
+            await self.meta.enqueue_replication(entry.path, op, self._clock())
+            if self.on_replication_queued is not None:
+                self.on_replication_queued()
             return
         try:
-            await replica.delete(entry.path)
-        except NotFound:
-            pass
+            await self.replicate_now(entry.path)
         except (CallFSError, OSError):
-            await self._replica_failed("delete")
+            await self._replica_failed(op)
+
+    async def replicate_now(self, path: str) -> None:
+        """Make the replica match the primary for ``path`` now: copy the current file (whole,
+        re-read from wherever it lives), or delete the replica copy when the file is gone.
+        Idempotent, so a change applied twice, or by another node, is harmless."""
+        entry = await self.meta.get(path)
+        kind = self.settings.replica_backend
+        if not kind:
+            return
+        replica = self.backend(kind)
+        if entry is None or entry.is_dir:
+            with suppress(NotFound):
+                await replica.delete(path)
+            return
+        if self._replica_for(entry) is None:
+            return
+        stream = await self.open_file(Identity(INTERNAL_PROXY_USER), entry)
+        try:
+            staged = await replica.stage(path, _iterate(stream))
+        finally:
+            await stream.aclose()
+        try:
+            await staged.publish()
+        except BaseException:
+            await staged.discard()
+            raise
 
     async def _drop_bytes(self, entry: Entry) -> None:
         """Bytes go after the metadata; a failure here is only logged (§9.8)."""

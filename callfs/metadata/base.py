@@ -97,6 +97,21 @@ class MetadataStore(Protocol):
         """Idempotent."""
         ...
 
+    # ---- HA replication queue (durable; drained by the replication worker) ----------------
+    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
+        """Append a pending replica change (``op`` is ``put`` or ``delete``)."""
+        ...
+
+    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
+        """Up to ``limit`` pending changes, oldest first, as ``(id, path, op)``."""
+        ...
+
+    async def ack_replication(self, ids: Sequence[int]) -> None:
+        """Remove done changes; unknown ids are ignored."""
+        ...
+
+    async def replication_backlog(self) -> int: ...
+
 
 def child_sort_key(entry: Entry) -> tuple[int, bytes]:
     """Contract order within one directory: files first, then by name in code-point order.

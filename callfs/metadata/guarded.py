@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from callfs.errors import Unavailable
@@ -89,3 +89,15 @@ class GuardedMetadataStore:
 
     async def delete_erasure(self, path: str) -> None:
         await self._call("delete_erasure", self.inner.delete_erasure(path))
+
+    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
+        await self._call("enqueue_replication", self.inner.enqueue_replication(path, op, queued_at))
+
+    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
+        return await self._call("replication_batch", self.inner.replication_batch(limit))
+
+    async def ack_replication(self, ids: Sequence[int]) -> None:
+        await self._call("ack_replication", self.inner.ack_replication(ids))
+
+    async def replication_backlog(self) -> int:
+        return await self._call("replication_backlog", self.inner.replication_backlog())

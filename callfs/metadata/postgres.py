@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -70,6 +70,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX links_sweep ON links (status, expires_at);
     CREATE TABLE erasure_layouts (file_path TEXT COLLATE "C" PRIMARY KEY, layout BYTEA NOT NULL);
+    """,
+    """
+    CREATE TABLE replication_queue (
+        id BIGSERIAL PRIMARY KEY,
+        path TEXT NOT NULL,
+        op TEXT NOT NULL,
+        queued_at DOUBLE PRECISION NOT NULL
+    );
     """,
 )
 _MIGRATION_LOCK = 0x43414C4C46  # "CALLF": serialises migrations of nodes starting together
@@ -410,3 +418,38 @@ class PostgresMetadataStore:
             await conn.execute("DELETE FROM erasure_layouts WHERE file_path = $1", path)
 
         await self._run(op)
+
+    # ---- HA replication queue --------------------------------------------------------------
+    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
+        async def do(conn: Any) -> None:
+            await conn.execute(
+                "INSERT INTO replication_queue (path, op, queued_at) VALUES ($1, $2, $3)",
+                path,
+                op,
+                queued_at,
+            )
+
+        await self._run(do)
+
+    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
+        async def do(conn: Any) -> list[tuple[int, str, str]]:
+            rows = await conn.fetch(
+                "SELECT id, path, op FROM replication_queue ORDER BY id LIMIT $1", limit
+            )
+            return [(int(r["id"]), r["path"], r["op"]) for r in rows]
+
+        return await self._run(do)
+
+    async def ack_replication(self, ids: Sequence[int]) -> None:
+        done = list(ids)
+
+        async def do(conn: Any) -> None:
+            await conn.execute("DELETE FROM replication_queue WHERE id = ANY($1::bigint[])", done)
+
+        await self._run(do)
+
+    async def replication_backlog(self) -> int:
+        async def do(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM replication_queue"))
+
+        return await self._run(do)

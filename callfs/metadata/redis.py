@@ -17,7 +17,7 @@ trips per tree level (children sets, then their hashes), never one per entry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -454,6 +454,39 @@ class RedisMetadataStore:
 
     async def delete_erasure(self, path: str) -> None:
         await self._call(self.r.delete(f"{self.p}x:{path}"))
+
+    # ---- HA replication queue: ``P q:<id>`` hashes ordered by the sorted set ``P Q`` ----------
+    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
+        item_id = await self._call(self.r.incr(f"{self.p}qid"))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(f"{self.p}q:{item_id}", items=["path", path, "op", op, "at", repr(queued_at)])
+        pipe.zadd(f"{self.p}Q", {str(item_id): item_id})
+        await self._call(pipe.execute())
+
+    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
+        ids = await self._call(self.r.zrange(f"{self.p}Q", 0, limit - 1))
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in ids:
+            pipe.hmget(f"{self.p}q:{_s(item_id)}", ["path", "op"])
+        rows = await self._call(pipe.execute())
+        return [
+            (int(_s(i)), _s(r[0]), _s(r[1]))
+            for i, r in zip(ids, rows, strict=True)
+            if r[0] is not None
+        ]
+
+    async def ack_replication(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(f"{self.p}Q", *[str(i) for i in ids])
+        pipe.delete(*[f"{self.p}q:{i}" for i in ids])
+        await self._call(pipe.execute())
+
+    async def replication_backlog(self) -> int:
+        return int(await self._call(self.r.zcard(f"{self.p}Q")))
 
 
 def _s(value: Any) -> str:

@@ -79,6 +79,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX links_sweep ON links (status, expires_at);
     CREATE TABLE erasure_layouts (file_path TEXT PRIMARY KEY, layout BLOB NOT NULL);
     """,
+    """
+    CREATE TABLE replication_queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL,
+        op TEXT NOT NULL,
+        queued_at REAL NOT NULL
+    );
+    """,
 )
 
 _ENTRY_COLUMNS = (
@@ -546,6 +554,39 @@ class SqliteMetadataStore:
             conn.execute("DELETE FROM erasure_layouts WHERE file_path = ?", (path,))
 
         await self._write(op)
+
+    # ---- HA replication queue --------------------------------------------------------------
+    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
+        def do(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO replication_queue (path, op, queued_at) VALUES (?, ?, ?)",
+                (path, op, queued_at),
+            )
+
+        await self._write(do)
+
+    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
+        def do(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+            rows = conn.execute(
+                "SELECT id, path, op FROM replication_queue ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+            return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+        return await self._read(do)
+
+    async def ack_replication(self, ids: Sequence[int]) -> None:
+        done = list(ids)
+
+        def do(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM replication_queue WHERE id = ?", [(i,) for i in done])
+
+        await self._write(do)
+
+    async def replication_backlog(self) -> int:
+        def do(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM replication_queue").fetchone()[0])
+
+        return await self._read(do)
 
 
 def pack_layout(layout: ErasureLayout) -> bytes:

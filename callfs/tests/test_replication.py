@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,20 +49,48 @@ def keys(bucket: str, endpoint: str | None = None) -> dict[str, bytes]:
         if endpoint is None
         else boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **s3server.CREDS)
     )
-    listing = c.list_objects_v2(Bucket=bucket).get("Contents", [])
-    return {o["Key"]: c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing}
+    out: dict[str, bytes] = {}
+    for o in c.list_objects_v2(Bucket=bucket).get("Contents", []):
+        try:
+            out[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        except c.exceptions.NoSuchKey:
+            continue  # removed by the worker between the listing and the read
+    return out
+
+
+async def eventually(check: Any, timeout: float = 20.0) -> None:
+    """Poll ``check()`` (the replica is asynchronous) until it holds or the deadline passes."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await asyncio.to_thread(check)
+        if got is True:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"replica never converged: {got!r}")
+        await asyncio.sleep(0.1)
 
 
 async def test_changes_reach_the_replica(replicated: tuple[Node, TestClient[Any, Any]]) -> None:
     node, client = replicated
     bucket = node.cfg.backend.s3_bucket_name
+
+    def replica_is(expected: dict[str, bytes]) -> Any:
+        got = keys(bucket)
+        return True if got == expected else got
+
     assert (await client.put("/v1/files/r/a.txt", data=b"one", headers=auth())).status == 201
-    assert keys(bucket) == {"r/a.txt": b"one"}
+    await eventually(lambda: replica_is({"r/a.txt": b"one"}))
     assert (await client.put("/v1/files/r/a.txt", data=b"two!", headers=auth())).status == 200
-    assert keys(bucket) == {"r/a.txt": b"two!"}
+    await eventually(lambda: replica_is({"r/a.txt": b"two!"}))
     assert (await client.post("/v1/files/r/dir/", headers=auth())).status == 201
     assert (await client.delete("/v1/files/r/a.txt", headers=auth())).status == 204
-    assert keys(bucket) == {}  # directories are not replicated; the delete reached the replica
+    await eventually(lambda: replica_is({}))  # directories are not replicated
+    meta = node.meta
+    assert meta is not None
+    deadline = asyncio.get_running_loop().time() + 20
+    while await meta.replication_backlog() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)  # the ack follows the replica change
+    assert await meta.replication_backlog() == 0
     # reads never fall back to the replica: the primary is the truth
     local = Path(node.cfg.backend.localfs_root_path)
     assert not (local / "r" / "a.txt").exists()
@@ -73,6 +102,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("require", [False, True])
 async def test_replica_down(tmp_path: Path, aiohttp_client: Any, require: bool) -> None:
     port = free_port()
@@ -98,6 +128,21 @@ async def test_replica_down(tmp_path: Path, aiohttp_client: Any, require: bool) 
         # the primary change stands either way, and the primary keeps serving
         got = await client.get("/v1/files/down.txt", headers=auth())
         assert got.status == 200 and await got.read() == b"primary"
+        if not require:
+            assert node.meta is not None
+            assert await node.meta.replication_backlog() >= 1  # queued durably, not lost
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()  # the replica is back (moto keeps its buckets in this process)
+
+            def caught_up() -> Any:
+                got = keys("replica", endpoint)
+                return True if got == {"up.txt": b"ok", "down.txt": b"primary"} else got
+
+            await eventually(caught_up, timeout=60)
+            deadline = asyncio.get_running_loop().time() + 20
+            while await node.meta.replication_backlog():
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
     finally:
         await node.stop()
         server.stop()

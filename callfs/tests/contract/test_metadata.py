@@ -301,3 +301,23 @@ async def test_persistence(store_handle: StoreHandle) -> None:
     assert await store.get("/keep/me.txt") is not None
     assert [e.path for e in await store.list_children("/keep")] == ["/keep/me.txt"]
     assert await store.get_link("persisted") is not None
+
+
+async def test_replication_queue(store_handle: StoreHandle) -> None:
+    store = store_handle.store
+    assert await store.replication_backlog() == 0
+    assert await store.replication_batch(10) == []
+    for i in range(5):
+        await store.enqueue_replication(f"/f{i}", "put" if i % 2 == 0 else "delete", 1.5 + i)
+    batch = await store.replication_batch(3)
+    assert [(p, op) for _, p, op in batch] == [("/f0", "put"), ("/f1", "delete"), ("/f2", "put")]
+    ids = [i for i, _, _ in batch]
+    assert ids == sorted(ids)
+    await store.ack_replication(ids[:2])
+    await store.ack_replication([])
+    assert await store.replication_backlog() == 3
+    store = await store_handle.reopen()
+    rest = await store.replication_batch(10)
+    assert [p for _, p, _ in rest] == ["/f2", "/f3", "/f4"]
+    await store.ack_replication([i for i, _, _ in rest])
+    assert await store.replication_backlog() == 0
