@@ -11,6 +11,7 @@ upload: no orphan parts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -33,6 +34,7 @@ from callfs.storage.base import ObjectStat
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+PARTS_IN_FLIGHT = 2
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
@@ -209,6 +211,7 @@ class S3Backend:
         buf = bytearray()
         size = 0
         upload: dict[str, Any] = {}
+        in_flight: set[asyncio.Task[None]] = set()
         try:
             async for chunk in chunks:
                 buf += chunk
@@ -221,22 +224,42 @@ class S3Backend:
                             Key=key,
                             **self._extra,
                         )
-                        upload = {"id": created["UploadId"], "parts": []}
+                        upload = {"id": created["UploadId"], "parts": [], "next": 1}
                     part = bytes(buf[: self.part_size])
                     del buf[: self.part_size]
-                    await self._upload_part(key, upload, part)
+                    # Up to PARTS_IN_FLIGHT parts go up at once: memory stays bounded by
+                    # (PARTS_IN_FLIGHT + 1) x part_size while the link is kept busy.
+                    if len(in_flight) >= PARTS_IN_FLIGHT:
+                        finished, in_flight = await asyncio.wait(
+                            in_flight, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        for task in finished:
+                            task.result()
+                    number = upload["next"]
+                    upload["next"] += 1
+                    in_flight.add(asyncio.create_task(self._upload_part(key, upload, number, part)))
             if upload:
-                if buf or not upload["parts"]:
-                    await self._upload_part(key, upload, bytes(buf))
+                if buf:
+                    last = self._upload_part(key, upload, upload["next"], bytes(buf))
+                    in_flight.add(asyncio.create_task(last))
+                for outcome in await asyncio.gather(*in_flight, return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                in_flight = set()
+                upload["parts"].sort(key=lambda p: p["PartNumber"])
                 return _Staged(self, key, size, None, upload)
             return _Staged(self, key, size, bytes(buf), {})
         except BaseException:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
             if upload:
                 await self._abort(key, upload["id"])
             raise
 
-    async def _upload_part(self, key: str, upload: dict[str, Any], data: bytes) -> None:
-        number = len(upload["parts"]) + 1
+    async def _upload_part(
+        self, key: str, upload: dict[str, Any], number: int, data: bytes
+    ) -> None:
         done = await self._call(
             self.client.upload_part,
             Bucket=self.bucket,
