@@ -153,3 +153,44 @@ async def test_unconfigured_replica_refused(tmp_path: Path) -> None:
     node = Node(make_config(tmp_path, **env))
     with pytest.raises(ConfigError, match=r"ha\.replica_backend"):
         node.build()
+
+
+@pytest.mark.slow
+async def test_s3_failing_mid_upload(tmp_path: Path, aiohttp_client: Any) -> None:
+    """S3 dies while a body streams: a JSON 503, no metadata row, no visible object."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **s3server.CREDS)
+    s3.create_bucket(Bucket="primary")
+    env = {
+        "CALLFS_BACKEND__DEFAULT_BACKEND": "s3",
+        "CALLFS_BACKEND__S3_BUCKET_NAME": "primary",
+        "CALLFS_BACKEND__S3_ENDPOINT": endpoint,
+        "CALLFS_BACKEND__S3_ACCESS_KEY": "testing",
+        "CALLFS_BACKEND__S3_SECRET_KEY": "testing",
+    }
+    node = Node(make_config(tmp_path, **env))
+    node.build()
+    await node.start_components()
+    try:
+        client = await aiohttp_client(node.app)
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(40):
+                if i == 12:  # after the first part went up
+                    await asyncio.to_thread(server.stop)
+                yield b"p" * (1 << 20)
+
+        resp = await client.put("/v1/files/dies.bin", data=body(), headers=auth())
+        assert resp.status in (502, 503)
+        assert (await resp.json())["code"] in ("UNAVAILABLE", "PEER_UNAVAILABLE")
+        assert (await client.get("/v1/files/dies.bin", headers=auth())).status == 404
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        listing = s3.list_objects_v2(Bucket="primary")
+        assert "Contents" not in listing  # no visible partial object
+    finally:
+        await node.stop()
+        server.stop()
