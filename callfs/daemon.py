@@ -220,6 +220,8 @@ class Node:
             links=LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics),
             peers=self.peers,
             alt_svc=alt_svc(cfg),
+            read_timeout=cfg.server.read_timeout,
+            write_timeout=cfg.server.write_timeout,
         )
         self.app = build_app(state)
         return self.app

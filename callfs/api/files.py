@@ -63,9 +63,18 @@ def item_headers(entry: Entry) -> dict[str, str]:
 
 
 async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, never whole; ``PayloadTooLarge`` past ``limit``."""
+    """The request body as it arrives, never whole; ``PayloadTooLarge`` past ``limit``;
+    ``BadRequest`` when the client stalls longer than ``server.read_timeout`` (§2)."""
     total = 0
-    async for chunk in request.content.iter_any():
+    stall = api_state(request).read_timeout
+    while True:
+        try:
+            async with asyncio.timeout(stall):
+                chunk = await request.content.readany()
+        except TimeoutError as exc:
+            raise BadRequest("timed out reading the request body") from exc
+        if not chunk:
+            return
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge()
@@ -132,8 +141,16 @@ async def send_stream(
                 return sresp
             except NotImplementedError:
                 pass  # a loop without sendfile (uvloop): stream it instead
+        stall = api_state(request).write_timeout
         async for chunk in stream:
-            await sresp.write(chunk)
+            try:
+                async with asyncio.timeout(stall):
+                    await sresp.write(chunk)
+            except TimeoutError:
+                # §2: a client that stops reading longer than write_timeout is cut off
+                if request.transport is not None:
+                    request.transport.close()
+                return sresp
         await sresp.write_eof()
         return sresp
     finally:

@@ -29,6 +29,9 @@ class ApiState:
     h3_socket: str | None = None
     #: ``Alt-Svc`` value advertised on TCP responses when QUIC is on.
     alt_svc: str | None = None
+    #: §2: the longest stall allowed while reading a body / writing a response (not a total limit).
+    read_timeout: float = 30.0
+    write_timeout: float = 30.0
     #: §15: link generation 100/s burst 1, downloads 10/s burst 5, per client IP, per node.
     link_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(100.0, 1))
     download_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(10.0, 5))

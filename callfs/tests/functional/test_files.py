@@ -447,3 +447,31 @@ async def test_patch_overwrite_and_create_parents(client: Client) -> None:
     resp = await patch(client, "d2", {"destination": "/full", "overwrite": True})
     assert resp.status == 409
     assert (await resp.json())["code"] == "DIRECTORY_NOT_EMPTY"
+
+
+@pytest.mark.parametrize("config_env", [{"CALLFS_SERVER__READ_TIMEOUT": "400ms"}])
+async def test_body_stall_is_bounded_by_read_timeout(client: Client, node: Node) -> None:
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"PUT /v1/files/stalled.bin HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + auth()["Authorization"][7:].encode() + b"\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b"s" * 1000
+    )
+    await writer.drain()
+    started = asyncio.get_running_loop().time()
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    assert asyncio.get_running_loop().time() - started < 5
+    assert head.startswith(b"HTTP/1.1 400")
+    writer.close()
+    assert (await client.get("/v1/files/stalled.bin", headers=auth())).status == 404
+    assert not [p for p in files_root(node).rglob("*") if p.is_file()]
+
+    # a slow but steady upload is fine: the timeout bounds stalls, not the transfer
+    async def slow() -> AsyncIterator[bytes]:
+        for _ in range(6):
+            await asyncio.sleep(0.2)
+            yield b"t" * 1000
+
+    resp = await client.put("/v1/files/slow.bin", data=slow(), headers=auth())
+    assert resp.status == 201
