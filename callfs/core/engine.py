@@ -444,15 +444,7 @@ class Engine:
         if self._replica_for(entry) is None:
             return
         stream = await self.open_file(Identity(INTERNAL_PROXY_USER), entry)
-        try:
-            staged = await replica.stage(path, _iterate(stream))
-        finally:
-            await stream.aclose()
-        try:
-            await staged.publish()
-        except BaseException:
-            await staged.discard()
-            raise
+        await _copy_into(replica, path, stream)
 
     async def _drop_bytes(self, entry: Entry) -> None:
         """Bytes go after the metadata; a failure here is only logged (§9.8)."""
@@ -545,22 +537,13 @@ class Engine:
         source bytes: the source goes only once the destination is durable and committed."""
         old = self.backend(source.backend_type)
         new = self.backend(kind)
-        stream = await old.open_read(source.path)
-        try:
-            staged = await new.stage(dst, _iterate(stream))
-        finally:
-            await stream.aclose()
-        try:
-            await staged.publish()
-        except BaseException:
-            await staged.discard()
-            raise
+        staged_size = await _copy_into(new, dst, await old.open_read(source.path))
         moved = replace(
             source,
             path=dst,
             backend_type=BackendType(kind),
             instance_id=self._instance_for(kind),
-            size=staged.size,
+            size=staged_size,
         )
         if dst == source.path:
             await self.meta.update(moved, source.version)
@@ -571,6 +554,21 @@ class Engine:
             await old.delete(source.path)
         except (CallFSError, OSError):
             log.warning("could not remove the source bytes after a backend move", exc_info=True)
+
+
+async def _copy_into(backend: StorageBackend, path: str, stream: ByteStream) -> int:
+    """Stream ``stream`` into ``backend`` at ``path`` and publish it; returns the size written.
+    The stream is closed, and the staged object discarded if publishing fails."""
+    try:
+        staged = await backend.stage(path, _iterate(stream))
+    finally:
+        await stream.aclose()
+    try:
+        await staged.publish()
+    except BaseException:
+        await staged.discard()
+        raise
+    return staged.size
 
 
 async def _iterate(stream: ByteStream) -> AsyncIterable[bytes]:
