@@ -140,6 +140,8 @@ trap 'exit 130' INT TERM
 echo "== CallFS (loop: $LOOP)"
 start_callfs bench
 echo "CallFS event loop in the server process: $(cat "$OUT/callfs_loop.txt")"
+[ "$LOOP" = uvloop ] && [ "$(cat "$OUT/callfs_loop.txt")" != uvloop ] \
+  && echo "warning: LOOP=uvloop asked for, but the server ignored CALLFS_LOOP and runs asyncio" >&2
 NAME=callfs BASE=$BASE AUTH="Bearer $KEY" SEED=1 GET_PREFIX=/v1/files/bench/fx/ \
   PUT_PREFIX=/v1/files/bench/put/ SERVER_PIDS=$SRV_PID bash "$SHARED/run_http.sh"
 echo "callfs $(( $(kib VmHWM) / 1024 ))" >> "$OUT/peak_rss_bench_mib.txt"
