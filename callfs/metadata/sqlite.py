@@ -26,6 +26,7 @@ import msgpack
 from callfs.errors import (
     AlreadyExists,
     CallFSError,
+    InternalError,
     NotFound,
     PermissionDenied,
     Unavailable,
@@ -95,6 +96,8 @@ _ENTRY_COLUMNS = (
 _MAX_BATCH = 256
 _READERS = 4
 _INLINE_BUSY_MS = 20
+#: Constraint failures that mean "a row with this key exists" (AlreadyExists, 409).
+_KEY_CLASHES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
 
 def _entry(row: Sequence[Any]) -> Entry:
@@ -155,6 +158,25 @@ class _WriteOp:
         self.loop = loop
 
 
+def _op_error(exc: Exception) -> CallFSError:
+    """What the caller of one failed write op gets: never a driver exception."""
+    if isinstance(exc, CallFSError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError) and exc.sqlite_errorname in _KEY_CLASHES:
+        err: CallFSError = AlreadyExists()
+    elif isinstance(exc, sqlite3.IntegrityError):
+        log.error("sqlite write broke a constraint: %s", exc)
+        err = InternalError("metadata store write failed")
+    elif isinstance(exc, sqlite3.Error):
+        log.error("sqlite write failed: %s", exc)
+        err = Unavailable("metadata store write failed")
+    else:
+        log.error("sqlite write op raised", exc_info=exc)
+        err = InternalError("metadata store write failed")
+    err.__cause__ = exc
+    return err
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # the waiter was cancelled (a timeout): nothing to deliver
         return
@@ -177,22 +199,29 @@ class SqliteMetadataStore:
         #: the page cache costs ~20 us, far less than a thread hop (bench/README.md). It never waits
         #: for a lock longer than _INLINE_BUSY_MS; on any error the read goes to a reader thread.
         self._inline: sqlite3.Connection | None = None
+        #: False once close() began: later writes fail at once instead of queueing behind the stop.
+        self._accepting = True
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.to_thread(self._prepare_blocking)
+        writer_conn, inline = await asyncio.to_thread(self._prepare_blocking)
+        self._inline = inline
+        self._accepting = True
         self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="callfs-sqlite-r")
-        self._inline = _connect(self.path)
-        self._inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
         self._writer = threading.Thread(
-            target=self._writer_loop, name="callfs-sqlite-w", daemon=True
+            target=self._writer_loop, args=(writer_conn,), name="callfs-sqlite-w", daemon=True
         )
         self._writer.start()
 
-    def _prepare_blocking(self) -> None:
+    def _prepare_blocking(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        """Create the directory, migrate, ensure the root; return the writer and inline
+        connections (opened here so that an unusable file fails start(), not the first write)."""
         parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        conn = _connect(self.path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            conn = _connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("metadata store could not be opened") from exc
         try:
             applied = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, ddl in enumerate(MIGRATIONS[applied:], start=applied + 1):
@@ -208,30 +237,31 @@ class SqliteMetadataStore:
                 " VALUES ('/', 'directory', 0, ?, 0, 'localfs', NULL, 1, 0, 0, '/', '')",
                 (ROOT_OWNER,),
             )
+            inline = _connect(self.path)
+            inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
         except sqlite3.Error as exc:
-            raise Unavailable("metadata store could not be opened") from exc
-        finally:
             conn.close()
+            raise Unavailable("metadata store could not be opened") from exc
+        return conn, inline
 
     async def close(self) -> None:
+        self._accepting = False
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join, 30)
             self._writer = None
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            await asyncio.to_thread(self._readers.shutdown, True)
             self._readers = None
         with self._conns_lock:
-            for conn in self._reader_conns:
-                conn.close()
+            conns = [*self._reader_conns, *([self._inline] if self._inline else [])]
             self._reader_conns.clear()
-        if self._inline is not None:
-            self._inline.close()
             self._inline = None
+        for conn in conns:
+            conn.close()
 
     # ---- plumbing --------------------------------------------------------------------------
-    def _writer_loop(self) -> None:
-        conn = _connect(self.path)
+    def _writer_loop(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
                 first = self._queue.get()
@@ -250,6 +280,19 @@ class SqliteMetadataStore:
                 self._apply_batch(conn, batch)
         finally:
             conn.close()
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Writes queued behind the stop marker (a write racing close()) fail instead of hanging."""
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if op is not None:
+                stopped = Unavailable("metadata store is not running")
+                with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                    op.loop.call_soon_threadsafe(_resolve, op.future, None, stopped)
 
     @staticmethod
     def _apply_batch(conn: sqlite3.Connection, batch: list[_WriteOp]) -> None:
@@ -260,10 +303,13 @@ class SqliteMetadataStore:
                 conn.execute("SAVEPOINT op")
                 try:
                     result = op.fn(conn)
-                except CallFSError as exc:
+                except Exception as exc:
+                    # Every op failure goes to its own caller. Undo only this op; the others in the
+                    # batch still commit. If the savepoint itself cannot be rolled back, the
+                    # connection is broken: the outer handler fails the whole batch.
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    outcomes.append((None, exc))
+                    outcomes.append((None, _op_error(exc)))
                     continue
                 conn.execute("RELEASE op")
                 outcomes.append((result, None))
@@ -275,10 +321,11 @@ class SqliteMetadataStore:
             failure = Unavailable("metadata store write failed")
             outcomes = [(None, failure) for _ in batch]
         for op, (result, error) in zip(batch, outcomes, strict=True):
-            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None:
+        if self._writer is None or not self._accepting:
             raise Unavailable("metadata store is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()

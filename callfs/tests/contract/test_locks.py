@@ -93,3 +93,15 @@ async def test_no_growth_after_many_keys() -> None:
         async with manager.hold(f"file:/k{i}", 1):
             pass
     assert len(manager) == 0
+    # Contended keys, timed-out and cancelled waiters leave nothing behind either.
+    for i in range(50):
+        async with manager.hold(f"dir:/c{i}", 1):
+            waiters = [asyncio.create_task(_take(manager, f"dir:/c{i}")) for _ in range(3)]
+            await asyncio.sleep(0)
+            waiters[0].cancel()
+            with pytest.raises(LockTimeout):
+                async with manager.hold(f"dir:/c{i}", 0.001):
+                    pass
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError) and results[1:] == [None, None]
+    assert len(manager) == 0 and manager.held == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,15 +91,19 @@ async def test_create_get_round_trip(store: MetadataStore) -> None:
         created_at=4,
         erasure_coded=True,
     )
-    await store.create(f)
+    assert await store.create(f) == f
     got = await store.get("/dir/é x%_.txt")
-    assert got is not None
+    assert got == f
     assert (got.size, got.backend_type, got.instance_id, got.erasure_coded) == (
         12345678901,
         BackendType.ERASURE,
         "node-9",
         True,
     )
+    # The store sets version 1 whatever the caller passed.
+    assert (await store.create(replace(entry("/v"), version=7))).version == 1
+    got_v = await store.get("/v")
+    assert got_v is not None and got_v.version == 1
     assert await store.get("/missing") is None
 
 
@@ -205,17 +212,21 @@ async def test_delete_tree(store: MetadataStore) -> None:
 async def test_move_tree(store: MetadataStore) -> None:
     await tree(store, "/src/a/1.txt", "/src/b.txt", "/srcx/keep.txt", "/dst/")
     before = await store.get("/src/a/1.txt")
+    before_root = await store.get("/src")
     await store.move_tree("/src", "/dst/moved")
     assert await store.get("/src") is None
     assert await store.get("/src/a/1.txt") is None
+    assert await store.get("/src/a") is None
     moved = await store.get("/dst/moved/a/1.txt")
+    moved_root = await store.get("/dst/moved")
     assert moved is not None and before is not None
-    assert (moved.owner, moved.size, moved.instance_id, moved.mtime) == (
-        before.owner,
-        before.size,
-        before.instance_id,
-        before.mtime,
-    )
+    assert moved_root is not None and before_root is not None
+    # Every field but the path stays; the version is bumped (a conditional write on the old
+    # version must not apply to the moved entry).
+    assert moved.version > before.version and moved_root.version > before_root.version
+    assert replace(moved, version=before.version) == replace(before, path="/dst/moved/a/1.txt")
+    assert moved_root.is_dir and moved_root.owner == before_root.owner
+    assert [e.path for e in await store.list_children("/dst/moved/a")] == ["/dst/moved/a/1.txt"]
     assert [e.name for e in await store.list_children("/dst/moved")] == ["b.txt", "a"]
     assert [e.path for e in await store.list_children("/dst")] == ["/dst/moved"]
     assert await store.get("/srcx/keep.txt") is not None
@@ -321,3 +332,92 @@ async def test_replication_queue(store_handle: StoreHandle) -> None:
     assert [p for _, p, _ in rest] == ["/f2", "/f3", "/f4"]
     await store.ack_replication([i for i, _, _ in rest])
     assert await store.replication_backlog() == 0
+
+
+# ---- SQLite only: group commit, start-up and shutdown behaviour ---------------------------------
+
+
+async def test_sqlite_group_commit(tmp_path: Path) -> None:
+    """Concurrent writes share transactions (one fsync for many), and one op's failure inside a
+    shared transaction reaches only its own caller."""
+    import sqlite3
+
+    from callfs.errors import InternalError, Unavailable
+    from callfs.metadata.sqlite import SqliteMetadataStore
+
+    store = SqliteMetadataStore(str(tmp_path / "nested" / "dir" / "meta.sqlite3"))
+    batches: list[int] = []
+    apply = store._apply_batch
+
+    def counting(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        batches.append(len(batch))
+        apply(conn, batch)
+
+    store._apply_batch = counting  # type: ignore[method-assign]
+    await store.start()
+    try:
+        assert (tmp_path / "nested" / "dir" / "meta.sqlite3").exists()
+        await asyncio.gather(*(store.create(entry(f"/g{i}")) for i in range(200)))
+        assert sum(batches) == 200
+        assert len(batches) < 100, batches
+        assert len(await store.list_children("/")) == 200
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO entries (path) VALUES ('/half')")  # NOT NULL violations
+            conn.execute("SELECT * FROM no_such_table")
+
+        def disk_error(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO links (token, path, status, expires_at, created_at,"
+                " signature) VALUES ('t', '/p', 'active', 1, 1, 's')"
+            )
+            raise sqlite3.OperationalError("disk I/O error")
+
+        batches.clear()
+        results = await asyncio.gather(
+            store.create(entry("/before")),
+            store._write(broken),
+            store._write(disk_error),
+            store.create(entry("/g1")),
+            store.create(entry("/after")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], Entry) and isinstance(results[4], Entry)
+        assert isinstance(results[1], InternalError)  # a NOT NULL bug is no 409
+        assert isinstance(results[2], Unavailable)
+        assert isinstance(results[3], AlreadyExists)
+        assert not any(isinstance(r, sqlite3.Error) for r in results)
+        assert await store.get("/before") is not None and await store.get("/after") is not None
+        assert await store.get_link("t") is None  # the failed op's own change was undone
+    finally:
+        await store.close()
+
+
+async def test_sqlite_closed_and_unopenable(tmp_path: Path) -> None:
+    from callfs.errors import Unavailable
+    from callfs.metadata.sqlite import SqliteMetadataStore
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(Unavailable):
+        await SqliteMetadataStore(str(blocker / "meta.sqlite3")).start()
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"this is not an sqlite database" * 100)
+    with pytest.raises(Unavailable):
+        await SqliteMetadataStore(str(garbage)).start()
+
+    store = SqliteMetadataStore(str(tmp_path / "ok.sqlite3"))
+    await store.start()
+    pending = [asyncio.ensure_future(store.create(entry(f"/c{i}"))) for i in range(20)]
+    await asyncio.sleep(0)
+    await store.close()
+    # Writes queued before close() are applied; writes after it fail at once, never hang.
+    assert all(isinstance(r, Entry) for r in await asyncio.gather(*pending))
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(store.create(entry("/late")), 5)
+    again = SqliteMetadataStore(str(tmp_path / "ok.sqlite3"))
+    await again.start()
+    try:
+        assert len(await again.list_children("/")) == 20
+    finally:
+        await again.close()
