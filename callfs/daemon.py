@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from callfs.api.app import build_app
+from callfs.api.health import metrics_handler
 from callfs.api.state import STATE, ApiState
 from callfs.auth.keys import Authenticator
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config
-from callfs.core.engine import Engine, EngineSettings
-from callfs.core.replication import ReplicationWorker
+from callfs.core.background import Periodic
+from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
+from callfs.core.replication import WorkQueueWorker
 from callfs.errors import CallFSError, ConfigError
-from callfs.links.service import LinkService
+from callfs.jobs.base import WorkQueue
+from callfs.links.service import SWEEP_INTERVAL, LinkService
 from callfs.locks.base import LockManager
 from callfs.locks.instrumented import InstrumentedLockManager
 from callfs.metadata.base import MetadataStore
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 #: SIGTERM/SIGINT stop every listener within this many seconds (§2).
 SHUTDOWN_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 120.0
+#: How often a node looks for unreferenced blobs of its own backends (docs/storage-layout.md).
+ORPHAN_SWEEP_INTERVAL = 600.0
 
 
 def split_listen_addr(addr: str) -> tuple[str | None, int]:
@@ -78,6 +83,29 @@ def make_metadata_store(cfg: Config) -> MetadataStore:
             op_timeout=cfg.server.metadata_op_timeout,
         )
     raise ConfigError(f"metadata_store.type {ms.type!r} is not available in this version")
+
+
+def make_work_queue(store: MetadataStore) -> WorkQueue:
+    """The WorkQueue lives in the same database as the namespace (its own tables or keys)."""
+    from callfs.metadata.sqlite import SqliteMetadataStore
+
+    if isinstance(store, SqliteMetadataStore):
+        from callfs.jobs.sqlite import SqliteWorkQueue
+
+        return SqliteWorkQueue(store)
+    from callfs.metadata.postgres import PostgresMetadataStore
+
+    if isinstance(store, PostgresMetadataStore):
+        from callfs.jobs.postgres import PostgresWorkQueue
+
+        return PostgresWorkQueue(store)
+    from callfs.metadata.redis import RedisMetadataStore
+
+    if isinstance(store, RedisMetadataStore):
+        from callfs.jobs.redis import RedisWorkQueue
+
+        return RedisWorkQueue(store)
+    raise ConfigError(f"no work queue for a {type(store).__name__}")
 
 
 def make_lock_manager(cfg: Config) -> LockManager:
@@ -167,6 +195,8 @@ class Node:
     engine: Engine | None = None
     app: web.Application | None = None
     peers: PeerClient | None = None
+    queue: WorkQueue | None = None
+    links: LinkService | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
@@ -175,9 +205,9 @@ class Node:
     def build(self) -> web.Application:
         """Construct every component (no I/O) and return the main application."""
         cfg = self.cfg
-        self.meta = GuardedMetadataStore(
-            make_metadata_store(cfg), cfg.server.metadata_op_timeout, self.metrics
-        )
+        inner = make_metadata_store(cfg)
+        self.meta = GuardedMetadataStore(inner, cfg.server.metadata_op_timeout, self.metrics)
+        self.queue = make_work_queue(inner)
         self.locks = InstrumentedLockManager(make_lock_manager(cfg), self.metrics)
         if cfg.ha.replication_enabled and not backend_configured(cfg, cfg.ha.replica_backend):
             raise ConfigError(
@@ -206,8 +236,15 @@ class Node:
             ssl_context=peer_ssl_context(cfg),
         )
         self.engine = Engine(
-            self.meta, self.locks, self.backends, settings, peers=self.peers, metrics=self.metrics
+            self.meta,
+            self.locks,
+            self.backends,
+            settings,
+            peers=self.peers,
+            metrics=self.metrics,
+            queue=self.queue,
         )
+        self.links = LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics)
         state = ApiState(
             engine=self.engine,
             auth=Authenticator(
@@ -217,7 +254,7 @@ class Node:
             instance_id=cfg.instance_discovery.instance_id,
             external_url=cfg.server.external_url,
             metrics=self.metrics,
-            links=LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics),
+            links=self.links,
             peers=self.peers,
             alt_svc=alt_svc(cfg),
             read_timeout=cfg.server.read_timeout,
@@ -232,10 +269,26 @@ class Node:
             self.build()
         assert self.meta is not None and self.locks is not None
         assert self.peers is not None
-        components: list[Lifecycle] = [self.meta, self.locks, *self.backends.values(), self.peers]
-        if self.cfg.ha.replication_enabled and not self.cfg.ha.require_replica_success:
-            assert self.engine is not None
-            components.append(ReplicationWorker(self.engine, self.metrics))
+        assert self.engine is not None and self.links is not None and self.queue is not None
+        engine = self.engine
+        components: list[Lifecycle] = [
+            self.meta,
+            self.queue,
+            self.locks,
+            *self.backends.values(),
+            self.peers,
+            # Background work belongs to the node, not to the HTTP app.
+            WorkQueueWorker(
+                engine, self.queue, self.cfg.instance_discovery.instance_id, self.metrics
+            ),
+            Periodic("link-sweep", SWEEP_INTERVAL, self.links.sweep),
+            Periodic(
+                "orphan-sweep",
+                ORPHAN_SWEEP_INTERVAL,
+                lambda: engine.sweep_orphans(ORPHAN_GRACE),
+                first_delay=60.0,
+            ),
+        ]
         for component in components:
             await component.start()
             self._started.append(component)
@@ -259,7 +312,7 @@ class Node:
             await self._start_http3(main)
         if cfg.metrics.listen_addr:
             metrics_app = web.Application()
-            metrics_app.router.add_get("/metrics", self._metrics_handler, allow_head=False)
+            metrics_app.router.add_get("/metrics", metrics_handler(self.metrics), allow_head=False)
             runner = web.AppRunner(metrics_app, access_log=None)
             await runner.setup()
             self._runners.append(runner)
@@ -282,13 +335,6 @@ class Node:
             qhost or "::", qport, cfg.server.cert_file, cfg.server.key_file, socket_path
         )
         await self._http3.start()
-
-    async def _metrics_handler(self, request: web.Request) -> web.StreamResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return web.Response(
-            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
 
     async def stop(self) -> None:
         if self._http3 is not None:
@@ -325,24 +371,25 @@ async def serve(cfg: Config, on_ready: Callable[[], None] | None = None) -> None
         await node.stop()
 
 
+def log_secrets(cfg: Config) -> list[str]:
+    """Every configured secret the log redaction filter must hide (``run`` passes these on)."""
+    auth = cfg.auth
+    return [
+        *auth.api_keys,
+        *auth.api_key_users.values(),
+        auth.internal_proxy_secret,
+        auth.single_use_link_secret,
+        cfg.backend.s3_secret_key,
+        cfg.metadata_store.redis_password,
+        cfg.dlm.redis_password,
+    ]
+
+
 def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; the process exit code (1 when start-up fails)."""
     from callfs.log import configure_logging
 
-    auth = cfg.auth
-    configure_logging(
-        cfg.log.level,
-        cfg.log.format,
-        secrets=[
-            *auth.api_keys,
-            *auth.api_key_users.values(),
-            auth.internal_proxy_secret,
-            auth.single_use_link_secret,
-            cfg.backend.s3_secret_key,
-            cfg.metadata_store.redis_password,
-            cfg.dlm.redis_password,
-        ],
-    )
+    configure_logging(cfg.log.level, cfg.log.format, secrets=log_secrets(cfg))
     try:
         asyncio.run(serve(cfg, on_ready))
     except (CallFSError, OSError) as exc:

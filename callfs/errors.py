@@ -2,11 +2,13 @@
 
     CallFSError
     ├── BadRequest            400 BAD_REQUEST
+    │   └── ParentMissing         (a move's destination parent does not exist)
     ├── AuthenticationFailed  401 AUTHENTICATION_FAILED
     ├── PermissionDenied      403 PERMISSION_DENIED
     ├── NotFound              404 FILE_NOT_FOUND
     ├── LinkNotFound          404 LINK_NOT_FOUND
     ├── AlreadyExists         409 FILE_ALREADY_EXISTS
+    │   └── ParentNotDirectory    (a parent path is a file)
     ├── DirectoryNotEmpty     409 DIRECTORY_NOT_EMPTY
     ├── LinkExpired           410 LINK_EXPIRED
     ├── LinkAlreadyUsed       410 LINK_ALREADY_USED
@@ -44,6 +46,10 @@ class BadRequest(CallFSError):
     default_message = "bad request"
 
 
+class ParentMissing(BadRequest):
+    default_message = "destination parent does not exist"
+
+
 class AuthenticationFailed(CallFSError):
     default_message = "authentication failed"
 
@@ -62,6 +68,10 @@ class LinkNotFound(CallFSError):
 
 class AlreadyExists(CallFSError):
     default_message = "file already exists"
+
+
+class ParentNotDirectory(AlreadyExists):
+    default_message = "a parent path is a file"
 
 
 class DirectoryNotEmpty(CallFSError):

@@ -55,6 +55,10 @@ class Entry:
     version: int = 1
     created_at: int = 0
     erasure_coded: bool = False
+    #: The placement record's blob key: where this version's bytes live in ``backend_type`` on
+    #: ``instance_id``. Immutable bytes: a new version always names a new key. None for
+    #: directories (they have no bytes).
+    blob_key: str | None = None
 
     @property
     def name(self) -> str:
@@ -71,6 +75,26 @@ class Entry:
     @property
     def mode(self) -> str:
         return DIR_MODE if self.is_dir else FILE_MODE
+
+
+@dataclass(frozen=True, slots=True)
+class NewParents:
+    """How a create or move makes missing ancestors: directories with these fields."""
+
+    owner: str
+    mtime: int
+    backend_type: BackendType
+    instance_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a file's bytes live: the part of an entry a backend move switches."""
+
+    backend_type: BackendType
+    instance_id: str | None
+    blob_key: str
+    size: int
 
 
 class LinkStatus(enum.StrEnum):

@@ -1,126 +1,76 @@
 """Store outages (issue 4): with PostgreSQL or Redis restarted under load, requests get 503
 UNAVAILABLE with Retry-After within the op timeout (never a hang, never a 500), /health stays 200,
-and the node recovers without a restart. These restart the machine's real servers."""
+and the node recovers without a restart.
+
+Each test starts its own private PostgreSQL or Redis (own port, own data directory, see
+``callfs.tests.services``) and stops only that one; the machine's shared servers are untouched."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from callfs.tests.services import PrivatePostgres, PrivateRedis, private_postgres, private_redis
 from cluster_tests.harness import API_KEY, ClusterNode, free_ports, node_config
 
 pytestmark = pytest.mark.slow
 H = {"Authorization": f"Bearer {API_KEY}"}
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
 
 
-def pg_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    return [version, "main"]
-
-
-def pg_ctl(action: str) -> None:
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", *pg_cluster(), action], check=True
-    )
-
-
-def redis_stop() -> None:
-    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False)
-
-
-def redis_start() -> None:
-    os.makedirs("/var/lib/redis", exist_ok=True)
-    os.makedirs("/var/log/redis", exist_ok=True)
-    subprocess.run(REDIS_START, check=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if subprocess.run(["redis-cli", "ping"], capture_output=True).stdout.strip() == b"PONG":
-            return
-        time.sleep(0.1)
-    raise AssertionError("redis did not come back")
-
-
-def wait_pg() -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("postgres did not come back")
+@dataclass
+class Outage:
+    node: ClusterNode
+    kind: str
+    store: PrivatePostgres | PrivateRedis
 
 
 @pytest.fixture
-def outage_node(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[tuple[ClusterNode, str]]:
+def outage_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Outage]:
     kind = request.param
-    (port,) = free_ports(1)
-    if kind == "postgres":
-        db = f"callfs_outage_{uuid.uuid4().hex[:10]}"
-        subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f'CREATE DATABASE "{db}"'],
-            check=True,
-            capture_output=True,
-        )
-        meta = {"type": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:5432/{db}"}
-        dlm: dict[str, Any] = {"type": "local"}
-    else:
-        meta = {
-            "type": "redis",
-            "redis_addr": "127.0.0.1:6379",
-            "redis_key_prefix": f"callfs-outage-{uuid.uuid4().hex[:10]}:",
-        }
-        dlm = {"type": "redis", "redis_addr": "127.0.0.1:6379"}
-    cfg = node_config("solo", port, tmp_path, {"solo": f"http://127.0.0.1:{port}"}, meta, dlm)
-    cfg["server"]["metadata_op_timeout"] = "2s"
-    cfg["dlm"]["lock_timeout"] = "2s"
-    node = ClusterNode("solo", port, tmp_path, cfg)
-    node.start()
-    try:
-        yield node, kind
-    finally:
-        node.stop()
+    with contextlib.ExitStack() as stack:
+        store: PrivatePostgres | PrivateRedis
         if kind == "postgres":
-            wait_pg()
+            store = stack.enter_context(private_postgres(tmp_path / "store"))
+            meta: dict[str, Any] = {"type": "postgres", "dsn": store.dsn}
+            dlm: dict[str, Any] = {"type": "local"}
         else:
-            redis_start()
-        print(node.logs())
+            store = stack.enter_context(private_redis(tmp_path / "store"))
+            meta = {
+                "type": "redis",
+                "redis_addr": store.addr,
+                "redis_key_prefix": f"callfs-outage-{uuid.uuid4().hex[:10]}:",
+            }
+            dlm = {"type": "redis", "redis_addr": store.addr}
+        (port,) = free_ports(1)
+        cfg = node_config("solo", port, tmp_path, {"solo": f"http://127.0.0.1:{port}"}, meta, dlm)
+        cfg["server"]["metadata_op_timeout"] = "2s"
+        cfg["dlm"]["lock_timeout"] = "2s"
+        node = ClusterNode("solo", port, tmp_path, cfg)
+        try:
+            node.start()
+            yield Outage(node, kind, store)
+        finally:
+            node.stop()  # before the store: the ExitStack then stops and removes the store
+            print(node.logs())
+            print(store.logs())
 
 
 @pytest.mark.parametrize("outage_node", ["postgres", "redis"], indirect=True)
-async def test_outage_gives_503_then_recovers(outage_node: tuple[ClusterNode, str]) -> None:
-    node, kind = outage_node
+async def test_outage_gives_503_then_recovers(outage_node: Outage) -> None:
+    node, kind, store = outage_node.node, outage_node.kind, outage_node.store
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
         async with s.put(f"{node.base}/v1/files/before.txt", data=b"x", headers=H) as r:
             assert r.status == 201
-        await asyncio.to_thread(pg_ctl if kind == "postgres" else (lambda _: redis_stop()), "stop")
+        await asyncio.to_thread(store.stop)  # only our private server goes down
         try:
             statuses = []
             for i in range(6):
@@ -137,11 +87,7 @@ async def test_outage_gives_503_then_recovers(outage_node: tuple[ClusterNode, st
                 async with s.get(f"{node.base}/health") as r:
                     assert r.status == 200
         finally:
-            if kind == "postgres":
-                await asyncio.to_thread(pg_ctl, "start")
-                await asyncio.to_thread(wait_pg)
-            else:
-                await asyncio.to_thread(redis_start)
+            await asyncio.to_thread(store.start)  # same port and data directory, waits for it
         # recovers by itself, without restarting the node
         deadline = time.monotonic() + 30
         recovered = False

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from callfs.api.errors import dumps, json_response
-from callfs.api.proxy import forward
+from callfs.api.proxy import BODY_READ, forward
 from callfs.api.ranges import parse_range
 from callfs.api.state import api_state, identity
 from callfs.core.engine import MoveRequest
@@ -160,15 +160,19 @@ async def send_stream(
 async def head_file(request: web.Request) -> web.StreamResponse:
     path = request_path(request)
     state = api_state(request)
+    # Answered from metadata on the receiving node (§22): the owner node need not be up.
     entry = await state.engine.stat(identity(request), path)
-    if entry.instance_id is not None and entry.instance_id != state.instance_id:
-        raise RemoteOwner(entry.path, entry.instance_id, entry.is_dir, entry.backend_type)
     headers = item_headers(entry)
     if entry.is_dir:
         content_type = "application/json"
+        _, children = await state.engine.list_directory(
+            identity(request), path, recursive=False, max_depth=0
+        )
+        headers["Content-Length"] = str(len(dumps([entry_json(c) for c in children]).encode()))
     else:
         content_type = OCTET
         headers["Accept-Ranges"] = "bytes"
+        headers["Content-Length"] = str(entry.size)
     if entry.instance_id is not None:
         headers["X-CallFS-Instance-ID"] = entry.instance_id
     headers["Content-Type"] = content_type
@@ -236,6 +240,7 @@ async def read_json_object(request: web.Request, limit: int, message: str) -> di
         data += chunk
         if len(data) > limit:
             raise BadRequest(message)
+    request[BODY_READ] = bytes(data)  # if the item lives elsewhere, the proxy forwards these
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

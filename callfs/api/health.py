@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from callfs.metrics import Metrics
 
 _BODY = b'{"status":"ok"}'
 
@@ -13,16 +17,18 @@ async def health(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def metrics(request: web.Request) -> web.StreamResponse:
-    """``GET /metrics`` on the main port (bearer auth by the pipeline, §9.2)."""
-    from prometheus_client import CONTENT_TYPE_LATEST
+def metrics_handler(metrics: Metrics) -> Handler:
+    """The one ``/metrics`` handler: on the main port (bearer auth by the pipeline, §9.2) and on
+    the optional ``metrics.listen_addr`` listener."""
 
-    from callfs.api.state import api_state
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
-    body = api_state(request).metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return serve
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, metrics: Metrics) -> None:
     app.router.add_get("/health", health, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
+    app.router.add_get("/metrics", metrics_handler(metrics), allow_head=False)

@@ -18,7 +18,9 @@ from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_REQUEST_HEADERS = ("Content-Type", "Content-Length", "Range", "If-Range")
+_FORWARDED_REQUEST_HEADERS = ("Content-Type", "Range", "If-Range")
+#: A body the receiving node already read (a PATCH's JSON) is kept here and forwarded as is.
+BODY_READ = web.RequestKey("callfs_body_read", bytes)
 _RELAYED_RESPONSE_HEADERS = (
     "Content-Type",
     "Content-Length",
@@ -41,9 +43,13 @@ async def forward(peers: PeerClient, request: web.Request, instance_id: str) -> 
     for name in _FORWARDED_REQUEST_HEADERS:
         if name in request.headers:
             headers[name] = request.headers[name]
-    body: AsyncIterator[bytes] | None = None
-    if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
+    body: AsyncIterator[bytes] | bytes | None = None
+    if BODY_READ in request:
+        body = request[BODY_READ]  # consumed here already: send exactly those bytes
+    elif request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
         body = request.content.iter_any()
+        if "Content-Length" in request.headers:
+            headers["Content-Length"] = request.headers["Content-Length"]
     url = base + request.rel_url.raw_path_qs
     try:
         upstream = await peers.session.request(

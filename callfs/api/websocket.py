@@ -57,7 +57,7 @@ async def transfer(request: web.Request) -> web.StreamResponse:
     state = api_state(request)
     identity(request)
     if mode == "upload":
-        existing = await state.engine.meta.get(path.path)
+        existing = await state.engine.find(path.path)
         if existing is not None and existing.is_dir:
             raise BadRequest("target path is a directory")
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, autoclose=False)
@@ -129,7 +129,7 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
             else:  # CLOSING / CLOSED: the peer went away without a proper close
                 raise UploadAborted(WSCloseCode.ABNORMAL_CLOSURE, "connection lost")
 
-    existed = (await state.engine.meta.get(path)) is not None
+    existed = (await state.engine.find(path)) is not None
     try:
         entry, _ = await state.engine.put_file(
             identity(request), request_path(request, WS_PREFIX), frames()

@@ -1,9 +1,18 @@
 """The engine: every namespace use case, independent of HTTP.
 
 Handlers parse, call one method here, render. The engine authorizes (§5), decides conflicts, streams
-bytes to a backend, and commits metadata under the path lock (§14): bytes are staged (durable, not
-yet visible) before the lock is taken, so a slow upload never holds a lock; under the lock the bytes
-are published and the metadata committed, and only then is the write acknowledged.
+bytes to a backend, and commits metadata. The write path (ARCHITECTURE.md "Data paths"):
+
+1. the body streams into a staged object and is made durable under a NEW blob key of its own (the
+   bytes of the version readers see are never touched); a slow upload holds no lock;
+2. ONE conditional metadata command switches the entry's placement record to that key
+   (create-if-absent with parents, replace-if-version, move with overwrite...): the store decides
+   races atomically; locks only keep writers of one path from retrying against each other;
+3. only after the commit is the write acknowledged, and the replaced version's blob reclaimed.
+
+A command that is definitely refused leaves readers on the old version and its new blob is removed
+at once; an ambiguous failure (a timeout: "maybe applied") leaves the blob to the orphan sweep
+(``sweep_orphans``), which only removes blobs no entry names after a grace period.
 """
 
 from __future__ import annotations
@@ -11,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from callfs.auth.policy import check_delete, check_read, check_write, may_delete
+from callfs.auth.policy import check_delete, check_read, check_write
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
@@ -23,22 +33,54 @@ from callfs.errors import (
     DirectoryNotEmpty,
     InternalError,
     NotFound,
+    ParentMissing,
     PermissionDenied,
     RemoteOwner,
     Unavailable,
+    VersionConflict,
 )
+from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity, parent_of
+from callfs.model import BackendType, Entry, EntryType, Identity, NewParents, Placement
 from callfs.paths import CanonicalPath
-from callfs.storage.base import ByteStream, StagedObject, StorageBackend
+from callfs.storage.base import (
+    REPLICA_PREFIX,
+    ByteStream,
+    StagedObject,
+    StorageBackend,
+    new_blob_key,
+)
 from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-#: Deep enough for any tree the path limits allow (4096 bytes -> at most 2048 segments).
-_WHOLE_TREE = 4096
+#: Re-decisions after a lost race (``VersionConflict``) before answering 503.
+_RACE_RETRIES = 8
+#: Opens retried when a concurrent replace reclaimed the blob between stat and open.
+_OPEN_RETRIES = 3
+#: Orphan blobs younger than this are never swept (a write between publish and commit).
+ORPHAN_GRACE = 3600.0
+#: Work kinds of the WorkQueue (HA replication, §13).
+REPLICA_PUT = "replica-put"
+REPLICA_DELETE = "replica-delete"
+#: Refusals after which a new blob is certainly unreferenced (no "maybe applied").
+_DEFINITE = (
+    AlreadyExists,
+    BadRequest,
+    DirectoryNotEmpty,
+    NotFound,
+    PermissionDenied,
+    RemoteOwner,
+    VersionConflict,
+)
+
+
+def replica_key(blob_key: str) -> str:
+    """Where the replica backend keeps its copy of a blob (apart from the blobs it owns)."""
+    return REPLICA_PREFIX + blob_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +90,7 @@ class EngineSettings:
     lock_timeout: float = 30.0
     file_op_timeout: float = 10.0
     known_instances: frozenset[str] = frozenset()
-    #: HA replication (§13): the backend that receives a copy of every regular file change.
+    #: HA replication (§13): the backend that receives a copy of every regular file version.
     replica_backend: str | None = None
     require_replica_success: bool = False
 
@@ -62,12 +104,6 @@ class MoveRequest:
     create_parents: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class OpenedFile:
-    entry: Entry
-    stream: ByteStream
-
-
 class Engine:
     def __init__(
         self,
@@ -78,14 +114,16 @@ class Engine:
         clock: Callable[[], float] = time.time,
         peers: PeerClient | None = None,
         metrics: Metrics | None = None,
+        queue: WorkQueue | None = None,
     ) -> None:
         self.peers = peers
         self._metrics = metrics
-        #: Called after a change is queued for the replica (wakes the replication worker).
-        self.on_replication_queued: Callable[[], None] | None = None
-        self.meta = meta
-        self.locks = locks
-        self.backends = dict(backends)
+        self._queue = queue
+        #: Called after work is queued (wakes the work queue's worker).
+        self.on_work_queued: Callable[[], None] | None = None
+        self._meta = meta
+        self._locks = locks
+        self._backends = dict(backends)
         self.settings = settings
         self._clock = clock
 
@@ -100,7 +138,7 @@ class Engine:
 
     def backend(self, kind: str) -> StorageBackend:
         """The configured backend of ``kind``; a disabled backend is a server-side problem (500)."""
-        found = self.backends.get(kind)
+        found = self._backends.get(kind)
         if found is None:
             log.error("backend %r is needed but not configured", kind)
             raise InternalError()
@@ -113,82 +151,33 @@ class Engine:
         """localfs items belong to this node; S3 items to no node (any node serves them)."""
         return self.settings.instance_id if kind == BackendType.LOCALFS else None
 
-    def _is_remote(self, entry: Entry) -> bool:
+    def is_remote(self, entry: Entry) -> bool:
+        """True when another node holds the item's bytes (the API layer routes it there)."""
         return entry.instance_id is not None and entry.instance_id != self.settings.instance_id
 
     def _route(self, entry: Entry) -> None:
         """Raise ``RemoteOwner`` when another node holds the item's bytes."""
-        if self._is_remote(entry):
+        if self.is_remote(entry):
             assert entry.instance_id is not None
             raise RemoteOwner(entry.path, entry.instance_id, entry.is_dir, entry.backend_type)
 
-    def _lock(self, kind: str, path: str) -> AbstractAsyncContextManager[None]:
-        return self.locks.hold(f"{kind}:{path}", self.settings.lock_timeout)
+    def _lock(self, path: str) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(f"file:{path}", self.settings.lock_timeout)
+
+    def _parents(self, owner: str, kind: str) -> NewParents:
+        return NewParents(owner, self._now(), BackendType(kind), self._instance_for(kind))
 
     async def _lookup(self, path: str) -> tuple[Entry | None, Entry | None]:
         """The target and its immediate parent, fetched concurrently."""
         if path == "/":
-            return await self.meta.get("/"), None
-        target, parent = await asyncio.gather(self.meta.get(path), self.meta.get(parent_of(path)))
+            return await self._meta.get("/"), None
+        parent_path = path.rsplit("/", 1)[0] or "/"
+        target, parent = await asyncio.gather(self._meta.get(path), self._meta.get(parent_path))
         return target, parent
-
-    async def _ensure_parents(
-        self, owner: str, path: str, parent: Entry | None, kind: str | None = None
-    ) -> None:
-        """Make every missing ancestor of ``path`` a directory owned by ``owner`` (§9.5).
-
-        Every stored entry's parent exists, so an existing immediate parent means nothing to do.
-        Raises ``AlreadyExists`` when an ancestor is a file."""
-        if parent is not None:
-            if not parent.is_dir:
-                raise AlreadyExists("a parent path is a file")
-            return
-        missing: list[str] = []
-        cursor = parent_of(path)
-        while cursor != "/":
-            found = await self.meta.get(cursor)
-            if found is not None:
-                if not found.is_dir:
-                    raise AlreadyExists("a parent path is a file")
-                break
-            missing.append(cursor)
-            cursor = parent_of(cursor)
-        for ancestor in reversed(missing):
-            await self._make_dir(owner, ancestor, kind or self._default_kind())
-
-    async def _make_dir(self, owner: str, path: str, kind: str) -> bool:
-        """Create one directory whose parent exists. False if it already was a directory."""
-        backend = self.backend(kind)
-        async with self._lock("dir", path):
-            existing = await self.meta.get(path)
-            if existing is not None:
-                if existing.is_dir:
-                    return False
-                raise AlreadyExists("path exists as file, cannot create directory")
-            await backend.mkdir(path)
-            now = self._now()
-            entry = Entry(
-                path=path,
-                type=EntryType.DIRECTORY,
-                size=0,
-                owner=owner,
-                mtime=now,
-                backend_type=BackendType(kind),
-                instance_id=self._instance_for(kind),
-                created_at=now,
-            )
-            try:
-                await self.meta.create(entry)
-            except AlreadyExists:
-                again = await self.meta.get(path)
-                if again is not None and again.is_dir:
-                    return False
-                raise
-            return True
 
     def _create_conflict(self, existing: Entry, want_dir: bool) -> CallFSError | None:
         """The §9.5 answer when something already exists at a create's path (None: 200 mkdir)."""
-        if self._is_remote(existing):
+        if self.is_remote(existing):
             assert existing.instance_id is not None
             return RemoteOwner(
                 existing.path, existing.instance_id, existing.is_dir, existing.backend_type
@@ -201,42 +190,71 @@ class Engine:
             return AlreadyExists("path exists as directory, cannot create file")
         return AlreadyExists("file already exists, use PUT to update")
 
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Decide again on fresh reads when a conditional command lost a race."""
+        for _ in range(_RACE_RETRIES):
+            try:
+                return await attempt()
+            except VersionConflict:
+                await asyncio.sleep(0)
+        raise Unavailable("the item kept changing; try again")
+
     # ---- reads ---------------------------------------------------------------------------
+    async def find(self, path: str) -> Entry | None:
+        """The entry at an engine path, or None (reads need no permission beyond existence)."""
+        return await self._meta.get(path)
+
     async def stat(self, who: Identity, path: CanonicalPath) -> Entry:
-        entry = check_read(who, await self.meta.get(path.path))
-        return entry
+        return check_read(who, await self._meta.get(path.path))
 
     async def open_file(
         self, who: Identity, entry: Entry, offset: int = 0, length: int | None = None
     ) -> ByteStream:
-        """Open the bytes of a file entry already looked up (and read-authorized) by ``stat``."""
+        """Open the bytes of a file entry already looked up (and read-authorized) by ``stat``.
+
+        A concurrent replace may reclaim the blob ``entry`` names between the lookup and the
+        open: the entry is then looked up again and its current version opened."""
         del who  # read access was decided by stat(); kept for symmetry with the write paths
         if entry.is_dir:
             raise BadRequest("path is a directory")
         self._count("read", entry.backend_type.value)
+        for _ in range(_OPEN_RETRIES):
+            try:
+                return await self._open(entry, offset, length)
+            except NotFound:
+                fresh = await self._meta.get(entry.path)
+                if fresh is None or fresh.is_dir or fresh.blob_key == entry.blob_key:
+                    raise
+                entry = fresh
+        return await self._open(entry, offset, length)
+
+    async def _open(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
         try:
             async with asyncio.timeout(self.settings.file_op_timeout):
-                if self._is_remote(entry) and self.peers is not None:
+                if self.is_remote(entry) and self.peers is not None:
                     assert entry.instance_id is not None
                     return await self.peers.open_read(entry.instance_id, entry.path, offset, length)
                 self._route(entry)
+                if entry.blob_key is None:
+                    raise NotFound()
                 if length is None:
                     # The record's size is the truth: reading exactly that much also lets a backend
                     # answer small files inline.
                     length = max(entry.size - offset, 0)
-                return await self.backend(entry.backend_type).open_read(entry.path, offset, length)
+                backend = self.backend(entry.backend_type)
+                return await backend.open_read(entry.blob_key, offset, length)
         except TimeoutError as exc:
             raise Unavailable("timed out opening the file") from exc
 
     async def list_directory(
         self, who: Identity, path: CanonicalPath, recursive: bool, max_depth: int
     ) -> tuple[Entry, list[Entry]]:
-        entry = check_read(who, await self.meta.get(path.path))
+        entry = check_read(who, await self._meta.get(path.path))
         if not entry.is_dir:
             raise BadRequest("path is not a directory")
         if recursive and max_depth > 0:
-            return entry, await self.meta.list_tree(entry.path, max_depth)
-        return entry, await self.meta.list_children(entry.path)
+            return entry, await self._meta.list_tree(entry.path, max_depth)
+        return entry, await self._meta.list_children(entry.path)
 
     # ---- creates and writes --------------------------------------------------------------
     async def make_directory(self, who: Identity, path: CanonicalPath) -> bool:
@@ -249,8 +267,67 @@ class Engine:
                 raise conflict
             return False
         kind = self._default_kind()
-        await self._ensure_parents(who.user_id, path.path, parent, kind)
-        return await self._make_dir(who.user_id, path.path, kind)
+        now = self._now()
+        entry = Entry(
+            path=path.path,
+            type=EntryType.DIRECTORY,
+            size=0,
+            owner=who.user_id,
+            mtime=now,
+            backend_type=BackendType(kind),
+            instance_id=self._instance_for(kind),
+            created_at=now,
+        )
+        try:
+            await self._meta.create(entry, self._parents(who.user_id, kind))
+        except AlreadyExists as exc:
+            again = await self._meta.get(path.path)
+            if again is None:
+                raise
+            conflict = self._create_conflict(again, want_dir=True)
+            if conflict is not None:
+                raise conflict from exc
+            return False
+        return True
+
+    def _file_entry(self, owner: str, path: str, kind: str, staged: StagedObject) -> Entry:
+        now = self._now()
+        return Entry(
+            path=path,
+            type=EntryType.FILE,
+            size=staged.size,
+            owner=owner,
+            mtime=now,
+            backend_type=BackendType(kind),
+            instance_id=self._instance_for(kind),
+            created_at=now,
+            blob_key=staged.key,
+        )
+
+    async def _stage(self, kind: str, chunks: AsyncIterable[bytes]) -> StagedObject:
+        """Stream the body into a durable blob under a new key (not yet named by any entry)."""
+        staged = await self.backend(kind).stage(new_blob_key(), chunks)
+        try:
+            await staged.publish()
+        except BaseException:
+            await staged.discard()
+            raise
+        return staged
+
+    async def _commit(self, kind: str, blob_key: str, command: Awaitable[T]) -> T:
+        """Run the conditional command that makes an entry name the new blob ``blob_key``.
+
+        Refused for sure: the blob is removed now. Ambiguous (timeout, store trouble, cancel):
+        the command may have applied, so the blob stays until the orphan sweep finds it
+        unreferenced."""
+        try:
+            return await command
+        except _DEFINITE:
+            await self._drop_blob(kind, blob_key)
+            raise
+        except BaseException:
+            log.warning("a metadata commit failed ambiguously; the orphan sweep will decide")
+            raise
 
     async def create_file(
         self, who: Identity, path: CanonicalPath, chunks: AsyncIterable[bytes]
@@ -265,34 +342,20 @@ class Engine:
         if parent is not None and not parent.is_dir:
             raise AlreadyExists("a parent path is a file")
         kind = self._default_kind()
-        staged = await self.backend(kind).stage(path.path, chunks)
+        staged = await self._stage(kind, chunks)
+        entry = self._file_entry(who.user_id, path.path, kind, staged)
         try:
-            await self._ensure_parents(who.user_id, path.path, parent, kind)
-            async with self._lock("file", path.path):
-                existing = await self.meta.get(path.path)
-                if existing is not None:
-                    conflict = self._create_conflict(existing, want_dir=False)
-                    assert conflict is not None
-                    raise conflict
-                return await self._publish_new(who.user_id, path.path, kind, staged)
-        except BaseException:
-            await staged.discard()
+            async with self._lock(path.path):
+                stored = await self._commit(
+                    kind, staged.key, self._meta.create(entry, self._parents(who.user_id, kind))
+                )
+        except AlreadyExists as exc:
+            existing = await self._meta.get(path.path)
+            if existing is not None and exc.message == AlreadyExists.default_message:
+                conflict = self._create_conflict(existing, want_dir=False)
+                assert conflict is not None
+                raise conflict from exc
             raise
-
-    async def _publish_new(self, owner: str, path: str, kind: str, staged: StagedObject) -> Entry:
-        await staged.publish()
-        now = self._now()
-        entry = Entry(
-            path=path,
-            type=EntryType.FILE,
-            size=staged.size,
-            owner=owner,
-            mtime=now,
-            backend_type=BackendType(kind),
-            instance_id=self._instance_for(kind),
-            created_at=now,
-        )
-        stored = await self.meta.create(entry)
         self._count("create", kind)
         await self._replicate(stored)
         return stored
@@ -314,84 +377,101 @@ class Engine:
             if parent is not None and not parent.is_dir:
                 raise AlreadyExists("a parent path is a file")
             kind = self._default_kind()
-        staged = await self.backend(kind).stage(path.path, chunks)
-        try:
-            if target is None:
-                await self._ensure_parents(who.user_id, path.path, parent, kind)
-            async with self._lock("file", path.path):
-                current = await self.meta.get(path.path)
-                if current is None:
-                    return await self._publish_new(who.user_id, path.path, kind, staged), True
-                if current.is_dir:
-                    raise BadRequest("path is a directory")
-                check_write(who, current, None)
-                await staged.publish()
-                # Normally the same node and backend. If another node (or backend) created the file
-                # while our body streamed, last writer wins: this node takes the file over, and the
-                # record switches atomically to the bytes just published here.
-                updated = replace(
-                    current,
-                    size=staged.size,
-                    mtime=self._now(),
-                    backend_type=BackendType(kind),
-                    instance_id=self._instance_for(kind),
-                )
-                stored = await self.meta.update(updated, current.version)
-                self._count("update", kind)
-                await self._replicate(stored)
-                if current.backend_type.value != kind and not self._is_remote(current):
-                    await self._drop_bytes(current)
-                elif self._is_remote(current):
-                    log.warning(
-                        "took over a file created concurrently on node %s; its old "
-                        "bytes there are unreferenced",
-                        current.instance_id,
-                    )
-                return stored, False
-        except BaseException:
-            await staged.discard()
-            raise
+        staged = await self._stage(kind, chunks)
+        new = self._file_entry(who.user_id, path.path, kind, staged)
+
+        async def attempt() -> tuple[Entry, Entry | None]:
+            current = await self._meta.get(path.path)
+            if current is None:
+                try:
+                    return await self._meta.create(new, self._parents(who.user_id, kind)), None
+                except AlreadyExists as exc:
+                    if exc.message != AlreadyExists.default_message:
+                        raise  # a parent is a file
+                    raise VersionConflict() from exc  # created meanwhile: decide again
+            if current.is_dir:
+                raise BadRequest("path is a directory")
+            check_write(who, current, None)
+            # Normally the same node and backend. If another node (or backend) created the file
+            # while our body streamed, last writer wins: this node takes the file over, and the
+            # record switches atomically to the bytes just published here.
+            updated = replace(new, owner=current.owner, created_at=current.created_at)
+            return await self._meta.update(updated, current.version), current
+
+        async with self._lock(path.path):
+            stored, replaced = await self._commit(kind, staged.key, self._retrying(attempt))
+        self._count("create" if replaced is None else "update", kind)
+        await self._replicate(stored)
+        if replaced is not None:
+            await self._reclaim(replaced)
+        return stored, replaced is None
 
     # ---- delete --------------------------------------------------------------------------
     async def delete(self, who: Identity, path: CanonicalPath, recursive: bool) -> None:
-        target = check_delete(who, await self.meta.get(path.path))
-        self._route(target)
-        if not target.is_dir:
-            async with self._lock("file", target.path):
-                current = await self.meta.get(target.path)
-                if current is None:
-                    raise NotFound()
-                await self.meta.delete(current.path)
-            self._count("delete", current.backend_type.value)
-            await self._drop_bytes(current)
-            await self._replicate_delete(current)
-            return
-        if recursive:
-            await self._delete_tree(who, target)
-            return
-        async with self._lock("dir", target.path):
-            if await self.meta.has_children(target.path):
-                raise DirectoryNotEmpty()
+        async def attempt() -> list[Entry]:
+            target = check_delete(who, await self._meta.get(path.path))
+            self._route(target)
+            if target.is_dir and recursive:
+                actor = None if who.is_admin else who.user_id
+                return await self._meta.delete_tree(target.path, None, actor)
             if target.path == "/":
-                return  # "/" itself is never removed
-            await self.meta.delete(target.path)
-        await self._drop_bytes(target)
+                if await self._meta.has_children("/"):
+                    raise DirectoryNotEmpty()
+                return []  # "/" itself is never removed
+            return [await self._meta.delete(target.path, target.version)]
 
-    async def _delete_tree(self, who: Identity, top: Entry) -> None:
-        async with self._lock("dir", top.path):
-            below = await self.meta.list_tree(top.path, _WHOLE_TREE)
-            if not all(may_delete(who, e) for e in below):
-                raise PermissionDenied()
-            for entry in below:
-                if self._is_remote(entry):
-                    # Bytes on another node: removing only our metadata would orphan them.
-                    raise BadRequest("directory holds items owned by another node")
-            removed = await self.meta.delete_tree(top.path)
-            if top.path != "/":
-                await self.meta.delete(top.path)
-                removed.append(top)
+        async with self._lock(path.path):
+            removed = await self._retrying(attempt)
         for entry in removed:  # deepest first
-            await self._drop_bytes(entry)
+            if not entry.is_dir:
+                self._count("delete", entry.backend_type.value)
+            await self._reclaim(entry)
+
+    # ---- reclaiming bytes ----------------------------------------------------------------
+    async def _reclaim(self, entry: Entry) -> None:
+        """After a commit stopped naming ``entry``'s blob: remove it (and its replica copy).
+        Another node's blob is left to that node's orphan sweep; a failure is only logged (§9.8)
+        and the sweep retries it."""
+        if entry.is_dir or entry.blob_key is None:
+            return
+        await self._replicate_delete(entry)
+        if self.is_remote(entry):
+            log.info(
+                "a blob on node %s is now unreferenced; its sweep reclaims it", entry.instance_id
+            )
+            return
+        await self._drop_blob(entry.backend_type.value, entry.blob_key)
+
+    async def _drop_blob(self, kind: str, blob_key: str) -> None:
+        backend = self._backends.get(kind)
+        if backend is None:
+            return
+        try:
+            await backend.delete(blob_key)
+        except NotFound:
+            pass
+        except (CallFSError, OSError):
+            log.warning("could not remove an unreferenced blob; the orphan sweep retries it")
+
+    async def sweep_orphans(self, grace: float = ORPHAN_GRACE) -> int:
+        """Remove blobs of this node's backends that no entry names and that are older than
+        ``grace`` (a crash between publish and commit, an ambiguous commit, a failed reclaim, a
+        blob of this node unreferenced by a change made elsewhere); plus stale staged uploads.
+        Returns how many blobs were removed."""
+        removed = 0
+        for kind, backend in self._backends.items():
+            await backend.sweep_temp(grace)
+            candidates = await backend.list_blobs(grace)
+            for start in range(0, len(candidates), 500):
+                batch = candidates[start : start + 500]
+                live = await self._meta.blobs_referenced(batch)
+                for key in batch:
+                    if key not in live:
+                        await self._drop_blob(kind, key)
+                        removed += 1
+        if removed:
+            log.info("orphan sweep removed %d unreferenced blobs", removed)
+        return removed
 
     # ---- HA replication (§13) ----------------------------------------------------------
     def _replica_for(self, entry: Entry) -> StorageBackend | None:
@@ -407,61 +487,111 @@ class Engine:
         log.error("replica %s failed; the primary change stands", what)
         raise InternalError()
 
-    async def _replicate(self, entry: Entry) -> None:
-        """After a create or update: copy now (``require_replica_success``) or queue the change
-        durably for the replication worker."""
-        await self._replica_change(entry, "put")
+    async def _enqueue(self, kind: str, key: str, arg: str) -> None:
+        if self._queue is None:
+            log.error("replication is on but the node has no work queue")
+            raise InternalError()
+        await self._queue.enqueue(kind, key, arg, self._clock())
+        if self.on_work_queued is not None:
+            self.on_work_queued()
 
-    async def _replicate_delete(self, entry: Entry) -> None:
-        await self._replica_change(entry, "delete")
-
-    async def _replica_change(self, entry: Entry, op: str) -> None:
-        if self._replica_for(entry) is None:
+    async def _replicate(self, stored: Entry) -> None:
+        """After a create or update: copy the new version now (``require_replica_success``) or
+        queue the copy durably for the worker. The replaced version's copy goes in ``_reclaim``."""
+        if self._replica_for(stored) is None or stored.blob_key is None:
             return
         if not self.settings.require_replica_success:
-            await self.meta.enqueue_replication(entry.path, op, self._clock())
-            if self.on_replication_queued is not None:
-                self.on_replication_queued()
+            arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
+            await self._enqueue(REPLICA_PUT, stored.blob_key, arg)
             return
         try:
-            await self.replicate_now(entry.path)
+            await self._copy_to_replica(stored.blob_key, stored)
         except (CallFSError, OSError):
-            await self._replica_failed(op)
+            await self._replica_failed("put")
 
-    async def replicate_now(self, path: str) -> None:
-        """Make the replica match the primary for ``path`` now: copy the current file (whole,
-        re-read from wherever it lives), or delete the replica copy when the file is gone.
-        Idempotent, so a change applied twice, or by another node, is harmless."""
-        entry = await self.meta.get(path)
+    async def _replicate_delete(self, entry: Entry) -> None:
+        if self._replica_for(entry) is None or entry.blob_key is None:
+            return
+        if not self.settings.require_replica_success:
+            await self._enqueue(REPLICA_DELETE, entry.blob_key, "")
+            return
+        try:
+            await self._delete_replica(entry.blob_key)
+        except (CallFSError, OSError):
+            await self._replica_failed("delete")
+
+    async def _copy_to_replica(self, blob_key: str, source: Entry) -> None:
+        replica = self._replica_for(source)
+        if replica is None:
+            return
+        stream = await self._open(source, 0, None)
+        await _copy_into(replica, replica_key(blob_key), stream)
+
+    async def _delete_replica(self, blob_key: str) -> None:
         kind = self.settings.replica_backend
-        if not kind:
-            return
-        replica = self.backend(kind)
-        if entry is None or entry.is_dir:
+        if kind:
             with suppress(NotFound):
-                await replica.delete(path)
-            return
-        if self._replica_for(entry) is None:
-            return
-        stream = await self.open_file(Identity(INTERNAL_PROXY_USER), entry)
-        await _copy_into(replica, path, stream)
+                await self.backend(kind).delete(replica_key(blob_key))
 
-    async def _drop_bytes(self, entry: Entry) -> None:
-        """Bytes go after the metadata; a failure here is only logged (§9.8)."""
-        backend = self.backends.get(entry.backend_type)
-        if backend is None:
+    async def apply_work(self, item: WorkItem) -> None:
+        """Carry out one WorkQueue item. Idempotent: blobs are immutable, so a copy made twice
+        is the same copy, and a blob already gone needs no copy."""
+        if item.kind == REPLICA_DELETE:
+            await self._delete_replica(item.key)
             return
-        try:
-            await backend.delete(entry.path)
-        except NotFound:
-            pass
-        except (CallFSError, OSError):
-            log.warning("could not remove the bytes of a deleted item", exc_info=True)
+        if item.kind != REPLICA_PUT:
+            log.warning("unknown work item kind %r dropped", item.kind)
+            return
+        kind, instance, path = item.arg.split("\t", 2)
+        source = await self._meta.get(path)
+        if source is None or source.blob_key != item.key:
+            # Renamed, replaced or deleted since: copy the blob while it still exists here.
+            if instance and instance != self.settings.instance_id:
+                return  # another node's blob, no longer reachable by path: nothing to copy
+            source = Entry(
+                path=path,
+                type=EntryType.FILE,
+                size=0,
+                owner="",
+                mtime=0,
+                backend_type=BackendType(kind),
+                instance_id=instance or None,
+                blob_key=item.key,
+            )
+            try:
+                stream = await self.backend(kind).open_read(item.key)
+            except NotFound:
+                return  # reclaimed already: its delete item removes any copy
+            replica = self._replica_for(source)
+            if replica is not None:
+                await _copy_into(replica, replica_key(item.key), stream)
+            else:
+                await stream.aclose()
+            return
+        with suppress(NotFound):
+            await self._copy_to_replica(item.key, source)
 
     # ---- move ----------------------------------------------------------------------------
     async def move(self, who: Identity, src: CanonicalPath, req: MoveRequest) -> str:
         """PATCH (§9.7): rename or move a file or directory tree; returns the new engine path."""
-        source = check_delete(who, await self.meta.get(src.path))
+        dst = req.destination.path
+        keys = sorted({src.path, dst})  # one global order: no lock-order deadlock
+        async with AsyncExitStack() as held:
+            for key in keys:
+                await held.enter_async_context(self._lock(key))
+            moved, old, occupant = await self._retrying(lambda: self._move_once(who, src, req))
+        if occupant is not None:
+            await self._reclaim(occupant)
+        if moved.blob_key != old.blob_key:
+            await self._reclaim(old)
+            await self._replicate(moved)
+        self._count("rename", moved.backend_type.value)
+        return dst
+
+    async def _move_once(
+        self, who: Identity, src: CanonicalPath, req: MoveRequest
+    ) -> tuple[Entry, Entry, Entry | None]:
+        source = check_delete(who, await self._meta.get(src.path))
         dst = req.destination.path
         dst_entry, dst_parent = await self._lookup(dst)
         check_write(who, dst_entry, dst_parent)
@@ -486,7 +616,7 @@ class Engine:
             raise BadRequest("destination equals source")
         if dst.startswith(src.path + "/"):
             raise BadRequest("cannot move a directory into itself")
-        if dst_parent is None and not req.create_parents:
+        if dst_parent is None and not req.create_parents and dst != src.path:
             raise BadRequest("destination parent does not exist")
         if source.is_dir and (changes_backend or changes_instance):
             raise BadRequest("a directory cannot change backend or instance")
@@ -499,68 +629,61 @@ class Engine:
         if not changes_backend:
             self._route(source)
 
+        dst_expected: int | None = None
         if dst_entry is not None and dst != src.path:
             if not req.overwrite:
                 raise AlreadyExists("destination already exists")
             if dst_entry.is_dir != source.is_dir:
                 raise AlreadyExists("destination exists with another type")
-            if dst_entry.is_dir and await self.meta.has_children(dst):
+            if dst_entry.is_dir and await self._meta.has_children(dst):
                 raise DirectoryNotEmpty()
             check_delete(who, dst_entry)
             self._route(dst_entry)
+            dst_expected = dst_entry.version
 
-        await self._ensure_parents(source.owner, dst, dst_parent, source.backend_type.value)
-        async with AsyncExitStack() as held:
-            for key in sorted({src.path, dst}):  # one global order: no lock-order deadlock
-                await held.enter_async_context(self._lock("file", key))
-            current = await self.meta.get(src.path)
-            if current is None:
-                raise NotFound()
-            occupant = await self.meta.get(dst) if dst != src.path else None
-            if occupant is not None:
-                if not req.overwrite:
-                    raise AlreadyExists("destination already exists")
-                await self.meta.delete(dst)
-                await self._drop_bytes(occupant)
-            if changes_backend:
-                await self._move_across_backends(current, dst, kind)
-            else:
-                backend = self.backend(current.backend_type)
-                if current.backend_type is not BackendType.ERASURE:
-                    await backend.move(current.path, dst)
-                await self.meta.move_tree(current.path, dst)
-            self._count("rename", kind)
-        return dst
-
-    async def _move_across_backends(self, source: Entry, dst: str, kind: str) -> None:
-        """Copy the bytes to the other backend, re-key and switch the metadata, then drop the
-        source bytes: the source goes only once the destination is durable and committed."""
-        old = self.backend(source.backend_type)
-        new = self.backend(kind)
-        staged_size = await _copy_into(new, dst, await old.open_read(source.path))
-        moved = replace(
-            source,
-            path=dst,
-            backend_type=BackendType(kind),
-            instance_id=self._instance_for(kind),
-            size=staged_size,
+        parents = None
+        if req.create_parents:
+            parents = self._parents(source.owner, source.backend_type.value)
+        if not changes_backend:
+            try:
+                moved, occupant = await self._meta.move(
+                    source.path,
+                    dst,
+                    expected_version=source.version,
+                    dst_expected=dst_expected,
+                    parents=parents,
+                )
+            except ParentMissing as exc:
+                raise BadRequest("destination parent does not exist") from exc
+            return moved, source, occupant
+        # Another backend on this node: copy into a new blob there, then switch the placement
+        # record (and the path) in one command; the source bytes go only after that commit.
+        self._route(source)
+        assert source.blob_key is not None
+        stream = await self._open(source, 0, None)
+        staged_key = new_blob_key()
+        size = await _copy_into(self.backend(kind), staged_key, stream)
+        placement = Placement(BackendType(kind), self._instance_for(kind), staged_key, size)
+        moved, occupant = await self._commit(
+            kind,
+            staged_key,
+            self._meta.move(
+                source.path,
+                dst,
+                expected_version=source.version,
+                dst_expected=dst_expected,
+                parents=parents,
+                placement=placement,
+            ),
         )
-        if dst == source.path:
-            await self.meta.update(moved, source.version)
-        else:
-            await self.meta.create(replace(moved, version=1))
-            await self.meta.delete(source.path)
-        try:
-            await old.delete(source.path)
-        except (CallFSError, OSError):
-            log.warning("could not remove the source bytes after a backend move", exc_info=True)
+        return moved, source, occupant
 
 
-async def _copy_into(backend: StorageBackend, path: str, stream: ByteStream) -> int:
-    """Stream ``stream`` into ``backend`` at ``path`` and publish it; returns the size written.
+async def _copy_into(backend: StorageBackend, key: str, stream: ByteStream) -> int:
+    """Stream ``stream`` into ``backend`` under ``key`` and publish it; returns the size written.
     The stream is closed, and the staged object discarded if publishing fails."""
     try:
-        staged = await backend.stage(path, _iterate(stream))
+        staged = await backend.stage(key, _iterate(stream))
     finally:
         await stream.aclose()
     try:

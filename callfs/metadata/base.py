@@ -4,6 +4,10 @@ Every implementation (sqlite, postgres, redis, raft) passes
 ``callfs/tests/contract/test_metadata.py``. All paths are canonical engine paths. Races are decided
 by the store: conditional writes either apply atomically or raise, never half-apply.
 
+Each namespace change is ONE conditional command, decided and applied atomically by the store (the
+decisions are shared: ``metadata/common.py``), so races and crashes are decided by the store, never
+by a sequence of calls held together with locks.
+
 Errors: ``AlreadyExists``, ``NotFound``, ``VersionConflict`` as documented per method; a store that
 cannot be reached raises ``Unavailable`` (never a driver exception).
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from callfs.model import Entry, EntryType, ErasureLayout, Link, parent_of
+from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
 
 class MetadataStore(Protocol):
@@ -24,28 +28,9 @@ class MetadataStore(Protocol):
 
     async def close(self) -> None: ...
 
-    # ---- entries -------------------------------------------------------------------------
+    # ---- reads ---------------------------------------------------------------------------
     async def get(self, path: str) -> Entry | None:
         """The entry at ``path`` or None."""
-        ...
-
-    async def create(self, entry: Entry) -> Entry:
-        """Insert ``entry`` if nothing exists at its path (create-if-absent), with version 1.
-
-        Raises ``AlreadyExists`` if the path exists. Does not check the parent: the engine creates
-        parents first. Returns the stored entry."""
-        ...
-
-    async def update(self, entry: Entry, expected_version: int) -> Entry:
-        """Replace the entry at ``entry.path`` iff its stored version equals ``expected_version``;
-        the stored version becomes ``expected_version + 1``. Raises ``NotFound`` if missing,
-        ``VersionConflict`` if the version differs. Returns the stored entry."""
-        ...
-
-    async def delete(self, path: str, expected_version: int | None = None) -> None:
-        """Delete one entry (children untouched). ``NotFound`` if missing; ``VersionConflict`` if
-        ``expected_version`` is given and differs. The root is never deleted
-        (``PermissionDenied``)."""
         ...
 
     async def list_children(self, path: str) -> list[Entry]:
@@ -60,19 +45,57 @@ class MetadataStore(Protocol):
         0..max_depth; order as ``order_tree`` gives. Done in the store, not N round trips."""
         ...
 
-    async def delete_tree(self, path: str) -> list[Entry]:
-        """Delete every descendant of ``path`` (not ``path`` itself) in one atomic step and return
-        them, deepest first."""
+    async def blobs_referenced(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` some entry names as its blob key (the orphan sweep's question)."""
         ...
 
-    async def move_tree(self, src: str, dst: str) -> None:
-        """Re-key ``src`` and its whole subtree to ``dst`` atomically (one transaction). Every other
-        field stays; versions bump. ``NotFound`` if src is missing; ``AlreadyExists`` if dst
-        exists."""
+    # ---- the conditional commands: each decided and applied atomically (common.plan_*) -----
+    async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
+        """Create-if-absent with version 1. With ``parents``, every missing ancestor is created
+        as a directory in the same atomic step; without, a missing parent raises ``NotFound``.
+        ``AlreadyExists`` if the path exists; ``ParentNotDirectory`` if an ancestor is a file."""
+        ...
+
+    async def update(self, entry: Entry, expected_version: int) -> Entry:
+        """Replace-if-version: the entry at ``entry.path`` must have ``expected_version`` (and the
+        same type); it becomes ``expected_version + 1``. ``NotFound``, ``VersionConflict``."""
+        ...
+
+    async def delete(self, path: str, expected_version: int | None = None) -> Entry:
+        """Delete-if-version of a file or an EMPTY directory; returns the removed entry.
+        ``NotFound``; ``VersionConflict``; ``DirectoryNotEmpty``; the root: ``PermissionDenied``."""
+        ...
+
+    async def delete_tree(
+        self, path: str, expected_version: int | None = None, actor: str | None = None
+    ) -> list[Entry]:
+        """Delete ``path`` and its whole subtree (``/`` itself is kept) iff ``actor`` owns every
+        entry of it as stored at that moment (``actor`` None: an admin, no check); otherwise
+        ``PermissionDenied`` and nothing changes. Returns the removed entries, deepest first."""
+        ...
+
+    async def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expected_version: int,
+        dst_expected: int | None = None,
+        parents: NewParents | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        """Move ``src`` and its subtree to ``dst`` (versions bump), optionally switching the
+        file's placement (``dst == src``: only that). ``dst_expected`` None: ``dst`` must be
+        absent (``AlreadyExists``); a version: ``dst`` must be that version (``VersionConflict``)
+        and is replaced (type mismatch ``AlreadyExists``, non-empty directory
+        ``DirectoryNotEmpty``). Missing destination parents: created from ``parents``, else
+        ``ParentMissing``. Returns the moved entry and the replaced occupant."""
         ...
 
     # ---- single-use links ----------------------------------------------------------------
-    async def create_link(self, link: Link) -> None: ...
+    async def create_link(self, link: Link) -> None:
+        """``AlreadyExists`` if the token exists (never overwritten)."""
+        ...
 
     async def get_link(self, token: str) -> Link | None: ...
 
@@ -96,60 +119,3 @@ class MetadataStore(Protocol):
     async def delete_erasure(self, path: str) -> None:
         """Idempotent."""
         ...
-
-    # ---- HA replication queue (durable; drained by the replication worker) ----------------
-    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
-        """Append a pending replica change (``op`` is ``put`` or ``delete``)."""
-        ...
-
-    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
-        """Up to ``limit`` pending changes, oldest first, as ``(id, path, op)``."""
-        ...
-
-    async def ack_replication(self, ids: Sequence[int]) -> None:
-        """Remove done changes; unknown ids are ignored."""
-        ...
-
-    async def replication_backlog(self) -> int: ...
-
-
-def child_sort_key(entry: Entry) -> tuple[int, bytes]:
-    """Contract order within one directory: files first, then by name in code-point order.
-
-    UTF-8 byte order equals code-point order, so stores may sort by the UTF-8 bytes of the name
-    (SQLite's BINARY collation, PostgreSQL ``COLLATE "C"``)."""
-    return (1 if entry.type is EntryType.DIRECTORY else 0, entry.name.encode("utf-8"))
-
-
-def depth_below(root: str, path: str) -> int:
-    """Depth of ``path`` under ``root``: direct children are 0."""
-    rel = path[len(root) :] if root != "/" else path
-    return rel.count("/") - 1
-
-
-def order_tree(root: str, descendants: Sequence[Entry], max_depth: int) -> list[Entry]:
-    """Arrange descendants of ``root`` in the §9.10 order, keeping depths 0..max_depth.
-
-    Order: the directory's own children (files first, then names), then for each child directory
-    in that order, its subtree listed the same way."""
-    by_parent: dict[str, list[Entry]] = {}
-    for entry in descendants:
-        if depth_below(root, entry.path) <= max_depth:
-            by_parent.setdefault(parent_of(entry.path), []).append(entry)
-    for children in by_parent.values():
-        children.sort(key=child_sort_key)
-    out: list[Entry] = list(by_parent.get(root, []))
-    # Explicit stack (depth can reach 1000, past Python's recursion limit). Each frame is a
-    # directory's children and the index of the next child whose subtree is still to be emitted.
-    frames: list[tuple[list[Entry], int]] = [(out[:], 0)]
-    while frames:
-        children, idx = frames.pop()
-        while idx < len(children) and not children[idx].is_dir:
-            idx += 1
-        if idx >= len(children):
-            continue
-        frames.append((children, idx + 1))
-        sub = by_parent.get(children[idx].path, [])
-        out.extend(sub)
-        frames.append((sub, 0))
-    return out

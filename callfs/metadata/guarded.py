@@ -11,7 +11,7 @@ from typing import TypeVar
 from callfs.errors import Unavailable
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import Entry, ErasureLayout, Link
+from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
 T = TypeVar("T")
 
@@ -45,14 +45,46 @@ class GuardedMetadataStore:
     async def get(self, path: str) -> Entry | None:
         return await self._call("get", self.inner.get(path))
 
-    async def create(self, entry: Entry) -> Entry:
-        return await self._call("create", self.inner.create(entry))
+    async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
+        return await self._call("create", self.inner.create(entry, parents))
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
         return await self._call("update", self.inner.update(entry, expected_version))
 
-    async def delete(self, path: str, expected_version: int | None = None) -> None:
-        await self._call("delete", self.inner.delete(path, expected_version))
+    async def delete(self, path: str, expected_version: int | None = None) -> Entry:
+        return await self._call("delete", self.inner.delete(path, expected_version))
+
+    async def delete_tree(
+        self, path: str, expected_version: int | None = None, actor: str | None = None
+    ) -> list[Entry]:
+        return await self._call(
+            "delete_tree", self.inner.delete_tree(path, expected_version, actor)
+        )
+
+    async def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expected_version: int,
+        dst_expected: int | None = None,
+        parents: NewParents | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        return await self._call(
+            "move",
+            self.inner.move(
+                src,
+                dst,
+                expected_version=expected_version,
+                dst_expected=dst_expected,
+                parents=parents,
+                placement=placement,
+            ),
+        )
+
+    async def blobs_referenced(self, keys: Sequence[str]) -> set[str]:
+        return await self._call("blobs_referenced", self.inner.blobs_referenced(keys))
 
     async def list_children(self, path: str) -> list[Entry]:
         return await self._call("list_children", self.inner.list_children(path))
@@ -62,12 +94,6 @@ class GuardedMetadataStore:
 
     async def list_tree(self, path: str, max_depth: int) -> list[Entry]:
         return await self._call("list_tree", self.inner.list_tree(path, max_depth))
-
-    async def delete_tree(self, path: str) -> list[Entry]:
-        return await self._call("delete_tree", self.inner.delete_tree(path))
-
-    async def move_tree(self, src: str, dst: str) -> None:
-        await self._call("move_tree", self.inner.move_tree(src, dst))
 
     async def create_link(self, link: Link) -> None:
         await self._call("create_link", self.inner.create_link(link))
@@ -89,15 +115,3 @@ class GuardedMetadataStore:
 
     async def delete_erasure(self, path: str) -> None:
         await self._call("delete_erasure", self.inner.delete_erasure(path))
-
-    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
-        await self._call("enqueue_replication", self.inner.enqueue_replication(path, op, queued_at))
-
-    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
-        return await self._call("replication_batch", self.inner.replication_batch(limit))
-
-    async def ack_replication(self, ids: Sequence[int]) -> None:
-        await self._call("ack_replication", self.inner.ack_replication(ids))
-
-    async def replication_backlog(self) -> int:
-        return await self._call("replication_backlog", self.inner.replication_backlog())

@@ -18,24 +18,28 @@ import asyncpg
 from callfs.errors import (
     AlreadyExists,
     CallFSError,
-    NotFound,
-    PermissionDenied,
     Unavailable,
-    VersionConflict,
 )
-from callfs.metadata.base import order_tree
-from callfs.metadata.sqlite import pack_layout, subtree_bounds, unpack_layout
-from callfs.model import (
-    ROOT_OWNER,
-    BackendType,
-    Entry,
-    EntryType,
-    ErasureLayout,
-    Link,
-    LinkStatus,
-    name_of,
-    parent_of,
+from callfs.metadata.common import (
+    ENTRY_COLUMNS,
+    ROOT,
+    Plan,
+    ancestors,
+    create_reads,
+    entry_from_row,
+    entry_to_row,
+    move_reads,
+    order_tree,
+    pack_layout,
+    plan_create,
+    plan_delete,
+    plan_delete_tree,
+    plan_move,
+    plan_update,
+    subtree_bounds,
+    unpack_layout,
 )
+from callfs.model import Entry, ErasureLayout, Link, LinkStatus, NewParents, Placement
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,11 +83,33 @@ MIGRATIONS: tuple[str, ...] = (
         queued_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # Placement records name immutable blobs (see sqlite.py's migration 3).
+    """
+    ALTER TABLE entries ADD COLUMN blob_key TEXT;
+    UPDATE entries SET blob_key = substr(path, 2) WHERE type = 'file';
+    CREATE INDEX entries_blob ON entries (blob_key) WHERE blob_key IS NOT NULL;
+    DROP TABLE replication_queue;
+    CREATE TABLE work_queue (
+        id BIGSERIAL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        arg TEXT NOT NULL,
+        queued_at DOUBLE PRECISION NOT NULL,
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        attempts INT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX work_queue_due ON work_queue (lease_until, id);
+    """,
 )
 _MIGRATION_LOCK = 0x43414C4C46  # "CALLF": serialises migrations of nodes starting together
-_COLUMNS = (
-    "path, type, size, owner, mtime, backend_type, instance_id, version, created_at, erasure_coded"
+_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, 14))
+_UPSERT = ", ".join(
+    f"{c} = excluded.{c}" for c in (*ENTRY_COLUMNS.replace(" ", "").split(","), "parent", "name")
 )
+_SERIAL_RETRIES = 8
+#: First key of the two-key advisory locks that guard paths (the second is the path's hash).
+_PATH_LOCKS = 0x43460001
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
@@ -96,21 +122,6 @@ _UNAVAILABLE = (
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.PostgresConnectionError,
 )
-
-
-def _entry(row: Any) -> Entry:
-    return Entry(
-        path=row["path"],
-        type=EntryType(row["type"]),
-        size=row["size"],
-        owner=row["owner"],
-        mtime=row["mtime"],
-        backend_type=BackendType(row["backend_type"]),
-        instance_id=row["instance_id"],
-        version=row["version"],
-        created_at=row["created_at"],
-        erasure_coded=row["erasure_coded"],
-    )
 
 
 def _link(row: Any) -> Link:
@@ -164,11 +175,17 @@ class PostgresMetadataStore:
                 await conn.execute("INSERT INTO callfs_schema (version) VALUES ($1)", number)
                 log.info("postgres metadata schema migrated to version %d", number)
             await conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}, parent, name) VALUES"
-                " ('/', 'directory', 0, $1, 0, 'localfs', NULL, 1, 0, FALSE, '/', '')"
-                " ON CONFLICT (path) DO NOTHING",
-                ROOT_OWNER,
+                f"INSERT INTO entries ({ENTRY_COLUMNS}, parent, name) VALUES"
+                f" ({_PLACEHOLDERS}) ON CONFLICT (path) DO NOTHING",
+                *entry_to_row(ROOT)[:-2],
+                "/",
+                "",
             )
+
+    async def run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` like every store call (for tables beside the namespace: the
+        WorkQueue)."""
+        return await self._run(fn)
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` on a pooled connection within the op timeout; map outages."""
@@ -191,154 +208,183 @@ class PostgresMetadataStore:
     # ---- entries ---------------------------------------------------------------------------
     async def get(self, path: str) -> Entry | None:
         async def op(conn: Any) -> Entry | None:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM entries WHERE path = $1", path)
-            return _entry(row) if row else None
+            row = await conn.fetchrow(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE path = $1", path)
+            return entry_from_row(row) if row else None
 
         return await self._run(op)
 
-    async def create(self, entry: Entry) -> Entry:
-        async def op(conn: Any) -> Entry:
-            row = await conn.fetchrow(
-                f"INSERT INTO entries ({_COLUMNS}, parent, name)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11)"
-                f" ON CONFLICT (path) DO NOTHING RETURNING {_COLUMNS}",
-                entry.path,
-                entry.type.value,
-                entry.size,
-                entry.owner,
-                entry.mtime,
-                entry.backend_type.value,
-                entry.instance_id,
-                entry.created_at,
-                entry.erasure_coded,
-                parent_of(entry.path),
-                name_of(entry.path),
+    @staticmethod
+    async def _get_many(conn: Any, paths: list[str]) -> dict[str, Entry | None]:
+        rows = await conn.fetch(
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ANY($1::text[])", paths
+        )
+        found: dict[str, Entry | None] = dict.fromkeys(paths)
+        for row in rows:
+            found[row[0]] = entry_from_row(row)
+        return found
+
+    @staticmethod
+    async def _has_children(conn: Any, path: str) -> bool:
+        row = await conn.fetchrow(
+            "SELECT 1 FROM entries WHERE parent = $1 AND path != '/' LIMIT 1", path
+        )
+        return row is not None
+
+    @staticmethod
+    async def _apply(conn: Any, plan: Plan) -> None:
+        if plan.deletes:
+            await conn.execute(
+                "DELETE FROM entries WHERE path = ANY($1::text[])", [e.path for e in plan.deletes]
             )
-            if row is None:
-                raise AlreadyExists()
-            return _entry(row)
+        if plan.puts:
+            await conn.executemany(
+                f"INSERT INTO entries ({ENTRY_COLUMNS}, parent, name) VALUES ({_PLACEHOLDERS})"
+                f" ON CONFLICT (path) DO UPDATE SET {_UPSERT}",
+                [entry_to_row(e) for e in plan.puts],
+            )
 
-        return await self._run(op)
+    async def _command(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        exclusive: Sequence[str],
+        shared: Sequence[str] = (),
+    ) -> T:
+        """One conditional command in one transaction. Before reading, it takes transaction-level
+        advisory locks on the paths its decision depends on: exclusive on the paths it changes,
+        shared on every ancestor of those, in one global (sorted) order. Any command that
+        could change the outcome (a create below a tree being deleted takes the tree's top
+        shared, the delete takes it exclusive) therefore waits, and every decision is made on
+        rows that cannot change until the commit. A lost create-if-absent race (unique key) is
+        decided again."""
+        wanted = {p: "x" for p in exclusive}
+        for p in shared:
+            wanted.setdefault(p, "s")
+
+        async def txn(conn: Any) -> T:
+            for attempt in range(_SERIAL_RETRIES):
+                try:
+                    async with conn.transaction():
+                        for path in sorted(wanted):
+                            lock = "pg_advisory_xact_lock"
+                            if wanted[path] == "s":
+                                lock += "_shared"
+                            await conn.execute(
+                                f"SELECT {lock}($1, hashtext($2))", _PATH_LOCKS, path
+                            )
+                        return await fn(conn)
+                except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
+                    if attempt == _SERIAL_RETRIES - 1:
+                        raise
+                    await asyncio.sleep(0.002 * (attempt + 1))
+            raise AssertionError("unreachable")
+
+        return await self._run(txn)
+
+    async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
+        async def op(conn: Any) -> Entry:
+            known = await self._get_many(conn, create_reads(entry.path))
+            plan, stored = plan_create(entry, parents, known)
+            await self._apply(conn, plan)
+            return stored
+
+        return await self._command(op, [entry.path], ancestors(entry.path))
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
         async def op(conn: Any) -> Entry:
-            row = await conn.fetchrow(
-                "UPDATE entries SET type = $2, size = $3, owner = $4, mtime = $5,"
-                " backend_type = $6, instance_id = $7, version = version + 1, created_at = $8,"
-                f" erasure_coded = $9 WHERE path = $1 AND version = $10 RETURNING {_COLUMNS}",
-                entry.path,
-                entry.type.value,
-                entry.size,
-                entry.owner,
-                entry.mtime,
-                entry.backend_type.value,
-                entry.instance_id,
-                entry.created_at,
-                entry.erasure_coded,
+            current = (await self._get_many(conn, [entry.path]))[entry.path]
+            plan, stored = plan_update(entry, expected_version, current)
+            await self._apply(conn, plan)
+            return stored
+
+        return await self._command(op, [entry.path], ancestors(entry.path))
+
+    async def delete(self, path: str, expected_version: int | None = None) -> Entry:
+        async def op(conn: Any) -> Entry:
+            current = (await self._get_many(conn, [path]))[path]
+            busy = current is not None and current.is_dir and await self._has_children(conn, path)
+            plan, removed = plan_delete(path, expected_version, current, busy)
+            await self._apply(conn, plan)
+            return removed
+
+        return await self._command(op, [path], ancestors(path))
+
+    async def delete_tree(
+        self, path: str, expected_version: int | None = None, actor: str | None = None
+    ) -> list[Entry]:
+        async def op(conn: Any) -> list[Entry]:
+            top = (await self._get_many(conn, [path]))[path]
+            below = await self._descendants(conn, path) if top is not None else []
+            plan, removed = plan_delete_tree(path, expected_version, top, below, actor)
+            await self._apply(conn, plan)
+            return removed
+
+        return await self._command(op, [path], ancestors(path))
+
+    async def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expected_version: int,
+        dst_expected: int | None = None,
+        parents: NewParents | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        async def op(conn: Any) -> tuple[Entry, Entry | None]:
+            known = await self._get_many(conn, move_reads(src, dst))
+            below = await self._descendants(conn, src) if dst != src else []
+            plan, result = plan_move(
+                src,
+                dst,
                 expected_version,
+                dst_expected,
+                parents,
+                placement,
+                known,
+                below,
+                await self._has_children(conn, dst),
             )
-            if row is not None:
-                return _entry(row)
-            exists = await conn.fetchval("SELECT 1 FROM entries WHERE path = $1", entry.path)
-            raise VersionConflict() if exists else NotFound()
+            await self._apply(conn, plan)
+            return result
 
-        return await self._run(op)
-
-    async def delete(self, path: str, expected_version: int | None = None) -> None:
-        if path == "/":
-            raise PermissionDenied("the root is never deleted")
-
-        async def op(conn: Any) -> None:
-            if expected_version is None:
-                done = await conn.fetchval("DELETE FROM entries WHERE path = $1 RETURNING 1", path)
-            else:
-                done = await conn.fetchval(
-                    "DELETE FROM entries WHERE path = $1 AND version = $2 RETURNING 1",
-                    path,
-                    expected_version,
-                )
-            if done:
-                return
-            exists = await conn.fetchval("SELECT 1 FROM entries WHERE path = $1", path)
-            raise VersionConflict() if exists else NotFound()
-
-        await self._run(op)
+        return await self._command(op, [src, dst], [*ancestors(src), *ancestors(dst)])
 
     async def list_children(self, path: str) -> list[Entry]:
         async def op(conn: Any) -> list[Entry]:
             rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM entries WHERE parent = $1 AND path <> '/'"
-                " ORDER BY (type = 'directory'), name",
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = $1 AND path != '/'"
+                " ORDER BY type = 'directory', name",
                 path,
             )
-            return [_entry(r) for r in rows]
+            return [entry_from_row(r) for r in rows]
 
         return await self._run(op)
 
     async def has_children(self, path: str) -> bool:
-        async def op(conn: Any) -> bool:
-            found = await conn.fetchval(
-                "SELECT 1 FROM entries WHERE parent = $1 AND path <> '/' LIMIT 1", path
-            )
-            return bool(found)
-
-        return await self._run(op)
+        return await self._run(lambda conn: self._has_children(conn, path))
 
     @staticmethod
     async def _descendants(conn: Any, path: str) -> list[Entry]:
         lo, hi = subtree_bounds(path)
         rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM entries WHERE path > $1 AND path < $2", lo, hi
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE path > $1 AND path < $2", lo, hi
         )
-        return [_entry(r) for r in rows]
+        return [entry_from_row(r) for r in rows]
 
     async def list_tree(self, path: str, max_depth: int) -> list[Entry]:
-        entries = await self._run(lambda c: self._descendants(c, path))
+        entries = await self._run(lambda conn: self._descendants(conn, path))
         return order_tree(path, entries, max_depth)
 
-    async def delete_tree(self, path: str) -> list[Entry]:
-        async def op(conn: Any) -> list[Entry]:
-            lo, hi = subtree_bounds(path)
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    f"DELETE FROM entries WHERE path > $1 AND path < $2 RETURNING {_COLUMNS}",
-                    lo,
-                    hi,
-                )
-            removed = [_entry(r) for r in rows]
-            removed.sort(key=lambda e: e.path.count("/"), reverse=True)
-            return removed
+    async def blobs_referenced(self, keys: Sequence[str]) -> set[str]:
+        wanted = list(keys)
+
+        async def op(conn: Any) -> set[str]:
+            rows = await conn.fetch(
+                "SELECT blob_key FROM entries WHERE blob_key = ANY($1::text[])", wanted
+            )
+            return {r[0] for r in rows}
 
         return await self._run(op)
-
-    async def move_tree(self, src: str, dst: str) -> None:
-        async def op(conn: Any) -> None:
-            async with conn.transaction():
-                if not await conn.fetchval("SELECT 1 FROM entries WHERE path = $1 FOR UPDATE", src):
-                    raise NotFound()
-                if await conn.fetchval("SELECT 1 FROM entries WHERE path = $1", dst):
-                    raise AlreadyExists()
-                lo, hi = subtree_bounds(src)
-                cut = len(src) + 1
-                await conn.execute(
-                    "UPDATE entries SET path = $1, parent = $2, name = $3, version = version + 1"
-                    " WHERE path = $4",
-                    dst,
-                    parent_of(dst),
-                    name_of(dst),
-                    src,
-                )
-                await conn.execute(
-                    "UPDATE entries SET path = $1 || substr(path, $2),"
-                    " parent = $1 || substr(parent, $2), version = version + 1"
-                    " WHERE path > $3 AND path < $4",
-                    dst,
-                    cut,
-                    lo,
-                    hi,
-                )
-
-        await self._run(op)
 
     # ---- links -----------------------------------------------------------------------------
     async def create_link(self, link: Link) -> None:
@@ -418,38 +464,3 @@ class PostgresMetadataStore:
             await conn.execute("DELETE FROM erasure_layouts WHERE file_path = $1", path)
 
         await self._run(op)
-
-    # ---- HA replication queue --------------------------------------------------------------
-    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
-        async def do(conn: Any) -> None:
-            await conn.execute(
-                "INSERT INTO replication_queue (path, op, queued_at) VALUES ($1, $2, $3)",
-                path,
-                op,
-                queued_at,
-            )
-
-        await self._run(do)
-
-    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
-        async def do(conn: Any) -> list[tuple[int, str, str]]:
-            rows = await conn.fetch(
-                "SELECT id, path, op FROM replication_queue ORDER BY id LIMIT $1", limit
-            )
-            return [(int(r["id"]), r["path"], r["op"]) for r in rows]
-
-        return await self._run(do)
-
-    async def ack_replication(self, ids: Sequence[int]) -> None:
-        done = list(ids)
-
-        async def do(conn: Any) -> None:
-            await conn.execute("DELETE FROM replication_queue WHERE id = ANY($1::bigint[])", done)
-
-        await self._run(do)
-
-    async def replication_backlog(self) -> int:
-        async def do(conn: Any) -> int:
-            return int(await conn.fetchval("SELECT count(*) FROM replication_queue"))
-
-        return await self._run(do)

@@ -2,142 +2,92 @@
 
 Data model (``P`` = ``redis_key_prefix``):
 - ``P e:<path>``: a hash per entry (``t`` type, ``s`` size, ``o`` owner, ``m`` mtime, ``b`` backend,
-  ``i`` owner node, absent for none, ``v`` version, ``c`` created, ``x`` erasure flag);
+  ``i`` owner node, absent for none, ``v`` version, ``c`` created, ``x`` erasure flag, ``k`` blob
+  key: absent for directories, and for files written before blob keys, whose key is their path);
 - ``P c:<dir>``: a sorted set of the directory's children, all with score 0, members ``0<name>`` for
   files and ``1<name>`` for directories: Redis orders equal scores by member bytes, which is exactly
   the contract order (files first, then code-point order), so a listing is one ZRANGE, O(children);
 - ``P l:<token>`` link hashes and the set ``P L`` of all tokens (for the sweep);
-- ``P x:<path>`` erasure layouts as msgpack.
+- ``P x:<path>`` erasure layouts as msgpack;
+- ``P B``: the set of every blob key an entry names (the orphan sweep asks it).
 
-Every multi-key change (create-if-absent + parent set, update-if-version, delete, subtree delete and
-rename, link consume, sweep) is one Lua script, so it is atomic. A recursive listing costs two round
+Every namespace change is one conditional command: WATCH every key its decision reads (entries,
+ancestors, the children sets of a subtree as it is walked), decide with the shared
+``common.plan_*``, then apply the plan in one MULTI/EXEC, which Redis refuses if any watched key
+changed meanwhile (the command is then decided again). Every key a command touches is thus declared
+to Redis. Link create, consume and sweep are Lua scripts. A recursive listing costs two round
 trips per tree level (children sets, then their hashes), never one per entry.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from callfs.errors import (
     AlreadyExists,
-    NotFound,
-    PermissionDenied,
     Unavailable,
-    VersionConflict,
 )
-from callfs.metadata.base import order_tree
-from callfs.metadata.sqlite import pack_layout, unpack_layout
+from callfs.metadata.common import (
+    ROOT,
+    Plan,
+    create_reads,
+    move_reads,
+    order_tree,
+    pack_layout,
+    plan_create,
+    plan_delete,
+    plan_delete_tree,
+    plan_move,
+    plan_update,
+    unpack_layout,
+)
 from callfs.model import (
-    ROOT_OWNER,
     BackendType,
     Entry,
     EntryType,
     ErasureLayout,
     Link,
     LinkStatus,
+    NewParents,
+    Placement,
     name_of,
-    parent_of,
 )
 from callfs.redisconn import open_redis
 
 T = TypeVar("T")
+_WATCH_RETRIES = 50
 
-# KEYS: entry, parent set. ARGV: member, then field/value pairs. 1 created, 0 exists.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-if ARGV[1] ~= '' then redis.call('ZADD', KEYS[2], 0, ARGV[1]) end
-return 1
-"""
-# KEYS: entry. ARGV: expected version, new version, fields... 1 ok, 0 conflict, -1 missing.
-_UPDATE = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return -1 end
-if v ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'i')
-redis.call('HSET', KEYS[1], 'v', ARGV[2], unpack(ARGV, 3))
-return 1
-"""
-# KEYS: entry, parent set. ARGV: member, expected version or ''. 1 ok, 0 conflict, -1 missing.
-_DELETE = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return -1 end
-if ARGV[2] ~= '' and v ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-# Walk a subtree through the children sets. ARGV: prefix, path.
-_WALK = """
-local function child(dir, name)
-  if dir == '/' then return '/' .. name end
-  return dir .. '/' .. name
-end
-local function walk(p, top, visit)
-  local stack = {top}
-  while #stack > 0 do
-    local dir = table.remove(stack)
-    for _, m in ipairs(redis.call('ZRANGE', p .. 'c:' .. dir, 0, -1)) do
-      local path = child(dir, string.sub(m, 2))
-      visit(path)
-      if string.sub(m, 1, 1) == '1' then table.insert(stack, path) end
-    end
-  end
-end
-"""
-# Delete every descendant of ARGV[2] (not the path itself); return [path, fields...] per entry.
-_DELETE_TREE = (
-    _WALK
-    + """
-local p, top = ARGV[1], ARGV[2]
-local out, dirs = {}, {top}
-walk(p, top, function(path)
-  table.insert(out, path)
-  table.insert(out, redis.call('HGETALL', p .. 'e:' .. path))
-  table.insert(dirs, path)
-end)
-for i = 1, #out, 2 do redis.call('DEL', p .. 'e:' .. out[i]) end
-for _, d in ipairs(dirs) do redis.call('DEL', p .. 'c:' .. d) end
+# Read several entry hashes in one round trip (inside a WATCH, where pipelining is not possible).
+_MGETALL = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
 return out
 """
-)
-# Re-key ARGV[2] and its subtree to ARGV[3]. ARGV[4], ARGV[5]: old and new parent sets' members
-# (computed by the caller). -1 src missing, 0 dst exists, 1 ok.
-_MOVE_TREE = (
-    _WALK
-    + """
-local p, src, dst = ARGV[1], ARGV[2], ARGV[3]
-local function parent(path)
-  local head = string.match(path, '^(.*)/[^/]*$')
-  if head == nil or head == '' then return '/' end
-  return head
-end
-if redis.call('EXISTS', p .. 'e:' .. src) == 0 then return -1 end
-if redis.call('EXISTS', p .. 'e:' .. dst) == 1 then return 0 end
-local kind = redis.call('HGET', p .. 'e:' .. src, 't')
-local paths = {src}
-walk(p, src, function(path) table.insert(paths, path) end)
-for _, old in ipairs(paths) do
-  local new = dst .. string.sub(old, #src + 1)
-  redis.call('RENAME', p .. 'e:' .. old, p .. 'e:' .. new)
-  redis.call('HINCRBY', p .. 'e:' .. new, 'v', 1)
-  if redis.call('EXISTS', p .. 'c:' .. old) == 1 then
-    redis.call('RENAME', p .. 'c:' .. old, p .. 'c:' .. new)
-  end
-end
-local flag = '0'
-if kind == 'directory' then flag = '1' end
-redis.call('ZREM', p .. 'c:' .. parent(src), flag .. ARGV[4])
-redis.call('ZADD', p .. 'c:' .. parent(dst), 0, flag .. ARGV[5])
+# The members of several children sets in one round trip.
+_MZRANGE = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('ZRANGE', key, 0, -1) end
+return out
+"""
+# Create the root if missing. KEYS: root entry. ARGV: field/value pairs.
+_CREATE_ROOT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
-)
+# KEYS: link hash, token set. ARGV: token, field/value pairs. 0 if the token exists.
+_CREATE_LINK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
 _CONSUME = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'active' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'used', 'used_at', ARGV[1], 'used_by_ip', ARGV[2])
@@ -179,6 +129,8 @@ def _fields(e: Entry) -> list[str | int]:
         e.mtime,
         "b",
         e.backend_type.value,
+        "v",
+        e.version,
         "c",
         e.created_at,
         "x",
@@ -186,29 +138,31 @@ def _fields(e: Entry) -> list[str | int]:
     ]
     if e.instance_id is not None:
         out += ["i", e.instance_id]
+    out += ["k", e.blob_key or ""]  # "" none; absent: written before blob keys
     return out
 
 
 def _decode(path: str, raw: dict[Any, Any] | list[Any]) -> Entry:
     if isinstance(raw, list):
         raw = dict(zip(raw[::2], raw[1::2], strict=True))
-    h = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-
-    def text(name: str) -> str:
-        value = h[name]
-        return value.decode() if isinstance(value, bytes) else str(value)
-
+    h = {_s(k): _s(v) for k, v in raw.items()}
+    kind = EntryType(h["t"])
+    blob = h.get("k")
+    if blob is None and kind is EntryType.FILE:
+        blob = path[1:]  # written before blob keys: the bytes are at the namespace path
+    blob = blob or None
     return Entry(
         path=path,
-        type=EntryType(text("t")),
-        size=int(text("s")),
-        owner=text("o"),
-        mtime=int(text("m")),
-        backend_type=BackendType(text("b")),
-        instance_id=text("i") if "i" in h else None,
-        version=int(text("v")),
-        created_at=int(text("c")),
-        erasure_coded=text("x") == "1",
+        type=kind,
+        size=int(h["s"]),
+        owner=h["o"],
+        mtime=int(h["m"]),
+        backend_type=BackendType(h["b"]),
+        instance_id=h.get("i"),
+        version=int(h["v"]),
+        created_at=int(h["c"]),
+        erasure_coded=h["x"] == "1",
+        blob_key=blob,
     )
 
 
@@ -232,18 +186,7 @@ class RedisMetadataStore:
 
     async def start(self) -> None:
         self._redis, self._pool = open_redis(self._addr, self._password, self._db, self._timeout)
-        root = Entry(
-            path="/",
-            type=EntryType.DIRECTORY,
-            size=0,
-            owner=ROOT_OWNER,
-            mtime=0,
-            backend_type=BackendType.LOCALFS,
-            instance_id=None,
-        )
-        await self._call(
-            self.r.eval(_CREATE, 2, self._e("/"), self._c("/"), "", *_fields(root), "v", 1)
-        )
+        await self._call(self.r.eval(_CREATE_ROOT, 1, self._e("/"), *_fields(ROOT)))
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -265,6 +208,14 @@ class RedisMetadataStore:
     def _c(self, path: str) -> str:
         return f"{self.p}c:{path}"
 
+    def _b(self) -> str:
+        """The set of every blob key an entry names (``blobs_referenced``)."""
+        return f"{self.p}B"
+
+    async def call(self, call: Awaitable[T]) -> T:
+        """Bound and translate one Redis call like every store call (for the WorkQueue)."""
+        return await self._call(call)
+
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._timeout):
@@ -279,64 +230,137 @@ class RedisMetadataStore:
         raw = await self._call(self.r.hgetall(self._e(path)))
         return _decode(path, raw) if raw else None
 
-    async def create(self, entry: Entry) -> Entry:
-        member = _member(entry.type, entry.path) if entry.path != "/" else ""
-        created = await self._call(
-            self.r.eval(
-                _CREATE,
-                2,
-                self._e(entry.path),
-                self._c(parent_of(entry.path)),
-                member,
-                *_fields(entry),
-                "v",
-                1,
-            )
-        )
-        if not created:
-            raise AlreadyExists()
-        return replace(entry, version=1)
+    async def _command(self, fn: Callable[[Pipeline], Awaitable[T]]) -> T:
+        """One conditional command: WATCH every key the decision reads, read, decide (a
+        ``common.plan_*``), then MULTI/EXEC the plan; EXEC fails if any watched key changed, and
+        the command is decided again on fresh reads."""
+
+        async def attempt() -> T:
+            for n in range(_WATCH_RETRIES):
+                try:
+                    async with self.r.pipeline(transaction=True) as pipe:
+                        return await fn(pipe)
+                except WatchError:
+                    await asyncio.sleep(0.001 * (n + 1))
+            raise Unavailable("metadata store is too contended")
+
+        return await self._call(attempt())
+
+    async def _read_entries(self, pipe: Pipeline, paths: list[str]) -> dict[str, Entry | None]:
+        keys = [self._e(p) for p in paths]
+        await pipe.watch(*keys)
+        raws = await pipe.eval(_MGETALL, len(keys), *keys)
+        return {p: (_decode(p, raw) if raw else None) for p, raw in zip(paths, raws, strict=True)}
+
+    async def _has_children_watched(self, pipe: Pipeline, path: str) -> bool:
+        await pipe.watch(self._c(path))
+        return bool(await pipe.zcard(self._c(path)))
+
+    async def _subtree_watched(self, pipe: Pipeline, top: str) -> list[Entry]:
+        """Every descendant of ``top``, watching each entry and children set on the way."""
+        found: list[Entry] = []
+        level = [top]
+        while level:
+            sets = [self._c(d) for d in level]
+            await pipe.watch(*sets)
+            member_lists = await pipe.eval(_MZRANGE, len(sets), *sets)
+            children = [
+                self._child(d, m) for d, ms in zip(level, member_lists, strict=True) for m in ms
+            ]
+            if not children:
+                break
+            entries = await self._read_entries(pipe, children)
+            below = [e for e in entries.values() if e is not None]
+            found.extend(below)
+            level = [e.path for e in below if e.is_dir]
+        return found
+
+    def _queue_plan(self, pipe: Pipeline, plan: Plan) -> None:
+        """Queue a plan's writes inside MULTI (``common.Plan``: deletes, then puts)."""
+        pipe.multi()  # type: ignore[no-untyped-call]
+        for e in plan.deletes:
+            pipe.delete(self._e(e.path))
+            pipe.zrem(self._c(e.parent), _member(e.type, e.path))
+            if e.blob_key is not None:
+                pipe.srem(self._b(), e.blob_key)
+        for e in plan.puts:
+            pipe.delete(self._e(e.path))
+            pipe.hset(self._e(e.path), items=_fields(e))
+            if e.path != "/":
+                pipe.zadd(self._c(e.parent), {_member(e.type, e.path): 0})
+            if e.blob_key is not None:
+                pipe.sadd(self._b(), e.blob_key)
+
+    async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
+        async def op(pipe: Pipeline) -> Entry:
+            known = await self._read_entries(pipe, create_reads(entry.path))
+            plan, stored = plan_create(entry, parents, known)
+            self._queue_plan(pipe, plan)
+            await pipe.execute()
+            return stored
+
+        return await self._command(op)
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
-        old = await self.get(entry.path)
-        if old is not None and old.type is not entry.type:
-            raise VersionConflict()  # a type change would desynchronise the parent's set
-        result = await self._call(
-            self.r.eval(
-                _UPDATE,
-                1,
-                self._e(entry.path),
-                str(expected_version),
-                expected_version + 1,
-                *_fields(entry),
-            )
-        )
-        if result == -1:
-            raise NotFound()
-        if result == 0:
-            raise VersionConflict()
-        return replace(entry, version=expected_version + 1)
+        async def op(pipe: Pipeline) -> Entry:
+            current = (await self._read_entries(pipe, [entry.path]))[entry.path]
+            plan, stored = plan_update(entry, expected_version, current)
+            self._queue_plan(pipe, plan)
+            await pipe.execute()
+            return stored
 
-    async def delete(self, path: str, expected_version: int | None = None) -> None:
-        if path == "/":
-            raise PermissionDenied("the root is never deleted")
-        current = await self.get(path)
-        if current is None:
-            raise NotFound()
-        result = await self._call(
-            self.r.eval(
-                _DELETE,
-                2,
-                self._e(path),
-                self._c(parent_of(path)),
-                _member(current.type, path),
-                "" if expected_version is None else str(expected_version),
+        return await self._command(op)
+
+    async def delete(self, path: str, expected_version: int | None = None) -> Entry:
+        async def op(pipe: Pipeline) -> Entry:
+            current = (await self._read_entries(pipe, [path]))[path]
+            busy = (
+                current is not None
+                and current.is_dir
+                and await self._has_children_watched(pipe, path)
             )
-        )
-        if result == -1:
-            raise NotFound()
-        if result == 0:
-            raise VersionConflict()
+            plan, removed = plan_delete(path, expected_version, current, busy)
+            self._queue_plan(pipe, plan)
+            await pipe.execute()
+            return removed
+
+        return await self._command(op)
+
+    async def delete_tree(
+        self, path: str, expected_version: int | None = None, actor: str | None = None
+    ) -> list[Entry]:
+        async def op(pipe: Pipeline) -> list[Entry]:
+            top = (await self._read_entries(pipe, [path]))[path]
+            below = await self._subtree_watched(pipe, path) if top is not None else []
+            plan, removed = plan_delete_tree(path, expected_version, top, below, actor)
+            self._queue_plan(pipe, plan)
+            await pipe.execute()
+            return removed
+
+        return await self._command(op)
+
+    async def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expected_version: int,
+        dst_expected: int | None = None,
+        parents: NewParents | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        async def op(pipe: Pipeline) -> tuple[Entry, Entry | None]:
+            known = await self._read_entries(pipe, move_reads(src, dst))
+            below = await self._subtree_watched(pipe, src) if dst != src else []
+            busy = await self._has_children_watched(pipe, dst)
+            plan, result = plan_move(
+                src, dst, expected_version, dst_expected, parents, placement, known, below, busy
+            )
+            self._queue_plan(pipe, plan)
+            await pipe.execute()
+            return result
+
+        return await self._command(op)
 
     async def _entries(self, paths: list[str]) -> list[Entry]:
         if not paths:
@@ -376,23 +400,12 @@ class RedisMetadataStore:
             level = [e.path for e in entries if e.is_dir]
         return order_tree(path, found, max_depth)
 
-    async def delete_tree(self, path: str) -> list[Entry]:
-        out = await self._call(self.r.eval(_DELETE_TREE, 0, self.p, path))
-        removed = [
-            _decode(p.decode() if isinstance(p, bytes) else p, raw)
-            for p, raw in zip(out[::2], out[1::2], strict=True)
-        ]
-        removed.sort(key=lambda e: e.path.count("/"), reverse=True)
-        return removed
-
-    async def move_tree(self, src: str, dst: str) -> None:
-        result = await self._call(
-            self.r.eval(_MOVE_TREE, 0, self.p, src, dst, name_of(src), name_of(dst))
-        )
-        if result == -1:
-            raise NotFound()
-        if result == 0:
-            raise AlreadyExists()
+    async def blobs_referenced(self, keys: Sequence[str]) -> set[str]:
+        wanted = list(keys)
+        if not wanted:
+            return set()
+        flags = await self._call(self.r.smismember(self._b(), wanted))
+        return {k for k, flag in zip(wanted, flags, strict=True) if flag}
 
     # ---- links -----------------------------------------------------------------------------
     def _l(self, token: str) -> str:
@@ -415,10 +428,11 @@ class RedisMetadataStore:
             items += ["used_at", repr(link.used_at)]
         if link.used_by_ip is not None:
             items += ["used_by_ip", link.used_by_ip]
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self._l(link.token), items=items)
-        pipe.sadd(f"{self.p}L", link.token)
-        await self._call(pipe.execute())
+        created = await self._call(
+            self.r.eval(_CREATE_LINK, 2, self._l(link.token), f"{self.p}L", link.token, *items)
+        )
+        if not created:
+            raise AlreadyExists("link exists")
 
     async def get_link(self, token: str) -> Link | None:
         raw = await self._call(self.r.hgetall(self._l(token)))
@@ -454,39 +468,6 @@ class RedisMetadataStore:
 
     async def delete_erasure(self, path: str) -> None:
         await self._call(self.r.delete(f"{self.p}x:{path}"))
-
-    # ---- HA replication queue: ``P q:<id>`` hashes ordered by the sorted set ``P Q`` ----------
-    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
-        item_id = await self._call(self.r.incr(f"{self.p}qid"))
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(f"{self.p}q:{item_id}", items=["path", path, "op", op, "at", repr(queued_at)])
-        pipe.zadd(f"{self.p}Q", {str(item_id): item_id})
-        await self._call(pipe.execute())
-
-    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
-        ids = await self._call(self.r.zrange(f"{self.p}Q", 0, limit - 1))
-        if not ids:
-            return []
-        pipe = self.r.pipeline(transaction=False)
-        for item_id in ids:
-            pipe.hmget(f"{self.p}q:{_s(item_id)}", ["path", "op"])
-        rows = await self._call(pipe.execute())
-        return [
-            (int(_s(i)), _s(r[0]), _s(r[1]))
-            for i, r in zip(ids, rows, strict=True)
-            if r[0] is not None
-        ]
-
-    async def ack_replication(self, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(f"{self.p}Q", *[str(i) for i in ids])
-        pipe.delete(*[f"{self.p}q:{i}" for i in ids])
-        await self._call(pipe.execute())
-
-    async def replication_backlog(self) -> int:
-        return int(await self._call(self.r.zcard(f"{self.p}Q")))
 
 
 def _s(value: Any) -> str:

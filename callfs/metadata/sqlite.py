@@ -18,33 +18,33 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any, TypeVar
-
-import msgpack
 
 from callfs.errors import (
     AlreadyExists,
     CallFSError,
     InternalError,
-    NotFound,
-    PermissionDenied,
     Unavailable,
-    VersionConflict,
 )
-from callfs.metadata.base import order_tree
-from callfs.model import (
-    ROOT_OWNER,
-    BackendType,
-    Entry,
-    EntryType,
-    ErasureLayout,
-    Link,
-    LinkStatus,
-    ShardInfo,
-    name_of,
-    parent_of,
+from callfs.metadata.common import (
+    ENTRY_COLUMNS,
+    ROOT,
+    Plan,
+    create_reads,
+    entry_from_row,
+    entry_to_row,
+    move_reads,
+    order_tree,
+    pack_layout,
+    plan_create,
+    plan_delete,
+    plan_delete_tree,
+    plan_move,
+    plan_update,
+    subtree_bounds,
+    unpack_layout,
 )
+from callfs.model import Entry, ErasureLayout, Link, LinkStatus, NewParents, Placement
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,31 +88,33 @@ MIGRATIONS: tuple[str, ...] = (
         queued_at REAL NOT NULL
     );
     """,
+    # Placement records name immutable blobs. Files written before this version keep their bytes
+    # at the namespace path, which is their (legacy) blob key. The replication queue becomes the
+    # WorkQueue (claim with a lease, ack); items queued by an older version are dropped.
+    """
+    ALTER TABLE entries ADD COLUMN blob_key TEXT;
+    UPDATE entries SET blob_key = substr(path, 2) WHERE type = 'file';
+    CREATE INDEX entries_blob ON entries (blob_key) WHERE blob_key IS NOT NULL;
+    DROP TABLE replication_queue;
+    CREATE TABLE work_queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        arg TEXT NOT NULL,
+        queued_at REAL NOT NULL,
+        lease_owner TEXT,
+        lease_until REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX work_queue_due ON work_queue (lease_until, id);
+    """,
 )
 
-_ENTRY_COLUMNS = (
-    "path, type, size, owner, mtime, backend_type, instance_id, version, created_at, erasure_coded"
-)
 _MAX_BATCH = 256
 _READERS = 4
 _INLINE_BUSY_MS = 20
 #: Constraint failures that mean "a row with this key exists" (AlreadyExists, 409).
 _KEY_CLASHES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
-
-
-def _entry(row: Sequence[Any]) -> Entry:
-    return Entry(
-        path=row[0],
-        type=EntryType(row[1]),
-        size=row[2],
-        owner=row[3],
-        mtime=row[4],
-        backend_type=BackendType(row[5]),
-        instance_id=row[6],
-        version=row[7],
-        created_at=row[8],
-        erasure_coded=bool(row[9]),
-    )
 
 
 def _link(row: Sequence[Any]) -> Link:
@@ -126,13 +128,6 @@ def _link(row: Sequence[Any]) -> Link:
         used_by_ip=row[6],
         signature=row[7],
     )
-
-
-def subtree_bounds(path: str) -> tuple[str, str]:
-    """Keys strictly inside the subtree of ``path`` lie in ``(lo, hi)`` (``/`` 0x2F, ``0`` 0x30)."""
-    if path == "/":
-        return "/", "0"
-    return path + "/", path + "0"
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -233,9 +228,9 @@ class SqliteMetadataStore:
                 conn.execute("COMMIT")
                 log.info("sqlite metadata schema migrated to version %d", number)
             conn.execute(
-                f"INSERT OR IGNORE INTO entries ({_ENTRY_COLUMNS}, parent, name)"
-                " VALUES ('/', 'directory', 0, ?, 0, 'localfs', NULL, 1, 0, 0, '/', '')",
-                (ROOT_OWNER,),
+                f"INSERT OR IGNORE INTO entries ({ENTRY_COLUMNS}, parent, name)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*entry_to_row(ROOT)[:-2], "/", ""),
             )
             inline = _connect(self.path)
             inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
@@ -332,6 +327,14 @@ class SqliteMetadataStore:
         self._queue.put(_WriteOp(fn, future, loop))
         return await future
 
+    async def run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the writer's group commit (for tables beside the namespace: the
+        WorkQueue)."""
+        return await self._write(fn)
+
+    async def run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._read(fn)
+
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -366,157 +369,148 @@ class SqliteMetadataStore:
     @staticmethod
     def _get(conn: sqlite3.Connection, path: str) -> Entry | None:
         row = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE path = ?", (path,)
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE path = ?", (path,)
         ).fetchone()
-        return _entry(row) if row else None
+        return entry_from_row(row) if row else None
+
+    @classmethod
+    def _get_many(cls, conn: sqlite3.Connection, paths: list[str]) -> dict[str, Entry | None]:
+        return {p: cls._get(conn, p) for p in paths}
+
+    @staticmethod
+    def _has_children(conn: sqlite3.Connection, path: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM entries WHERE parent = ? AND path != '/' LIMIT 1", (path,)
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, plan: Plan) -> None:
+        """Apply a command's plan inside the writer's transaction (see ``common.Plan``)."""
+        if plan.deletes:
+            conn.executemany(
+                "DELETE FROM entries WHERE path = ?", [(e.path,) for e in plan.deletes]
+            )
+        if plan.puts:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO entries ({ENTRY_COLUMNS}, parent, name)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [entry_to_row(e) for e in plan.puts],
+            )
 
     async def get(self, path: str) -> Entry | None:
         return await self._point_read(lambda c: self._get(c, path))
 
-    async def create(self, entry: Entry) -> Entry:
-        stored = replace(entry, version=1)
-
+    async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
         def op(conn: sqlite3.Connection) -> Entry:
-            try:
-                self._insert(conn, stored)
-            except sqlite3.IntegrityError as exc:
-                raise AlreadyExists() from exc
+            plan, stored = plan_create(
+                entry, parents, self._get_many(conn, create_reads(entry.path))
+            )
+            self._apply(conn, plan)
             return stored
 
         return await self._write(op)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, e: Entry) -> None:
-        conn.execute(
-            f"INSERT INTO entries ({_ENTRY_COLUMNS}, parent, name)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                e.path,
-                e.type.value,
-                e.size,
-                e.owner,
-                e.mtime,
-                e.backend_type.value,
-                e.instance_id,
-                e.version,
-                e.created_at,
-                int(e.erasure_coded),
-                parent_of(e.path),
-                name_of(e.path),
-            ),
-        )
-
     async def update(self, entry: Entry, expected_version: int) -> Entry:
-        stored = replace(entry, version=expected_version + 1)
-
         def op(conn: sqlite3.Connection) -> Entry:
-            cur = conn.execute(
-                "UPDATE entries SET type = ?, size = ?, owner = ?, mtime = ?, backend_type = ?,"
-                " instance_id = ?, version = ?, created_at = ?, erasure_coded = ?"
-                " WHERE path = ? AND version = ?",
-                (
-                    stored.type.value,
-                    stored.size,
-                    stored.owner,
-                    stored.mtime,
-                    stored.backend_type.value,
-                    stored.instance_id,
-                    stored.version,
-                    stored.created_at,
-                    int(stored.erasure_coded),
-                    stored.path,
-                    expected_version,
-                ),
-            )
-            if cur.rowcount == 1:
-                return stored
-            if self._get(conn, entry.path) is None:
-                raise NotFound()
-            raise VersionConflict()
+            plan, stored = plan_update(entry, expected_version, self._get(conn, entry.path))
+            self._apply(conn, plan)
+            return stored
 
         return await self._write(op)
 
-    async def delete(self, path: str, expected_version: int | None = None) -> None:
-        if path == "/":
-            raise PermissionDenied("the root is never deleted")
+    async def delete(self, path: str, expected_version: int | None = None) -> Entry:
+        def op(conn: sqlite3.Connection) -> Entry:
+            current = self._get(conn, path)
+            busy = current is not None and current.is_dir and self._has_children(conn, path)
+            plan, removed = plan_delete(path, expected_version, current, busy)
+            self._apply(conn, plan)
+            return removed
 
-        def op(conn: sqlite3.Connection) -> None:
-            if expected_version is None:
-                cur = conn.execute("DELETE FROM entries WHERE path = ?", (path,))
-            else:
-                cur = conn.execute(
-                    "DELETE FROM entries WHERE path = ? AND version = ?", (path, expected_version)
-                )
-            if cur.rowcount == 1:
-                return
-            if self._get(conn, path) is None:
-                raise NotFound()
-            raise VersionConflict()
+        return await self._write(op)
 
-        await self._write(op)
+    async def delete_tree(
+        self, path: str, expected_version: int | None = None, actor: str | None = None
+    ) -> list[Entry]:
+        def op(conn: sqlite3.Connection) -> list[Entry]:
+            top = self._get(conn, path)
+            below = self._descendants(conn, path) if top is not None else []
+            plan, removed = plan_delete_tree(path, expected_version, top, below, actor)
+            self._apply(conn, plan)
+            return removed
+
+        return await self._write(op)
+
+    async def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expected_version: int,
+        dst_expected: int | None = None,
+        parents: NewParents | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        def op(conn: sqlite3.Connection) -> tuple[Entry, Entry | None]:
+            known = self._get_many(conn, move_reads(src, dst))
+            below = self._descendants(conn, src) if dst != src else []
+            plan, result = plan_move(
+                src,
+                dst,
+                expected_version,
+                dst_expected,
+                parents,
+                placement,
+                known,
+                below,
+                self._has_children(conn, dst),
+            )
+            self._apply(conn, plan)
+            return result
+
+        return await self._write(op)
 
     async def list_children(self, path: str) -> list[Entry]:
         def op(conn: sqlite3.Connection) -> list[Entry]:
             rows = conn.execute(
-                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE parent = ? AND path != '/'"
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE parent = ? AND path != '/'"
                 " ORDER BY type = 'directory', name",
                 (path,),
             ).fetchall()
-            return [_entry(r) for r in rows]
+            return [entry_from_row(r) for r in rows]
 
         return await self._read(op)
 
     async def has_children(self, path: str) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM entries WHERE parent = ? AND path != '/' LIMIT 1", (path,)
-            ).fetchone()
-            return row is not None
-
-        return await self._read(op)
+        return await self._read(lambda c: self._has_children(c, path))
 
     @staticmethod
     def _descendants(conn: sqlite3.Connection, path: str) -> list[Entry]:
         lo, hi = subtree_bounds(path)
         rows = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE path > ? AND path < ?", (lo, hi)
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE path > ? AND path < ?", (lo, hi)
         ).fetchall()
-        return [_entry(r) for r in rows]
+        return [entry_from_row(r) for r in rows]
 
     async def list_tree(self, path: str, max_depth: int) -> list[Entry]:
         entries = await self._read(lambda c: self._descendants(c, path))
         return order_tree(path, entries, max_depth)
 
-    async def delete_tree(self, path: str) -> list[Entry]:
-        def op(conn: sqlite3.Connection) -> list[Entry]:
-            below = self._descendants(conn, path)
-            lo, hi = subtree_bounds(path)
-            conn.execute("DELETE FROM entries WHERE path > ? AND path < ?", (lo, hi))
-            below.sort(key=lambda e: e.path.count("/"), reverse=True)
-            return below
+    async def blobs_referenced(self, keys: Sequence[str]) -> set[str]:
+        wanted = list(keys)
 
-        return await self._write(op)
+        def op(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = conn.execute(
+                    f"SELECT blob_key FROM entries WHERE blob_key IN ({marks})", part
+                ).fetchall()
+                found.update(r[0] for r in rows)
+            return found
 
-    async def move_tree(self, src: str, dst: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            if self._get(conn, src) is None:
-                raise NotFound()
-            if self._get(conn, dst) is not None:
-                raise AlreadyExists()
-            lo, hi = subtree_bounds(src)
-            cut = len(src) + 1
-            conn.execute(
-                "UPDATE entries SET path = ?, parent = ?, name = ?, version = version + 1"
-                " WHERE path = ?",
-                (dst, parent_of(dst), name_of(dst), src),
-            )
-            conn.execute(
-                "UPDATE entries SET path = ? || substr(path, ?), parent = ? || substr(parent, ?),"
-                " version = version + 1 WHERE path > ? AND path < ?",
-                (dst, cut, dst, cut, lo, hi),
-            )
-
-        await self._write(op)
+        return await self._read(op)
 
     # ---- links -----------------------------------------------------------------------------
     async def create_link(self, link: Link) -> None:
@@ -601,67 +595,3 @@ class SqliteMetadataStore:
             conn.execute("DELETE FROM erasure_layouts WHERE file_path = ?", (path,))
 
         await self._write(op)
-
-    # ---- HA replication queue --------------------------------------------------------------
-    async def enqueue_replication(self, path: str, op: str, queued_at: float) -> None:
-        def do(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO replication_queue (path, op, queued_at) VALUES (?, ?, ?)",
-                (path, op, queued_at),
-            )
-
-        await self._write(do)
-
-    async def replication_batch(self, limit: int) -> list[tuple[int, str, str]]:
-        def do(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
-            rows = conn.execute(
-                "SELECT id, path, op FROM replication_queue ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
-            return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
-
-        return await self._read(do)
-
-    async def ack_replication(self, ids: Sequence[int]) -> None:
-        done = list(ids)
-
-        def do(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM replication_queue WHERE id = ?", [(i,) for i in done])
-
-        await self._write(do)
-
-    async def replication_backlog(self) -> int:
-        def do(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT count(*) FROM replication_queue").fetchone()[0])
-
-        return await self._read(do)
-
-
-def pack_layout(layout: ErasureLayout) -> bytes:
-    """An erasure layout as msgpack (shared by the stores that keep it as one blob)."""
-    data = {
-        "file_path": layout.file_path,
-        "original_size": layout.original_size,
-        "data_shards": layout.data_shards,
-        "parity_shards": layout.parity_shards,
-        "shard_size": layout.shard_size,
-        "upload_id": layout.upload_id,
-        "shards": [
-            [s.index, s.instance_id, s.backend_type, s.path, s.size, s.checksum]
-            for s in layout.shards
-        ],
-    }
-    packed: bytes = msgpack.packb(data, use_bin_type=True)
-    return packed
-
-
-def unpack_layout(blob: bytes) -> ErasureLayout:
-    data = msgpack.unpackb(blob, raw=False)
-    return ErasureLayout(
-        file_path=data["file_path"],
-        original_size=data["original_size"],
-        data_shards=data["data_shards"],
-        parity_shards=data["parity_shards"],
-        shard_size=data["shard_size"],
-        upload_id=data["upload_id"],
-        shards=tuple(ShardInfo(*s) for s in data["shards"]),
-    )

@@ -1,12 +1,15 @@
-"""The StorageBackend seam: bytes by canonical engine path.
+"""The StorageBackend seam: immutable bytes by blob key.
 
-Every implementation (localfs, s3, replicated) passes ``callfs/tests/contract/test_storage.py``.
-Paths given to a backend are canonical engine paths (``/a/b``; see ``callfs.paths``); the backend
-maps them onto its own namespace and must refuse anything that lands outside it (``UnsafePath``).
+Every implementation (localfs, s3) passes ``callfs/tests/contract/test_storage.py``. A backend
+knows nothing of the namespace: each version of a file is a blob under a key of its own
+(``new_blob_key``), named by the entry's placement record. A write never overwrites the bytes of
+the version readers see; the engine switches the record in one conditional metadata command and
+only then reclaims the old blob. Layout on disk: ``docs/storage-layout.md``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Protocol, runtime_checkable
@@ -46,14 +49,35 @@ class LocalFileStream(ByteStream, Protocol):
     small_body: bytes | None
 
 
-class StagedObject(Protocol):
-    """Bytes written and made durable (fsync'd / uploaded) but not yet visible at their path.
+def new_blob_key() -> str:
+    """A fresh blob key: 128 random bits in hex. Every stored version gets its own."""
+    return os.urandom(16).hex()
 
-    Exactly one of ``publish`` or ``discard`` must be called. ``publish`` atomically replaces
-    whatever was at the path (rename / multipart complete), creating missing parent directories.
-    ``discard`` removes the staged bytes and never raises.
+
+def is_blob_key(key: str) -> bool:
+    """True for keys ``new_blob_key`` makes. Other keys are legacy namespace paths (files written
+    before blob keys, whose bytes stay where they were); the orphan sweep never touches those."""
+    return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+
+
+REPLICA_PREFIX = "r/"
+
+
+def is_replica_key(key: str) -> bool:
+    """A replica backend's copy of a blob (``r/<blob key>``): kept apart from the blobs the
+    backend owns, so its own orphan sweep never counts a copy as an orphan."""
+    return key.startswith(REPLICA_PREFIX) and is_blob_key(key[len(REPLICA_PREFIX) :])
+
+
+class StagedObject(Protocol):
+    """Bytes written and made durable (fsync'd / uploaded) but not yet readable under their key.
+
+    Exactly one of ``publish`` or ``discard`` must be called. ``publish`` makes the bytes durable
+    and readable under ``key`` (rename + directory fsync / multipart complete); it never touches
+    any other key. ``discard`` removes the staged bytes and never raises.
     """
 
+    key: str
     size: int
 
     async def publish(self) -> None: ...
@@ -62,21 +86,22 @@ class StagedObject(Protocol):
 
 
 class StorageBackend(Protocol):
-    """Bytes by engine path.
+    """Immutable bytes by blob key (the entry's placement record names the key).
 
     Contract (each method says what it raises):
-    - ``stage(path, chunks)`` consumes ``chunks`` fully into a durable temp object and returns it
-      unpublished; nothing is visible at ``path`` until ``publish``. If ``chunks`` raises, the temp
-      object is removed and the exception propagates unchanged.
-    - ``open_read(path, offset, length)`` opens ``[offset, offset+length)`` (``length=None``: to the
-      end); raises ``NotFound`` if there is no file at ``path``.
-    - ``stat(path)`` returns ``None`` when nothing is there.
-    - ``mkdir(path)`` creates a directory and its parents; idempotent.
-    - ``delete(path)`` removes a file or an empty directory; ``NotFound`` if missing;
-      ``DirectoryNotEmpty`` for a non-empty directory.
-    - ``move(src, dst)`` atomically renames a file or a whole directory tree; creates dst's parents;
-      replaces a file at dst; ``NotFound`` if src is missing.
-    - Any path resolving outside the backend's root (symlinks included) raises ``UnsafePath``.
+    - ``stage(key, chunks)`` consumes ``chunks`` fully into a durable temp object and returns it
+      unpublished; nothing is readable under ``key`` until ``publish``. If ``chunks`` raises, the
+      temp object is removed and the exception propagates unchanged.
+    - ``open_read(key, offset, length)`` opens ``[offset, offset+length)`` (``length=None``: to the
+      end); raises ``NotFound`` if there is no blob under ``key``. An open read keeps working if
+      the blob is deleted meanwhile (localfs: the open descriptor; S3: the open GET).
+    - ``stat(key)`` returns ``None`` when nothing is there.
+    - ``delete(key)`` removes a blob; ``NotFound`` if missing.
+    - ``list_blobs(older_than, limit)``: keys made by ``new_blob_key`` whose bytes were last
+      written more than ``older_than`` seconds ago (the orphan sweep's candidates).
+    - ``sweep_temp(older_than)`` removes staged leftovers of interrupted writes; returns a count.
+    - A key resolving outside the backend's root, or into its internal areas, raises
+      ``UnsafePath``. A backend out of space raises ``InsufficientStorage``.
     """
 
     kind: str
@@ -85,16 +110,16 @@ class StorageBackend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def stage(self, path: str, chunks: AsyncIterable[bytes]) -> StagedObject: ...
+    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> StagedObject: ...
 
     async def open_read(
-        self, path: str, offset: int = 0, length: int | None = None
+        self, key: str, offset: int = 0, length: int | None = None
     ) -> ByteStream: ...
 
-    async def stat(self, path: str) -> ObjectStat | None: ...
+    async def stat(self, key: str) -> ObjectStat | None: ...
 
-    async def mkdir(self, path: str) -> None: ...
+    async def delete(self, key: str) -> None: ...
 
-    async def delete(self, path: str) -> None: ...
+    async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]: ...
 
-    async def move(self, src: str, dst: str) -> None: ...
+    async def sweep_temp(self, older_than: float) -> int: ...

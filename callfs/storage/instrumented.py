@@ -41,34 +41,31 @@ class InstrumentedBackend:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def stage(self, path: str, chunks: AsyncIterable[bytes]) -> StagedObject:
-        staged = await self._timed("write", self.inner.stage(path, chunks))
+    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> StagedObject:
+        staged = await self._timed("write", self.inner.stage(key, chunks))
         return _InstrumentedStaged(staged, self)
 
-    async def open_read(self, path: str, offset: int = 0, length: int | None = None) -> ByteStream:
-        return await self._timed("open", self.inner.open_read(path, offset, length))
+    async def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ByteStream:
+        return await self._timed("open", self.inner.open_read(key, offset, length))
 
-    async def stat(self, path: str) -> ObjectStat | None:
-        return await self._timed("stat", self.inner.stat(path))
+    async def stat(self, key: str) -> ObjectStat | None:
+        return await self._timed("stat", self.inner.stat(key))
 
-    async def mkdir(self, path: str) -> None:
-        await self._timed("mkdir", self.inner.mkdir(path))
+    async def delete(self, key: str) -> None:
+        await self._timed("delete", self.inner.delete(key))
 
-    async def delete(self, path: str) -> None:
-        await self._timed("delete", self.inner.delete(path))
+    async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]:
+        return await self._timed("list", self.inner.list_blobs(older_than, limit))
 
-    async def move(self, src: str, dst: str) -> None:
-        await self._timed("move", self.inner.move(src, dst))
-
-    def __getattr__(self, name: str) -> object:
-        # backend-specific extras (e.g. localfs ``sweep_temp``) stay reachable
-        return getattr(self.inner, name)
+    async def sweep_temp(self, older_than: float) -> int:
+        return await self._timed("sweep", self.inner.sweep_temp(older_than))
 
 
 class _InstrumentedStaged:
     def __init__(self, inner: StagedObject, owner: InstrumentedBackend) -> None:
         self._inner = inner
         self._owner = owner
+        self.key = inner.key
         self.size = inner.size
 
     async def publish(self) -> None:

@@ -1,8 +1,14 @@
-"""Local disk backend: ``<root><engine path>`` for files, real directories for directories.
+"""Local disk backend: immutable blobs under ``<root>/.callfs/`` (``docs/storage-layout.md``).
 
-Writes stream into a temp file under ``<root>/.callfs-tmp`` (same filesystem), are fsync'd, and are
-renamed into place by ``publish`` (then the directory is fsync'd): a crash never exposes a partial
-file. Every path is confined to the root; symlinks that lead outside it are refused.
+- ``<root>/.callfs/tmp/<random>.part``: writes stream here (same filesystem) and are fsync'd;
+- ``<root>/.callfs/blobs/<k0k1>/<k2k3>/<key>``: ``publish`` renames the temp file here, then fsyncs
+  the directory (and any fan-out directory it had to create): a crash never exposes a partial blob;
+- ``<root>/.callfs/replica/...``: HA replica copies (keys ``r/<key>``), same fan-out.
+
+Only the server names these files: client paths never map to disk paths, so no request can reach
+the staging area or a blob by name. Keys that are not blob keys are legacy namespace paths (files
+written before blob keys, at ``<root><engine path>``): read and deleted in place, confined to the
+root with symlinks refused, and never inside ``.callfs/``.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import IO
 
 from callfs.concurrency import run_blocking
-from callfs.errors import AlreadyExists, DirectoryNotEmpty, NotFound, UnsafePath
-from callfs.storage.base import ObjectStat
+from callfs.errors import NotFound, UnsafePath
+from callfs.storage.base import REPLICA_PREFIX, ObjectStat, is_blob_key, is_replica_key
 
 log = logging.getLogger(__name__)
 
-TMP_DIR = ".callfs-tmp"
+INTERNAL_DIR = ".callfs"
+TMP_DIR = os.path.join(INTERNAL_DIR, "tmp")
+BLOB_DIR = os.path.join(INTERNAL_DIR, "blobs")
+REPLICA_DIR = os.path.join(INTERNAL_DIR, "replica")
 #: Body bytes gathered before one write hop to a thread.
 WRITE_BATCH = 1 << 20
 #: Reads up to this size are done in the same thread hop as the open and answered inline.
@@ -70,8 +79,9 @@ class LocalFileStream:
 
 
 class _Staged:
-    def __init__(self, backend: LocalFSBackend, tmp: str, target: str, size: int) -> None:
+    def __init__(self, backend: LocalFSBackend, key: str, tmp: str, target: str, size: int) -> None:
         self._backend = backend
+        self.key = key
         self._tmp = tmp
         self._target = target
         self.size = size
@@ -99,6 +109,8 @@ class LocalFSBackend:
         self._configured_root = root
         self._root = ""
         self._tmp = ""
+        self._blobs = ""
+        self._replica = ""
         #: Parent directories already resolved inside the root (realpath is ~20 us on a hot path).
         #: CallFS never creates symlinks; any directory move or delete clears the memo, so a
         #: renamed directory is resolved again.
@@ -112,7 +124,10 @@ class LocalFSBackend:
         os.makedirs(self._configured_root, mode=0o755, exist_ok=True)
         self._root = os.path.realpath(self._configured_root)
         self._tmp = os.path.join(self._root, TMP_DIR)
+        self._blobs = os.path.join(self._root, BLOB_DIR)
+        self._replica = os.path.join(self._root, REPLICA_DIR)
         os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        os.makedirs(self._blobs, mode=0o700, exist_ok=True)
         removed = self._sweep_temp_blocking(0.0)
         if removed:
             log.info("removed %d temporary files left by an interrupted upload", removed)
@@ -127,7 +142,11 @@ class LocalFSBackend:
     def _sweep_temp_blocking(self, older_than: float) -> int:
         cutoff = time.time() - older_than
         removed = 0
-        for entry in os.scandir(self._tmp):
+        with os.scandir(self._tmp) as entries:
+            leftovers = list(entries)
+        for entry in leftovers:
+            if not entry.name.endswith(".part"):
+                continue  # only what stage() creates
             try:
                 if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
                     os.unlink(entry.path)
@@ -140,14 +159,24 @@ class LocalFSBackend:
     def _inside(self, real: str) -> bool:
         return real == self._root or real.startswith(self._root + os.sep)
 
-    def _resolve(self, path: str) -> str:
-        """Absolute location of an engine path. Its parent must resolve inside the root (symlinks
-        followed); the last component itself is never followed (callers use O_NOFOLLOW/lstat)."""
+    def _locate(self, key: str) -> str:
+        """Absolute location of the blob ``key``."""
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
+        if is_blob_key(key):
+            return os.path.join(self._blobs, key[:2], key[2:4], key)
+        if is_replica_key(key):
+            copy = key[len(REPLICA_PREFIX) :]
+            return os.path.join(self._replica, copy[:2], copy[2:4], copy)
+        return self._resolve(key)
+
+    def _resolve(self, path: str) -> str:
+        """Absolute location of a legacy key (a namespace path). Its parent must resolve inside
+        the root (symlinks followed); the last component itself is never followed (callers use
+        O_NOFOLLOW/lstat). The internal area is never a legacy key."""
         rel = path.lstrip("/")
-        if not rel:
-            return self._root
+        if not rel or rel.split("/", 1)[0] == INTERNAL_DIR:
+            raise UnsafePath()
         full = os.path.join(self._root, rel)
         logical = os.path.dirname(full)
         parent = self._verified.get(logical)
@@ -162,8 +191,8 @@ class LocalFSBackend:
         return os.path.join(parent, os.path.basename(full))
 
     # ---- writes ----------------------------------------------------------------------------
-    async def stage(self, path: str, chunks: AsyncIterable[bytes]) -> _Staged:
-        target = self._resolve(path)
+    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> _Staged:
+        target = self._locate(key)
         tmp = os.path.join(self._tmp, f"{os.urandom(12).hex()}.part")
         pending: list[bytes] = []
         pending_size = 0
@@ -186,7 +215,7 @@ class LocalFSBackend:
                 fileobj.close()
             await run_blocking(_unlink_quietly, tmp)
             raise
-        return _Staged(self, tmp, target, size)
+        return _Staged(self, key, tmp, target, size)
 
     @staticmethod
     def _write_blocking(fileobj: IO[bytes] | None, tmp: str, parts: list[bytes]) -> IO[bytes]:
@@ -213,27 +242,37 @@ class LocalFSBackend:
         self._makedirs_blocking(parent)
         try:
             if stat.S_ISDIR(os.lstat(target).st_mode):
-                raise AlreadyExists("path exists as directory")
+                raise UnsafePath()
         except FileNotFoundError:
             pass
         os.replace(tmp, target)
         _fsync_dir(parent)
 
     def _makedirs_blocking(self, full: str) -> None:
-        try:
-            os.makedirs(full, mode=0o755, exist_ok=True)
-        except FileExistsError as exc:
-            raise AlreadyExists("a parent path is a file") from exc
-        except NotADirectoryError as exc:
-            raise AlreadyExists("a parent path is a file") from exc
+        """Create ``full`` and its missing parents, fsyncing each parent that gained an entry (a
+        new fan-out directory must survive a crash as surely as the blob inside it)."""
+        missing: list[str] = []
+        cursor = full
+        while not os.path.isdir(cursor):
+            missing.append(cursor)
+            cursor = os.path.dirname(cursor)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, 0o755)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise UnsafePath() from None
+            except NotADirectoryError as exc:
+                raise UnsafePath() from exc
+            _fsync_dir(os.path.dirname(directory))
         if not self._inside(os.path.realpath(full)):
             raise UnsafePath()
 
     # ---- reads -----------------------------------------------------------------------------
     async def open_read(
-        self, path: str, offset: int = 0, length: int | None = None
+        self, key: str, offset: int = 0, length: int | None = None
     ) -> LocalFileStream:
-        full = self._resolve(path)
+        full = self._locate(key)
         if length is not None and length <= SMALL_READ:
             # A small range is one open + fstat + pread of page-cached data: cheaper inline than the
             # thread hop (bench/README.md records the measurement). Large reads stay off the loop.
@@ -274,13 +313,11 @@ class LocalFSBackend:
             fileobj.close()
             raise
 
-    async def stat(self, path: str) -> ObjectStat | None:
-        full = self._resolve(path)
+    async def stat(self, key: str) -> ObjectStat | None:
+        full = self._locate(key)
         try:
             st = await run_blocking(os.lstat, full)
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return ObjectStat(
             size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
@@ -288,28 +325,11 @@ class LocalFSBackend:
             mtime=st.st_mtime,
         )
 
-    # ---- namespace changes -----------------------------------------------------------------
-    async def mkdir(self, path: str) -> None:
-        full = self._resolve(path)
-        await run_blocking(self._mkdir_blocking, full)
-
-    def _mkdir_blocking(self, full: str) -> None:
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            self._makedirs_blocking(full)
-            _fsync_dir(os.path.dirname(full))
-            return
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafePath()
-        if not stat.S_ISDIR(st.st_mode):
-            raise AlreadyExists("path exists as file")
-
-    async def delete(self, path: str) -> None:
-        full = self._resolve(path)
-        if full == self._root:
-            raise DirectoryNotEmpty("the root is never removed")
-        self._verified.clear()
+    # ---- removal ---------------------------------------------------------------------------
+    async def delete(self, key: str) -> None:
+        full = self._locate(key)
+        if not is_blob_key(key):
+            self._verified.clear()
         await run_blocking(self._delete_blocking, full)
 
     @staticmethod
@@ -317,30 +337,38 @@ class LocalFSBackend:
         try:
             st = os.lstat(full)
             if stat.S_ISDIR(st.st_mode):
-                os.rmdir(full)
-            else:
-                os.unlink(full)
+                raise NotFound()
+            os.unlink(full)
         except FileNotFoundError as exc:
             raise NotFound() from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise DirectoryNotEmpty() from exc
-            if exc.errno == errno.ENOTDIR:
-                raise NotFound() from exc
-            raise
+        except NotADirectoryError as exc:
+            raise NotFound() from exc
         _fsync_dir(os.path.dirname(full))
 
-    async def move(self, src: str, dst: str) -> None:
-        src_full = self._resolve(src)
-        dst_full = self._resolve(dst)
-        self._verified.clear()
-        await run_blocking(self._move_blocking, src_full, dst_full)
+    async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]:
+        return await run_blocking(self._list_blobs_blocking, older_than, limit)
 
-    def _move_blocking(self, src_full: str, dst_full: str) -> None:
-        if not os.path.lexists(src_full):
-            raise NotFound()
-        self._makedirs_blocking(os.path.dirname(dst_full))
-        os.replace(src_full, dst_full)
-        _fsync_dir(os.path.dirname(dst_full))
-        if os.path.dirname(src_full) != os.path.dirname(dst_full):
-            _fsync_dir(os.path.dirname(src_full))
+    def _list_blobs_blocking(self, older_than: float, limit: int) -> list[str]:
+        cutoff = time.time() - older_than
+        found: list[str] = []
+        for first in _scandirs(self._blobs):
+            for second in _scandirs(first.path):
+                with os.scandir(second.path) as blobs:
+                    for blob in blobs:
+                        try:
+                            old = blob.stat(follow_symlinks=False).st_mtime <= cutoff
+                        except OSError:
+                            continue
+                        if old and is_blob_key(blob.name):
+                            found.append(blob.name)
+                            if len(found) >= limit:
+                                return found
+        return found
+
+
+def _scandirs(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []

@@ -1,18 +1,21 @@
 """S3 and S3-compatible storage (``backend.s3_*``, API.md §7): the only boto3 importer.
 
-Layout: an engine path ``/a/b`` is the key ``a/b``; a directory is an empty ``a/b/`` marker
-object. One client is made at start (path-style addressing for a custom endpoint) and every call
-runs off the event loop. Writes of unknown length: up to one part is buffered (bounded memory); a
-body that fits in one part is written by ``put_object`` at publish; a larger one is a multipart
-upload to the final key whose parts are uploaded as they fill and which is completed only at
-publish, so readers see the whole old or the whole new object. Any failure aborts the multipart
-upload: no orphan parts.
+Layout: the blob ``k`` is the object ``.callfs/blobs/k`` (``docs/storage-layout.md``); a legacy key
+(a file written before blob keys) is its namespace path without the leading ``/``. There are no
+directory objects: directories exist only in metadata. One client is made at start (path-style
+addressing for a custom endpoint) and every call runs off the event loop.
+
+Writes of unknown length: up to one part is buffered (bounded memory); a body that fits in one part
+is written by ``put_object`` at publish; a larger one is a multipart upload to the blob's key whose
+parts are uploaded as they fill and which is completed only at publish. Any failure aborts the
+multipart upload: no orphan parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -24,12 +27,12 @@ from callfs.concurrency import run_blocking
 from callfs.errors import (
     CallFSError,
     ConfigError,
-    DirectoryNotEmpty,
     InternalError,
     NotFound,
     Unavailable,
+    UnsafePath,
 )
-from callfs.storage.base import ObjectStat
+from callfs.storage.base import REPLICA_PREFIX, ObjectStat, is_blob_key, is_replica_key
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,20 @@ PARTS_IN_FLIGHT = 2
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
-def key_of(path: str) -> str:
-    return path.lstrip("/")
+BLOB_PREFIX = ".callfs/blobs/"
+REPLICA_OBJECTS = ".callfs/replica/"
+
+
+def key_of(key: str) -> str:
+    """The object key of a blob key (legacy keys are namespace paths, kept where they were)."""
+    if is_blob_key(key):
+        return BLOB_PREFIX + key
+    if is_replica_key(key):
+        return REPLICA_OBJECTS + key[len(REPLICA_PREFIX) :]
+    legacy = key.lstrip("/")
+    if not legacy or legacy.startswith(".callfs/"):
+        raise UnsafePath()
+    return legacy
 
 
 def translate(exc: Exception) -> CallFSError:
@@ -83,10 +98,17 @@ class S3Stream:
 
 class _Staged:
     def __init__(
-        self, backend: S3Backend, key: str, size: int, small: bytes | None, upload: dict[str, Any]
+        self,
+        backend: S3Backend,
+        key: str,
+        object_key: str,
+        size: int,
+        small: bytes | None,
+        upload: dict[str, Any],
     ) -> None:
         self._backend = backend
-        self._key = key
+        self.key = key
+        self._key = object_key
         self.size = size
         self._small = small
         self._upload = upload
@@ -206,8 +228,8 @@ class S3Backend:
             log.warning("could not abort a multipart upload; a lifecycle rule should clean it")
 
     # ---- writes ----------------------------------------------------------------------------
-    async def stage(self, path: str, chunks: AsyncIterable[bytes]) -> _Staged:
-        key = key_of(path)
+    async def stage(self, blob: str, chunks: AsyncIterable[bytes]) -> _Staged:
+        key = key_of(blob)
         buf = bytearray()
         size = 0
         upload: dict[str, Any] = {}
@@ -247,8 +269,8 @@ class S3Backend:
                         raise outcome
                 in_flight = set()
                 upload["parts"].sort(key=lambda p: p["PartNumber"])
-                return _Staged(self, key, size, None, upload)
-            return _Staged(self, key, size, bytes(buf), {})
+                return _Staged(self, blob, key, size, None, upload)
+            return _Staged(self, blob, key, size, bytes(buf), {})
         except BaseException:
             for task in in_flight:
                 task.cancel()
@@ -271,8 +293,8 @@ class S3Backend:
         upload["parts"].append({"ETag": done["ETag"], "PartNumber": number})
 
     # ---- reads -----------------------------------------------------------------------------
-    async def open_read(self, path: str, offset: int = 0, length: int | None = None) -> S3Stream:
-        key = key_of(path)
+    async def open_read(self, blob: str, offset: int = 0, length: int | None = None) -> S3Stream:
+        key = key_of(blob)
         if length == 0:
             await self._head(key)
             return S3Stream(None, 0)
@@ -297,85 +319,47 @@ class S3Backend:
         )
         return result
 
-    async def stat(self, path: str) -> ObjectStat | None:
-        key = key_of(path)
-        if key:
-            try:
-                head = await self._head(key)
-                return ObjectStat(
-                    int(head["ContentLength"]), False, head["LastModified"].timestamp()
-                )
-            except NotFound:
-                pass
-        listing = await self._call(
-            self.client.list_objects_v2,
-            Bucket=self.bucket,
-            Prefix=key + "/" if key else "",
-            MaxKeys=1,
-        )
-        if listing.get("KeyCount", 0) or not key:
-            return ObjectStat(0, True, 0.0)
-        return None
+    async def stat(self, blob: str) -> ObjectStat | None:
+        try:
+            head = await self._head(key_of(blob))
+        except NotFound:
+            return None
+        return ObjectStat(int(head["ContentLength"]), False, head["LastModified"].timestamp())
 
-    # ---- namespace changes -----------------------------------------------------------------
-    async def mkdir(self, path: str) -> None:
-        parts = key_of(path).split("/")
-        for i in range(1, len(parts) + 1):
-            await self._call(self._put_object, "/".join(parts[:i]) + "/", b"")
+    # ---- removal ---------------------------------------------------------------------------
+    async def delete(self, blob: str) -> None:
+        key = key_of(blob)
+        await self._head(key)  # NotFound when missing
+        await self._call(self.client.delete_object, Bucket=self.bucket, Key=key)
 
-    async def _keys_under(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+    async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]:
+        cutoff = time.time() - older_than
+        found: list[str] = []
         token: str | None = None
-        while True:
-            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while len(found) < limit:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": BLOB_PREFIX}
             if token:
                 args["ContinuationToken"] = token
             page = await self._call(self.client.list_objects_v2, **args)
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(BLOB_PREFIX) :]
+                if is_blob_key(name) and obj["LastModified"].timestamp() <= cutoff:
+                    found.append(name)
             if not page.get("IsTruncated"):
-                return keys
+                break
             token = page["NextContinuationToken"]
+        return found[:limit]
 
-    async def delete(self, path: str) -> None:
-        key = key_of(path)
-        try:
-            await self._head(key)
-            await self._call(self.client.delete_object, Bucket=self.bucket, Key=key)
-            return
-        except NotFound:
-            pass
-        under = await self._keys_under(key + "/")
-        if not under:
-            raise NotFound()
-        if any(k != key + "/" for k in under):
-            raise DirectoryNotEmpty()
-        await self._call(self.client.delete_object, Bucket=self.bucket, Key=key + "/")
-
-    async def _copy(self, src: str, dst: str) -> None:
-        # managed copy: a multipart copy above the single-request limit (5 GiB)
-        await self._call(
-            self.client.copy,
-            {"Bucket": self.bucket, "Key": src},
-            self.bucket,
-            dst,
-            ExtraArgs=dict(self._extra),
+    async def sweep_temp(self, older_than: float) -> int:
+        """Abort multipart uploads of blobs started more than ``older_than`` seconds ago (a
+        crash mid-upload leaves one; parts are invisible but billed)."""
+        cutoff = time.time() - older_than
+        page = await self._call(
+            self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=BLOB_PREFIX
         )
-
-    async def move(self, src: str, dst: str) -> None:
-        skey, dkey = key_of(src), key_of(dst)
-        try:
-            await self._head(skey)
-            is_file = True
-        except NotFound:
-            is_file = False
-        if is_file:
-            await self._copy(skey, dkey)
-            await self._call(self.client.delete_object, Bucket=self.bucket, Key=skey)
-            return
-        under = await self._keys_under(skey + "/")
-        if not under:
-            raise NotFound()
-        for k in under:
-            await self._copy(k, dkey + k[len(skey) :])
-        for k in under:
-            await self._call(self.client.delete_object, Bucket=self.bucket, Key=k)
+        aborted = 0
+        for upload in page.get("Uploads", []):
+            if upload["Initiated"].timestamp() <= cutoff:
+                await self._abort(upload["Key"], upload["UploadId"])
+                aborted += 1
+        return aborted

@@ -19,10 +19,20 @@ GOOD = {
 }
 
 
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own empty working directory, so no stray config file is picked up.
+
+    (``CliRunner.isolated_filesystem`` did this before click 8.5 deprecated it.)
+    """
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
 def run(args: list[str], env: dict[str, str] | None = None) -> Any:
-    runner = CliRunner()
-    with runner.isolated_filesystem():
-        return runner.invoke(cli, args, env={**GOOD, **(env or {})})
+    return CliRunner().invoke(cli, args, env={**GOOD, **(env or {})})
 
 
 def test_config_validate_success() -> None:

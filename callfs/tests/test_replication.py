@@ -70,6 +70,14 @@ async def eventually(check: Any, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def copy_key(node: Node, path: str) -> str:
+    """The replica's object key for the current version of ``path`` (copies are kept per blob)."""
+    assert node.meta is not None
+    entry = await node.meta.get(path)
+    assert entry is not None and entry.blob_key is not None
+    return ".callfs/replica/" + entry.blob_key
+
+
 async def test_changes_reach_the_replica(replicated: tuple[Node, TestClient[Any, Any]]) -> None:
     node, client = replicated
     bucket = node.cfg.backend.s3_bucket_name
@@ -79,18 +87,30 @@ async def test_changes_reach_the_replica(replicated: tuple[Node, TestClient[Any,
         return True if got == expected else got
 
     assert (await client.put("/v1/files/r/a.txt", data=b"one", headers=auth())).status == 201
-    await eventually(lambda: replica_is({"r/a.txt": b"one"}))
+    first = await copy_key(node, "/r/a.txt")
+    await eventually(lambda: replica_is({first: b"one"}))
     assert (await client.put("/v1/files/r/a.txt", data=b"two!", headers=auth())).status == 200
-    await eventually(lambda: replica_is({"r/a.txt": b"two!"}))
+    second = await copy_key(node, "/r/a.txt")
+    await eventually(lambda: replica_is({second: b"two!"}))  # the replaced copy is removed
+    # a rename keeps the blob, so the copy stays valid
+    resp = await client.patch("/v1/files/r/a.txt", json={"name": "b.txt"}, headers=auth())
+    assert resp.status == 200
+    assert await copy_key(node, "/r/b.txt") == second
+    assert (await client.put("/v1/files/r/a.txt", data=b"one", headers=auth())).status == 201
+    third = await copy_key(node, "/r/a.txt")
+    await eventually(lambda: replica_is({second: b"two!", third: b"one"}))
+    assert (await client.delete("/v1/files/r/b.txt", headers=auth())).status == 204
     assert (await client.post("/v1/files/r/dir/", headers=auth())).status == 201
     assert (await client.delete("/v1/files/r/a.txt", headers=auth())).status == 204
     await eventually(lambda: replica_is({}))  # directories are not replicated
     meta = node.meta
     assert meta is not None
     deadline = asyncio.get_running_loop().time() + 20
-    while await meta.replication_backlog() and asyncio.get_running_loop().time() < deadline:
+    queue = node.queue
+    assert queue is not None
+    while await queue.backlog() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)  # the ack follows the replica change
-    assert await meta.replication_backlog() == 0
+    assert await queue.backlog() == 0
     # reads never fall back to the replica: the primary is the truth
     local = Path(node.cfg.backend.localfs_root_path)
     assert not (local / "r" / "a.txt").exists()
@@ -129,18 +149,23 @@ async def test_replica_down(tmp_path: Path, aiohttp_client: Any, require: bool) 
         got = await client.get("/v1/files/down.txt", headers=auth())
         assert got.status == 200 and await got.read() == b"primary"
         if not require:
-            assert node.meta is not None
-            assert await node.meta.replication_backlog() >= 1  # queued durably, not lost
+            assert node.queue is not None
+            assert await node.queue.backlog() >= 1  # queued durably, not lost
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             server.start()  # the replica is back (moto keeps its buckets in this process)
 
+            want = {
+                await copy_key(node, "/up.txt"): b"ok",
+                await copy_key(node, "/down.txt"): b"primary",
+            }
+
             def caught_up() -> Any:
                 got = keys("replica", endpoint)
-                return True if got == {"up.txt": b"ok", "down.txt": b"primary"} else got
+                return True if got == want else got
 
             await eventually(caught_up, timeout=60)
             deadline = asyncio.get_running_loop().time() + 20
-            while await node.meta.replication_backlog():
+            while await node.queue.backlog():
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.05)
     finally:

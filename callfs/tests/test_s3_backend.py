@@ -99,7 +99,9 @@ async def test_s3_default_backend_and_moves(s3_node: Node, aiohttp_client: Any) 
     blob = os.urandom(3 * MiB)
     resp = await client.put("/v1/files/s3dir/a.bin", data=io.BytesIO(blob), headers=auth())
     assert resp.status == 201
-    head = s3server.client().head_object(Bucket=bucket, Key="s3dir/a.bin")
+    entry = await s3_node.meta.get("/s3dir/a.bin")
+    first_key = ".callfs/blobs/" + entry.blob_key
+    head = s3server.client().head_object(Bucket=bucket, Key=first_key)
     assert head["ContentLength"] == len(blob)
     resp = await client.head("/v1/files/s3dir/a.bin", headers=auth())
     assert "X-CallFS-Instance-ID" not in resp.headers  # S3 items belong to no node
@@ -112,9 +114,11 @@ async def test_s3_default_backend_and_moves(s3_node: Node, aiohttp_client: Any) 
         headers=auth(),
     )
     assert resp.status == 200, await resp.text()
-    local = Path(s3_node.cfg.backend.localfs_root_path) / "s3dir" / "a.bin"
+    entry = await s3_node.meta.get("/s3dir/a.bin")
+    key = entry.blob_key
+    local = Path(s3_node.cfg.backend.localfs_root_path) / ".callfs/blobs" / key[:2] / key[2:4] / key
     assert local.read_bytes() == blob
-    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix="s3dir/a.bin")
+    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix=first_key)
     resp = await client.head("/v1/files/s3dir/a.bin", headers=auth())
     assert resp.headers["X-CallFS-Instance-ID"] == "callfs-instance-1"
     resp = await client.patch(
@@ -127,4 +131,4 @@ async def test_s3_default_backend_and_moves(s3_node: Node, aiohttp_client: Any) 
     assert await (await client.get("/v1/files/moved/b.bin", headers=auth())).read() == blob
     resp = await client.delete("/v1/files/moved/b.bin", headers=auth())
     assert resp.status == 204
-    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix="moved/b.bin")
+    assert "Contents" not in s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/")

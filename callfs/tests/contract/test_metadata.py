@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from callfs.errors import AlreadyExists, NotFound, PermissionDenied, VersionConflict
+from callfs.errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    NotFound,
+    ParentMissing,
+    ParentNotDirectory,
+    PermissionDenied,
+    VersionConflict,
+)
 from callfs.metadata.base import MetadataStore
 from callfs.model import (
     BackendType,
@@ -18,6 +26,8 @@ from callfs.model import (
     ErasureLayout,
     Link,
     LinkStatus,
+    NewParents,
+    Placement,
     ShardInfo,
 )
 from callfs.tests.contract.factories import StoreHandle
@@ -199,28 +209,95 @@ async def test_list_tree_large(store: MetadataStore) -> None:
 
 async def test_delete_tree(store: MetadataStore) -> None:
     await tree(store, "/t/a/1", "/t/a/b/2", "/t/c", "/tz")
+    top = await store.get("/t")
+    assert top is not None
     removed = await store.delete_tree("/t")
     paths = [e.path for e in removed]
-    assert sorted(paths) == ["/t/a", "/t/a/1", "/t/a/b", "/t/a/b/2", "/t/c"]
+    assert sorted(paths) == ["/t", "/t/a", "/t/a/1", "/t/a/b", "/t/a/b/2", "/t/c"]
     depth = [p.count("/") for p in paths]
     assert depth == sorted(depth, reverse=True)
-    assert await store.get("/t") is not None
+    assert await store.get("/t") is None
     assert await store.get("/tz") is not None
     assert await store.list_children("/t") == []
+    with pytest.raises(NotFound):
+        await store.delete_tree("/t")
+    # the root's tree: everything below goes, the root stays
+    await tree(store, "/r/x")
+    removed = await store.delete_tree("/")
+    assert sorted(e.path for e in removed) == ["/r", "/r/x", "/tz"]
+    assert await store.get("/") is not None
+    assert await store.list_children("/") == []
 
 
-async def test_move_tree(store: MetadataStore) -> None:
+async def test_delete_tree_decides_permission_inside_the_command(store: MetadataStore) -> None:
+    await tree(store, "/p/a", "/p/b/")
+    await store.create(entry("/p/b/bob.txt", owner="bob"))
+    with pytest.raises(PermissionDenied):
+        await store.delete_tree("/p", actor="alice")
+    assert await store.get("/p/a") is not None  # all or nothing
+    top = await store.get("/p")
+    assert top is not None
+    with pytest.raises(VersionConflict):
+        await store.delete_tree("/p", expected_version=top.version + 5)
+    await store.delete("/p/b/bob.txt")
+    assert len(await store.delete_tree("/p", expected_version=top.version, actor="alice")) == 3
+
+
+async def test_create_with_parents(store: MetadataStore) -> None:
+    parents = NewParents("carol", 42, BackendType.LOCALFS, "node-2")
+    made = await store.create(entry("/n1/n2/n3/f.txt"), parents)
+    assert made.version == 1
+    for path in ("/n1", "/n1/n2", "/n1/n2/n3"):
+        got = await store.get(path)
+        assert got is not None and got.is_dir and got.owner == "carol" and got.mtime == 42
+        assert got.instance_id == "node-2" and got.version == 1
+    with pytest.raises(NotFound):
+        await store.create(entry("/nope/f.txt"))  # no parents spec: the parent must exist
+    assert await store.get("/nope") is None
+    with pytest.raises(ParentNotDirectory):
+        await store.create(entry("/n1/n2/n3/f.txt/under"), parents)
+    with pytest.raises(AlreadyExists):
+        await store.create(entry("/n1/n2", "d"), parents)
+    # concurrent creates that share missing parents: every one succeeds, parents made once
+    results = await asyncio.gather(
+        *(store.create(entry(f"/m/x/{i}.txt"), parents) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Entry) for r in results), results
+    assert len(await store.list_children("/m/x")) == 10
+    assert [e.path for e in await store.list_children("/m")] == ["/m/x"]
+
+
+async def test_delete_is_conditional(store: MetadataStore) -> None:
+    await tree(store, "/dd/f")
+    with pytest.raises(DirectoryNotEmpty):
+        await store.delete("/dd")
+    current = await store.get("/dd/f")
+    assert current is not None
+    with pytest.raises(VersionConflict):
+        await store.delete("/dd/f", expected_version=current.version + 1)
+    removed = await store.delete("/dd/f", expected_version=current.version)
+    assert removed == current
+    assert (await store.delete("/dd")).path == "/dd"
+    with pytest.raises(PermissionDenied):
+        await store.delete("/")
+
+
+async def test_move(store: MetadataStore) -> None:
     await tree(store, "/src/a/1.txt", "/src/b.txt", "/srcx/keep.txt", "/dst/")
     before = await store.get("/src/a/1.txt")
     before_root = await store.get("/src")
-    await store.move_tree("/src", "/dst/moved")
+    assert before is not None and before_root is not None
+    moved_top, replaced = await store.move(
+        "/src", "/dst/moved", expected_version=before_root.version
+    )
+    assert replaced is None and moved_top.path == "/dst/moved"
     assert await store.get("/src") is None
     assert await store.get("/src/a/1.txt") is None
     assert await store.get("/src/a") is None
     moved = await store.get("/dst/moved/a/1.txt")
     moved_root = await store.get("/dst/moved")
-    assert moved is not None and before is not None
-    assert moved_root is not None and before_root is not None
+    assert moved is not None and moved_root is not None
     # Every field but the path stays; the version is bumped (a conditional write on the old
     # version must not apply to the moved entry).
     assert moved.version > before.version and moved_root.version > before_root.version
@@ -232,12 +309,69 @@ async def test_move_tree(store: MetadataStore) -> None:
     assert await store.get("/srcx/keep.txt") is not None
     assert [e.name for e in await store.list_children("/")] == ["dst", "srcx"]
     with pytest.raises(NotFound):
-        await store.move_tree("/nope", "/x")
-    await store.create(entry("/other"))
+        await store.move("/nope", "/x", expected_version=1)
+    other = await store.create(entry("/other"))
     with pytest.raises(AlreadyExists):
-        await store.move_tree("/other", "/dst/moved")
-    await store.move_tree("/other", "/renamed")
+        await store.move("/other", "/dst/moved", expected_version=other.version)
+    with pytest.raises(VersionConflict):
+        await store.move("/other", "/renamed", expected_version=other.version + 1)
+    with pytest.raises(ParentMissing):
+        await store.move("/other", "/no/such/parent", expected_version=other.version)
+    await store.move("/other", "/renamed", expected_version=other.version)
     assert await store.get("/renamed") is not None
+
+
+async def test_move_with_overwrite_parents_and_placement(store: MetadataStore) -> None:
+    await tree(store, "/o/a.txt", "/o/b.txt", "/o/d1/", "/o/d2/x")
+    a, b = await store.get("/o/a.txt"), await store.get("/o/b.txt")
+    assert a is not None and b is not None
+    with pytest.raises(VersionConflict):  # the occupant changed since it was authorised
+        await store.move("/o/a.txt", "/o/b.txt", expected_version=a.version, dst_expected=9)
+    moved, occupant = await store.move(
+        "/o/a.txt", "/o/b.txt", expected_version=a.version, dst_expected=b.version
+    )
+    assert occupant == b and moved.path == "/o/b.txt" and moved.size == a.size
+    assert await store.get("/o/a.txt") is None
+    d1, d2 = await store.get("/o/d1"), await store.get("/o/d2")
+    assert d1 is not None and d2 is not None
+    with pytest.raises(DirectoryNotEmpty):
+        await store.move("/o/d1", "/o/d2", expected_version=d1.version, dst_expected=d2.version)
+    with pytest.raises(AlreadyExists):  # type mismatch
+        await store.move("/o/d1", "/o/b.txt", expected_version=d1.version, dst_expected=2)
+    parents = NewParents("alice", 7, BackendType.LOCALFS, None)
+    moved, _ = await store.move(
+        "/o/d1", "/deep/er/d1", expected_version=d1.version, parents=parents
+    )
+    deep = await store.get("/deep/er")
+    assert deep is not None and deep.is_dir and deep.mtime == 7
+    f = await store.get("/o/b.txt")
+    assert f is not None
+    place = Placement(BackendType.S3, None, "b" * 32, 77)
+    switched, _ = await store.move(
+        "/o/b.txt", "/o/b.txt", expected_version=f.version, placement=place
+    )
+    got = await store.get("/o/b.txt")
+    assert got == switched
+    assert (got.backend_type, got.instance_id, got.blob_key, got.size) == (
+        BackendType.S3,
+        None,
+        "b" * 32,
+        77,
+    )
+    assert got.version == f.version + 1
+
+
+async def test_blobs_referenced(store: MetadataStore) -> None:
+    await store.create(replace(entry("/b1"), blob_key="1" * 32))
+    await store.create(replace(entry("/b2"), blob_key="2" * 32))
+    assert await store.blobs_referenced(["1" * 32, "2" * 32, "3" * 32]) == {"1" * 32, "2" * 32}
+    b2 = await store.get("/b2")
+    assert b2 is not None
+    await store.update(replace(b2, blob_key="4" * 32), b2.version)
+    await store.move("/b1", "/b1-renamed", expected_version=1)
+    await store.delete("/b1-renamed")
+    assert await store.blobs_referenced(["1" * 32, "2" * 32, "4" * 32]) == {"4" * 32}
+    assert await store.blobs_referenced([]) == set()
 
 
 def link(token: str, status: LinkStatus = LinkStatus.ACTIVE, **kw: float) -> Link:
@@ -255,6 +389,8 @@ def link(token: str, status: LinkStatus = LinkStatus.ACTIVE, **kw: float) -> Lin
 
 async def test_links(store: MetadataStore) -> None:
     await store.create_link(link("tok-1"))
+    with pytest.raises(AlreadyExists):
+        await store.create_link(link("tok-1", LinkStatus.USED, used_at=5.0))
     got = await store.get_link("tok-1")
     assert got == link("tok-1")
     assert await store.get_link("nope") is None
@@ -312,26 +448,6 @@ async def test_persistence(store_handle: StoreHandle) -> None:
     assert await store.get("/keep/me.txt") is not None
     assert [e.path for e in await store.list_children("/keep")] == ["/keep/me.txt"]
     assert await store.get_link("persisted") is not None
-
-
-async def test_replication_queue(store_handle: StoreHandle) -> None:
-    store = store_handle.store
-    assert await store.replication_backlog() == 0
-    assert await store.replication_batch(10) == []
-    for i in range(5):
-        await store.enqueue_replication(f"/f{i}", "put" if i % 2 == 0 else "delete", 1.5 + i)
-    batch = await store.replication_batch(3)
-    assert [(p, op) for _, p, op in batch] == [("/f0", "put"), ("/f1", "delete"), ("/f2", "put")]
-    ids = [i for i, _, _ in batch]
-    assert ids == sorted(ids)
-    await store.ack_replication(ids[:2])
-    await store.ack_replication([])
-    assert await store.replication_backlog() == 3
-    store = await store_handle.reopen()
-    rest = await store.replication_batch(10)
-    assert [p for _, p, _ in rest] == ["/f2", "/f3", "/f4"]
-    await store.ack_replication([i for i, _, _ in rest])
-    assert await store.replication_backlog() == 0
 
 
 # ---- SQLite only: group commit, start-up and shutdown behaviour ---------------------------------

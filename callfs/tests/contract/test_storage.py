@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from callfs.errors import DirectoryNotEmpty, NotFound, UnsafePath
-from callfs.storage.base import StorageBackend
+from callfs.core.engine import replica_key
+from callfs.errors import NotFound, UnsafePath
+from callfs.storage.base import StorageBackend, new_blob_key
 
 
 async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -18,18 +19,18 @@ async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
         yield part
 
 
-async def write(backend: StorageBackend, path: str, data: bytes) -> None:
+async def write(backend: StorageBackend, key: str, data: bytes) -> None:
     staged = await backend.stage(
-        path, chunks(*(data[i : i + 65536] for i in range(0, len(data), 65536)))
+        key, chunks(*(data[i : i + 65536] for i in range(0, len(data), 65536)))
     )
     assert staged.size == len(data)
     await staged.publish()
 
 
 async def read(
-    backend: StorageBackend, path: str, offset: int = 0, length: int | None = None
+    backend: StorageBackend, key: str, offset: int = 0, length: int | None = None
 ) -> bytes:
-    stream = await backend.open_read(path, offset, length)
+    stream = await backend.open_read(key, offset, length)
     try:
         out = b"".join([c async for c in stream])
         assert len(out) == stream.length
@@ -41,19 +42,22 @@ async def read(
 @pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 1024 * 1024])
 async def test_round_trip(storage: StorageBackend, size: int) -> None:
     data = os.urandom(size)
-    await write(storage, f"/dir/f{size}.bin", data)
-    assert await read(storage, f"/dir/f{size}.bin") == data
-    st = await storage.stat(f"/dir/f{size}.bin")
+    key = new_blob_key()
+    await write(storage, key, data)
+    assert await read(storage, key) == data
+    st = await storage.stat(key)
     assert st is not None and st.size == size and not st.is_dir
 
 
 async def test_nothing_visible_before_publish(storage: StorageBackend) -> None:
-    staged = await storage.stage("/p.txt", chunks(b"hello"))
-    assert await storage.stat("/p.txt") is None
+    key = new_blob_key()
+    staged = await storage.stage(key, chunks(b"hello"))
+    assert staged.key == key
+    assert await storage.stat(key) is None
     with pytest.raises(NotFound):
-        await storage.open_read("/p.txt")
+        await storage.open_read(key)
     await staged.discard()
-    assert await storage.stat("/p.txt") is None
+    assert await storage.stat(key) is None
 
 
 async def test_failing_body_propagates_and_leaves_nothing(
@@ -66,76 +70,75 @@ async def test_failing_body_propagates_and_leaves_nothing(
         yield b"x" * 100_000
         raise Boom()
 
+    key = new_blob_key()
     with pytest.raises(Boom):
-        await storage.stage("/bad.bin", bad())
-    assert await storage.stat("/bad.bin") is None
+        await storage.stage(key, bad())
+    assert await storage.stat(key) is None
     if storage.kind == "localfs":
-        tmp = tmp_path / "root" / ".callfs-tmp"
+        tmp = tmp_path / "root" / ".callfs" / "tmp"
         assert list(tmp.iterdir()) == []
 
 
-async def test_publish_replaces_whole(storage: StorageBackend) -> None:
-    await write(storage, "/r.bin", b"a" * 200_000)
-    reader = await storage.open_read("/r.bin")
-    await write(storage, "/r.bin", b"b" * 100_000)
-    old = b"".join([c async for c in reader])
+async def test_blobs_are_independent_and_reads_survive_delete(storage: StorageBackend) -> None:
+    old, new = new_blob_key(), new_blob_key()
+    await write(storage, old, b"a" * 200_000)
+    reader = await storage.open_read(old)
+    await write(storage, new, b"b" * 100_000)
+    await storage.delete(old)
+    got = b"".join([c async for c in reader])
     await reader.aclose()
-    assert old == b"a" * 200_000
-    assert await read(storage, "/r.bin") == b"b" * 100_000
+    assert got == b"a" * 200_000  # an open read outlives the blob's removal
+    assert await read(storage, new) == b"b" * 100_000
+    assert await storage.stat(old) is None
 
 
 async def test_ranges(storage: StorageBackend) -> None:
-    await write(storage, "/range.txt", b"0123456789")
-    assert await read(storage, "/range.txt", 2, 3) == b"234"
-    assert await read(storage, "/range.txt", 7) == b"789"
-    assert await read(storage, "/range.txt", 8, 100) == b"89"
-    assert await read(storage, "/range.txt", 10) == b""
+    key = new_blob_key()
+    await write(storage, key, b"0123456789")
+    assert await read(storage, key, 2, 3) == b"234"
+    assert await read(storage, key, 7) == b"789"
+    assert await read(storage, key, 8, 100) == b"89"
+    assert await read(storage, key, 10) == b""
 
 
 async def test_not_found(storage: StorageBackend) -> None:
     with pytest.raises(NotFound):
-        await storage.open_read("/missing")
+        await storage.open_read(new_blob_key())
     with pytest.raises(NotFound):
-        await storage.delete("/missing")
-    with pytest.raises(NotFound):
-        await storage.move("/missing", "/elsewhere")
-    await storage.mkdir("/adir")
-    with pytest.raises(NotFound):
-        await storage.open_read("/adir")
+        await storage.delete(new_blob_key())
 
 
-async def test_directories(storage: StorageBackend) -> None:
-    await storage.mkdir("/x/y/z")
-    await storage.mkdir("/x/y/z")
-    st = await storage.stat("/x/y")
-    assert st is not None and st.is_dir
-    await write(storage, "/x/y/z/f", b"1")
-    with pytest.raises(DirectoryNotEmpty):
-        await storage.delete("/x/y/z")
-    await storage.delete("/x/y/z/f")
-    await storage.delete("/x/y/z")
-    assert await storage.stat("/x/y/z") is None
+async def test_list_blobs_and_sweep_temp(storage: StorageBackend) -> None:
+    keys = [new_blob_key() for _ in range(3)]
+    for key in keys:
+        await write(storage, key, b"x")
+    await write(storage, replica_key(new_blob_key()), b"copy")  # replica copies are not listed
+    assert sorted(await storage.list_blobs(0.0)) == sorted(keys)
+    assert await storage.list_blobs(3600.0) == []  # all too young for the sweep
+    assert len(await storage.list_blobs(0.0, limit=2)) == 2
+    assert await storage.sweep_temp(0.0) == 0
 
 
-async def test_move_file_and_tree(storage: StorageBackend) -> None:
-    await write(storage, "/m/a.txt", b"A")
-    await write(storage, "/m/sub/b.txt", b"B")
-    await storage.move("/m/a.txt", "/n/deep/a2.txt")
-    assert await read(storage, "/n/deep/a2.txt") == b"A"
-    assert await storage.stat("/m/a.txt") is None
-    await storage.move("/m", "/moved")
-    assert await read(storage, "/moved/sub/b.txt") == b"B"
-    assert await storage.stat("/m/sub/b.txt") is None
-    await write(storage, "/t1", b"one")
-    await write(storage, "/t2", b"two")
-    await storage.move("/t1", "/t2")
-    assert await read(storage, "/t2") == b"one"
+async def test_internal_keys_are_refused(storage: StorageBackend) -> None:
+    for key in ("", "/", ".callfs/blobs/aa/bb/x", "/.callfs/tmp/y.part"):
+        with pytest.raises(UnsafePath):
+            await storage.open_read(key)
 
 
-async def test_concurrent_publishes_leave_one_whole_version(storage: StorageBackend) -> None:
-    bodies = [bytes([i]) * 150_000 for i in range(8)]
-    await asyncio.gather(*(write(storage, "/same.bin", b) for b in bodies))
-    assert await read(storage, "/same.bin") in bodies
+async def test_legacy_namespace_keys_are_still_read(storage: StorageBackend) -> None:
+    """Files written before blob keys keep their bytes at the namespace path (their key)."""
+    await write(storage, "old/dir/file.txt", b"legacy")
+    assert await read(storage, "old/dir/file.txt") == b"legacy"
+    assert await storage.list_blobs(0.0) == []  # never a sweep candidate
+    await storage.delete("old/dir/file.txt")
+    assert await storage.stat("old/dir/file.txt") is None
+
+
+async def test_concurrent_writes(storage: StorageBackend) -> None:
+    bodies = {new_blob_key(): bytes([i]) * 150_000 for i in range(8)}
+    await asyncio.gather(*(write(storage, k, b) for k, b in bodies.items()))
+    for key, body in bodies.items():
+        assert await read(storage, key) == body
 
 
 async def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
@@ -149,13 +152,9 @@ async def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
     os.symlink(outside, tmp_path / "root" / "escape")
     os.symlink(outside / "secret", tmp_path / "root" / "link")
     with pytest.raises(UnsafePath):
-        await backend.open_read("/escape/secret")
+        await backend.open_read("escape/secret")
     with pytest.raises(UnsafePath):
-        await backend.open_read("/link")
+        await backend.open_read("link")
     with pytest.raises(UnsafePath):
-        await backend.stage("/escape/new", chunks(b"x"))
-    with pytest.raises(UnsafePath):
-        await backend.mkdir("/escape/d")
-    with pytest.raises(UnsafePath):
-        await backend.move("/link", "/escape/moved")
+        await backend.stage("escape/new", chunks(b"x"))
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]

@@ -75,3 +75,23 @@ def raw_url(client: TestClient[Any, Any], raw_path: str) -> URL:
 
 def auth(key: str = ALICE_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def stored_bytes(node: Node, path: str) -> bytes:
+    """The bytes on disk of the blob the entry at ``path`` names (docs/storage-layout.md)."""
+    assert node.meta is not None
+    entry = await node.meta.get(path)
+    assert entry is not None and entry.blob_key is not None
+    key = entry.blob_key
+    root = Path(node.cfg.backend.localfs_root_path)
+    return (root / ".callfs" / "blobs" / key[:2] / key[2:4] / key).read_bytes()
+
+
+async def unreferenced_files(node: Node) -> list[Path]:
+    """Files under the localfs root that no entry names: staged leftovers and orphan blobs."""
+    assert node.meta is not None
+    root = Path(node.cfg.backend.localfs_root_path)
+    found = [p for p in root.rglob("*") if p.is_file()]
+    blobs = [p.name for p in found if p.parent.parent.parent.name == "blobs"]
+    live = await node.meta.blobs_referenced(blobs)
+    return [p for p in found if p.name not in live]

@@ -15,7 +15,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
-from callfs.tests.functional.conftest import BOB_KEY, INTERNAL, auth, raw_url
+from callfs.tests.functional.conftest import (
+    BOB_KEY,
+    INTERNAL,
+    auth,
+    raw_url,
+    stored_bytes,
+    unreferenced_files,
+)
 
 Client = TestClient[Any, Any]
 
@@ -46,7 +53,7 @@ async def test_post_then_get_and_head(client: Client, node: Node) -> None:
     assert h["X-CallFS-Mode"] == "0644"
     assert h["X-CallFS-Owner"] == "alice"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", h["X-CallFS-MTime"])
-    assert (files_root(node) / "docs" / "hello.txt").read_bytes() == b"hello world"
+    assert await stored_bytes(node, "/docs/hello.txt") == b"hello world"
 
     resp = await client.head("/v1/files/docs/hello.txt", headers=auth())
     assert resp.status == 200
@@ -312,7 +319,7 @@ async def test_upload_size_limit(client: Client, node: Node) -> None:
     assert (await post(client, "ok", b"x" * 1000)).status == 201
     for name in ("big", "big2"):
         assert (await client.get(f"/v1/files/{name}", headers=auth())).status == 404
-        assert not (files_root(node) / name).exists()
+    assert await unreferenced_files(node) == []
 
 
 async def test_interrupted_upload_leaves_nothing(client: Client, node: Node) -> None:
@@ -328,8 +335,7 @@ async def test_interrupted_upload_leaves_nothing(client: Client, node: Node) -> 
     writer.close()
     await asyncio.sleep(0.3)
     assert (await client.get("/v1/files/partial.bin", headers=auth())).status == 404
-    leftovers = [p for p in files_root(node).rglob("*") if p.is_file()]
-    assert leftovers == []
+    assert await unreferenced_files(node) == []
 
 
 # ---- DELETE ---------------------------------------------------------------------------------
@@ -343,7 +349,8 @@ async def test_delete(client: Client, node: Node) -> None:
     assert await resp.read() == b""
     assert (await client.delete("/v1/files/d/f.txt", headers=auth())).status == 404
     assert (await client.delete("/v1/files/d/", headers=auth())).status == 204
-    assert not (files_root(node) / "d").exists()
+    assert await unreferenced_files(node) == []
+    assert not [p for p in files_root(node).rglob("*") if p.is_file()]
 
 
 async def test_recursive_delete_is_all_or_nothing(client: Client, node: Node) -> None:
@@ -356,7 +363,7 @@ async def test_recursive_delete_is_all_or_nothing(client: Client, node: Node) ->
     admin = {"Authorization": f"Bearer {INTERNAL}"}
     assert (await client.delete("/v1/files/t?recursive=true", headers=admin)).status == 204
     assert (await client.get("/v1/files/t", headers=auth())).status == 404
-    assert not (files_root(node) / "t").exists()
+    assert not [p for p in files_root(node).rglob("*") if p.is_file()]
 
 
 async def test_root_delete(client: Client) -> None:
@@ -387,8 +394,7 @@ async def test_rename_and_move(client: Client, node: Node) -> None:
     assert resp.status == 200
     assert await resp.json() == {"path": "/moved"}
     assert await (await client.get("/v1/files/moved/sub/deep.txt", headers=auth())).read() == b"D"
-    assert (files_root(node) / "moved" / "sub" / "deep.txt").read_bytes() == b"D"
-    assert not (files_root(node) / "src").exists()
+    assert await stored_bytes(node, "/moved/sub/deep.txt") == b"D"
     listing = await (
         await client.get("/v1/directories/moved?recursive=true", headers=auth())
     ).json()
@@ -465,7 +471,7 @@ async def test_body_stall_is_bounded_by_read_timeout(client: Client, node: Node)
     assert head.startswith(b"HTTP/1.1 400")
     writer.close()
     assert (await client.get("/v1/files/stalled.bin", headers=auth())).status == 404
-    assert not [p for p in files_root(node).rglob("*") if p.is_file()]
+    assert await unreferenced_files(node) == []
 
     # a slow but steady upload is fine: the timeout bounds stalls, not the transfer
     async def slow() -> AsyncIterator[bytes]:

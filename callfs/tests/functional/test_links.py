@@ -149,7 +149,7 @@ async def test_unknown_forged_expired_and_swept(client: Client, node: Node) -> N
     assert node.app is not None
     state = node.app[STATE]
     # A link whose secret has changed since it was issued is refused as expired.
-    rotated = LinkService(state.engine.meta, "another-secret-entirely-0000")
+    rotated = LinkService(node.meta, "another-secret-entirely-0000")
     stale = await client.post(
         "/v1/links/generate", json={"path": "/f.txt", "expiry_seconds": 60}, headers=auth()
     )
@@ -164,9 +164,7 @@ async def test_unknown_forged_expired_and_swept(client: Client, node: Node) -> N
         state.links = original
 
     # Expiry: a link generated with a clock in the past is expired now.
-    past = LinkService(
-        state.engine.meta, "link-secret-0123456789abcdef", clock_ns=lambda: 1_000_000_000
-    )
+    past = LinkService(node.meta, "link-secret-0123456789abcdef", clock_ns=lambda: 1_000_000_000)
     old, _ = await past.generate("/f.txt", 1)
     resp = await client.get(f"/download/{old.token}")
     assert resp.status == 410

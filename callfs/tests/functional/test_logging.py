@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,18 +14,28 @@ from aiohttp.test_utils import TestClient
 
 from callfs.api.ratelimit import RateLimiter
 from callfs.api.state import STATE
-from callfs.daemon import Node
+from callfs.daemon import Node, log_secrets
 from callfs.log import ConsoleFormatter, JsonFormatter, RedactionFilter, configure_logging
-from callfs.tests.functional.conftest import ALICE_KEY, INTERNAL, LINK_SECRET, auth
+from callfs.tests.functional.conftest import (
+    ALICE_KEY,
+    BOB_KEY,
+    INTERNAL,
+    KEY0,
+    LINK_SECRET,
+    auth,
+    make_config,
+)
 
-SECRETS = [ALICE_KEY, INTERNAL, LINK_SECRET]
+#: What the node's config holds; the filter is built from the daemon's own list, not from this.
+SECRETS = [ALICE_KEY, BOB_KEY, KEY0, INTERNAL, LINK_SECRET]
 
 
 @pytest.fixture
-def captured() -> Iterator[io.StringIO]:
+def captured(node: Node) -> Iterator[io.StringIO]:
+    """Log through the redaction ``run`` installs: ``log_secrets`` of the node's config."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.addFilter(RedactionFilter(SECRETS))
+    handler.addFilter(RedactionFilter(log_secrets(node.cfg)))
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     old_level = root.level
@@ -52,7 +63,13 @@ async def test_no_secret_or_token_in_any_log_line(
     await client.get("/v1/files/f.txt", headers={"Authorization": "Bearer " + ALICE_KEY[:-1]})
     # code that logs a secret or a token by mistake is still redacted
     logging.getLogger("callfs.test").warning(
-        "oops %s %s %s", ALICE_KEY, token, f"download/{token}", extra={"path": INTERNAL}
+        "oops %s %s %s %s %s",
+        ALICE_KEY,
+        BOB_KEY,
+        KEY0,
+        token,
+        f"download/{token}",
+        extra={"path": INTERNAL},
     )
     try:
         raise ValueError(f"failure mentioning {LINK_SECRET}")
@@ -77,6 +94,20 @@ async def test_no_secret_or_token_in_any_log_line(
         assert secret not in text
     assert token[:8] in text  # cut to the first 8 characters, still traceable
     assert "[REDACTED]" in text
+
+
+def test_log_secrets_cover_every_configured_secret(tmp_path: Path) -> None:
+    extra = {
+        "CALLFS_BACKEND__S3_SECRET_KEY": "s3-secret-key-0123456789",
+        "CALLFS_METADATA_STORE__REDIS_PASSWORD": "meta-redis-password-0123",
+        "CALLFS_DLM__REDIS_PASSWORD": "dlm-redis-password-0123",
+    }
+    secrets = log_secrets(make_config(tmp_path, **extra))
+    for secret in [*SECRETS, *extra.values()]:
+        assert secret in secrets
+    redaction = RedactionFilter(secrets)
+    for secret in [*SECRETS, *extra.values()]:
+        assert redaction.redact(f"value {secret} here") == "value [REDACTED] here"
 
 
 def test_formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,1 @@
+"""Durable background work (replica copies, later repair and reclaim): the WorkQueue seam."""
