@@ -112,6 +112,7 @@ async def test_one_namespace_across_nodes(cluster: list[ClusterNode], tmp_path: 
                 assert r.headers["X-CallFS-Size"] == str(len(blob))
             async with s.get(f"{node.base}/v1/directories/shared", headers=H) as r:
                 assert [i["name"] for i in (await r.json())["items"]] == ["blob.bin"]
+
         # only node-a holds the bytes
         def blobs(name: str) -> list[str]:
             return [p.name for p in (tmp_path / name / "files").rglob("*") if p.is_file()]
