@@ -27,6 +27,7 @@ from callfs.concurrency import shutdown_pools
 from callfs.config import Config
 from callfs.core.background import Periodic
 from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
+from callfs.core.peer import PeerClient
 from callfs.core.replication import WorkQueueWorker
 from callfs.errors import CallFSError, ConfigError
 from callfs.jobs.base import WorkQueue
@@ -38,7 +39,6 @@ from callfs.metadata.guarded import GuardedMetadataStore
 from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
 from callfs.storage.instrumented import InstrumentedBackend
-from callfs.storage.peer import PeerClient
 from callfs.tls import client_context, server_context
 
 if TYPE_CHECKING:

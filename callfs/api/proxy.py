@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from callfs.core.peer import PeerClient
 from callfs.errors import PeerUnavailable
-from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
 

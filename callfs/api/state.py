@@ -9,10 +9,10 @@ from aiohttp import web
 from callfs.api.ratelimit import RateLimiter
 from callfs.auth.keys import Authenticator
 from callfs.core.engine import Engine
+from callfs.core.peer import PeerClient
 from callfs.links.service import LinkService
 from callfs.metrics import Metrics
 from callfs.model import Identity
-from callfs.storage.peer import PeerClient
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from callfs.auth.policy import check_delete, check_read, check_write
+from callfs.core.peer import PeerClient
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
@@ -52,7 +53,6 @@ from callfs.storage.base import (
     StorageBackend,
     new_blob_key,
 )
-from callfs.storage.peer import PeerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
