@@ -52,6 +52,11 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
+def listing_body(children: list[Entry]) -> bytes:
+    """A directory GET's body (HEAD reports its length)."""
+    return dumps([entry_json(c) for c in children]).encode()
+
+
 def item_headers(entry: Entry) -> dict[str, str]:
     return {
         "X-CallFS-Type": entry.type.value,
@@ -95,9 +100,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     entry = await state.engine.stat(who, path)
     if entry.is_dir:
         _, children = await state.engine.list_directory(who, path, recursive=False, max_depth=0)
-        resp = web.Response(
-            body=dumps([entry_json(c) for c in children]).encode(), headers=item_headers(entry)
-        )
+        resp = web.Response(body=listing_body(children), headers=item_headers(entry))
         resp.content_type = "application/json"
         return resp
     span = parse_range(request.headers.get("Range"), entry.size, request.headers.get("If-Range"))
@@ -168,7 +171,7 @@ async def head_file(request: web.Request) -> web.StreamResponse:
         _, children = await state.engine.list_directory(
             identity(request), path, recursive=False, max_depth=0
         )
-        headers["Content-Length"] = str(len(dumps([entry_json(c) for c in children]).encode()))
+        headers["Content-Length"] = str(len(listing_body(children)))
     else:
         content_type = OCTET
         headers["Accept-Ranges"] = "bytes"

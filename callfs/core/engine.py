@@ -35,6 +35,7 @@ from callfs.errors import (
     InternalError,
     NotFound,
     ParentMissing,
+    ParentNotDirectory,
     PermissionDenied,
     RemoteOwner,
     Unavailable,
@@ -44,7 +45,15 @@ from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import BackendType, Entry, EntryType, Identity, NewParents, Placement
+from callfs.model import (
+    BackendType,
+    Entry,
+    EntryType,
+    Identity,
+    NewParents,
+    Placement,
+    parent_of,
+)
 from callfs.paths import CanonicalPath
 from callfs.storage.base import (
     REPLICA_PREFIX,
@@ -171,8 +180,7 @@ class Engine:
         """The target and its immediate parent, fetched concurrently."""
         if path == "/":
             return await self._meta.get("/"), None
-        parent_path = path.rsplit("/", 1)[0] or "/"
-        target, parent = await asyncio.gather(self._meta.get(path), self._meta.get(parent_path))
+        target, parent = await asyncio.gather(self._meta.get(path), self._meta.get(parent_of(path)))
         return target, parent
 
     def _create_conflict(self, existing: Entry, want_dir: bool) -> CallFSError | None:
@@ -306,13 +314,7 @@ class Engine:
 
     async def _stage(self, kind: str, chunks: AsyncIterable[bytes]) -> StagedObject:
         """Stream the body into a durable blob under a new key (not yet named by any entry)."""
-        staged = await self.backend(kind).stage(new_blob_key(), chunks)
-        try:
-            await staged.publish()
-        except BaseException:
-            await staged.discard()
-            raise
-        return staged
+        return await _store_blob(self.backend(kind), new_blob_key(), chunks)
 
     async def _commit(self, kind: str, blob_key: str, command: Awaitable[T]) -> T:
         """Run the conditional command that makes an entry name the new blob ``blob_key``.
@@ -351,7 +353,7 @@ class Engine:
                 )
         except AlreadyExists as exc:
             existing = await self._meta.get(path.path)
-            if existing is not None and exc.message == AlreadyExists.default_message:
+            if existing is not None and not isinstance(exc, ParentNotDirectory):
                 conflict = self._create_conflict(existing, want_dir=False)
                 assert conflict is not None
                 raise conflict from exc
@@ -385,9 +387,9 @@ class Engine:
             if current is None:
                 try:
                     return await self._meta.create(new, self._parents(who.user_id, kind)), None
+                except ParentNotDirectory:
+                    raise
                 except AlreadyExists as exc:
-                    if exc.message != AlreadyExists.default_message:
-                        raise  # a parent is a file
                     raise VersionConflict() from exc  # created meanwhile: decide again
             if current.is_dir:
                 raise BadRequest("path is a directory")
@@ -449,7 +451,7 @@ class Engine:
         try:
             await backend.delete(blob_key)
         except NotFound:
-            pass
+            return  # already gone: nothing to reclaim
         except (CallFSError, OSError):
             log.warning("could not remove an unreferenced blob; the orphan sweep retries it")
 
@@ -474,11 +476,19 @@ class Engine:
         return removed
 
     # ---- HA replication (§13) ----------------------------------------------------------
-    def _replica_for(self, entry: Entry) -> StorageBackend | None:
-        kind = self.settings.replica_backend
-        if not kind or entry.is_dir or entry.backend_type.value in (kind, BackendType.ERASURE):
+    def _replica_for(self, kind: str) -> StorageBackend | None:
+        """The replica backend for bytes kept on the primary backend ``kind`` (None: none)."""
+        replica = self.settings.replica_backend
+        if not replica or kind in (replica, BackendType.ERASURE):
             return None
-        return self.backend(kind)
+        return self.backend(replica)
+
+    def _replicated(self, entry: Entry) -> bool:
+        return (
+            not entry.is_dir
+            and entry.blob_key is not None
+            and (self._replica_for(entry.backend_type.value) is not None)
+        )
 
     async def _replica_failed(self, what: str) -> None:
         """``require_replica_success``: the request fails (500) though the primary change stands."""
@@ -498,20 +508,22 @@ class Engine:
     async def _replicate(self, stored: Entry) -> None:
         """After a create or update: copy the new version now (``require_replica_success``) or
         queue the copy durably for the worker. The replaced version's copy goes in ``_reclaim``."""
-        if self._replica_for(stored) is None or stored.blob_key is None:
+        if not self._replicated(stored):
             return
+        assert stored.blob_key is not None
         if not self.settings.require_replica_success:
             arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
             await self._enqueue(REPLICA_PUT, stored.blob_key, arg)
             return
         try:
-            await self._copy_to_replica(stored.blob_key, stored)
+            await self._copy_to_replica(stored)
         except (CallFSError, OSError):
             await self._replica_failed("put")
 
     async def _replicate_delete(self, entry: Entry) -> None:
-        if self._replica_for(entry) is None or entry.blob_key is None:
+        if not self._replicated(entry):
             return
+        assert entry.blob_key is not None
         if not self.settings.require_replica_success:
             await self._enqueue(REPLICA_DELETE, entry.blob_key, "")
             return
@@ -520,12 +532,12 @@ class Engine:
         except (CallFSError, OSError):
             await self._replica_failed("delete")
 
-    async def _copy_to_replica(self, blob_key: str, source: Entry) -> None:
-        replica = self._replica_for(source)
-        if replica is None:
+    async def _copy_to_replica(self, source: Entry) -> None:
+        replica = self._replica_for(source.backend_type.value)
+        if replica is None or source.blob_key is None:
             return
         stream = await self._open(source, 0, None)
-        await _copy_into(replica, replica_key(blob_key), stream)
+        await _copy_into(replica, replica_key(source.blob_key), stream)
 
     async def _delete_replica(self, blob_key: str) -> None:
         kind = self.settings.replica_backend
@@ -544,32 +556,19 @@ class Engine:
             return
         kind, instance, path = item.arg.split("\t", 2)
         source = await self._meta.get(path)
-        if source is None or source.blob_key != item.key:
-            # Renamed, replaced or deleted since: copy the blob while it still exists here.
-            if instance and instance != self.settings.instance_id:
-                return  # another node's blob, no longer reachable by path: nothing to copy
-            source = Entry(
-                path=path,
-                type=EntryType.FILE,
-                size=0,
-                owner="",
-                mtime=0,
-                backend_type=BackendType(kind),
-                instance_id=instance or None,
-                blob_key=item.key,
-            )
-            try:
-                stream = await self.backend(kind).open_read(item.key)
-            except NotFound:
-                return  # reclaimed already: its delete item removes any copy
-            replica = self._replica_for(source)
-            if replica is not None:
-                await _copy_into(replica, replica_key(item.key), stream)
-            else:
-                await stream.aclose()
+        if source is not None and source.blob_key == item.key:
+            with suppress(NotFound):  # replaced meanwhile: that change has its own items
+                await self._copy_to_replica(source)
             return
-        with suppress(NotFound):
-            await self._copy_to_replica(item.key, source)
+        # Renamed, replaced or deleted since: copy the blob while it still exists here.
+        replica = self._replica_for(kind)
+        if replica is None or (instance and instance != self.settings.instance_id):
+            return  # another node's blob, no longer reachable by path: nothing to copy
+        try:
+            stream = await self.backend(kind).open_read(item.key)
+        except NotFound:
+            return  # reclaimed already: its delete item removes any copy
+        await _copy_into(replica, replica_key(item.key), stream)
 
     # ---- move ----------------------------------------------------------------------------
     async def move(self, who: Identity, src: CanonicalPath, req: MoveRequest) -> str:
@@ -679,18 +678,27 @@ class Engine:
         return moved, source, occupant
 
 
-async def _copy_into(backend: StorageBackend, key: str, stream: ByteStream) -> int:
-    """Stream ``stream`` into ``backend`` under ``key`` and publish it; returns the size written.
-    The stream is closed, and the staged object discarded if publishing fails."""
-    try:
-        staged = await backend.stage(key, _iterate(stream))
-    finally:
-        await stream.aclose()
+async def _store_blob(
+    backend: StorageBackend, key: str, chunks: AsyncIterable[bytes]
+) -> StagedObject:
+    """Stream ``chunks`` into ``backend`` under ``key`` and publish it (durable and readable);
+    the staged object is discarded if publishing fails."""
+    staged = await backend.stage(key, chunks)
     try:
         await staged.publish()
     except BaseException:
         await staged.discard()
         raise
+    return staged
+
+
+async def _copy_into(backend: StorageBackend, key: str, stream: ByteStream) -> int:
+    """Copy an open read into ``backend`` under ``key``; returns the size written. The stream is
+    always closed."""
+    try:
+        staged = await _store_blob(backend, key, _iterate(stream))
+    finally:
+        await stream.aclose()
     return staged.size
 
 

@@ -164,10 +164,9 @@ class LocalFSBackend:
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
         if is_blob_key(key):
-            return os.path.join(self._blobs, key[:2], key[2:4], key)
+            return _fanned(self._blobs, key)
         if is_replica_key(key):
-            copy = key[len(REPLICA_PREFIX) :]
-            return os.path.join(self._replica, copy[:2], copy[2:4], copy)
+            return _fanned(self._replica, key[len(REPLICA_PREFIX) :])
         return self._resolve(key)
 
     def _resolve(self, path: str) -> str:
@@ -364,6 +363,11 @@ class LocalFSBackend:
                             if len(found) >= limit:
                                 return found
         return found
+
+
+def _fanned(base: str, key: str) -> str:
+    """``base/k0k1/k2k3/key``: two fan-out levels keep directories small."""
+    return os.path.join(base, key[:2], key[2:4], key)
 
 
 def _scandirs(path: str) -> list[os.DirEntry[str]]:
