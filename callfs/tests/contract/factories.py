@@ -14,8 +14,9 @@ from pathlib import Path
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.storage.base import StorageBackend
+from callfs.tests.services import free_port
 
-METADATA_KINDS = ["sqlite", "postgres", "redis"]
+METADATA_KINDS = ["sqlite", "postgres", "redis", "raft"]
 LOCK_KINDS = ["local", "redis"]
 STORAGE_KINDS = ["localfs", "s3"]
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -47,6 +48,9 @@ async def make_metadata_store(kind: str, tmp_path: Path) -> AsyncIterator[StoreH
     elif kind == "redis":
         async with _redis() as handle:
             yield handle
+    elif kind == "raft":
+        async with _raft(tmp_path) as handle:
+            yield handle
     else:
         raise ValueError(kind)
 
@@ -77,6 +81,17 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[StoreHandle]:
 
     path = str(tmp_path / "meta.sqlite3")
     async with _managed(lambda: SqliteMetadataStore(path)) as handle:
+        yield handle
+
+
+@asynccontextmanager
+async def _raft(tmp_path: Path) -> AsyncIterator[StoreHandle]:
+    """A one-node Raft group (real pysyncobj, real journal and snapshots); ``reopen`` restarts
+    it from its own log."""
+    from callfs.tests.raftnode import one_node_raft_store
+
+    port = free_port()
+    async with _managed(lambda: one_node_raft_store(tmp_path / "raft", port)) as handle:
         yield handle
 
 

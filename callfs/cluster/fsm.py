@@ -1,0 +1,269 @@
+"""The Raft state machine: the metadata as a local SQLite database written only by ``apply``.
+
+rqlite's model (measured in ``docs/raft.md``): the state is not a Python object per entry but one
+SQLite file per node, so a node holds a million entries in a few MB of RSS, restarts from its own
+snapshot in under a second, and a snapshot is a consistent copy of that file. ``apply`` runs the
+very commands of the one-node SQLite store (``metadata/sqlite_ops.py``), so every replica decides
+every race exactly as a single node would.
+
+Rules ``apply`` keeps, because one broken command would wedge or fork every replica:
+- deterministic: the clock is the proposer's ``now``; no randomness, no I/O but its database;
+- idempotent by request id: a result is remembered (``raft_requests``) and a retried command gets
+  it back without running again;
+- never raises: a refused command returns its error as a result. A database failure (disk full)
+  marks the replica broken (it stops serving reads, ``/health`` says why) instead of skipping.
+
+Durability does not come from this database (``synchronous=OFF``): it is rebuilt at every start
+from the last snapshot plus the Raft log, which is fsync'd (``cluster/raft.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from callfs.cluster import commands as C
+from callfs.errors import CallFSError, InternalError
+from callfs.metadata import sqlite_ops as ops
+from callfs.metadata.sqlite import op_error
+
+log = logging.getLogger(__name__)
+
+#: How long a request id is remembered (seconds of proposer time). A client retries a "maybe
+#: applied" command within ``raft.apply_timeout``; an hour is far beyond that.
+REQUEST_MEMORY = 3600.0
+
+SNAPSHOT_MAGIC = b"CFSRAFT1"
+_HASH_LEN = 32
+_COPY_CHUNK = 1 << 20
+
+_RAFT_TABLES = """
+CREATE TABLE IF NOT EXISTS raft_requests (
+    id TEXT PRIMARY KEY, at REAL NOT NULL, result BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS raft_requests_at ON raft_requests (at);
+CREATE TABLE IF NOT EXISTS raft_members (
+    node_id TEXT PRIMARY KEY, raft_addr TEXT NOT NULL, api_endpoint TEXT NOT NULL
+)
+"""
+
+Handler = Callable[[sqlite3.Connection, list[Any], float], Any]
+
+
+def _member_put(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
+    node_id, raft_addr, endpoint = a
+    conn.execute(
+        "DELETE FROM raft_members WHERE raft_addr = ? AND node_id != ?", (raft_addr, node_id)
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO raft_members (node_id, raft_addr, api_endpoint) VALUES (?, ?, ?)",
+        (node_id, raft_addr, endpoint),
+    )
+
+
+def _member_remove(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
+    conn.execute("DELETE FROM raft_members WHERE node_id = ?", (a[0],))
+
+
+HANDLERS: dict[str, Handler] = {
+    "create": lambda c, a, _: C.entry_out(ops.create(c, C.some_entry_in(a[0]), C.parents_in(a[1]))),
+    "update": lambda c, a, _: C.entry_out(ops.update(c, C.some_entry_in(a[0]), a[1])),
+    "delete": lambda c, a, _: C.entry_out(ops.delete(c, a[0], a[1])),
+    "delete_tree": lambda c, a, _: [C.entry_out(e) for e in ops.delete_tree(c, a[0], a[1], a[2])],
+    "move": lambda c, a, _: [
+        C.entry_out(e)
+        for e in ops.move(c, a[0], a[1], a[2], a[3], C.parents_in(a[4]), C.placement_in(a[5]))
+    ],
+    "create_link": lambda c, a, _: ops.create_link(c, C.link_in(a[0])),
+    "consume_link": lambda c, a, _: ops.consume_link(c, a[0], a[1], a[2]),
+    "sweep_links": lambda c, a, _: ops.sweep_links(c, a[0], a[1]),
+    "put_erasure": lambda c, a, _: ops.put_erasure(c, a[0], a[1]),
+    "delete_erasure": lambda c, a, _: ops.delete_erasure(c, a[0]),
+    "wq_enqueue": lambda c, a, _: ops.wq_enqueue(c, a[0], a[1], a[2], a[3]),
+    "wq_claim": lambda c, a, _: [
+        [w.id, w.kind, w.key, w.arg, w.attempts] for w in ops.wq_claim(c, a[0], a[1], a[2], a[3])
+    ],
+    "wq_ack": lambda c, a, _: ops.wq_ack(c, a[0], a[1]),
+    "wq_retry": lambda c, a, _: ops.wq_retry(c, a[0], a[1], a[2]),
+    "member_put": _member_put,
+    "member_remove": _member_remove,
+    "noop": lambda c, a, _: None,
+}
+
+
+def remove_db(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+
+
+class StateMachine:
+    """Owns the live database at ``path``. ``apply`` and the snapshot hooks run on the Raft tick
+    thread; readers open their own connections (WAL: they see only committed commands)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        #: Set when a command could not be applied for a reason other than its own refusal: this
+        #: replica no longer matches the others and must not serve reads.
+        self.broken: str | None = None
+        self.applied = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def open_fresh(self) -> None:
+        """Start from an empty database: Raft replays the snapshot and the log into it (a live
+        database ahead of the snapshot would apply commands twice)."""
+        self.close()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        remove_db(self.path)
+        self._open()
+
+    def _open(self) -> None:
+        conn = ops.connect(self.path, synchronous="OFF")
+        ops.migrate(conn)
+        conn.executescript(_RAFT_TABLES)
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---- apply -----------------------------------------------------------------------------
+    def apply(self, payload: bytes) -> bytes:
+        """Apply one command; return its encoded result. Never raises."""
+        try:
+            _version, request_id, now, name, args = C.unpack(payload)
+            handler = HANDLERS[name]
+        except Exception:  # a command this version cannot read: refuse it, the same everywhere
+            return C.failed(InternalError("unreadable raft command"))
+        conn = self._conn
+        if conn is None:
+            return C.failed(InternalError("state machine is closed"))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if request_id:
+                row = conn.execute(
+                    "SELECT result FROM raft_requests WHERE id = ?", (request_id,)
+                ).fetchone()
+                if row is not None:
+                    conn.execute("COMMIT")
+                    return bytes(row[0])
+            conn.execute("SAVEPOINT cmd")
+            try:
+                out = C.ok(handler(conn, args, now))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO cmd")
+                error = exc if isinstance(exc, CallFSError) else op_error(exc)
+                out = C.failed(error)
+            conn.execute("RELEASE cmd")
+            if request_id:
+                conn.execute(
+                    "INSERT INTO raft_requests (id, at, result) VALUES (?, ?, ?)",
+                    (request_id, now, out),
+                )
+                conn.execute("DELETE FROM raft_requests WHERE at < ?", (now - REQUEST_MEMORY,))
+            conn.execute("COMMIT")
+            self.applied += 1
+            return out
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if self.broken is None:
+                self.broken = f"a command could not be applied: {exc}"
+                log.critical("raft state machine broken: %s; this replica stops serving", exc)
+            return C.failed(InternalError("metadata replica failed"))
+
+    # ---- snapshots: ``MAGIC | sha256(db) | db`` ---------------------------------------------
+    def pin(self) -> sqlite3.Connection:
+        """A reader connection holding a read transaction: what a snapshot copies is exactly the
+        state at this moment, while ``apply`` goes on (WAL)."""
+        rconn = sqlite3.connect(self.path, check_same_thread=False)
+        rconn.execute("BEGIN")
+        rconn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return rconn
+
+    @staticmethod
+    def write_snapshot(rconn: sqlite3.Connection, raft_data: bytes, final: str) -> None:
+        """Copy the pinned state plus ``raft_data`` to ``final`` (fsync'd, atomic), in any
+        thread."""
+        work = final + ".db.tmp"
+        out = final + ".tmp"
+        remove_db(work)
+        try:
+            dst = sqlite3.connect(work)
+            try:
+                rconn.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")
+                dst.execute("CREATE TABLE _raftsnap (id INTEGER PRIMARY KEY, data BLOB)")
+                dst.execute("INSERT INTO _raftsnap VALUES (1, ?)", (raft_data,))
+                dst.commit()
+            finally:
+                dst.close()
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                rconn.rollback()
+            rconn.close()
+        digest = hashlib.sha256()
+        with open(work, "rb") as f:
+            for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
+                digest.update(chunk)
+        with open(work, "rb") as src, open(out, "wb") as dst_file:
+            dst_file.write(SNAPSHOT_MAGIC + digest.digest())
+            for chunk in iter(lambda: src.read(_COPY_CHUNK), b""):
+                dst_file.write(chunk)
+            dst_file.flush()
+            os.fsync(dst_file.fileno())
+        remove_db(work)
+        os.replace(out, final)
+        fsync_dir(final)
+
+    def restore(self, snapshot: str) -> bytes:
+        """Rebuild the live database from a snapshot file; return its Raft data. A snapshot that
+        fails its checksum raises (never half-loaded)."""
+        with open(snapshot, "rb") as f:
+            head = f.read(len(SNAPSHOT_MAGIC) + _HASH_LEN)
+            if len(head) != len(SNAPSHOT_MAGIC) + _HASH_LEN or not head.startswith(SNAPSHOT_MAGIC):
+                raise ValueError(f"{snapshot} is not a CallFS raft snapshot")
+            want = head[len(SNAPSHOT_MAGIC) :]
+            digest = hashlib.sha256()
+            work = self.path + ".restore"
+            remove_db(work)
+            with open(work, "wb") as out:
+                for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.digest() != want:
+            remove_db(work)
+            raise ValueError(f"{snapshot} failed its checksum (incomplete transfer?)")
+        src = sqlite3.connect(work)
+        try:
+            row = src.execute("SELECT data FROM _raftsnap WHERE id = 1").fetchone()
+            src.execute("DROP TABLE _raftsnap")
+            src.commit()
+            # Copied INTO the live database (not a file swap): every reader connection of the
+            # node keeps working and sees the installed state.
+            if self._conn is None:
+                self._open()
+            assert self._conn is not None
+            src.backup(self._conn)
+        finally:
+            src.close()
+            remove_db(work)
+        assert self._conn is not None
+        self._conn.executescript(_RAFT_TABLES)
+        self.broken = None
+        return bytes(row[0])
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,510 @@
+"""The node's Raft replica: the only module that imports pysyncobj (pinned to 0.3.17).
+
+``RaftNode`` runs pysyncobj's tick thread over a ``StateMachine`` (``cluster/fsm.py``) and turns a
+replicated call into an asyncio future. What pysyncobj does not do, done here:
+
+- **Durability** (LIBRARIES.md §1.13): pysyncobj writes its log into an mmap it never msyncs and its
+  term/vote without fsync. We replace its journal with one that msyncs on demand, and its transport
+  with one that flushes the journal before ANY outgoing message. A follower then acknowledges only
+  entries on its disk, and a leader's entry is acknowledged by a follower only after the leader's
+  own flush: "acknowledged => fsync'd on a majority", with one flush per batch, not per entry.
+  Term/vote and snapshot renames are fsync'd (file and directory). A one-node group sends nothing,
+  so the journal is also flushed on every tick before callbacks can run... see ``_tick``.
+- **Snapshots** are SQLite copies taken off the tick thread (a 1 M-entry copy takes over a second
+  and would stop heartbeats), checksummed, and verified before a follower installs one.
+- **Security**: the Raft port unpickles what arrives; it never runs without a password.
+
+These are library internals: ``check_internals`` fails loudly at start when they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pysyncobj
+import pysyncobj.journal as pjournal
+import pysyncobj.serializer as pserializer
+import pysyncobj.syncobj as psyncobj
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.transport import TCPTransport
+
+from callfs.cluster.fsm import StateMachine, fsync_dir
+from callfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PINNED_VERSION = "0.3.17"
+
+#: pysyncobj fail reasons that mean "this command was not applied": retry it anywhere.
+NOT_APPLIED = frozenset(
+    {
+        FAIL_REASON.QUEUE_FULL,
+        FAIL_REASON.MISSING_LEADER,
+        FAIL_REASON.NOT_LEADER,
+        FAIL_REASON.REQUEST_DENIED,
+        FAIL_REASON.DISCARDED,
+    }
+)
+
+
+class NotApplied(Exception):
+    """The command was definitely not applied (no leader, not leader, discarded)."""
+
+
+class OutcomeUnknown(Exception):
+    """The command may or may not have been applied (timeout, leader change): retry it with the
+    same request id."""
+
+
+def check_internals() -> None:
+    """The durability hooks patch pysyncobj internals; refuse to run on a version they were not
+    verified against (tests call this too)."""
+    version = getattr(pysyncobj, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as dist_version
+
+        version = dist_version("pysyncobj")
+    if version != PINNED_VERSION:
+        raise RuntimeError(
+            f"pysyncobj {version} is installed; CallFS's durable Raft log is verified against "
+            f"{PINNED_VERSION} only (pip install pysyncobj=={PINNED_VERSION})"
+        )
+    missing = [
+        name
+        for owner, name in (
+            (psyncobj, "createJournal"),
+            (pjournal, "FileJournal"),
+            (pjournal, "MetaStorer"),
+            (pserializer, "atomicReplace"),
+        )
+        if not hasattr(owner, name)
+    ]
+    for owner, name in (
+        (pjournal.FileJournal, "flush"),
+        (pjournal.MetaStorer, "storeMeta"),
+        (pjournal.MetaStorer, "getMeta"),
+        (pjournal.MetaStorer, "getPath"),
+    ):
+        if not hasattr(owner, name):
+            missing.append(f"{owner.__name__}.{name}")
+    if missing:
+        raise RuntimeError(f"pysyncobj internals changed: {', '.join(missing)} missing")
+
+
+# ---- durability hooks -----------------------------------------------------------------------
+_JOURNALS: dict[str, _DurableJournal] = {}
+
+
+class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
+    def __init__(self, journal_file: str) -> None:
+        existed = os.path.exists(journal_file)
+        super().__init__(journal_file)
+        self.dirty = False
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self._sync_lock = threading.Lock()
+        if not existed:
+            self.flush()
+            fsync_dir(journal_file)
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self.dirty = True
+
+    def clear(self) -> None:
+        super().clear()
+        self.dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        super().deleteEntriesFrom(entryFrom)
+        self.dirty = True
+
+    def sync(self) -> None:
+        if not self.dirty:
+            return
+        with self._sync_lock:
+            if not self.dirty:
+                return
+            started = time.perf_counter()
+            self.dirty = False
+            self.flush()  # mmap.flush(): msync(MS_SYNC) of the mapping
+            self.syncs += 1
+            self.sync_seconds += time.perf_counter() - started
+
+
+def _create_journal(journal_file: str | None = None) -> Any:
+    if journal_file is None:
+        return pjournal.MemoryJournal()
+    journal = _DurableJournal(journal_file)
+    _JOURNALS[os.path.abspath(journal_file)] = journal
+    return journal
+
+
+def _store_meta(self: Any, meta: Any) -> None:
+    path = self.getPath()
+    with open(path + ".tmp", "wb") as f:
+        f.write(pickle.dumps(meta))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_dir(path)
+
+
+def _load_meta(self: Any) -> Any:
+    # pysyncobj's own version leaves the file open (a ResourceWarning per start).
+    try:
+        with open(self.getPath(), "rb") as f:
+            return pickle.loads(f.read())  # noqa: S301 (pysyncobj's own local file)
+    except (OSError, pickle.UnpicklingError, EOFError):
+        return {}
+
+
+def _durable_replace(src: str, dst: str) -> None:
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    fsync_dir(dst)
+
+
+class _DurableTransport(TCPTransport):  # type: ignore[misc]
+    """Flushes the journal before any message leaves: nothing is acknowledged, by a follower or
+    on the leader's behalf, that is not on this node's disk."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        journal_file = syncObj.conf.journalFile
+        self._journal = _JOURNALS.get(os.path.abspath(journal_file)) if journal_file else None
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node: Any, message: Any) -> Any:
+        journal = self._journal
+        if journal is not None and journal.dirty:
+            journal.sync()
+        return super().send(node, message)
+
+
+_installed = False
+
+
+def _install_durability() -> None:
+    global _installed
+    if _installed:
+        return
+    check_internals()
+    psyncobj.createJournal = _create_journal
+    pjournal.MetaStorer.storeMeta = _store_meta
+    pjournal.MetaStorer.getMeta = _load_meta
+    pserializer.atomicReplace = _durable_replace
+    _installed = True
+
+
+# ---- the replicated state ----------------------------------------------------------------------
+class _Replica(SyncObjConsumer):  # type: ignore[misc]
+    def __init__(self, fsm: StateMachine) -> None:
+        # Set before super().__init__(): pysyncobj leaves it out of its own (unused) snapshot.
+        self._fsm = fsm
+        super().__init__()
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply(self, payload: bytes) -> bytes:
+        return self._fsm.apply(payload)
+
+
+class _Snapshots:
+    """pysyncobj's serializer hooks: copy the pinned database in a thread, report via the
+    checker, keep ``retain`` older snapshots."""
+
+    def __init__(self, fsm: StateMachine, retain: int) -> None:
+        self._fsm = fsm
+        self._retain = max(1, retain)
+        self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        self.taken = 0
+        self.failed = 0
+        self.last_seconds = 0.0
+        self.restore_error: str | None = None
+
+    def serialize(self, tmp_file: str, raft_data: Any) -> None:
+        # Tick thread. pysyncobj renames tmp_file as soon as this returns: we never create it (the
+        # rename fails and is ignored), so a good older snapshot is never replaced by a partial.
+        final = tmp_file[: -len(".tmp")]
+        started = time.perf_counter()
+        rconn = self._fsm.pin()
+        data = pickle.dumps(raft_data)
+        self._state = SERIALIZER_STATE.SERIALIZING
+
+        def copy() -> None:
+            try:
+                self._rotate(final)
+                StateMachine.write_snapshot(rconn, data, final)
+                self.taken += 1
+                self.last_seconds = time.perf_counter() - started
+                self._state = SERIALIZER_STATE.SUCCESS
+            except Exception:
+                log.exception("raft snapshot failed")
+                self.failed += 1
+                self._state = SERIALIZER_STATE.FAILED
+
+        threading.Thread(target=copy, name="callfs-raft-snapshot", daemon=True).start()
+
+    def _rotate(self, final: str) -> None:
+        for i in range(self._retain - 1, 0, -1):
+            older = final if i == 1 else f"{final}.{i - 1}"
+            if os.path.exists(older):
+                os.link(older, f"{final}.{i}.tmp")
+                os.replace(f"{final}.{i}.tmp", f"{final}.{i}")
+
+    def check(self) -> int:
+        state = self._state
+        if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+            self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        return int(state)
+
+    def deserialize(self, file_name: str) -> Any:
+        """Tick thread: install a snapshot (our own at start, or one the leader sent)."""
+        try:
+            data = self._fsm.restore(file_name)
+        except Exception as exc:
+            # pysyncobj would only log this and report success to the leader: make it loud, drop
+            # the bad file (a restart then fetches a fresh snapshot) and stop serving reads.
+            self.restore_error = str(exc)
+            self._fsm.broken = f"snapshot could not be installed: {exc}"
+            log.critical("raft snapshot %s rejected: %s; restart this node", file_name, exc)
+            with contextlib.suppress(OSError):
+                os.remove(file_name)
+            raise
+        self.restore_error = None
+        return pickle.loads(data)  # noqa: S301 (our own snapshot, checksummed; see docs/security.md)
+
+
+@dataclass(frozen=True, slots=True)
+class RaftSettings:
+    node_id: str
+    bind_addr: str
+    #: Raft addresses of the other voters at first start (the log's membership wins later).
+    peers: tuple[str, ...]
+    data_dir: str
+    password: str
+    snapshot_interval: float = 60.0
+    snapshot_threshold: int = 256
+    retain_snapshots: int = 2
+    tick: float = 0.01
+    heartbeat: float = 0.02
+    election_min: float = 0.4
+    election_max: float = 1.0
+    leader_fallback: float = 1.0
+
+
+class RaftNode:
+    def __init__(self, settings: RaftSettings) -> None:
+        if not settings.password:
+            raise ConfigError("raft needs a secret (raft.secret or auth.internal_proxy_secret)")
+        self.settings = settings
+        self.fsm = StateMachine(os.path.join(settings.data_dir, "state.sqlite3"))
+        self._snapshots = _Snapshots(self.fsm, settings.retain_snapshots)
+        self._sync: SyncObj | None = None
+        self._replica: _Replica | None = None
+        self._journal: _DurableJournal | None = None
+        self._membership = asyncio.Lock()
+        self.on_state_changed: Callable[[int, int], None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the SyncObj. Must run on a thread that lives as long as the node (the main
+        thread): pysyncobj's tick thread stops when its creator dies."""
+        _install_durability()
+        s = self.settings
+        os.makedirs(s.data_dir, exist_ok=True)
+        self.fsm.open_fresh()
+        self._replica = _Replica(self.fsm)
+        journal = os.path.join(s.data_dir, "raft.journal")
+        conf = SyncObjConf(
+            password=s.password,
+            autoTick=True,
+            autoTickPeriod=s.tick,
+            appendEntriesUseBatch=True,
+            appendEntriesPeriod=s.heartbeat,
+            raftMinTimeout=s.election_min,
+            raftMaxTimeout=s.election_max,
+            leaderFallbackTimeout=s.leader_fallback,
+            # A snapshot transfer sends nothing back until its last chunk: a short timeout cuts it
+            # and pysyncobj resumes it with a gap (LIBRARIES.md §1.13 trap 3).
+            connectionTimeout=120.0,
+            connectionRetryTime=0.5,
+            commandsWaitLeader=False,
+            journalFile=journal,
+            fullDumpFile=os.path.join(s.data_dir, "raft.snapshot"),
+            logCompactionMinEntries=s.snapshot_threshold,
+            logCompactionMinTime=s.snapshot_interval,
+            dynamicMembershipChange=True,
+            maxBindRetries=3,
+            serializer=self._snapshots.serialize,
+            deserializer=self._snapshots.deserialize,
+            serializeChecker=self._snapshots.check,
+            onStateChanged=self._state_changed,
+        )
+        self._sync = SyncObj(
+            s.bind_addr,
+            list(s.peers),
+            conf,
+            consumers=[self._replica],
+            transportClass=_DurableTransport,
+        )
+        self._journal = _JOURNALS.get(os.path.abspath(journal))
+        self._sync.addOnTickCallback(self._tick)
+        self._sync.waitBinded()
+
+    def _tick(self) -> None:
+        # A group with no other voter sends no message that would flush the journal.
+        journal = self._journal
+        if journal is not None and journal.dirty:
+            journal.sync()
+
+    def _state_changed(self, old: int, new: int) -> None:
+        if self.on_state_changed is not None:
+            self.on_state_changed(old, new)
+
+    def stop(self) -> None:
+        sync = self._sync
+        self._sync = None
+        if sync is not None:
+            sync.destroy_synchronous()
+        self.fsm.close()
+
+    @property
+    def sync(self) -> SyncObj:
+        if self._sync is None:
+            raise NotApplied("raft is not running")
+        return self._sync
+
+    # ---- proposing ---------------------------------------------------------------------------
+    async def propose(self, payload: bytes, wait: float) -> bytes:
+        """Append ``payload`` through the leader and return ``apply``'s result once committed
+        and applied here. ``NotApplied`` / ``OutcomeUnknown`` otherwise."""
+        replica = self._replica
+        if replica is None or self._sync is None:
+            raise NotApplied("raft is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, int]] = loop.create_future()
+
+        def settle(res: Any, err: int) -> None:
+            if not future.done():
+                future.set_result((res, err))
+
+        def callback(res: Any, err: int) -> None:  # tick thread
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(settle, res, err)
+
+        replica.apply(payload, callback=callback)
+        try:
+            res, err = await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            raise OutcomeUnknown("commit timed out") from None
+        if err == FAIL_REASON.SUCCESS:
+            return bytes(res)
+        if err in NOT_APPLIED:
+            raise NotApplied(f"raft refused the command ({err})")
+        raise OutcomeUnknown(f"raft outcome unknown ({err})")
+
+    # ---- state -------------------------------------------------------------------------------
+    def is_leader(self) -> bool:
+        return self._sync is not None and bool(self._sync._isLeader())
+
+    def leader_addr(self) -> str | None:
+        if self._sync is None:
+            return None
+        leader = self._sync._getLeader()
+        return None if leader is None else str(leader.address)
+
+    def has_quorum(self) -> bool:
+        return self._sync is not None and bool(self._sync.hasQuorum)
+
+    @property
+    def commit_index(self) -> int:
+        return int(self.sync.raftCommitIndex)
+
+    @property
+    def last_applied(self) -> int:
+        return int(self.sync.raftLastApplied)
+
+    def status(self) -> dict[str, Any]:
+        for _ in range(5):  # getStatus iterates sets the tick thread may change
+            try:
+                raw = dict(self.sync.getStatus())
+                break
+            except RuntimeError:
+                time.sleep(0.001)
+        else:
+            raw = {}
+        journal = self._journal
+        return {
+            "state": {0: "follower", 1: "candidate", 2: "leader"}.get(raw.get("state", -1), "?"),
+            "leader": None if raw.get("leader") is None else str(raw["leader"]),
+            "term": raw.get("raft_term"),
+            "commit_index": raw.get("commit_idx"),
+            "applied_index": raw.get("last_applied"),
+            "leader_commit_index": raw.get("leader_commit_idx"),
+            "log_len": raw.get("log_len"),
+            "has_quorum": raw.get("has_quorum"),
+            "members": self.members(),
+            "connected": sorted(
+                k.removeprefix("partner_node_status_server_")
+                for k, v in raw.items()
+                if k.startswith("partner_node_status_server_") and v == 2
+            ),
+            "snapshots_taken": self._snapshots.taken,
+            "snapshots_failed": self._snapshots.failed,
+            "snapshot_seconds": self._snapshots.last_seconds,
+            "journal_syncs": journal.syncs if journal else 0,
+            "broken": self.fsm.broken,
+        }
+
+    def members(self) -> list[str]:
+        """Raft addresses of every voter (this node included)."""
+        sync = self.sync
+        for _ in range(5):
+            try:
+                others = [str(n.address) for n in list(sync.otherNodes)]
+                return sorted({str(sync.selfNode.address), *others})
+            except RuntimeError:
+                time.sleep(0.001)
+        return [str(sync.selfNode.address)]
+
+    # ---- membership (one change at a time: pysyncobj does not guard it) ---------------------
+    async def _change(self, start: Callable[..., None], addr: str, wait: float) -> None:
+        async with self._membership:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[int] = loop.create_future()
+
+            def settle(err: int) -> None:
+                if not future.done():
+                    future.set_result(err)
+
+            def callback(_res: Any, err: int) -> None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle, err)
+
+            start(addr, callback=callback)
+            try:
+                err = await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                raise OutcomeUnknown("membership change timed out") from None
+            if err != FAIL_REASON.SUCCESS:
+                raise NotApplied(f"membership change refused ({err})")
+
+    async def add_voter(self, addr: str, wait: float) -> None:
+        await self._change(self.sync.addNodeToCluster, addr, wait)
+
+    async def remove_voter(self, addr: str, wait: float) -> None:
+        await self._change(self.sync.removeNodeFromCluster, addr, wait)
+
+    def force_snapshot(self) -> None:
+        self.sync.forceLogCompaction()

@@ -1,0 +1,374 @@
+"""A node's view of the Raft group, for the metadata store and the internal endpoints.
+
+- ``execute`` commits one command: proposed here on the leader, forwarded over HTTP
+  (``POST /v1/internal/raft/metadata/apply``) from a follower. A "maybe applied" outcome (timeout,
+  leader change) is retried with the same request id until ``raft.apply_timeout``: the state
+  machine answers a retry from memory, so nothing applies twice.
+- ``read`` gives read-your-writes on every node (API.md §12.4): a follower asks the leader for its
+  commit index (one request shared by every read waiting at that moment) and waits until it has
+  applied that far; a node that cannot learn it (no leader, partitioned) answers 503, never stale
+  data. The leader reads locally while it holds a quorum.
+- Membership: nodes' API endpoints live in the replicated state (``member_put``); joins and
+  removals are serialised on the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import aiohttp
+
+from callfs.cluster import commands as C
+from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
+from callfs.errors import BadRequest, CallFSError, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+APPLY_PATH = "/v1/internal/raft/metadata/apply"
+MSGPACK = "application/x-msgpack"
+_RETRY_PAUSE = 0.05
+_READERS = 4
+_INLINE_BUSY_MS = 20
+_PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def raft_password(internal_secret: str) -> str:
+    """The Raft port's password, derived from ``auth.internal_proxy_secret`` (never stored)."""
+    return hmac.new(
+        internal_secret.encode(), b"callfs-raft-transport-v1", hashlib.sha256
+    ).hexdigest()
+
+
+class RaftService:
+    def __init__(
+        self,
+        node: RaftNode,
+        *,
+        api_endpoint: str,
+        peer_addrs: Mapping[str, str],
+        peer_endpoints: Mapping[str, str],
+        apply_timeout: float,
+        forward_timeout: float,
+        internal_secret: str,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.node = node
+        self.node_id = node.settings.node_id
+        self.api_endpoint = api_endpoint.rstrip("/")
+        #: Raft node ID -> Raft address / API endpoint from the config (the replicated member
+        #: table adds and overrides).
+        self._config_addrs = dict(peer_addrs)
+        self._config_endpoints = {k: v.rstrip("/") for k, v in peer_endpoints.items()}
+        self.apply_timeout = apply_timeout
+        self.forward_timeout = forward_timeout
+        self._secret = internal_secret
+        self._session = session
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._inline: sqlite3.Connection | None = None
+        self._next_index: asyncio.Future[int] | None = None
+        self._fetching = False
+        self._fetcher: asyncio.Future[None] | None = None
+        self.commit_seconds: list[float] = []
+        self.on_commit: Callable[[float], None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the Raft node (on the main thread: see ``RaftNode.start``) and the readers."""
+        self.node.start()
+        self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="callfs-raft-r")
+        inline = sqlite3.connect(self.node.fsm.path, check_same_thread=False)
+        inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
+        self._inline = inline
+
+    async def close(self) -> None:
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.shutdown, True)
+            self._readers = None
+        with self._conns_lock:
+            conns = [*self._conns, *([self._inline] if self._inline else [])]
+            self._conns.clear()
+            self._inline = None
+        for conn in conns:
+            conn.close()
+        await asyncio.to_thread(self.node.stop)
+
+    async def register(self) -> None:
+        """Record this node's API endpoint in the replicated state (retried until a leader takes
+        it; a start without quorum simply keeps trying)."""
+        while True:
+            try:
+                await self.execute(
+                    "member_put", [self.node_id, self.node.settings.bind_addr, self.api_endpoint]
+                )
+                return
+            except Unavailable:
+                await asyncio.sleep(1.0)
+
+    # ---- writes ------------------------------------------------------------------------------
+    async def execute(self, name: str, args: list[Any]) -> Any:
+        payload = C.command(uuid.uuid4().hex, time.time(), name, args)
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.apply_timeout
+        why = "no raft leader"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"metadata commit failed: {why}")
+            try:
+                if self.node.is_leader():
+                    data = await self.node.propose(payload, remaining)
+                else:
+                    data = await self._forward({"op": "apply", "cmd": payload}, remaining)
+                break
+            except (NotApplied, OutcomeUnknown, Unavailable) as exc:
+                why = str(exc) if not isinstance(exc, CallFSError) else exc.message
+                await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+        elapsed = time.perf_counter() - started
+        if self.on_commit is not None:
+            self.on_commit(elapsed)
+        return C.result(data)
+
+    async def serve_apply(self, body: bytes) -> tuple[int, bytes]:
+        """The leader's side of ``/v1/internal/raft/metadata/apply``: ``(status, msgpack)``."""
+        try:
+            request = C.unpack(body)
+            op = request["op"]
+        except Exception:
+            return 400, C.pack({"error": "invalid request"})
+        if not self.node.is_leader():
+            return 502, C.pack({"error": "not leader", "leader_id": self.leader_id()})
+        if op == "read_index":
+            if not self.node.has_quorum():
+                return 503, C.pack({"error": "no quorum"})
+            return 200, C.pack({"index": self.node.commit_index})
+        if op != "apply" or not isinstance(request.get("cmd"), bytes):
+            return 400, C.pack({"error": "invalid request"})
+        try:
+            data = await self.node.propose(request["cmd"], self.forward_timeout)
+        except NotApplied as exc:
+            return 503, C.pack({"error": str(exc), "applied": False})
+        except OutcomeUnknown as exc:
+            return 503, C.pack({"error": str(exc), "applied": None})
+        return 200, C.pack({"result": data})
+
+    async def _forward(self, request: dict[str, Any], wait: float) -> Any:
+        """POST ``request`` to the leader; the decoded answer's payload. ``Unavailable`` when
+        there is no reachable leader or it refused (the caller retries)."""
+        endpoint = self.leader_endpoint()
+        if endpoint is None:
+            raise Unavailable("no raft leader")
+        try:
+            async with self._session().post(
+                endpoint + APPLY_PATH,
+                data=C.pack(request),
+                headers={"Authorization": f"Bearer {self._secret}", "Content-Type": MSGPACK},
+                timeout=aiohttp.ClientTimeout(total=min(wait, self.forward_timeout)),
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except _PEER_ERRORS as exc:
+            raise Unavailable(f"raft leader unreachable ({type(exc).__name__})") from exc
+        try:
+            answer = C.unpack(raw)
+        except Exception as exc:
+            raise Unavailable(f"raft leader answered {status}") from exc
+        if status != 200 or not isinstance(answer, dict):
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise Unavailable(f"raft leader answered {status}: {error}")
+        if "result" in answer:
+            return answer["result"]
+        return answer["index"]
+
+    # ---- reads -------------------------------------------------------------------------------
+    async def barrier(self) -> None:
+        """Return once this node has applied every write any node acknowledged before the call."""
+        if self.node.fsm.broken:
+            raise Unavailable(f"this metadata replica is out of service: {self.node.fsm.broken}")
+        deadline = time.monotonic() + self.apply_timeout
+        while True:  # an election in progress is waited for, up to raft.apply_timeout
+            try:
+                target = await self._target()
+                break
+            except Unavailable:
+                if time.monotonic() + _RETRY_PAUSE > deadline:
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE)
+        delay = 0.0005
+        while self.node.last_applied < target:
+            if time.monotonic() > deadline:
+                raise Unavailable("this node is not catching up with the raft leader")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    async def _target(self) -> int:
+        if self.node.is_leader():
+            if not self.node.has_quorum():
+                raise Unavailable("raft leader has lost its quorum")
+            return self.node.commit_index
+        return await self._read_index()
+
+    async def _read_index(self) -> int:
+        """The leader's commit index, fetched by a request that STARTS after this call began
+        (one request serves every reader waiting for it)."""
+        loop = asyncio.get_running_loop()
+        if self._next_index is None:
+            self._next_index = loop.create_future()
+            if not self._fetching:
+                self._fetching = True
+                self._fetcher = asyncio.ensure_future(self._fetch_indexes())
+        future = self._next_index
+        return await asyncio.shield(future)
+
+    async def _fetch_indexes(self) -> None:
+        try:
+            while self._next_index is not None:
+                future, self._next_index = self._next_index, None
+                try:
+                    index = await self._forward({"op": "read_index"}, self.apply_timeout)
+                except Exception as exc:
+                    if not future.done():
+                        future.set_exception(
+                            exc
+                            if isinstance(exc, CallFSError)
+                            else Unavailable("raft read barrier failed")
+                        )
+                    # Nobody may be awaiting it any more (a cancelled read): mark it retrieved.
+                    future.exception()
+                    continue
+                if not future.done():
+                    future.set_result(int(index))
+        finally:
+            self._fetching = False
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.node.fsm.path, check_same_thread=False)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T], *, point: bool = False) -> T:
+        """Run ``fn`` on a consistent local view after the read barrier. Point reads (one row)
+        run inline when they can (see ``metadata/sqlite.py``)."""
+        await self.barrier()
+        return await self.read_local(fn, point=point)
+
+    async def read_local(self, fn: Callable[[sqlite3.Connection], T], *, point: bool = False) -> T:
+        """Local state without the barrier (cluster bookkeeping, never client-visible data)."""
+        if point and self._inline is not None:
+            try:
+                return fn(self._inline)
+            except sqlite3.Error:
+                log.debug("inline raft read failed; retrying on a reader thread")
+        if self._readers is None:
+            raise Unavailable("metadata store is not running")
+
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise Unavailable("metadata replica read failed") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    # ---- members -----------------------------------------------------------------------------
+    def members(self) -> dict[str, tuple[str, str]]:
+        """node ID -> (Raft address, API endpoint): config first, the replicated table over it."""
+        out: dict[str, tuple[str, str]] = {}
+        for node_id, addr in self._config_addrs.items():
+            out[node_id] = (addr, self._config_endpoints.get(node_id, ""))
+        out[self.node_id] = (self.node.settings.bind_addr, self.api_endpoint)
+        inline = self._inline
+        if inline is not None:
+            with contextlib.suppress(sqlite3.Error):
+                rows = inline.execute(
+                    "SELECT node_id, raft_addr, api_endpoint FROM raft_members"
+                ).fetchall()
+                for node_id, addr, endpoint in rows:
+                    out[node_id] = (addr, endpoint.rstrip("/"))
+        return out
+
+    def node_of(self, raft_addr: str) -> str | None:
+        for node_id, (addr, _endpoint) in self.members().items():
+            if addr == raft_addr:
+                return node_id
+        return None
+
+    def leader_id(self) -> str | None:
+        addr = self.node.leader_addr()
+        return None if addr is None else self.node_of(addr)
+
+    def leader_endpoint(self) -> str | None:
+        addr = self.node.leader_addr()
+        if addr is None:
+            return None
+        for _node_id, (member_addr, endpoint) in self.members().items():
+            if member_addr == addr and endpoint:
+                return endpoint
+        return None
+
+    def endpoints(self) -> dict[str, str]:
+        """node ID -> API endpoint of every known member (for byte proxying)."""
+        return {k: e for k, (_a, e) in self.members().items() if e}
+
+    async def join(self, node_id: str, raft_addr: str, api_endpoint: str) -> None:
+        """Leader only: make ``node_id`` at ``raft_addr`` a voter (API.md §12.6)."""
+        if not node_id or not raft_addr:
+            raise BadRequest("node_id and raft_addr are required")
+        timeout = self.apply_timeout
+        voters = set(self.node.members())
+        known = self.members()
+        if raft_addr not in voters or known.get(node_id, ("", ""))[0] != raft_addr:
+            for other_id, (addr, _e) in known.items():
+                stale = (other_id == node_id and addr != raft_addr) or (
+                    addr == raft_addr and other_id != node_id
+                )
+                if stale and addr in voters and addr != self.node.settings.bind_addr:
+                    await self.node.remove_voter(addr, timeout)
+                    voters.discard(addr)
+                if stale:
+                    await self.execute("member_remove", [other_id])
+            if raft_addr not in voters:
+                await self.node.add_voter(raft_addr, timeout)
+            self.node.force_snapshot()
+        await self.execute("member_put", [node_id, raft_addr, api_endpoint.rstrip("/")])
+
+    async def remove(self, node_id: str) -> None:
+        """Leader only: take ``node_id`` out of the group (the leader itself cannot be removed:
+        move leadership first)."""
+        member = self.members().get(node_id)
+        if member is None:
+            raise BadRequest(f"unknown raft node {node_id!r}")
+        addr = member[0]
+        if addr == self.node.settings.bind_addr:
+            raise BadRequest("the leader cannot remove itself; stop it and remove it from another")
+        if addr in set(self.node.members()):
+            await self.node.remove_voter(addr, self.apply_timeout)
+        await self.execute("member_remove", [node_id])
+
+    def status(self) -> dict[str, Any]:
+        status = self.node.status()
+        status["node_id"] = self.node_id
+        status["leader_id"] = self.leader_id()
+        status["nodes"] = {
+            node_id: {"raft_addr": addr, "api_endpoint": endpoint}
+            for node_id, (addr, endpoint) in sorted(self.members().items())
+        }
+        return status

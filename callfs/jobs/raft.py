@@ -1,0 +1,38 @@
+"""The WorkQueue of a Raft cluster: the ``work_queue`` table of the replicated state, every
+change a Raft command (so a lease is granted once, cluster-wide, and survives any node)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from callfs.cluster import commands as C
+from callfs.cluster.service import RaftService
+from callfs.jobs.base import WorkItem
+from callfs.metadata import sqlite_ops as ops
+
+
+class RaftWorkQueue:
+    def __init__(self, service: RaftService) -> None:
+        self._service = service
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def enqueue(self, kind: str, key: str, arg: str, now: float) -> None:
+        await self._service.execute("wq_enqueue", [kind, key, arg, now])
+
+    async def claim(self, worker: str, limit: int, lease: float, now: float) -> list[WorkItem]:
+        rows = await self._service.execute("wq_claim", [worker, limit, lease, now])
+        return [C.work_in(r) for r in rows]
+
+    async def ack(self, worker: str, ids: Sequence[int]) -> None:
+        await self._service.execute("wq_ack", [worker, list(ids)])
+
+    async def retry(self, worker: str, ids: Sequence[int], not_before: float) -> None:
+        await self._service.execute("wq_retry", [worker, list(ids), not_before])
+
+    async def backlog(self) -> int:
+        return await self._service.read(ops.wq_backlog)
