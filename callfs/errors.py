@@ -20,6 +20,7 @@
     ├── Unavailable           503 UNAVAILABLE (store down, lock wait timed out, no leader)
     │   └── LockTimeout
     ├── InsufficientShards    503 INSUFFICIENT_SHARDS
+    ├── InsufficientStorage   507 INSUFFICIENT_STORAGE (a backend has no space or quota left)
     ├── RemoteOwner           the item's bytes live on another node: proxy there (or 409 on create)
     ├── VersionConflict       a conditional metadata write lost a race (internal; retried or mapped)
     ├── UnsafePath            a backend path resolves outside its root (500)
@@ -124,6 +125,13 @@ class LockTimeout(Unavailable):
 
 class InsufficientShards(CallFSError):
     default_message = "not enough intact shards to rebuild the file"
+
+
+class InsufficientStorage(CallFSError):
+    """A backend ran out of space (ENOSPC) or quota (EDQUOT) while storing bytes; nothing of the
+    write became visible."""
+
+    default_message = "insufficient storage"
 
 
 class RemoteOwner(CallFSError):

@@ -99,6 +99,19 @@ class Metrics:
             ["component", "error_type"],
             registry=reg,
         )
+        # docs/security.md "Limits": what the listener refused or cut off.
+        self.connections_rejected = Counter(
+            "callfs_connections_rejected_total",
+            "Connections closed on arrival: max_connections or max_connections_per_ip.",
+            ["reason"],
+            registry=reg,
+        )
+        self.connections_timed_out = Counter(
+            "callfs_connections_timed_out_total",
+            "Connections cut off: header_wait, write_stall or websocket_idle.",
+            ["reason"],
+            registry=reg,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

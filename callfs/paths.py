@@ -12,13 +12,18 @@ MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 RESERVED_FIRST_SEGMENT = ".erasure"
 
-# U+0000-U+001F except TAB, and the bidi controls U+202A-U+202E, U+2066-U+2069.
-_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\u202a-\u202e\u2066-\u2069]")
+# U+0000-U+001F except TAB, and the bidi controls U+202A-U+202E, U+2066-U+2069 (§6.1 step 6);
+# also the other control characters, DEL and the C1 range U+007F-U+009F (NEL, CSI, ...).
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
-def _invalid() -> BadRequest:
-    return BadRequest("invalid path")
+def _invalid(why: str = "") -> BadRequest:
+    return BadRequest(f"invalid path: {why}" if why else "invalid path")
+
+
+_TOO_LONG_NAME = f"a name is longer than {MAX_SEGMENT_BYTES} bytes"
+_TOO_LONG_PATH = f"longer than {MAX_PATH_BYTES} bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +104,11 @@ def _canonical(s: str) -> CanonicalPath:
             stack.pop()
             continue
         if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            raise _invalid()
+            raise _invalid(_TOO_LONG_NAME)
         stack.append(seg)
     path = "/" + "/".join(stack)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
-        raise _invalid()
+        raise _invalid(_TOO_LONG_PATH)
     if stack and stack[0] == RESERVED_FIRST_SEGMENT:
         raise _invalid()
     if not stack:
@@ -115,5 +120,7 @@ def validate_name(name: str) -> None:
     """A PATCH ``name``: no ``/``, not ``.`` or ``..``, and steps 6 and 9 (§6.2)."""
     if not name or "/" in name or name in (".", ".."):
         raise BadRequest("invalid name")
-    if _FORBIDDEN.search(name) or len(name.encode("utf-8")) > MAX_SEGMENT_BYTES:
+    if _FORBIDDEN.search(name):
         raise BadRequest("invalid name")
+    if len(name.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        raise BadRequest(f"invalid name: longer than {MAX_SEGMENT_BYTES} bytes")

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from callfs.api import directories, files, health, links, websocket
+from callfs.api import directories, files, health, links, protocol_errors, websocket
 from callfs.api.middleware import on_response_prepare, pipeline
 from callfs.api.state import STATE, ApiState
 
@@ -20,6 +20,7 @@ def build_app(state: ApiState) -> web.Application:
     app = web.Application(middlewares=[pipeline], client_max_size=_CLIENT_MAX_SIZE)
     app[STATE] = state
     app.on_response_prepare.append(on_response_prepare)
+    protocol_errors.install(app)
     health.add_routes(app, state.metrics)
     websocket.add_routes(app)
     files.add_routes(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from callfs.api.errors import json_response
-from callfs.api.files import entry_json, request_path
+from callfs.api.files import ANY_TAIL, entry_json, request_path
 from callfs.api.state import api_state, identity
 
 PREFIX = "/v1/directories"
@@ -48,5 +48,5 @@ async def list_directory(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    for pattern in (PREFIX, PREFIX + "/{tail:.*}"):
+    for pattern in (PREFIX, PREFIX + ANY_TAIL):
         app.router.add_get(pattern, list_directory, allow_head=False)

@@ -26,6 +26,7 @@ _TABLE: dict[type[e.CallFSError], tuple[int, str]] = {
     e.PeerUnavailable: (502, "PEER_UNAVAILABLE"),
     e.Unavailable: (503, "UNAVAILABLE"),
     e.InsufficientShards: (503, "INSUFFICIENT_SHARDS"),
+    e.InsufficientStorage: (507, "INSUFFICIENT_STORAGE"),
     # A lost race that the engine did not resolve: the client may simply retry.
     e.VersionConflict: (503, "UNAVAILABLE"),
 }
@@ -62,9 +63,15 @@ def status_and_code(exc: e.CallFSError) -> tuple[int, str]:
     return INTERNAL_ERROR
 
 
+def error_body(status: int, code: str, message: str) -> bytes:
+    """The standard body (§8 shape 1)."""
+    return dumps({"code": code, "message": _FIXED_MESSAGES.get(status, message)}).encode()
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
-    message = _FIXED_MESSAGES.get(status, message)
-    return json_response({"code": code, "message": message}, status=status)
+    resp = web.Response(status=status, body=error_body(status, code, message))
+    resp.content_type = "application/json"
+    return resp
 
 
 def render_error(exc: e.CallFSError) -> web.Response:

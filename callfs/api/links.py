@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from callfs.api.errors import json_response
-from callfs.api.files import read_json_object, send_stream
+from callfs.api.files import defer_continue, read_json_object, send_stream
 from callfs.api.state import api_state, client_ip, identity
 from callfs.errors import BadRequest, NotFound, RateLimited
 from callfs.links.service import MAX_EXPIRY, MIN_EXPIRY
@@ -77,5 +77,5 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/links/generate", generate)
+    app.router.add_post("/v1/links/generate", generate, expect_handler=defer_continue)
     app.router.add_get("/download/{token}", download, allow_head=False)

@@ -8,10 +8,12 @@ import random
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from callfs.api.errors import error_response, render_error
 from callfs.api.state import (
+    CONTINUE_PENDING,
     IDENTITY,
     REQUEST_ID,
     api_state,
@@ -19,7 +21,7 @@ from callfs.api.state import (
     from_h3_bridge,
     is_tls,
 )
-from callfs.errors import CallFSError
+from callfs.errors import BadRequest, CallFSError
 from callfs.log import request_id_var
 
 log = logging.getLogger(__name__)
@@ -61,20 +63,34 @@ def needs_bearer(raw_path: str) -> bool:
     )
 
 
+def new_request_id() -> str:
+    """16 lowercase hex characters, always fresh (§3 step 1)."""
+    return f"{_ids.getrandbits(64):016x}"
+
+
+def set_security_headers(response: web.StreamResponse, tls: bool) -> None:
+    response.headers.update(SECURITY_HEADERS)
+    if tls:
+        response.headers["Strict-Transport-Security"] = HSTS
+
+
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every public response carries, streamed ones included (set before headers go out)."""
     if is_internal(request):
         return
+    set_security_headers(response, is_tls(request))
     headers = response.headers
-    headers.update(SECURITY_HEADERS)
-    if is_tls(request):
-        headers["Strict-Transport-Security"] = HSTS
     alt_svc = api_state(request).alt_svc
     if alt_svc and not from_h3_bridge(request):
         headers["Alt-Svc"] = alt_svc
     rid = request.get(REQUEST_ID)
     if isinstance(rid, str):
         headers["X-Request-ID"] = rid
+    if request.get(CONTINUE_PENDING):
+        # Answered without asking for the body (``files.defer_continue``): the client may still
+        # send it or not, so the connection cannot carry another request.
+        response.force_close()
+        headers["Connection"] = "close"  # aiohttp prepared the headers while still keep-alive
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:
@@ -119,7 +135,7 @@ def route_template(request: web.Request) -> str:
 async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
         return await handler(request)
-    rid = f"{_ids.getrandbits(64):016x}"
+    rid = new_request_id()
     request[REQUEST_ID] = rid
     request_id_var.set(rid)
     started = time.perf_counter()
@@ -167,6 +183,12 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return render_error(exc)
     except web.HTTPException as exc:
         return _from_http_exception(exc)
+    except HttpProcessingError:
+        # the body broke the protocol (bad chunked encoding, ...): the client's fault, not ours;
+        # aiohttp's text of it quotes request bytes, so it is not passed on.
+        resp = render_error(BadRequest("malformed request body"))
+        resp.force_close()  # the rest of the stream cannot be parsed either
+        return resp
     except (ConnectionResetError, ConnectionError):
         raise
     except Exception:

@@ -6,7 +6,9 @@ import re
 
 from callfs.errors import RangeNotSatisfiable
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: ASCII digits only: ``\d`` and ``int()`` also take Arabic-Indic, fullwidth and other digits,
+#: which no HTTP client means; such a header is malformed, so the whole file is sent (200).
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str | None, size: int, if_range: str | None) -> tuple[int, int] | None:
@@ -16,7 +18,7 @@ def parse_range(header: str | None, size: int, if_range: str | None) -> tuple[in
     past the end (so any range of an empty file) raises ``RangeNotSatisfiable``."""
     if header is None or if_range is not None:
         return None
-    m = _RANGE.fullmatch(header.strip())
+    m = _RANGE.fullmatch(header.strip(" \t"))
     if m is None:
         return None
     first_s, last_s = m.groups()

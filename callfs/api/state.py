@@ -40,6 +40,8 @@ class ApiState:
 STATE = web.AppKey("callfs_state", ApiState)
 IDENTITY = web.RequestKey("callfs_identity", Identity)
 REQUEST_ID = web.RequestKey("callfs_request_id", str)
+#: An upload's ``Expect: 100-continue`` not answered yet (``files.defer_continue``).
+CONTINUE_PENDING = web.RequestKey("callfs_continue_pending", bool)
 
 
 def api_state(request: web.Request) -> ApiState:
@@ -52,7 +54,11 @@ def identity(request: web.Request) -> Identity:
 
 def from_h3_bridge(request: web.Request) -> bool:
     """True when the request arrived through the HTTP/3 relay's private socket."""
-    state = api_state(request)
+    return through_h3_bridge(api_state(request), request)
+
+
+def through_h3_bridge(state: ApiState, request: web.BaseRequest) -> bool:
+    """``from_h3_bridge`` for a request that has no route (and so no app) to ask."""
     if state.h3_socket is None or request.transport is None:
         return False
     return bool(request.transport.get_extra_info("sockname") == state.h3_socket)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.files import request_path
+from callfs.api.limits import cut_off
 from callfs.api.state import api_state, identity
 from callfs.errors import (
     AlreadyExists,
@@ -60,7 +62,12 @@ async def transfer(request: web.Request) -> web.StreamResponse:
         existing = await state.engine.find(path.path)
         if existing is not None and existing.is_dir:
             raise BadRequest("target path is a directory")
-    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, autoclose=False)
+    # Buffered per WebSocket (aiohttp 3.14): one message being assembled (< MAX_MESSAGE), parsed
+    # messages up to 128 KiB plus one before reading pauses, and one socket read; ~2.5 MiB at most.
+    # ``timeout`` bounds the wait for the client's reply to our close frame.
+    ws = web.WebSocketResponse(
+        max_msg_size=MAX_MESSAGE, compress=False, autoclose=False, timeout=state.read_timeout
+    )
     if not ws.can_prepare(request).ok:
         raise BadRequest("not a WebSocket request")
     if not origin_allowed(request):
@@ -90,7 +97,12 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
     try:
         async for chunk in stream:
             for start in range(0, len(chunk), FRAME):
-                await ws.send_bytes(chunk[start : start + FRAME])
+                try:
+                    async with asyncio.timeout(state.write_timeout):
+                        await ws.send_bytes(chunk[start : start + FRAME])
+                except TimeoutError:
+                    cut_off(request)  # §2: the client stopped reading
+                    return
     except (CallFSError, OSError):
         log.warning("websocket download of a file failed mid-way", exc_info=True)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file read failed")
@@ -109,7 +121,13 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
         nonlocal ended_by_eof
         total = 0
         while True:
-            msg = await ws.receive()
+            try:
+                # §22: an upload with no message for read_timeout is closed (pings do not count)
+                async with asyncio.timeout(state.read_timeout):
+                    msg = await ws.receive()
+            except TimeoutError:
+                state.metrics.connections_timed_out.labels(reason="websocket_idle").inc()
+                raise UploadAborted(WSCloseCode.POLICY_VIOLATION, "idle timeout") from None
             if msg.type == WSMsgType.BINARY:
                 total += len(msg.data)
                 if total > cap:

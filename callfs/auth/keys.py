@@ -20,6 +20,13 @@ def extract_token(header: str | None) -> str:
     return header.strip()
 
 
+def _token_bytes(header: str | None) -> bytes:
+    """The token as the bytes the client sent. aiohttp decodes header bytes that are not UTF-8
+    (a raw 0xE9) to lone surrogates; ``surrogateescape`` turns them back instead of raising, so
+    such a token simply matches no key."""
+    return extract_token(header).encode("utf-8", "surrogateescape")
+
+
 class Authenticator:
     """Maps a bearer token to the user it belongs to.
 
@@ -47,7 +54,7 @@ class Authenticator:
 
         Compares against every key without stopping at the first match, so timing does not reveal
         which key (or how much of one) matched."""
-        token = extract_token(authorization).encode()
+        token = _token_bytes(authorization)
         found: str | None = None
         if token:
             for key, user in self._table:
@@ -61,7 +68,7 @@ class Authenticator:
         """True iff the header carries the internal proxy secret (internal endpoints, §12.6).
 
         An empty configured secret rejects everything."""
-        token = extract_token(authorization).encode()
+        token = _token_bytes(authorization)
         if not self._internal or not token:
             return False
         return hmac.compare_digest(token, self._internal)

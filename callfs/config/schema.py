@@ -38,6 +38,12 @@ class ServerConfig:
     file_op_timeout: float = key(10.0, "bound on opening a backend read", DURATION)
     metadata_op_timeout: float = key(5.0, "bound on each metadata store call", DURATION)
     max_upload_size: int = key(10737418240, "largest accepted upload body in bytes (413 above)")
+    max_connections: int = key(
+        4096, "open client connections in total; more are closed at once (keep below ulimit -n)"
+    )
+    max_connections_per_ip: int = key(
+        128, "open connections per client IP; more from that IP are closed at once"
+    )
 
 
 @dataclass(frozen=True)

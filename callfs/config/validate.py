@@ -45,6 +45,9 @@ def _server(cfg: Config) -> str | None:
         return "server.quic_listen_addr is required when server.enable_quic=true"
     if s.max_upload_size <= 0:
         return "server.max_upload_size must be > 0"
+    for name in ("max_connections", "max_connections_per_ip"):
+        if getattr(s, name) <= 0:
+            return f"server.{name} must be > 0"
     return None
 
 

@@ -9,6 +9,10 @@ Only the server names these files: client paths never map to disk paths, so no r
 the staging area or a blob by name. Keys that are not blob keys are legacy namespace paths (files
 written before blob keys, at ``<root><engine path>``): read and deleted in place, confined to the
 root with symlinks refused, and never inside ``.callfs/``.
+
+Reads, stats and deletes reach a key from the root one component at a time (``openat`` with
+``O_NOFOLLOW``), so a directory inside the root swapped for a symlink at any moment is refused,
+never followed: nothing outside the root is ever served or removed.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import os
 import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import IO
+from typing import IO, NoReturn
 
 from callfs.concurrency import run_blocking
-from callfs.errors import NotFound, UnsafePath
+from callfs.errors import InsufficientStorage, NotFound, UnsafePath
 from callfs.storage.base import REPLICA_PREFIX, ObjectStat, is_blob_key, is_replica_key
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,8 @@ WRITE_BATCH = 1 << 20
 #: Reads up to this size are done in the same thread hop as the open and answered inline.
 SMALL_READ = 64 * 1024
 READ_CHUNK = 1024 * 1024
-_VERIFIED_MAX = 4096
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def _fsync_dir(path: str) -> None:
@@ -87,7 +91,11 @@ class _Staged:
         self.size = size
 
     async def publish(self) -> None:
-        await run_blocking(self._backend._publish_blocking, self._tmp, self._target)
+        try:
+            await run_blocking(self._backend._publish_blocking, self._tmp, self._target)
+        except OSError as exc:
+            _raise_if_no_space(exc)
+            raise
 
     async def discard(self) -> None:
         await run_blocking(_unlink_quietly, self._tmp)
@@ -102,6 +110,15 @@ def _unlink_quietly(path: str) -> None:
         log.warning("could not remove a temporary upload file", exc_info=True)
 
 
+#: A write that fails with one of these found no room: ``InsufficientStorage`` (507).
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _raise_if_no_space(exc: OSError) -> None:
+    if exc.errno in _NO_SPACE:
+        raise InsufficientStorage() from exc
+
+
 class LocalFSBackend:
     kind = "localfs"
 
@@ -111,10 +128,6 @@ class LocalFSBackend:
         self._tmp = ""
         self._blobs = ""
         self._replica = ""
-        #: Parent directories already resolved inside the root (realpath is ~20 us on a hot path).
-        #: CallFS never creates symlinks; any directory move or delete clears the memo, so a
-        #: renamed directory is resolved again.
-        self._verified: dict[str, str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -170,24 +183,51 @@ class LocalFSBackend:
         return self._resolve(key)
 
     def _resolve(self, path: str) -> str:
-        """Absolute location of a legacy key (a namespace path). Its parent must resolve inside
-        the root (symlinks followed); the last component itself is never followed (callers use
-        O_NOFOLLOW/lstat). The internal area is never a legacy key."""
-        rel = path.lstrip("/")
-        if not rel or rel.split("/", 1)[0] == INTERNAL_DIR:
-            raise UnsafePath()
+        """Absolute location of a legacy key (a namespace path), for the write path. Its parent
+        must resolve inside the root, checked on every call (no memo: a directory verified once
+        may be a symlink by the next call). Reads, stats and deletes do not use this: they walk
+        the key with ``_open_parent_blocking``."""
+        rel = "/".join(_key_parts(path))
         full = os.path.join(self._root, rel)
-        logical = os.path.dirname(full)
-        parent = self._verified.get(logical)
-        if parent is None:
-            parent = os.path.realpath(logical)
-            if not self._inside(parent):
-                log.error("refused a path that resolves outside the localfs root")
-                raise UnsafePath()
-            if len(self._verified) >= _VERIFIED_MAX:
-                self._verified.clear()
-            self._verified[logical] = parent
+        parent = os.path.realpath(os.path.dirname(full))
+        if not self._inside(parent):
+            log.error("refused a path that resolves outside the localfs root")
+            raise UnsafePath()
         return os.path.join(parent, os.path.basename(full))
+
+    def _open_parent_blocking(self, key: str) -> tuple[int, str]:
+        """A descriptor of the directory holding ``key`` and the key's last component.
+
+        The directory is reached from the root one component at a time, each opened relative to
+        the previous one with ``O_NOFOLLOW | O_DIRECTORY``: a component that is (or has just
+        become) a symlink is refused (``UnsafePath``), never followed, whatever was verified
+        before. A missing component, or one that is not a directory, raises ``NotFound``. The
+        caller closes the descriptor and opens or stats the last component relative to it,
+        without following it either.
+        """
+        if not self._root:
+            raise RuntimeError("LocalFSBackend used before start()")
+        if is_blob_key(key):
+            parts = [INTERNAL_DIR, "blobs", key[:2], key[2:4], key]
+        elif is_replica_key(key):
+            blob = key[len(REPLICA_PREFIX) :]
+            parts = [INTERNAL_DIR, "replica", blob[:2], blob[2:4], blob]
+        else:
+            parts = _key_parts(key)
+        # self._root was made a real path at start: no component of it is a symlink.
+        fd = os.open(self._root, os.O_RDONLY | _O_DIRECTORY)
+        try:
+            for name in parts[:-1]:
+                try:
+                    child = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    _raise_for_component(exc, name, fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1]
 
     # ---- writes ----------------------------------------------------------------------------
     async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> _Staged:
@@ -209,23 +249,31 @@ class LocalFSBackend:
                     pending = []
                     pending_size = 0
             await run_blocking(self._finish_blocking, fileobj, tmp, pending)
-        except BaseException:
+        except BaseException as exc:
             if fileobj is not None and not fileobj.closed:
                 fileobj.close()
             await run_blocking(_unlink_quietly, tmp)
+            if isinstance(exc, OSError):
+                _raise_if_no_space(exc)
             raise
         return _Staged(self, key, tmp, target, size)
 
     @staticmethod
     def _write_blocking(fileobj: IO[bytes] | None, tmp: str, parts: list[bytes]) -> IO[bytes]:
+        opened = fileobj is None
         if fileobj is None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             fileobj = os.fdopen(fd, "wb", buffering=0)
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                written = fileobj.write(view)
-                view = view[written or 0 :]
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = fileobj.write(view)
+                    view = view[written or 0 :]
+        except BaseException:
+            if opened:  # the caller never got it: close it here (a full disk fails the 1st write)
+                fileobj.close()
+            raise
         return fileobj
 
     @classmethod
@@ -271,25 +319,21 @@ class LocalFSBackend:
     async def open_read(
         self, key: str, offset: int = 0, length: int | None = None
     ) -> LocalFileStream:
-        full = self._locate(key)
         if length is not None and length <= SMALL_READ:
-            # A small range is one open + fstat + pread of page-cached data: cheaper inline than the
-            # thread hop (bench/README.md records the measurement). Large reads stay off the loop.
-            return self._open_blocking(full, offset, length)
-        return await run_blocking(self._open_blocking, full, offset, length)
+            # A small range is a short walk of cached directories + open + fstat + pread of
+            # page-cached data: cheaper inline than the thread hop (bench/README.md records the
+            # measurement). Large reads stay off the loop.
+            return self._open_blocking(key, offset, length)
+        return await run_blocking(self._open_blocking, key, offset, length)
 
-    @staticmethod
-    def _open_blocking(full: str, offset: int, length: int | None) -> LocalFileStream:
+    def _open_blocking(self, key: str, offset: int, length: int | None) -> LocalFileStream:
+        parent, name = self._open_parent_blocking(key)
         try:
-            fd = os.open(full, os.O_RDONLY | _O_NOFOLLOW)
-        except FileNotFoundError as exc:
-            raise NotFound() from exc
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=parent)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafePath() from exc
-            if exc.errno in (errno.ENOTDIR, errno.EISDIR):
-                raise NotFound() from exc
-            raise
+            _raise_for_component(exc, name, parent)
+        finally:
+            os.close(parent)
         try:
             st = os.fstat(fd)
         except OSError:
@@ -313,10 +357,9 @@ class LocalFSBackend:
             raise
 
     async def stat(self, key: str) -> ObjectStat | None:
-        full = self._locate(key)
         try:
-            st = await run_blocking(os.lstat, full)
-        except (FileNotFoundError, NotADirectoryError):
+            st = await run_blocking(self._lstat_blocking, key)
+        except (NotFound, FileNotFoundError, NotADirectoryError):
             return None
         return ObjectStat(
             size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
@@ -324,25 +367,32 @@ class LocalFSBackend:
             mtime=st.st_mtime,
         )
 
+    def _lstat_blocking(self, key: str) -> os.stat_result:
+        parent, name = self._open_parent_blocking(key)
+        try:
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
     # ---- removal ---------------------------------------------------------------------------
     async def delete(self, key: str) -> None:
-        full = self._locate(key)
-        if not is_blob_key(key):
-            self._verified.clear()
-        await run_blocking(self._delete_blocking, full)
+        await run_blocking(self._delete_blocking, key)
 
-    @staticmethod
-    def _delete_blocking(full: str) -> None:
+    def _delete_blocking(self, key: str) -> None:
+        """Unlink the key inside the directory reached by the walk (a symlink there is removed
+        itself, never followed), then fsync that directory."""
+        parent, name = self._open_parent_blocking(key)
         try:
-            st = os.lstat(full)
-            if stat.S_ISDIR(st.st_mode):
-                raise NotFound()
-            os.unlink(full)
-        except FileNotFoundError as exc:
-            raise NotFound() from exc
-        except NotADirectoryError as exc:
-            raise NotFound() from exc
-        _fsync_dir(os.path.dirname(full))
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise NotFound()
+                os.unlink(name, dir_fd=parent)
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise NotFound() from exc
+            os.fsync(parent)
+        finally:
+            os.close(parent)
 
     async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]:
         return await run_blocking(self._list_blobs_blocking, older_than, limit)
@@ -363,6 +413,34 @@ class LocalFSBackend:
                             if len(found) >= limit:
                                 return found
         return found
+
+
+def _key_parts(key: str) -> list[str]:
+    """The components of a legacy key (a canonical namespace path without its leading ``/``).
+    Anything a canonical path never holds (empty, ``.`` or ``..`` segments) and the internal
+    area are refused with ``UnsafePath``."""
+    rel = key[1:] if key.startswith("/") else key
+    parts = rel.split("/")
+    if not rel or parts[0] == INTERNAL_DIR or any(p in ("", ".", "..") for p in parts):
+        raise UnsafePath()
+    return parts
+
+
+def _raise_for_component(exc: OSError, name: str, dir_fd: int) -> NoReturn:
+    """Translate the failure to open ``name`` (relative to ``dir_fd``, without following it)."""
+    if isinstance(exc, FileNotFoundError):
+        raise NotFound() from exc
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+        # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR on Linux: look at what it is.
+        try:
+            is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            log.error("refused a symlink inside the localfs root")
+            raise UnsafePath() from exc
+        raise NotFound() from exc
+    raise exc
 
 
 def _fanned(base: str, key: str) -> str:

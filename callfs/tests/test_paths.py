@@ -67,7 +67,7 @@ def test_accepted(raw: str, expected: str) -> None:
 def test_rejected(raw: str) -> None:
     with pytest.raises(BadRequest) as info:
         parse_request_path(raw)
-    assert info.value.message == "invalid path"
+    assert info.value.message.startswith("invalid path")
 
 
 def test_directory_form() -> None:

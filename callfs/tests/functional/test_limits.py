@@ -1,0 +1,359 @@
+"""Limits against slow and stalled clients (API.md §2, §22 "Limits"; docs/security.md "Limits").
+
+These run a real listening node (``Node.start``) on a free port, because the header wait and
+the connection caps live in the listener, not in the application the test client wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient
+
+from callfs.daemon import Node
+from callfs.errors import ConfigError
+from callfs.tests.functional.conftest import ALICE_KEY, auth, make_config
+
+Client = TestClient[Any, Any]
+MiB = 1 << 20
+#: A second loopback source address: the "fresh client" of the per-IP tests (Linux routes all
+#: of 127.0.0.0/8 on lo).
+OTHER_IP = "127.0.0.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def live_node(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Node, int]]:
+    port = free_port()
+    node = Node(make_config(tmp_path, CALLFS_SERVER__LISTEN_ADDR=f"127.0.0.1:{port}", **env))
+    await node.start()
+    try:
+        yield node, port
+    finally:
+        await node.stop()
+
+
+async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, Any]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the server closes the connection (EOF or reset) within ``seconds``; whatever it
+    sends first (a response, an error) is read and dropped."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+async def trickle(writer: Any, data: bytes, gap: float) -> None:
+    """Send ``data`` one byte every ``gap`` seconds until it is sent or the peer is gone."""
+    with contextlib.suppress(ConnectionError):
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(gap)
+
+
+async def health_from(port: int, source: str) -> int:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(
+            f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=3)
+        ) as resp,
+    ):
+        return resp.status
+
+
+def close_all(writers: list[Any]) -> None:
+    for w in writers:
+        w.close()
+
+
+async def big_body(size: int) -> AsyncIterator[bytes]:
+    chunk = os.urandom(MiB)
+    for _ in range(size // MiB):
+        yield chunk
+
+
+def node_server(node: Node) -> web.Server:
+    """The low-level server of the node's main listener."""
+    server = node._runners[0].server
+    assert server is not None
+    return server
+
+
+def sample(node: Node, name: str, **labels: str) -> float:
+    value = node.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# ---- header wait ---------------------------------------------------------------------------------
+async def test_header_wait_bounded_by_read_timeout(tmp_path: Path) -> None:
+    """Silent and trickling connections close after read_timeout; an idle keep-alive one does not
+    (it has 120 s); a keep-alive one whose next request trickles in closes again."""
+    async with live_node(tmp_path, CALLFS_SERVER__READ_TIMEOUT="1s") as (node, port):
+        silent_r, silent_w = await connect(port)
+        trick_r, trick_w = await connect(port)
+        ka_r, ka_w = await connect(port)
+        writers = [silent_w, trick_w, ka_w]
+        try:
+            started = time.monotonic()
+            feeder = asyncio.create_task(
+                trickle(trick_w, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaa", 0.2)
+            )
+            ka_w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status = await ka_r.readuntil(b'{"status":"ok"}')
+            assert status.startswith(b"HTTP/1.1 200")
+            assert await closed_within(silent_r, 4.0)
+            assert await closed_within(trick_r, 4.0)
+            assert time.monotonic() - started < 4.0
+            await feeder
+            # idle keep-alive: still usable well after read_timeout
+            assert not await closed_within(ka_r, 0.5)
+            ka_w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            again = await asyncio.wait_for(ka_r.readuntil(b'{"status":"ok"}'), 2.0)
+            assert again.startswith(b"HTTP/1.1 200")
+            # its next request trickles: the header wait applies again
+            ka_w.write(b"GET /hea")
+            assert await closed_within(ka_r, 3.0)
+            assert sample(node, "callfs_connections_timed_out_total", reason="header_wait") >= 3
+        finally:
+            close_all(writers)
+
+
+# ---- connection caps -----------------------------------------------------------------------------
+async def test_slowloris_per_ip_cap_and_health_from_a_fresh_client(tmp_path: Path) -> None:
+    env = {
+        "CALLFS_SERVER__READ_TIMEOUT": "2s",
+        "CALLFS_SERVER__MAX_CONNECTIONS_PER_IP": "20",
+    }
+    async with live_node(tmp_path, **env) as (node, port):
+        writers: list[Any] = []
+        try:
+            started = time.monotonic()
+            conns = [await connect(port) for _ in range(50)]
+            writers = [w for _, w in conns]
+            feeders = [
+                asyncio.create_task(trickle(w, b"GET / HTTP/1.1\r\nHost: x\r\n", 0.25))
+                for w in writers
+            ]
+            quick = await asyncio.gather(*(closed_within(r, 0.5) for r, _ in conns))
+            assert sum(quick) == 30, quick  # over the quota: closed at once
+            assert not any(quick[:20])  # the first 20 were admitted
+            # the quota is per IP: another client is served meanwhile
+            assert await health_from(port, OTHER_IP) == 200
+            rejected = sample(
+                node, "callfs_connections_rejected_total", reason="max_connections_per_ip"
+            )
+            assert rejected == 30
+            # the admitted trickling ones are closed after read_timeout, well before 120 s
+            slow = await asyncio.gather(*(closed_within(r, 5.0) for r, _ in conns[:20]))
+            assert all(slow)
+            assert time.monotonic() - started < 7.0
+            for f in feeders:
+                await f
+            # the quota is free again
+            assert await health_from(port, "127.0.0.1") == 200
+        finally:
+            close_all(writers)
+
+
+@pytest.mark.parametrize("name", ["max_connections", "max_connections_per_ip"])
+def test_caps_must_be_positive(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"server.{name} must be > 0"):
+        make_config(tmp_path, **{f"CALLFS_SERVER__{name.upper()}": "0"})
+
+
+async def test_total_connection_cap(tmp_path: Path) -> None:
+    env = {"CALLFS_SERVER__MAX_CONNECTIONS": "5", "CALLFS_SERVER__READ_TIMEOUT": "3s"}
+    async with live_node(tmp_path, **env) as (node, port):
+        conns = [await connect(port) for _ in range(5)]
+        writers = [w for _, w in conns]
+        try:
+            for _, w in conns:
+                w.write(b"G")
+            assert not any(await asyncio.gather(*(closed_within(r, 0.3) for r, _ in conns)))
+            extra_r, extra_w = await connect(port, OTHER_IP)
+            writers.append(extra_w)
+            assert await closed_within(extra_r, 0.5)
+            assert sample(node, "callfs_connections_rejected_total", reason="max_connections") == 1
+        finally:
+            close_all(writers)
+
+
+# ---- stalled readers -----------------------------------------------------------------------------
+async def stalled_download(
+    port: int, request: str, stall: float, server: web.Server | None = None
+) -> int:
+    """Send ``request`` from a socket with a tiny receive buffer, read nothing for ``stall``
+    seconds, then read fast to the end: how many bytes arrived before the server hung up.
+    Its connection to ``server`` must be gone before the client reads (the fd is released)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    received = 0
+    earlier = set() if server is None else set(server.connections)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request.encode())
+        await asyncio.sleep(stall)
+        if server is not None:
+            assert set(server.connections) <= earlier
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    data = await loop.sock_recv(sock, 1 << 20)
+                except ConnectionError:
+                    break
+                if not data:
+                    break
+                received += len(data)
+    finally:
+        sock.close()
+    return received
+
+
+@pytest.mark.parametrize("path", ["sendfile", "write"])
+async def test_download_to_a_stalled_reader_is_cut_off(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "write":  # the path of TLS, S3 and uvloop: chunks through aiohttp's writer
+        monkeypatch.setattr("callfs.api.files._SENDFILE_MIN", 1 << 62)
+    size = 64 * MiB
+    async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="1s") as (node, port):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(
+                f"http://127.0.0.1:{port}/v1/files/big.bin", data=big_body(size), headers=auth()
+            ) as r,
+        ):
+            assert r.status == 201
+        request = (
+            f"GET /v1/files/big.bin HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+        )
+        received = await stalled_download(port, request, 3.5, node_server(node))
+        # the server gave up: only what sat in the socket buffers arrived
+        assert received < size // 2
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1
+
+
+async def test_remote_owned_download_to_a_stalled_reader_is_cut_off(tmp_path: Path) -> None:
+    """Node b streams a file that node a owns (one shared metadata store) to a client that
+    stalls: b's chunked write path gives up too."""
+    size = 64 * MiB
+    port_a, port_b = free_port(), free_port()
+    shared = {
+        "CALLFS_SERVER__WRITE_TIMEOUT": "1s",
+        "CALLFS_METADATA_STORE__SQLITE_PATH": str(tmp_path / "shared.sqlite3"),
+        "CALLFS_INSTANCE_DISCOVERY__PEER_ENDPOINTS__A": f"http://127.0.0.1:{port_a}",
+        "CALLFS_INSTANCE_DISCOVERY__PEER_ENDPOINTS__B": f"http://127.0.0.1:{port_b}",
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    node_a = Node(
+        make_config(
+            tmp_path / "a",
+            CALLFS_SERVER__LISTEN_ADDR=f"127.0.0.1:{port_a}",
+            CALLFS_SERVER__EXTERNAL_URL=f"http://127.0.0.1:{port_a}",
+            CALLFS_INSTANCE_DISCOVERY__INSTANCE_ID="a",
+            **shared,
+        )
+    )
+    node_b = Node(
+        make_config(
+            tmp_path / "b",
+            CALLFS_SERVER__LISTEN_ADDR=f"127.0.0.1:{port_b}",
+            CALLFS_SERVER__EXTERNAL_URL=f"http://127.0.0.1:{port_b}",
+            CALLFS_INSTANCE_DISCOVERY__INSTANCE_ID="b",
+            **shared,
+        )
+    )
+    await node_a.start()
+    try:
+        await node_b.start()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.put(
+                    f"http://127.0.0.1:{port_a}/v1/files/big.bin",
+                    data=big_body(size),
+                    headers=auth(),
+                ) as r,
+            ):
+                assert r.status == 201
+            request = (
+                f"GET /v1/files/big.bin HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+            )
+            received = await stalled_download(port_b, request, 3.5, node_server(node_b))
+            assert received < size // 2
+            assert sample(node_b, "callfs_connections_timed_out_total", reason="write_stall") == 1
+        finally:
+            await node_b.stop()
+    finally:
+        await node_a.stop()
+
+
+# ---- WebSocket -----------------------------------------------------------------------------------
+@pytest.fixture
+def config_env() -> dict[str, str]:
+    return {"CALLFS_SERVER__READ_TIMEOUT": "1s", "CALLFS_SERVER__WRITE_TIMEOUT": "1s"}
+
+
+async def test_idle_websocket_upload_is_closed(client: Client, node: Node) -> None:
+    ws = await client.ws_connect("/v1/files/ws/idle.bin?mode=upload", headers=auth())
+    await ws.send_bytes(b"x" * 1000)
+    started = time.monotonic()
+    msg = await ws.receive(timeout=4)
+    assert msg.type == WSMsgType.CLOSE
+    assert msg.data == 1008
+    assert msg.extra == "idle timeout"
+    assert time.monotonic() - started < 3.0
+    await ws.close()
+    resp = await client.get("/v1/files/idle.bin", headers=auth())
+    assert resp.status == 404
+    assert sample(node, "callfs_connections_timed_out_total", reason="websocket_idle") == 1
+
+
+async def test_websocket_download_to_a_stalled_reader_is_cut_off(
+    client: Client, node: Node
+) -> None:
+    size = 32 * MiB
+    resp = await client.put("/v1/files/wsbig.bin", data=big_body(size), headers=auth())
+    assert resp.status == 201
+    assert client.port is not None
+    request = (
+        "GET /v1/files/ws/wsbig.bin HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+    )
+    runner = client.server.runner
+    assert runner is not None
+    received = await stalled_download(client.port, request, 3.5, runner.server)
+    assert received < size // 2
+    assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1

@@ -1,0 +1,229 @@
+"""localfs never serves, stats or deletes bytes outside its root, even when a directory inside the
+root is swapped for a symlink after it was read through (docs/security.md, threat model).
+
+Each case reads the key once (so any memo of verified directories is warm), replaces one directory
+on the way to the key with a symlink to a look-alike tree outside the root, then reads, stats and
+deletes again: never the outside bytes, and the outside file is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from callfs.errors import NotFound, UnsafePath
+from callfs.storage.base import new_blob_key
+from callfs.storage.localfs import LocalFSBackend
+
+INSIDE = b"inside bytes"
+OUTSIDE = b"OUTSIDE BYTES - must never be served"
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _write(backend: LocalFSBackend, key: str, data: bytes) -> None:
+    staged = await backend.stage(key, _chunks(data))
+    await staged.publish()
+
+
+async def _read(backend: LocalFSBackend, key: str, length: int | None = None) -> bytes:
+    stream = await backend.open_read(key, 0, length)
+    try:
+        return b"".join([c async for c in stream])
+    finally:
+        await stream.aclose()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[LocalFSBackend]:
+    b = LocalFSBackend(str(tmp_path / "root"))
+    await b.start()
+    yield b
+    await b.close()
+
+
+def _swap_for_symlink(root: Path, rel_dir: str, rel_file: str, outside: Path) -> Path:
+    """Move ``root/rel_dir`` away (still inside the root) and put a symlink to ``outside`` in its
+    place; ``outside`` gets a file at the same relative position as ``rel_file`` had below it."""
+    victim = root / rel_dir
+    os.rename(victim, root / f"moved-away-{os.urandom(4).hex()}")
+    below = Path(rel_file).relative_to(rel_dir)
+    planted = outside / below
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(OUTSIDE)
+    victim.symlink_to(outside, target_is_directory=True)
+    return planted
+
+
+async def _assert_refused(backend: LocalFSBackend, key: str, planted: Path) -> None:
+    for length in (None, 5, len(OUTSIDE)):  # the inline small read and the threaded read
+        try:
+            got = await _read(backend, key, length)
+        except (NotFound, UnsafePath):
+            continue
+        raise AssertionError(f"read through a swapped-in symlink returned {got!r}")
+    try:
+        st = await backend.stat(key)
+    except UnsafePath:
+        st = None
+    assert st is None or st.size != len(OUTSIDE), "stat followed the swapped-in symlink"
+    with pytest.raises((NotFound, UnsafePath)):
+        await backend.delete(key)
+    assert planted.read_bytes() == OUTSIDE, "delete removed or changed a file outside the root"
+
+
+@pytest.mark.parametrize("swapped", ["old", "old/dir"])
+async def test_legacy_key_parent_swapped_for_symlink(
+    backend: LocalFSBackend, tmp_path: Path, swapped: str
+) -> None:
+    key = "old/dir/file.txt"
+    await _write(backend, key, INSIDE)
+    assert await _read(backend, key) == INSIDE
+    assert await _read(backend, key, 5) == INSIDE[:5]
+    planted = _swap_for_symlink(tmp_path / "root", swapped, key, tmp_path / "outside")
+    await _assert_refused(backend, key, planted)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("area", ["blobs", "replica"])
+async def test_blob_fanout_swapped_for_symlink(
+    backend: LocalFSBackend, tmp_path: Path, depth: int, area: str
+) -> None:
+    blob = new_blob_key()
+    key = blob if area == "blobs" else f"r/{blob}"
+    await _write(backend, key, INSIDE)
+    assert await _read(backend, key) == INSIDE
+    assert await _read(backend, key, 5) == INSIDE[:5]
+    parts = [".callfs", area, blob[:2], blob[2:4]]
+    rel_file = "/".join([*parts, blob])
+    planted = _swap_for_symlink(
+        tmp_path / "root", "/".join(parts[: depth + 1]), rel_file, tmp_path / "outside"
+    )
+    await _assert_refused(backend, key, planted)
+
+
+async def test_last_component_symlink_is_refused(backend: LocalFSBackend, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(OUTSIDE)
+    (tmp_path / "root" / "legacy").mkdir()
+    (tmp_path / "root" / "legacy" / "f.txt").symlink_to(outside)
+    with pytest.raises((NotFound, UnsafePath)):
+        await _read(backend, "legacy/f.txt")
+    with contextlib.suppress(NotFound, UnsafePath):  # removing the link itself is allowed
+        await backend.delete("legacy/f.txt")
+    assert outside.read_bytes() == OUTSIDE
+
+
+@pytest.mark.parametrize("key", ["a/../../x", "a/./b", "a//b", ".callfs/blobs/x", "../x"])
+async def test_odd_legacy_keys_are_refused(backend: LocalFSBackend, key: str) -> None:
+    with pytest.raises(UnsafePath):
+        await backend.open_read(key)
+
+
+# ---- the server's own directories swapped for a symlink ---------------------------------------
+INTERNAL_DIRS = [".callfs", ".callfs/tmp", ".callfs/blobs", ".callfs/replica"]
+
+
+def _outside_with_precious(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    for sub in ("", "tmp", "blobs", "replica"):
+        (outside / sub).mkdir(parents=True, exist_ok=True)
+        (outside / sub / "precious.part").write_bytes(OUTSIDE)
+    return outside
+
+
+def _replace_with_symlink(root: Path, rel_dir: str, outside: Path) -> None:
+    victim = root / rel_dir
+    if victim.exists():
+        os.rename(victim, root / f"moved-away-{os.urandom(4).hex()}")
+    victim.symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("rel_dir", INTERNAL_DIRS)
+async def test_start_refuses_a_symlinked_internal_directory(tmp_path: Path, rel_dir: str) -> None:
+    """Start once, swap an internal directory for a symlink to outside, start again: refused,
+    and nothing outside is removed or created (the start-up sweep never follows it)."""
+    first = LocalFSBackend(str(tmp_path / "root"))
+    await first.start()
+    await first.close()
+    outside = _outside_with_precious(tmp_path)
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    _replace_with_symlink(tmp_path / "root", rel_dir, outside)
+    again = LocalFSBackend(str(tmp_path / "root"))
+    with pytest.raises(UnsafePath, match="symlink"):
+        await again.start()
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
+    assert all(p.read_bytes() == OUTSIDE for p in outside.rglob("precious.part"))
+
+
+@pytest.mark.parametrize("rel_dir", [".callfs", ".callfs/tmp"])
+async def test_staging_never_writes_or_sweeps_through_a_symlink(
+    backend: LocalFSBackend, tmp_path: Path, rel_dir: str
+) -> None:
+    outside = _outside_with_precious(tmp_path)
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    _replace_with_symlink(tmp_path / "root", rel_dir, outside)
+    with pytest.raises(UnsafePath):
+        await backend.stage(new_blob_key(), _chunks(INSIDE))
+    with pytest.raises(UnsafePath):
+        await backend.sweep_temp(0.0)
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
+    assert all(p.read_bytes() == OUTSIDE for p in outside.rglob("precious.part"))
+
+
+@pytest.mark.parametrize("rel_dir", [".callfs", ".callfs/tmp", ".callfs/blobs", ".callfs/replica"])
+@pytest.mark.parametrize("then", ["publish", "discard"])
+async def test_publish_and_discard_after_a_swap_stay_inside(
+    backend: LocalFSBackend, tmp_path: Path, rel_dir: str, then: str
+) -> None:
+    """The window between staging and publishing: a directory swapped meanwhile is refused; the
+    outside holds a file under the staged file's very name, which is never moved nor removed."""
+    blob = new_blob_key()
+    key = f"r/{blob}" if rel_dir.endswith("replica") else blob
+    staged = await backend.stage(key, _chunks(INSIDE))
+    (part,) = (tmp_path / "root" / ".callfs" / "tmp").iterdir()
+    outside = _outside_with_precious(tmp_path)
+    for sub in ("", "tmp"):
+        (outside / sub / part.name).write_bytes(OUTSIDE)
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    _replace_with_symlink(tmp_path / "root", rel_dir, outside)
+    if then == "publish":
+        with pytest.raises((UnsafePath, NotFound, FileNotFoundError)):
+            await staged.publish()
+    else:
+        await staged.discard()
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
+    assert all(p.read_bytes() == OUTSIDE for p in outside.rglob("*") if p.is_file())
+
+
+# ---- modes: the server's files are private to its user ----------------------------------------
+async def test_internal_directories_and_files_are_private(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        b = LocalFSBackend(str(tmp_path / "root"))
+        await b.start()
+        blob = new_blob_key()
+        await _write(b, blob, INSIDE)
+        await _write(b, f"r/{blob}", INSIDE)
+        staged = await b.stage(new_blob_key(), _chunks(INSIDE))
+        internal = tmp_path / "root" / ".callfs"
+        modes = {
+            str(p.relative_to(internal)): p.stat().st_mode & 0o777
+            for p in [internal, *internal.rglob("*")]
+        }
+        await staged.discard()
+        await b.close()
+    finally:
+        os.umask(old_umask)
+    fanned = [f"{area}/{blob[:2]}" for area in ("blobs", "replica")]
+    fanned += [f"{d}/{blob[2:4]}" for d in fanned]
+    for rel in [".", "tmp", "blobs", "replica", *fanned]:
+        assert modes.pop(rel) == 0o700, rel
+    assert len(modes) == 3, modes  # the blob, its replica copy and the staged upload
+    assert set(modes.values()) == {0o600}, modes
