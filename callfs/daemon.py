@@ -19,10 +19,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from callfs.api import internal_raft
 from callfs.api.app import build_app
 from callfs.api.health import metrics_handler
+from callfs.api.limits import ConnectionCaps, ConnectionGuard, GuardedAppRunner
 from callfs.api.state import STATE, ApiState
 from callfs.auth.keys import Authenticator
+from callfs.cluster import metrics as raft_metrics
+from callfs.cluster.raft import RaftNode, RaftSettings
+from callfs.cluster.service import RaftService, raft_password
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config
 from callfs.core.background import Periodic
@@ -36,6 +41,7 @@ from callfs.locks.base import LockManager
 from callfs.locks.instrumented import InstrumentedLockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metadata.guarded import GuardedMetadataStore
+from callfs.metadata.raft import RaftMetadataStore
 from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
 from callfs.storage.instrumented import InstrumentedBackend
@@ -85,8 +91,56 @@ def make_metadata_store(cfg: Config) -> MetadataStore:
     raise ConfigError(f"metadata_store.type {ms.type!r} is not available in this version")
 
 
+def make_raft_service(cfg: Config, peers: PeerClient) -> RaftService:
+    """The node's Raft replica (API.md §12.5). The transport password is derived from
+    ``auth.internal_proxy_secret``, which validation already requires to be set and secret."""
+    r = cfg.raft
+    me = r.bind_addr
+    others = tuple(
+        sorted({addr for node_id, addr in r.peers.items() if node_id != r.node_id and addr != me})
+    )
+    if not others and not r.bootstrap:
+        raise ConfigError(
+            "raft.peers is empty and raft.bootstrap is false: a node that does not bootstrap "
+            "must list the current members in raft.peers (then run callfs cluster join)"
+        )
+    if cfg.instance_discovery.instance_id != r.node_id:
+        log.warning(
+            "instance_discovery.instance_id (%s) differs from raft.node_id (%s): other nodes "
+            "find this node's files by instance ID, so keep them equal in a Raft cluster",
+            cfg.instance_discovery.instance_id,
+            r.node_id,
+        )
+    node = RaftNode(
+        RaftSettings(
+            node_id=r.node_id,
+            bind_addr=me,
+            peers=others,
+            data_dir=r.data_dir,
+            password=raft_password(cfg.auth.internal_proxy_secret),
+            snapshot_interval=r.snapshot_interval,
+            snapshot_threshold=r.snapshot_threshold,
+            retain_snapshots=r.retain_snapshot_count,
+        )
+    )
+    return RaftService(
+        node,
+        api_endpoint=cfg.server.external_url,
+        peer_addrs=r.peers,
+        peer_endpoints={**cfg.instance_discovery.peer_endpoints, **r.api_peer_endpoints},
+        apply_timeout=r.apply_timeout,
+        forward_timeout=r.forward_timeout,
+        internal_secret=cfg.auth.internal_proxy_secret,
+        session=lambda: peers.session,
+    )
+
+
 def make_work_queue(store: MetadataStore) -> WorkQueue:
     """The WorkQueue lives in the same database as the namespace (its own tables or keys)."""
+    if isinstance(store, RaftMetadataStore):
+        from callfs.jobs.raft import RaftWorkQueue
+
+        return RaftWorkQueue(store.service)
     from callfs.metadata.sqlite import SqliteMetadataStore
 
     if isinstance(store, SqliteMetadataStore):
@@ -197,6 +251,7 @@ class Node:
     peers: PeerClient | None = None
     queue: WorkQueue | None = None
     links: LinkService | None = None
+    raft: RaftService | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
@@ -205,7 +260,20 @@ class Node:
     def build(self) -> web.Application:
         """Construct every component (no I/O) and return the main application."""
         cfg = self.cfg
-        inner = make_metadata_store(cfg)
+        self.peers = PeerClient(
+            {
+                **cfg.instance_discovery.peer_endpoints,
+                cfg.instance_discovery.instance_id: cfg.server.external_url,
+            },
+            cfg.auth.internal_proxy_secret,
+            ssl_context=peer_ssl_context(cfg),
+        )
+        if cfg.metadata_store.type == "raft":
+            self.raft = make_raft_service(cfg, self.peers)
+            raft_metrics.register(self.raft, self.metrics.registry)
+            inner: MetadataStore = RaftMetadataStore(self.raft)
+        else:
+            inner = make_metadata_store(cfg)
         self.meta = GuardedMetadataStore(inner, cfg.server.metadata_op_timeout, self.metrics)
         self.queue = make_work_queue(inner)
         self.locks = InstrumentedLockManager(make_lock_manager(cfg), self.metrics)
@@ -226,14 +294,6 @@ class Node:
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
             replica_backend=cfg.ha.replica_backend if cfg.ha.replication_enabled else None,
             require_replica_success=cfg.ha.require_replica_success,
-        )
-        self.peers = PeerClient(
-            {
-                **cfg.instance_discovery.peer_endpoints,
-                cfg.instance_discovery.instance_id: cfg.server.external_url,
-            },
-            cfg.auth.internal_proxy_secret,
-            ssl_context=peer_ssl_context(cfg),
         )
         self.engine = Engine(
             self.meta,
@@ -261,6 +321,8 @@ class Node:
             write_timeout=cfg.server.write_timeout,
         )
         self.app = build_app(state)
+        if self.raft is not None:
+            internal_raft.add_routes(self.app, self.raft)
         return self.app
 
     async def start_components(self) -> None:
@@ -272,11 +334,11 @@ class Node:
         assert self.engine is not None and self.links is not None and self.queue is not None
         engine = self.engine
         components: list[Lifecycle] = [
+            self.peers,  # first: a Raft follower forwards through it from its first command
             self.meta,
             self.queue,
             self.locks,
             *self.backends.values(),
-            self.peers,
             # Background work belongs to the node, not to the HTTP app.
             WorkQueueWorker(
                 engine, self.queue, self.cfg.instance_discovery.instance_id, self.metrics
@@ -289,6 +351,14 @@ class Node:
                 first_delay=60.0,
             ),
         ]
+        if self.raft is not None:
+            raft, peers = self.raft, self.peers
+            components.append(Periodic("raft-register", 3600.0, raft.register))
+
+            async def learn_endpoints() -> None:
+                peers.endpoints.update(raft.endpoints())
+
+            components.append(Periodic("raft-endpoints", 2.0, learn_endpoints))
         for component in components:
             await component.start()
             self._started.append(component)
@@ -298,8 +368,15 @@ class Node:
         assert self.app is not None
         cfg = self.cfg
         ssl_ctx = make_ssl_context(cfg) if uses_tls(cfg) else None
-        main = web.AppRunner(
+        # One guard for every TCP listener: the caps protect the process's file descriptors.
+        guard = ConnectionGuard(
+            ConnectionCaps(cfg.server.max_connections, cfg.server.max_connections_per_ip),
+            cfg.server.read_timeout,
+            self.metrics,
+        )
+        main = GuardedAppRunner(
             self.app,
+            guard,
             access_log=None,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -313,7 +390,7 @@ class Node:
         if cfg.metrics.listen_addr:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", metrics_handler(self.metrics), allow_head=False)
-            runner = web.AppRunner(metrics_app, access_log=None)
+            runner = GuardedAppRunner(metrics_app, guard, access_log=None)
             await runner.setup()
             self._runners.append(runner)
             mhost, mport = split_listen_addr(cfg.metrics.listen_addr)

@@ -70,7 +70,27 @@ def _member_remove(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
     conn.execute("DELETE FROM raft_members WHERE node_id = ?", (a[0],))
 
 
+def _batch(conn: sqlite3.Connection, items: list[Any], now: float) -> list[bytes]:
+    """Several commands in one log entry (group commit): each decided alone, in order, in its
+    own savepoint; the result is one encoded result per command."""
+    out: list[bytes] = []
+    for name, args in items:
+        handler = HANDLERS.get(name)
+        if handler is None or name == "batch":
+            out.append(C.failed(InternalError("unreadable raft command")))
+            continue
+        conn.execute("SAVEPOINT item")
+        try:
+            out.append(C.ok(handler(conn, args, now)))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO item")
+            out.append(C.failed(exc if isinstance(exc, CallFSError) else op_error(exc)))
+        conn.execute("RELEASE item")
+    return out
+
+
 HANDLERS: dict[str, Handler] = {
+    "batch": _batch,
     "create": lambda c, a, _: C.entry_out(ops.create(c, C.some_entry_in(a[0]), C.parents_in(a[1]))),
     "update": lambda c, a, _: C.entry_out(ops.update(c, C.some_entry_in(a[0]), a[1])),
     "delete": lambda c, a, _: C.entry_out(ops.delete(c, a[0], a[1])),

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -39,6 +40,11 @@ T = TypeVar("T")
 APPLY_PATH = "/v1/internal/raft/metadata/apply"
 MSGPACK = "application/x-msgpack"
 _RETRY_PAUSE = 0.05
+#: Group commit: log entries in flight at once, commands and bytes per entry (pysyncobj's
+#: chunked path for entries over 64 KB is unreliable: LIBRARIES.md §1.13 trap 7).
+_MAX_FLIGHTS = 4
+_MAX_BATCH = 128
+_MAX_BATCH_BYTES = 48 * 1024
 _READERS = 4
 _INLINE_BUSY_MS = 20
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -83,6 +89,11 @@ class RaftService:
         self._next_index: asyncio.Future[int] | None = None
         self._fetching = False
         self._fetcher: asyncio.Future[None] | None = None
+        self._pending: collections.deque[tuple[str, list[Any], asyncio.Future[bytes]]] = (
+            collections.deque()
+        )
+        self._flights = 0
+        self._tasks: set[asyncio.Future[None]] = set()
         self.commit_seconds: list[float] = []
         self.on_commit: Callable[[float], None] | None = None
 
@@ -121,7 +132,71 @@ class RaftService:
 
     # ---- writes ------------------------------------------------------------------------------
     async def execute(self, name: str, args: list[Any]) -> Any:
-        payload = C.command(uuid.uuid4().hex, time.time(), name, args)
+        """Commit one command and return its result (or raise its error). Concurrent commands
+        share log entries (group commit): a lone command goes at once, the ones arriving while
+        ``_MAX_FLIGHTS`` entries are in flight leave together in the next."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending.append((name, args, future))
+        if self._flights < _MAX_FLIGHTS:
+            self._launch()
+        return C.result(await future)
+
+    def _launch(self) -> None:
+        take: list[tuple[str, list[Any], asyncio.Future[bytes]]] = []
+        size = 0
+        while self._pending and len(take) < _MAX_BATCH:
+            item = self._pending[0]
+            cost = len(C.pack(item[1])) + 64
+            if take and size + cost > _MAX_BATCH_BYTES:
+                break
+            take.append(self._pending.popleft())
+            size += cost
+        if not take:
+            return
+        self._flights += 1
+        task = asyncio.ensure_future(self._flight(take))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flight(self, take: list[tuple[str, list[Any], asyncio.Future[bytes]]]) -> None:
+        try:
+            if len(take) == 1:
+                name, args, future = take[0]
+                payload = C.command(uuid.uuid4().hex, time.time(), name, args)
+            else:
+                payload = C.command(
+                    uuid.uuid4().hex, time.time(), "batch", [[n, a] for n, a, _f in take]
+                )
+            try:
+                data = await self._commit(payload)
+            except Exception as exc:
+                for _n, _a, future in take:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            if len(take) == 1:
+                if not take[0][2].done():
+                    take[0][2].set_result(data)
+                return
+            try:
+                results = C.result(data)
+            except CallFSError as exc:  # the whole entry was refused
+                for _n, _a, future in take:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_n, _a, future), one in zip(take, results, strict=True):
+                if not future.done():
+                    future.set_result(one)
+        finally:
+            self._flights -= 1
+            if self._pending and self._flights < _MAX_FLIGHTS:
+                self._launch()
+
+    async def _commit(self, payload: bytes) -> bytes:
+        """Append one entry; its encoded result. Retries "maybe applied" with the same request
+        id until ``raft.apply_timeout``, then ``Unavailable``."""
         started = time.perf_counter()
         deadline = time.monotonic() + self.apply_timeout
         why = "no raft leader"
@@ -136,12 +211,11 @@ class RaftService:
                     data = await self._forward({"op": "apply", "cmd": payload}, remaining)
                 break
             except (NotApplied, OutcomeUnknown, Unavailable) as exc:
-                why = str(exc) if not isinstance(exc, CallFSError) else exc.message
+                why = exc.message if isinstance(exc, CallFSError) else str(exc)
                 await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
-        elapsed = time.perf_counter() - started
         if self.on_commit is not None:
-            self.on_commit(elapsed)
-        return C.result(data)
+            self.on_commit(time.perf_counter() - started)
+        return bytes(data)
 
     async def serve_apply(self, body: bytes) -> tuple[int, bytes]:
         """The leader's side of ``/v1/internal/raft/metadata/apply``: ``(status, msgpack)``."""
