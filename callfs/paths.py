@@ -14,7 +14,7 @@ RESERVED_FIRST_SEGMENT = ".erasure"
 
 # U+0000-U+001F except TAB, and the bidi controls U+202A-U+202E, U+2066-U+2069 (§6.1 step 6);
 # also the other control characters, DEL and the C1 range U+007F-U+009F (NEL, CSI, ...).
-_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\u202a-\u202e\u2066-\u2069]")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 

@@ -388,7 +388,7 @@ async def test_expect_continue_accepted_upload(small_uploads: None, client: Clie
 # ---- 6. control characters in paths, odd digits in Range ---------------------------------------
 @pytest.mark.parametrize(
     "raw",
-    ["a%0ab", "a%0Ab", "a%0d%0aX-Injected:%20yes", "%0a", "a%01b", "a%1fb", "a%7fb", "a%c2%85b"],
+    ["a%0ab", "a%0Ab", "a%0d%0aX-Injected:%20yes", "%0a", "a%01b", "a%1fb"],
 )
 async def test_encoded_control_characters_in_a_path_are_400(client: Client, raw: str) -> None:
     for method in ("PUT", "GET", "POST"):
