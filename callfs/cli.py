@@ -6,6 +6,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +186,7 @@ def cluster_join(
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise click.ClickException(f"failed to contact leader: {reason}") from exc
-    try:
-        answer = json.loads(raw)
-    except ValueError as exc:
-        raise click.ClickException(f"failed to decode join response: {exc}") from exc
+    answer = _decode("join", status, raw)
     if status != 200:
         error = answer.get("error") if isinstance(answer, dict) else None
         if error:
@@ -198,6 +196,260 @@ def cluster_join(
         f"Join successful: node={values['node_id']} leader={answer.get('leader_id', '')} "
         f"status={answer.get('status', '')}"
     )
+
+
+STATUS_TIMEOUT = 3.0
+REMOVE_TIMEOUT = 15.0
+
+
+def _decode(what: str, status: int, raw: bytes) -> dict[str, Any]:
+    """The JSON object of an internal answer; otherwise the error names the HTTP status and
+    the start of the body (an HTML 404 from something that is not a CallFS node, a proxy page)."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        snippet = raw[:200].decode("utf-8", errors="replace")
+        raise click.ClickException(
+            f"failed to decode {what} response: HTTP {status}, body {snippet!r}"
+        )
+    return answer
+
+
+def _internal_call(
+    base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
+) -> tuple[int, bytes]:
+    """One internal request (GET without ``body``, POST with it); network errors propagate."""
+    request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
+        base.strip().rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+_NET_ERRORS = (urllib.error.URLError, OSError, ValueError)
+
+
+def _reason(exc: Exception) -> object:
+    return getattr(exc, "reason", exc)
+
+
+def _node_settings(
+    ctx: click.Context, config_path: str | None, url: str, secret: str
+) -> tuple[str, str]:
+    """``--url``/``--internal-secret``, else ``server.external_url``/``auth.internal_proxy_secret``
+    (only if the config loads and validates, like ``cluster join``)."""
+    values = {"url": url.strip(), "secret": secret.strip()}
+    if not all(values.values()):
+        try:
+            cfg = _load(config_path or (ctx.obj or {}).get("config"))
+        except ConfigError:
+            cfg = None
+        if cfg is not None:
+            defaults = {
+                "url": cfg.server.external_url,
+                "secret": cfg.auth.internal_proxy_secret,
+            }
+            values = {k: v or defaults[k].strip() for k, v in values.items()}
+    if not values["url"]:
+        raise click.ClickException(
+            "node url (use --url or set server.external_url in config) is required"
+        )
+    if not values["secret"]:
+        raise click.ClickException(
+            "internal secret (use --internal-secret or set auth.internal_proxy_secret in config)"
+            " is required"
+        )
+    return values["url"], values["secret"]
+
+
+def _raft_status(base: str, secret: str, timeout: float) -> dict[str, Any]:
+    """``GET /v1/internal/raft/status``; a ``ClickException`` for anything but a 200 JSON object."""
+    try:
+        status, raw = _internal_call(base, "/v1/internal/raft/status", secret, None, timeout)
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact node: {_reason(exc)}") from exc
+    answer = _decode("status", status, raw)
+    if status != 200:
+        error = answer.get("error")
+        if error:
+            raise click.ClickException(f"status failed: {error}")
+        raise click.ClickException(f"status failed with status {status}")
+    return answer
+
+
+def _node_row(
+    node_id: str, endpoint: str, view: dict[str, Any] | None, error: str
+) -> dict[str, Any]:
+    view = view or {}
+    return {
+        "node_id": node_id,
+        "api_endpoint": endpoint,
+        "role": view.get("state", "down") if not error else "down",
+        "term": view.get("term"),
+        "commit_index": view.get("commit_index"),
+        "applied_index": view.get("applied_index"),
+        "lag": None,
+        "error": error,
+        "status": view or None,
+    }
+
+
+def _collect_status(base: str, secret: str) -> dict[str, Any]:
+    """Ask ``base``, then every node it lists, for its own view; work out leader and lag."""
+    first = _raft_status(base, secret, STATUS_TIMEOUT)
+    nodes: dict[str, Any] = dict(first.get("nodes") or {})
+    first_id = str(first.get("node_id") or "")
+    voters = {str(a) for a in first.get("members") or []}
+    named = {str((v or {}).get("raft_addr") or "") for v in nodes.values()}
+    # A config peer that is not (or no longer) a voter is listed but not asked; a voter with no
+    # node ID is shown under its Raft address.
+    outside = {i for i, v in nodes.items() if voters and (v or {}).get("raft_addr") not in voters}
+    for addr in sorted(voters - named):
+        nodes[addr] = {"raft_addr": addr, "api_endpoint": ""}
+
+    def ask(node_id: str) -> tuple[dict[str, Any] | None, str]:
+        if node_id == first_id:
+            return first, ""
+        if node_id in outside:
+            return None, "not a member"
+        endpoint = str((nodes.get(node_id) or {}).get("api_endpoint") or "")
+        if not endpoint:
+            return None, "no api endpoint known"
+        try:
+            return _raft_status(endpoint, secret, STATUS_TIMEOUT), ""
+        except click.ClickException as exc:
+            return None, exc.format_message()
+
+    ids = sorted(set(nodes) | ({first_id} if first_id else set()))
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids)))) as pool:
+        views = dict(zip(ids, pool.map(ask, ids), strict=True))
+    rows = [
+        _node_row(i, str((nodes.get(i) or {}).get("api_endpoint") or ""), *views[i]) for i in ids
+    ]
+    # The leader: a node that says so itself (highest term wins), else who the asked node names.
+    leaders = [r for r in rows if r["role"] == "leader"]
+    leaders.sort(key=lambda r: r["term"] or 0, reverse=True)
+    leader_id = leaders[0]["node_id"] if leaders else first.get("leader_id")
+    for row in rows:
+        if row["node_id"] in outside and row["node_id"] != first_id:
+            row["role"] = "not-member"
+    leader_view = next((r["status"] for r in rows if r["node_id"] == leader_id), None)
+    if leader_view and leader_view.get("state") == "leader":
+        leader_commit = leader_view.get("commit_index")
+    else:
+        leader_commit = first.get("leader_commit_index")
+    for row in rows:
+        if isinstance(leader_commit, int) and isinstance(row["applied_index"], int):
+            row["lag"] = leader_commit - row["applied_index"]
+    problems = []
+    if not leader_id:
+        problems.append("no leader known")
+    if len(leaders) > 1:
+        problems.append(
+            "more than one node says it is leader: " + ", ".join(r["node_id"] for r in leaders)
+        )
+    down = [r for r in rows if r["role"] == "down"]
+    for row in down:
+        problems.append(f"node {row['node_id']} did not answer: {row['error']}")
+    for row in rows:
+        if row["status"] and row["status"].get("broken"):
+            problems.append(f"node {row['node_id']} is broken: {row['status']['broken']}")
+    return {
+        "asked": base,
+        "leader_id": leader_id,
+        "leader_commit_index": leader_commit,
+        "members": first.get("members"),
+        "nodes": rows,
+        "ok": not problems,
+        "problems": problems,
+    }
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+@cluster.command("status", context_settings=CONTEXT)
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of any node (default: server.external_url)")
+@click.option("--internal-secret", default="")
+@click.option("--json", "as_json", is_flag=True, help="print the collected data as JSON")
+@click.pass_context
+def cluster_status(
+    ctx: click.Context, config_path: str | None, url: str, internal_secret: str, as_json: bool
+) -> None:
+    """Show every Raft node's role, term, indexes and lag; exit 1 unless all is well."""
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    report = _collect_status(base, secret)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        header = ("NODE", "ENDPOINT", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG")
+        lines = [header] + [
+            (
+                r["node_id"],
+                r["api_endpoint"],
+                r["role"],
+                *(_cell(r[k]) for k in ("term", "commit_index", "applied_index", "lag")),
+            )
+            for r in report["nodes"]
+        ]
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+        for line in lines:
+            click.echo(
+                "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            )
+    if report["problems"]:
+        raise click.ClickException("; ".join(report["problems"]))
+
+
+@cluster.command("remove", context_settings=CONTEXT)
+@click.argument("node")
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of any node (default: server.external_url)")
+@click.option("--internal-secret", default="")
+@click.pass_context
+def cluster_remove(
+    ctx: click.Context, node: str, config_path: str | None, url: str, internal_secret: str
+) -> None:
+    """Ask the leader to take NODE out of the Raft group (stop NODE first)."""
+    node_id = node.strip()
+    if not node_id:
+        raise click.ClickException("node id is required")
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    view = _raft_status(base, secret, STATUS_TIMEOUT)
+    leader_id = view.get("leader_id")
+    if view.get("state") == "leader":
+        target = base
+    elif not leader_id:
+        raise click.ClickException(f"remove failed: no leader known by {base}")
+    else:
+        target = str((view.get("nodes") or {}).get(leader_id, {}).get("api_endpoint") or "")
+        if not target:
+            raise click.ClickException(
+                f"remove failed: no api endpoint known for leader {leader_id}"
+            )
+    try:
+        status, raw = _internal_call(
+            target, "/v1/internal/raft/remove", secret, {"node_id": node_id}, REMOVE_TIMEOUT
+        )
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact leader: {_reason(exc)}") from exc
+    answer = _decode("remove", status, raw)
+    if status != 200:
+        error = answer.get("error")
+        if error:
+            raise click.ClickException(f"remove failed: {error}")
+        raise click.ClickException(f"remove failed with status {status}")
+    click.echo(f"Removed node={answer.get('node_id') or node_id}")
 
 
 @cli.group(context_settings=CONTEXT)

@@ -353,12 +353,10 @@ class Node:
         ]
         if self.raft is not None:
             raft, peers = self.raft, self.peers
+            # Endpoints of Raft members come from the replicated member table, read when needed.
             components.append(Periodic("raft-register", 3600.0, raft.register))
 
-            async def learn_endpoints() -> None:
-                peers.endpoints.update(raft.endpoints())
-
-            components.append(Periodic("raft-endpoints", 2.0, learn_endpoints))
+            peers.resolver = lambda node_id: raft.endpoints().get(node_id)
         for component in components:
             await component.start()
             self._started.append(component)

@@ -364,11 +364,10 @@ class RaftService:
 
     # ---- members -----------------------------------------------------------------------------
     def members(self) -> dict[str, tuple[str, str]]:
-        """node ID -> (Raft address, API endpoint): config first, the replicated table over it."""
+        """node ID -> (Raft address, API endpoint) of every current voter: the replicated member
+        table, completed from the config for voters that have not registered yet (a node taken
+        out of the group is gone from both answers, whatever the config still lists)."""
         out: dict[str, tuple[str, str]] = {}
-        for node_id, addr in self._config_addrs.items():
-            out[node_id] = (addr, self._config_endpoints.get(node_id, ""))
-        out[self.node_id] = (self.node.settings.bind_addr, self.api_endpoint)
         inline = self._inline
         if inline is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -377,7 +376,16 @@ class RaftService:
                 ).fetchall()
                 for node_id, addr, endpoint in rows:
                     out[node_id] = (addr, endpoint.rstrip("/"))
-        return out
+        try:
+            voters = set(self.node.members())
+        except NotApplied:  # not running: what the table and config say
+            voters = {a for a, _e in out.values()} | set(self._config_addrs.values())
+        registered = {addr for addr, _e in out.values()}
+        for node_id, addr in self._config_addrs.items():
+            if node_id not in out and addr not in registered:
+                out[node_id] = (addr, self._config_endpoints.get(node_id, ""))
+        out[self.node_id] = (self.node.settings.bind_addr, self.api_endpoint)
+        return {k: v for k, v in out.items() if v[0] in voters}
 
     def node_of(self, raft_addr: str) -> str | None:
         for node_id, (addr, _endpoint) in self.members().items():

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 
@@ -57,6 +57,9 @@ class PeerClient:
         self._secret = internal_secret
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        #: Nodes learnt at run time (a Raft cluster's member table): asked when ``endpoints``
+        #: does not know an ID, so a node that just joined is reachable at once.
+        self.resolver: Callable[[str], str | None] | None = None
 
     async def start(self) -> None:
         if self._session is None:
@@ -74,7 +77,10 @@ class PeerClient:
             self._session = None
 
     def endpoint(self, instance_id: str) -> str | None:
-        return self.endpoints.get(instance_id)
+        found = self.endpoints.get(instance_id)
+        if found is None and self.resolver is not None:
+            found = self.resolver(instance_id)
+        return found
 
     def require_endpoint(self, instance_id: str) -> str:
         base = self.endpoint(instance_id)

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
@@ -175,3 +176,65 @@ def test_cert_generate(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert cert.read_text().startswith("-----BEGIN CERTIFICATE-----")
     assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+BROKEN_CONFIG = {"CALLFS_AUTH__API_KEYS": ""}  # fails validation, so no defaults are taken from it
+
+
+def test_cluster_status_and_remove_missing_values() -> None:
+    for args in (["cluster", "status"], ["cluster", "remove", "n2"]):
+        result = run(args, BROKEN_CONFIG)
+        assert result.exit_code == 1
+        assert "node url (use --url or set server.external_url in config) is required" in (
+            result.output
+        )
+        result = run([*args, "--url", "http://127.0.0.1:9"], BROKEN_CONFIG)
+        assert result.exit_code == 1
+        assert (
+            "internal secret (use --internal-secret or set auth.internal_proxy_secret in config)"
+            " is required"
+        ) in result.output
+    blank = run(["cluster", "remove", "  ", "--url", "http://x", "--internal-secret", "s"])
+    assert blank.exit_code == 1
+    assert "node id is required" in blank.output
+
+
+def test_cluster_remove_needs_a_node(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["cluster", "remove"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and "NODE" in err
+    with pytest.raises(SystemExit) as info:
+        main(["cluster", "status", "--bogus"])
+    assert info.value.code == 1
+
+
+def test_cluster_status_and_remove_take_url_and_secret_from_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server: {external_url: 'http://127.0.0.1:9'}\n")
+    for args in (
+        ["cluster", "-c", str(cfg), "status"],
+        ["cluster", "remove", "n2", "-c", str(cfg)],
+    ):
+        result = run(args)
+        assert result.exit_code == 1
+        assert "failed to contact node:" in result.output, result.output
+
+
+def test_cluster_help_lists_the_new_commands() -> None:
+    assert {"join", "status", "remove"} <= set(run(["help", "cluster"]).output.split())
+    assert "--json" in run(["cluster", "status", "-h"]).output
+
+
+def test_undecodable_answers_name_the_status_and_body() -> None:
+    from callfs.cli import _decode
+
+    with pytest.raises(click.ClickException) as info:
+        _decode("join", 404, b"<html><h1>404 Not Found</h1></html>" + b"x" * 300)
+    message = info.value.format_message()
+    assert message.startswith("failed to decode join response: HTTP 404, body '<html><h1>404")
+    assert "x" * 165 in message and "x" * 166 not in message  # the first 200 bytes only
+    with pytest.raises(click.ClickException, match="HTTP 200, body '\\[1\\]'"):
+        _decode("status", 200, b"[1]")
+    assert _decode("remove", 200, b'{"status":"removed"}\n') == {"status": "removed"}

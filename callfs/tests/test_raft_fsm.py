@@ -1,0 +1,115 @@
+"""The Raft state machine and its pysyncobj glue, without a network: apply never raises and is
+idempotent by request id, snapshots are checksummed, the port needs the password, and the
+library internals the durable log relies on are still there."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from callfs.cluster import commands as C
+from callfs.cluster.fsm import StateMachine
+from callfs.cluster.raft import check_internals
+from callfs.errors import AlreadyExists, InternalError
+from callfs.model import BackendType, Entry, EntryType
+from callfs.tests.raftnode import one_node_raft_store
+from callfs.tests.services import free_port
+
+
+def entry(path: str) -> Entry:
+    return Entry(
+        path, EntryType.FILE, 3, "alice", 100, BackendType.LOCALFS, "n1", blob_key="k" * 32
+    )
+
+
+def create(req: str, path: str) -> bytes:
+    return C.command(req, 1000.0, "create", [C.entry_out(entry(path)), None])
+
+
+def test_pysyncobj_internals_the_durable_log_patches_are_present() -> None:
+    check_internals()  # raises when the pinned version or a patched attribute changes
+
+
+def test_apply_is_idempotent_by_request_id_and_never_raises(tmp_path: Path) -> None:
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    first = fsm.apply(create("req-1", "/a"))
+    assert C.result(first)[0] == "/a"
+    # the same request again (a retry after "maybe applied"): the same answer, nothing applied
+    assert fsm.apply(create("req-1", "/a")) == first
+    # a different request for the same path is decided: AlreadyExists, as on a single node
+    with pytest.raises(AlreadyExists):
+        C.result(fsm.apply(create("req-2", "/a")))
+    # garbage, unknown commands and wrong arguments are refused as results, never raised
+    for payload in (b"\xff\x00garbage", C.command("r3", 1.0, "no-such", []), C.pack([1])):
+        with pytest.raises(InternalError):
+            C.result(fsm.apply(payload))
+    with pytest.raises(InternalError):
+        C.result(fsm.apply(C.command("r4", 1.0, "create", ["not", "an", "entry"])))
+    # a batch: each command decided alone
+    batch = C.command(
+        "r5",
+        1000.0,
+        "batch",
+        [
+            ["create", [C.entry_out(entry("/b")), None]],
+            ["create", [C.entry_out(entry("/a")), None]],
+        ],
+    )
+    one, two = C.result(fsm.apply(batch))
+    assert C.result(one)[0] == "/b"
+    with pytest.raises(AlreadyExists):
+        C.result(two)
+    assert fsm.broken is None
+    fsm.close()
+
+
+def test_snapshot_round_trip_and_a_damaged_snapshot_is_refused(tmp_path: Path) -> None:
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    for i in range(50):
+        fsm.apply(create(f"r{i}", f"/f{i}"))
+    snap = str(tmp_path / "raft.snapshot")
+    StateMachine.write_snapshot(fsm.pin(), b"raft-data", snap)
+    other = StateMachine(str(tmp_path / "other.sqlite3"))
+    other.open_fresh()
+    assert other.restore(snap) == b"raft-data"
+    reader = __import__("sqlite3").connect(other.path)
+    assert reader.execute("SELECT count(*) FROM entries").fetchone()[0] == 51  # + the root
+    # one chunk missing in the middle (what a cut transfer looks like) -> refused, nothing loaded
+    data = Path(snap).read_bytes()
+    Path(snap).write_bytes(data[:5000] + data[5000 + 4096 :])
+    fresh = StateMachine(str(tmp_path / "fresh.sqlite3"))
+    fresh.open_fresh()
+    with pytest.raises(ValueError, match="checksum"):
+        fresh.restore(snap)
+    reader.close()
+    for m in (fsm, other, fresh):
+        m.close()
+
+
+async def test_the_raft_port_refuses_unauthenticated_pickles(tmp_path: Path) -> None:
+    port = free_port()
+    store = one_node_raft_store(tmp_path / "raft", port)
+    await store.start()
+    try:
+        marker = tmp_path / "pwned"
+
+        class Evil:
+            def __reduce__(self) -> tuple[object, tuple[str]]:
+                return (os.system, (f"touch {marker}",))
+
+        frame = zlib.compress(pickle.dumps(Evil()))
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(struct.pack("i", len(frame)) + frame)
+            time.sleep(0.5)
+        assert not marker.exists()
+    finally:
+        await store.close()
