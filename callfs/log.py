@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 _LEVELS = {
@@ -64,6 +66,31 @@ class RedactionFilter(logging.Filter):
         return True
 
 
+class RefusedRequestFilter(logging.Filter):
+    """For ``aiohttp.server``: a request its HTTP parser refused (an ``HttpProcessingError`` in
+    the record) becomes one WARNING line naming the client address and the error class, with no
+    traceback and none of the request's bytes. Any client can send such requests, so each must
+    not cost an ERROR with a traceback; the client already got its 400. Other records pass as
+    they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        remote = args[0] if len(args) == 1 and isinstance(args[0], str) else "?"
+        record.msg = "refused a malformed HTTP request from %s (%s)"
+        record.args = (remote, type(exc).__name__)
+        record.exc_info = None
+        record.exc_text = None
+        if record.levelno > logging.WARNING:  # never raised: aiohttp's debug records stay debug
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+            # The logger let the ERROR through; the WARNING it now is must pass the level too.
+            return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -101,11 +128,16 @@ class ConsoleFormatter(logging.Formatter):
 
 
 REDACTION = RedactionFilter()
+REFUSED_REQUESTS = RefusedRequestFilter()
 
 
 def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
-    """Route every record to stderr through the redaction filter (idempotent)."""
+    """Route every record to stderr through the redaction filter, and make ``aiohttp.server``'s
+    records of refused requests one line each (idempotent)."""
     REDACTION.set_secrets(secrets)
+    server_logger = logging.getLogger("aiohttp.server")
+    if REFUSED_REQUESTS not in server_logger.filters:
+        server_logger.addFilter(REFUSED_REQUESTS)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(REDACTION)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())

@@ -10,19 +10,26 @@ the staging area or a blob by name. Keys that are not blob keys are legacy names
 written before blob keys, at ``<root><engine path>``): read and deleted in place, confined to the
 root with symlinks refused, and never inside ``.callfs/``.
 
-Reads, stats and deletes reach a key from the root one component at a time (``openat`` with
-``O_NOFOLLOW``), so a directory inside the root swapped for a symlink at any moment is refused,
-never followed: nothing outside the root is ever served or removed.
+Every operation reaches its directory from the root one component at a time (``openat`` with
+``O_NOFOLLOW | O_DIRECTORY``) and then works relative to that descriptor (``dir_fd``): reads,
+stats, deletes, staging, publishing, the temp sweep and the blob listing. A directory inside the
+root swapped for a symlink at any moment, ``.callfs`` and its areas included, is refused (logged,
+``UnsafePath``), never followed: nothing outside the root is ever created, read or removed, and
+``start`` refuses a root whose internal directories are symlinks.
+
+Everything the server creates under ``.callfs/`` is private to its user: directories 0700, files
+0600 (``docs/security.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import IO, NoReturn
 
 from callfs.concurrency import run_blocking
@@ -42,14 +49,15 @@ SMALL_READ = 64 * 1024
 READ_CHUNK = 1024 * 1024
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW
+#: Modes of what the server creates under ``.callfs/`` (before the umask): private to its user.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: Directories a legacy key's write creates at its namespace path.
+LEGACY_DIR_MODE = 0o755
+_TMP_PARTS = (INTERNAL_DIR, "tmp")
+#: Made (0700) and checked at start, in this order: a symlink at any of them refuses the start.
+_INTERNAL_PARTS = ((INTERNAL_DIR,), _TMP_PARTS, (INTERNAL_DIR, "blobs"), (INTERNAL_DIR, "replica"))
 
 
 class LocalFileStream:
@@ -83,11 +91,13 @@ class LocalFileStream:
 
 
 class _Staged:
-    def __init__(self, backend: LocalFSBackend, key: str, tmp: str, target: str, size: int) -> None:
+    def __init__(
+        self, backend: LocalFSBackend, key: str, tmp: str, target: tuple[str, ...], size: int
+    ) -> None:
         self._backend = backend
         self.key = key
-        self._tmp = tmp
-        self._target = target
+        self._tmp = tmp  # a name in .callfs/tmp
+        self._target = target  # the key's components from the root
         self.size = size
 
     async def publish(self) -> None:
@@ -98,16 +108,7 @@ class _Staged:
             raise
 
     async def discard(self) -> None:
-        await run_blocking(_unlink_quietly, self._tmp)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        log.warning("could not remove a temporary upload file", exc_info=True)
+        await run_blocking(self._backend._discard_blocking, self._tmp)
 
 
 #: A write that fails with one of these found no room: ``InsufficientStorage`` (507).
@@ -125,9 +126,6 @@ class LocalFSBackend:
     def __init__(self, root: str) -> None:
         self._configured_root = root
         self._root = ""
-        self._tmp = ""
-        self._blobs = ""
-        self._replica = ""
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,11 +134,18 @@ class LocalFSBackend:
     def _start_blocking(self) -> None:
         os.makedirs(self._configured_root, mode=0o755, exist_ok=True)
         self._root = os.path.realpath(self._configured_root)
-        self._tmp = os.path.join(self._root, TMP_DIR)
-        self._blobs = os.path.join(self._root, BLOB_DIR)
-        self._replica = os.path.join(self._root, REPLICA_DIR)
-        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
-        os.makedirs(self._blobs, mode=0o700, exist_ok=True)
+        for parts in _INTERNAL_PARTS:
+            try:
+                fd = self._open_dir_blocking(parts, create_mode=PRIVATE_DIR_MODE)
+            except (UnsafePath, NotFound) as exc:
+                raise UnsafePath(
+                    f"{'/'.join(parts)} in the localfs root is a symlink or not a directory: "
+                    "refusing to start"
+                ) from exc
+            try:
+                _make_private(fd, "/".join(parts))
+            finally:
+                os.close(fd)
         removed = self._sweep_temp_blocking(0.0)
         if removed:
             log.info("removed %d temporary files left by an interrupted upload", removed)
@@ -155,84 +160,63 @@ class LocalFSBackend:
     def _sweep_temp_blocking(self, older_than: float) -> int:
         cutoff = time.time() - older_than
         removed = 0
-        with os.scandir(self._tmp) as entries:
-            leftovers = list(entries)
-        for entry in leftovers:
-            if not entry.name.endswith(".part"):
-                continue  # only what stage() creates
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
+        try:
+            tmp = self._open_dir_blocking(_TMP_PARTS)
+        except NotFound:
+            return 0
+        try:
+            with os.scandir(tmp) as entries:
+                # only what stage() creates
+                leftovers = [e.name for e in entries if e.name.endswith(".part")]
+            for name in leftovers:
+                try:
+                    if os.stat(name, dir_fd=tmp, follow_symlinks=False).st_mtime <= cutoff:
+                        os.unlink(name, dir_fd=tmp)
+                        removed += 1
+                except OSError:
+                    continue
+        finally:
+            os.close(tmp)
         return removed
 
     # ---- path confinement ------------------------------------------------------------------
-    def _inside(self, real: str) -> bool:
-        return real == self._root or real.startswith(self._root + os.sep)
+    def _open_dir_blocking(self, parts: Sequence[str], create_mode: int | None = None) -> int:
+        """A descriptor of the directory ``<root>/<parts...>``.
 
-    def _locate(self, key: str) -> str:
-        """Absolute location of the blob ``key``."""
-        if not self._root:
-            raise RuntimeError("LocalFSBackend used before start()")
-        if is_blob_key(key):
-            return _fanned(self._blobs, key)
-        if is_replica_key(key):
-            return _fanned(self._replica, key[len(REPLICA_PREFIX) :])
-        return self._resolve(key)
-
-    def _resolve(self, path: str) -> str:
-        """Absolute location of a legacy key (a namespace path), for the write path. Its parent
-        must resolve inside the root, checked on every call (no memo: a directory verified once
-        may be a symlink by the next call). Reads, stats and deletes do not use this: they walk
-        the key with ``_open_parent_blocking``."""
-        rel = "/".join(_key_parts(path))
-        full = os.path.join(self._root, rel)
-        parent = os.path.realpath(os.path.dirname(full))
-        if not self._inside(parent):
-            log.error("refused a path that resolves outside the localfs root")
-            raise UnsafePath()
-        return os.path.join(parent, os.path.basename(full))
-
-    def _open_parent_blocking(self, key: str) -> tuple[int, str]:
-        """A descriptor of the directory holding ``key`` and the key's last component.
-
-        The directory is reached from the root one component at a time, each opened relative to
-        the previous one with ``O_NOFOLLOW | O_DIRECTORY``: a component that is (or has just
-        become) a symlink is refused (``UnsafePath``), never followed, whatever was verified
-        before. A missing component, or one that is not a directory, raises ``NotFound``. The
-        caller closes the descriptor and opens or stats the last component relative to it,
-        without following it either.
+        It is reached from the root one component at a time, each opened relative to the
+        previous one with ``O_NOFOLLOW | O_DIRECTORY``: a component that is (or has just become)
+        a symlink is refused (``UnsafePath``, logged), never followed, whatever was verified
+        before. A missing component raises ``NotFound``, or with ``create_mode`` is made (mkdir
+        relative to its parent, which is then fsync'd so the new entry survives a crash). A
+        component that is not a directory raises ``NotFound`` (``UnsafePath`` when creating).
         """
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
-        if is_blob_key(key):
-            parts = [INTERNAL_DIR, "blobs", key[:2], key[2:4], key]
-        elif is_replica_key(key):
-            blob = key[len(REPLICA_PREFIX) :]
-            parts = [INTERNAL_DIR, "replica", blob[:2], blob[2:4], blob]
-        else:
-            parts = _key_parts(key)
         # self._root was made a real path at start: no component of it is a symlink.
         fd = os.open(self._root, os.O_RDONLY | _O_DIRECTORY)
         try:
-            for name in parts[:-1]:
-                try:
-                    child = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
-                except OSError as exc:
-                    _raise_for_component(exc, name, fd)
+            for name in parts:
+                child = _open_child_dir(fd, name, create_mode)
                 os.close(fd)
                 fd = child
         except BaseException:
             os.close(fd)
             raise
-        return fd, parts[-1]
+        return fd
+
+    def _open_parent_blocking(self, key: str) -> tuple[int, str]:
+        """A descriptor of the directory holding ``key`` (``_open_dir_blocking``, so a symlink on
+        the way is refused) and the key's last component. The caller closes the descriptor and
+        opens or stats the last component relative to it, without following it either."""
+        parts = _key_path(key)
+        return self._open_dir_blocking(parts[:-1]), parts[-1]
 
     # ---- writes ----------------------------------------------------------------------------
     async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> _Staged:
-        target = self._locate(key)
-        tmp = os.path.join(self._tmp, f"{os.urandom(12).hex()}.part")
+        if not self._root:
+            raise RuntimeError("LocalFSBackend used before start()")
+        target = _key_path(key)
+        tmp = f"{os.urandom(12).hex()}.part"
         pending: list[bytes] = []
         pending_size = 0
         size = 0
@@ -245,24 +229,36 @@ class LocalFSBackend:
                 pending_size += len(chunk)
                 size += len(chunk)
                 if pending_size >= WRITE_BATCH:
-                    fileobj = await run_blocking(self._write_blocking, fileobj, tmp, pending)
+                    fileobj = await run_blocking(
+                        self._write_blocking, fileobj, tmp, target, pending
+                    )
                     pending = []
                     pending_size = 0
-            await run_blocking(self._finish_blocking, fileobj, tmp, pending)
+            await run_blocking(self._finish_blocking, fileobj, tmp, target, pending)
         except BaseException as exc:
             if fileobj is not None and not fileobj.closed:
                 fileobj.close()
-            await run_blocking(_unlink_quietly, tmp)
+            await run_blocking(self._discard_blocking, tmp)
             if isinstance(exc, OSError):
                 _raise_if_no_space(exc)
             raise
         return _Staged(self, key, tmp, target, size)
 
-    @staticmethod
-    def _write_blocking(fileobj: IO[bytes] | None, tmp: str, parts: list[bytes]) -> IO[bytes]:
+    def _write_blocking(
+        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[bytes]
+    ) -> IO[bytes]:
+        """Write ``parts`` to the staged file, which the first call creates (0600) in
+        ``.callfs/tmp`` reached by the walk, after checking that no directory already on the way
+        to ``target`` is a symlink (``UnsafePath``)."""
         opened = fileobj is None
         if fileobj is None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._check_target_blocking(target)
+            tmp_dir = self._open_dir_blocking(_TMP_PARTS)
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+                fd = os.open(tmp, flags, PRIVATE_FILE_MODE, dir_fd=tmp_dir)
+            finally:
+                os.close(tmp_dir)
             fileobj = os.fdopen(fd, "wb", buffering=0)
         try:
             for part in parts:
@@ -276,44 +272,59 @@ class LocalFSBackend:
             raise
         return fileobj
 
-    @classmethod
-    def _finish_blocking(cls, fileobj: IO[bytes] | None, tmp: str, parts: list[bytes]) -> None:
-        fileobj = cls._write_blocking(fileobj, tmp, parts)
+    def _finish_blocking(
+        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[bytes]
+    ) -> None:
+        fileobj = self._write_blocking(fileobj, tmp, target, parts)
         try:
             os.fsync(fileobj.fileno())
         finally:
             fileobj.close()
 
-    def _publish_blocking(self, tmp: str, target: str) -> None:
-        parent = os.path.dirname(target)
-        self._makedirs_blocking(parent)
+    def _check_target_blocking(self, target: tuple[str, ...]) -> None:
+        """Refuse (``UnsafePath``) a symlink among the directories on the way to ``target`` that
+        exist already; missing ones are made at publish (a file in the way fails there)."""
+        with contextlib.suppress(NotFound):
+            os.close(self._open_dir_blocking(target[:-1]))
+
+    def _publish_blocking(self, tmp: str, target: tuple[str, ...]) -> None:
+        """Rename the staged file from ``.callfs/tmp`` into the target's directory, both reached
+        by the walk (missing fan-out directories made 0700, each fsync'd into its parent), then
+        fsync that directory. Nothing is ever renamed out of or into a directory outside the
+        root, even if one on the way was swapped for a symlink after ``stage``."""
+        mode = PRIVATE_DIR_MODE if target[0] == INTERNAL_DIR else LEGACY_DIR_MODE
+        tmp_dir = self._open_dir_blocking(_TMP_PARTS)
         try:
-            if stat.S_ISDIR(os.lstat(target).st_mode):
-                raise UnsafePath()
+            parent = self._open_dir_blocking(target[:-1], create_mode=mode)
+            try:
+                name = target[-1]
+                try:
+                    if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                        raise UnsafePath()
+                except FileNotFoundError:
+                    pass
+                os.rename(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=parent)
+                os.fsync(parent)
+            finally:
+                os.close(parent)
+        finally:
+            os.close(tmp_dir)
+
+    def _discard_blocking(self, tmp: str) -> None:
+        """Remove the staged file ``tmp`` from ``.callfs/tmp`` (reached by the walk), quietly."""
+        try:
+            tmp_dir = self._open_dir_blocking(_TMP_PARTS)
+        except (NotFound, UnsafePath):
+            log.warning("could not remove a temporary upload file: no safe .callfs/tmp")
+            return
+        try:
+            os.unlink(tmp, dir_fd=tmp_dir)
         except FileNotFoundError:
             pass
-        os.replace(tmp, target)
-        _fsync_dir(parent)
-
-    def _makedirs_blocking(self, full: str) -> None:
-        """Create ``full`` and its missing parents, fsyncing each parent that gained an entry (a
-        new fan-out directory must survive a crash as surely as the blob inside it)."""
-        missing: list[str] = []
-        cursor = full
-        while not os.path.isdir(cursor):
-            missing.append(cursor)
-            cursor = os.path.dirname(cursor)
-        for directory in reversed(missing):
-            try:
-                os.mkdir(directory, 0o755)
-            except FileExistsError:
-                if not os.path.isdir(directory):
-                    raise UnsafePath() from None
-            except NotADirectoryError as exc:
-                raise UnsafePath() from exc
-            _fsync_dir(os.path.dirname(directory))
-        if not self._inside(os.path.realpath(full)):
-            raise UnsafePath()
+        except OSError:
+            log.warning("could not remove a temporary upload file", exc_info=True)
+        finally:
+            os.close(tmp_dir)
 
     # ---- reads -----------------------------------------------------------------------------
     async def open_read(
@@ -398,21 +409,29 @@ class LocalFSBackend:
         return await run_blocking(self._list_blobs_blocking, older_than, limit)
 
     def _list_blobs_blocking(self, older_than: float, limit: int) -> list[str]:
-        cutoff = time.time() - older_than
+        """Old blob names under ``.callfs/blobs``, each fan-out directory opened relative to its
+        parent without following a symlink (one is skipped)."""
         found: list[str] = []
-        for first in _scandirs(self._blobs):
-            for second in _scandirs(first.path):
-                with os.scandir(second.path) as blobs:
-                    for blob in blobs:
-                        try:
-                            old = blob.stat(follow_symlinks=False).st_mtime <= cutoff
-                        except OSError:
-                            continue
-                        if old and is_blob_key(blob.name):
-                            found.append(blob.name)
-                            if len(found) >= limit:
-                                return found
+        try:
+            blobs = self._open_dir_blocking((INTERNAL_DIR, "blobs"))
+        except NotFound:
+            return found
+        try:
+            _collect_old_blobs(blobs, 2, time.time() - older_than, limit, found)
+        finally:
+            os.close(blobs)
         return found
+
+
+def _key_path(key: str) -> tuple[str, ...]:
+    """The components of ``key``'s location from the root: blobs and replica copies under
+    ``.callfs/`` (two fan-out levels keep directories small), a legacy key at its path."""
+    if is_blob_key(key):
+        return (INTERNAL_DIR, "blobs", key[:2], key[2:4], key)
+    if is_replica_key(key):
+        blob = key[len(REPLICA_PREFIX) :]
+        return (INTERNAL_DIR, "replica", blob[:2], blob[2:4], blob)
+    return tuple(_key_parts(key))
 
 
 def _key_parts(key: str) -> list[str]:
@@ -437,20 +456,72 @@ def _raise_for_component(exc: OSError, name: str, dir_fd: int) -> NoReturn:
         except OSError:
             is_link = False
         if is_link:
-            log.error("refused a symlink inside the localfs root")
+            log.error("refused a symlink inside the localfs root (at %r)", name)
             raise UnsafePath() from exc
         raise NotFound() from exc
     raise exc
 
 
-def _fanned(base: str, key: str) -> str:
-    """``base/k0k1/k2k3/key``: two fan-out levels keep directories small."""
-    return os.path.join(base, key[:2], key[2:4], key)
-
-
-def _scandirs(path: str) -> list[os.DirEntry[str]]:
+def _open_child_dir(parent: int, name: str, create_mode: int | None) -> int:
+    """Open the directory ``name`` relative to ``parent`` without following it; with
+    ``create_mode``, make it first if missing (see ``LocalFSBackend._open_dir_blocking``)."""
     try:
-        with os.scandir(path) as entries:
-            return [e for e in entries if e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        if create_mode is None or not isinstance(exc, FileNotFoundError):
+            try:
+                _raise_for_component(exc, name, parent)
+            except NotFound:
+                if create_mode is None:
+                    raise
+                raise UnsafePath() from exc  # a file where a directory must be made
+    try:
+        os.mkdir(name, create_mode, dir_fd=parent)
+    except FileExistsError:
+        pass  # made meanwhile by another writer (a symlink made meanwhile is refused below)
+    else:
+        os.fsync(parent)
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        _raise_for_component(exc, name, parent)
+
+
+def _make_private(fd: int, what: str) -> None:
+    """Take group and other access away from a directory of the server (made by an earlier
+    version with 0755, say)."""
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, PRIVATE_DIR_MODE)
+    except OSError:
+        log.warning("could not make %s in the localfs root private (mode 0700)", what)
+
+
+def _collect_old_blobs(
+    directory: int, depth: int, cutoff: float, limit: int, found: list[str]
+) -> None:
+    """Add to ``found`` (up to ``limit``) the blob names ``depth`` fan-out levels below
+    ``directory`` last written before ``cutoff``; symlinks are skipped, never followed."""
+    with os.scandir(directory) as entries:
+        if depth:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        else:
+            names = [e.name for e in entries if is_blob_key(e.name)]
+    for name in names:
+        if len(found) >= limit:
+            return
+        try:
+            if depth:
+                child = os.open(name, _DIR_FLAGS, dir_fd=directory)
+            else:
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except OSError:
+            continue  # gone, or swapped for a symlink meanwhile
+        if not depth:
+            if st.st_mtime <= cutoff:
+                found.append(name)
+            continue
+        try:
+            _collect_old_blobs(child, depth - 1, cutoff, limit, found)
+        finally:
+            os.close(child)

@@ -177,8 +177,10 @@ async def test_staging_never_writes_or_sweeps_through_a_symlink(
     assert all(p.read_bytes() == OUTSIDE for p in outside.rglob("precious.part"))
 
 
-@pytest.mark.parametrize("rel_dir", [".callfs", ".callfs/tmp", ".callfs/blobs", ".callfs/replica"])
-@pytest.mark.parametrize("then", ["publish", "discard"])
+@pytest.mark.parametrize(
+    ("then", "rel_dir"),
+    [("publish", d) for d in INTERNAL_DIRS] + [("discard", ".callfs"), ("discard", ".callfs/tmp")],
+)
 async def test_publish_and_discard_after_a_swap_stay_inside(
     backend: LocalFSBackend, tmp_path: Path, rel_dir: str, then: str
 ) -> None:
@@ -227,3 +229,16 @@ async def test_internal_directories_and_files_are_private(tmp_path: Path) -> Non
         assert modes.pop(rel) == 0o700, rel
     assert len(modes) == 3, modes  # the blob, its replica copy and the staged upload
     assert set(modes.values()) == {0o600}, modes
+
+
+async def test_start_makes_wider_internal_directories_private(tmp_path: Path) -> None:
+    """Directories an earlier version made 0755 are set back to 0700 at start."""
+    internal = tmp_path / "root" / ".callfs"
+    for rel in ("", "tmp", "blobs", "replica"):
+        (internal / rel).mkdir(parents=True, exist_ok=True)
+        (internal / rel).chmod(0o755)
+    b = LocalFSBackend(str(tmp_path / "root"))
+    await b.start()
+    await b.close()
+    for rel in ("", "tmp", "blobs", "replica"):
+        assert (internal / rel).stat().st_mode & 0o777 == 0o700, rel
