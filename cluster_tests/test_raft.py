@@ -270,3 +270,93 @@ def test_no_quorum_answers_503_quickly_and_recovers(cluster: list[ClusterNode]) 
     wait_leader(cluster)
     until(lambda: put(survivor, "/q/after", b"after") in (200, 201), 20, "writes to resume")
     assert get(survivor, "/q/before") == (200, b"before")
+
+
+def test_history_of_16_clients_across_a_node_kill_is_reflected_exactly(
+    cluster: list[ClusterNode],
+) -> None:
+    """16 clients create, overwrite and delete their own keys through every node while the
+    leader is killed and restarted. Afterwards every node shows, for every key, the outcome of
+    its last acknowledged operation, or of an operation whose answer was lost after it (never a
+    value no client wrote, never an acknowledged change undone)."""
+    import random
+    import threading
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    #: key -> (last acknowledged value or None for absent, values an unanswered op may have left)
+    truth: dict[str, tuple[bytes | None, set[bytes | None]]] = {}
+    counts = {"ok": 0, "uncertain": 0, "refused": 0}
+    unexpected: list[tuple[str, str, str, int, bytes]] = []
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        keys = [f"/hist/c{c}/k{j}" for j in range(4)]
+        for key in keys:
+            truth[key] = (None, set())
+        n = 0
+        while not stop.is_set():
+            n += 1
+            key = rng.choice(keys)
+            node = cluster[rng.randrange(3)]
+            body = b"c%d-%d" % (c, n)
+            op = rng.choice(["create", "put", "put", "delete"])
+            method, data, outcome = {
+                "create": ("POST", body, body),
+                "put": ("PUT", body, body),
+                "delete": ("DELETE", None, None),
+            }[op]
+            try:
+                status, _ = call(node, method, "/v1/files" + key, data, timeout=8)
+            except OSError:
+                status, _ = 0, b""
+            _acked, maybe = truth[key]
+            with lock:
+                if 200 <= status < 300:
+                    truth[key] = (outcome, set())
+                    counts["ok"] += 1
+                elif status in (0, 500, 502, 503):
+                    maybe.add(outcome)
+                    counts["uncertain"] += 1
+                elif status in (404, 409):  # create of an existing key, delete of nothing
+                    counts["refused"] += 1
+                else:
+                    unexpected.append((method, key, node.name, status, _))
+
+    leader = wait_leader(cluster)
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0)
+        leader.kill()
+        time.sleep(3.0)
+        leader.start()
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    wait_leader(cluster)
+    print(f"history: {counts}")
+    assert not unexpected, unexpected[:5]
+    assert counts["ok"] > 100
+    for key, (acked, maybe) in sorted(truth.items()):
+        allowed = {acked} | maybe
+        seen = []
+        for node in cluster:
+            status, body = get_past(node, key)
+            seen.append(None if status == 404 else body)
+            assert status in (200, 404), (node.name, key, status)
+        assert seen[0] == seen[1] == seen[2], (key, seen)
+        assert seen[0] in allowed, (key, seen[0], acked, maybe)
+
+
+def get_past(node: ClusterNode, path: str, timeout: float = 20.0) -> tuple[int, bytes]:
+    """GET, waiting out 503s while the node catches up after a restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = get(node, path)
+        if status != 503 or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.1)
