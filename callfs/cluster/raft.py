@@ -44,6 +44,8 @@ from callfs.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PINNED_VERSION = "0.3.17"
+#: The index of the no-op a new leader appends (private; see ``RaftNode.leader_ready``).
+_NOOP_ATTR = "_SyncObj__noopIDx"
 
 #: pysyncobj fail reasons that mean "this command was not applied": retry it anywhere.
 NOT_APPLIED = frozenset(
@@ -358,6 +360,8 @@ class RaftNode:
             consumers=[self._replica],
             transportClass=_DurableTransport,
         )
+        if not hasattr(self._sync, _NOOP_ATTR):
+            raise RuntimeError(f"pysyncobj internals changed: SyncObj.{_NOOP_ATTR} missing")
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()
@@ -423,6 +427,15 @@ class RaftNode:
             return None
         leader = self._sync._getLeader()
         return None if leader is None else str(leader.address)
+
+    def leader_ready(self) -> bool:
+        """This leader has applied the no-op of its own term: its commit index now covers every
+        entry any earlier leader acknowledged (Raft §8), so it may answer reads."""
+        sync = self._sync
+        if sync is None:
+            return False
+        noop = getattr(sync, _NOOP_ATTR, None)
+        return noop is not None and int(sync.raftLastApplied) >= int(noop)
 
     def has_quorum(self) -> bool:
         return self._sync is not None and bool(self._sync.hasQuorum)

@@ -227,8 +227,8 @@ class RaftService:
         if not self.node.is_leader():
             return 502, C.pack({"error": "not leader", "leader_id": self.leader_id()})
         if op == "read_index":
-            if not self.node.has_quorum():
-                return 503, C.pack({"error": "no quorum"})
+            if not self.node.has_quorum() or not self.node.leader_ready():
+                return 503, C.pack({"error": "leader not ready"})
             return 200, C.pack({"index": self.node.commit_index})
         if op != "apply" or not isinstance(request.get("cmd"), bytes):
             return 400, C.pack({"error": "invalid request"})
@@ -293,6 +293,8 @@ class RaftService:
         if self.node.is_leader():
             if not self.node.has_quorum():
                 raise Unavailable("raft leader has lost its quorum")
+            if not self.node.leader_ready():
+                raise Unavailable("raft leader has not committed its first entry yet")
             return self.node.commit_index
         return await self._read_index()
 
