@@ -17,8 +17,13 @@ def _no_session() -> aiohttp.ClientSession:
     raise RuntimeError("a one-node group never forwards")
 
 
+#: A one-node group elects itself after one election timeout: keep it short in tests.
+FAST = {"election_min": 0.1, "election_max": 0.2, "leader_fallback": 0.3}
+
+
 def one_node_raft_store(data_dir: Path, port: int, **settings: float) -> RaftMetadataStore:
     addr = f"127.0.0.1:{port}"
+    settings = {**FAST, **settings}
     node = RaftNode(
         RaftSettings(
             node_id="node-1",
