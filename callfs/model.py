@@ -136,6 +136,8 @@ class ErasureLayout:
     shard_size: int
     upload_id: str
     shards: tuple[ShardInfo, ...] = field(default_factory=tuple)
+    #: Bytes per shard per stripe (the codec's block; 0 in layouts written before it was kept).
+    block_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,16 +12,19 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler
 
+from callfs.api.erasure import erasure_request, manifest_response
 from callfs.api.errors import dumps, json_response
 from callfs.api.limits import cut_off
 from callfs.api.proxy import BODY_READ, forward
 from callfs.api.ranges import parse_range
 from callfs.api.state import CONTINUE_PENDING, api_state, identity
 from callfs.core.engine import MoveRequest
-from callfs.errors import BadRequest, PayloadTooLarge, RemoteOwner
-from callfs.model import Entry
+from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
+from callfs.model import BackendType, Entry
 from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
 from callfs.storage.base import ByteStream
+
+log = logging.getLogger(__name__)
 
 FILES_PREFIX = "/v1/files"
 #: The route tail: any path, newlines included (``.*`` would not match a decoded ``%0a``, and the
@@ -131,6 +135,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         resp = web.Response(body=listing_body(children), headers=item_headers(entry))
         resp.content_type = "application/json"
         return resp
+    if (
+        entry.backend_type is BackendType.ERASURE
+        and request.rel_url.query.get("manifest") == "true"
+    ):
+        return manifest_response(request, entry, await state.engine.erasure_layout(entry))
     span = parse_range(request.headers.get("Range"), entry.size, request.headers.get("If-Range"))
     offset, length = (0, None) if span is None else (span[0], span[1] - span[0] + 1)
     stream = await state.engine.open_file(who, entry, offset, length)
@@ -173,13 +182,20 @@ async def send_stream(
             except NotImplementedError:
                 pass  # a loop without sendfile (uvloop): stream it instead
         stall = api_state(request).write_timeout
-        async for chunk in stream:
-            try:
-                async with asyncio.timeout(stall):
-                    await sresp.write(chunk)
-            except TimeoutError:
-                cut_off(request)
-                return sresp
+        try:
+            async for chunk in stream:
+                try:
+                    async with asyncio.timeout(stall):
+                        await sresp.write(chunk)
+                except TimeoutError:
+                    cut_off(request)
+                    return sresp
+        except (CallFSError, OSError) as exc:
+            # The status line is out: the only honest answer left is a short body (the client
+            # sees the connection close before Content-Length bytes), never a wrong one.
+            log.warning("a download failed mid-stream: %s; cutting the connection", exc)
+            cut_off(request)
+            return sresp
         await sresp.write_eof()
         return sresp
     finally:
@@ -238,7 +254,8 @@ async def post_file(request: web.Request) -> web.StreamResponse:
         created = await state.engine.make_directory(who, path)
         return web.Response(status=201 if created else 200)
     check_declared_size(request)
-    await state.engine.create_file(who, path, body_chunks(request, state.max_upload_size))
+    erasure = erasure_request(request) if state.engine.erasure is not None else None
+    await state.engine.create_file(who, path, body_chunks(request, state.max_upload_size), erasure)
     return web.Response(status=201)
 
 

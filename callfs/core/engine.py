@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from callfs.auth.policy import check_delete, check_read, check_write
 from callfs.core.peer import PeerClient
+from callfs.erasure.service import ErasureService, Profile, placement
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
@@ -49,6 +50,7 @@ from callfs.model import (
     BackendType,
     Entry,
     EntryType,
+    ErasureLayout,
     Identity,
     NewParents,
     Placement,
@@ -102,6 +104,18 @@ class EngineSettings:
     #: HA replication (§13): the backend that receives a copy of every regular file version.
     replica_backend: str | None = None
     require_replica_success: bool = False
+    #: Erasure coding (§11): node defaults when a request does not name them.
+    erasure_data_shards: int = 4
+    erasure_parity_shards: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureRequest:
+    """A POST's erasure parameters (§11.1); None fields take the node defaults."""
+
+    data_shards: int | None = None
+    parity_shards: int | None = None
+    instances: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +138,11 @@ class Engine:
         peers: PeerClient | None = None,
         metrics: Metrics | None = None,
         queue: WorkQueue | None = None,
+        erasure: ErasureService | None = None,
     ) -> None:
         self.peers = peers
+        #: Erasure coding, when ``erasure.enabled`` (None: requests for it are ignored, §9.5).
+        self.erasure = erasure
         self._metrics = metrics
         self._queue = queue
         #: Called after work is queued (wakes the work queue's worker).
@@ -245,6 +262,8 @@ class Engine:
                 self._route(entry)
                 if entry.blob_key is None:
                     raise NotFound()
+                if entry.backend_type is BackendType.ERASURE:
+                    return await self._open_erasure(entry, offset, length)
                 if length is None:
                     # The record's size is the truth: reading exactly that much also lets a backend
                     # answer small files inline.
@@ -253,6 +272,25 @@ class Engine:
                 return await backend.open_read(entry.blob_key, offset, length)
         except TimeoutError as exc:
             raise Unavailable("timed out opening the file") from exc
+
+    async def _open_erasure(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
+        layout = await self.erasure_layout(entry)
+        if length is None:
+            length = max(layout.original_size - offset, 0)
+        return await self._erasure().open(layout, offset, length)
+
+    async def erasure_layout(self, entry: Entry) -> ErasureLayout:
+        """The layout an erasure-coded entry names (keyed by its upload id)."""
+        layout = await self._meta.get_erasure(entry.blob_key or entry.path)
+        if layout is None:
+            raise NotFound("erasure info missing")
+        return layout
+
+    def _erasure(self) -> ErasureService:
+        if self.erasure is None:
+            # an erasure-coded file on a node without erasure.enabled: it cannot rebuild it
+            raise BadRequest("erasure coding is not enabled on this node")
+        return self.erasure
 
     async def list_directory(
         self, who: Identity, path: CanonicalPath, recursive: bool, max_depth: int
@@ -331,8 +369,56 @@ class Engine:
             log.warning("a metadata commit failed ambiguously; the orphan sweep will decide")
             raise
 
+    async def _stage_erasure(
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        data_shards: int,
+        parity_shards: int,
+        instances: Sequence[str] | None,
+    ) -> ErasureLayout:
+        """Encode the body into durable shards and record the (not yet referenced) layout."""
+        service = self._erasure()
+        profile = Profile(data_shards, parity_shards)
+        if instances is None:
+            others: Sequence[str] = sorted(self.settings.known_instances)
+        else:
+            for node in instances:
+                if node != self.settings.instance_id and node not in self.settings.known_instances:
+                    raise BadRequest(f"unknown instance {node!r}")
+            others = instances
+        holders = placement(
+            self.settings.instance_id, others, profile.data_shards + profile.parity_shards
+        )
+        layout = await service.store(path, chunks, profile, holders)
+        try:
+            await self._meta.put_erasure(layout)
+        except BaseException:
+            await service.remove(layout)
+            raise
+        return layout
+
+    def _erasure_entry(self, owner: str, path: str, layout: ErasureLayout) -> Entry:
+        now = self._now()
+        return Entry(
+            path=path,
+            type=EntryType.FILE,
+            size=layout.original_size,
+            owner=owner,
+            mtime=now,
+            backend_type=BackendType.ERASURE,
+            instance_id=None,
+            created_at=now,
+            erasure_coded=True,
+            blob_key=layout.upload_id,
+        )
+
     async def create_file(
-        self, who: Identity, path: CanonicalPath, chunks: AsyncIterable[bytes]
+        self,
+        who: Identity,
+        path: CanonicalPath,
+        chunks: AsyncIterable[bytes],
+        erasure: ErasureRequest | None = None,
     ) -> Entry:
         """POST of a file: 201 on success; 409 if anything exists at the path."""
         target, parent = await self._lookup(path.path)
@@ -344,12 +430,24 @@ class Engine:
         if parent is not None and not parent.is_dir:
             raise AlreadyExists("a parent path is a file")
         kind = self._default_kind()
-        staged = await self._stage(kind, chunks)
-        entry = self._file_entry(who.user_id, path.path, kind, staged)
+        if erasure is not None and self.erasure is not None:
+            layout = await self._stage_erasure(
+                path.path,
+                chunks,
+                erasure.data_shards or self.settings.erasure_data_shards,
+                erasure.parity_shards or self.settings.erasure_parity_shards,
+                erasure.instances,
+            )
+            entry = self._erasure_entry(who.user_id, path.path, layout)
+            blob_key, blob_kind = layout.upload_id, BackendType.ERASURE.value
+        else:
+            staged = await self._stage(kind, chunks)
+            entry = self._file_entry(who.user_id, path.path, kind, staged)
+            blob_key, blob_kind = staged.key, kind
         try:
             async with self._lock(path.path):
                 stored = await self._commit(
-                    kind, staged.key, self._meta.create(entry, self._parents(who.user_id, kind))
+                    blob_kind, blob_key, self._meta.create(entry, self._parents(who.user_id, kind))
                 )
         except AlreadyExists as exc:
             existing = await self._meta.get(path.path)
@@ -358,7 +456,7 @@ class Engine:
                 assert conflict is not None
                 raise conflict from exc
             raise
-        self._count("create", kind)
+        self._count("create", stored.backend_type.value)
         await self._replicate(stored)
         return stored
 
@@ -372,15 +470,23 @@ class Engine:
             if target.is_dir:
                 raise BadRequest("path is a directory")
             self._route(target)
-            if target.backend_type is BackendType.ERASURE:
-                raise BadRequest("erasure coding is not enabled on this node")
             kind = target.backend_type.value
         else:
             if parent is not None and not parent.is_dir:
                 raise AlreadyExists("a parent path is a file")
             kind = self._default_kind()
-        staged = await self._stage(kind, chunks)
-        new = self._file_entry(who.user_id, path.path, kind, staged)
+        if target is not None and target.backend_type is BackendType.ERASURE:
+            # §11.6: re-encoded with the same profile under a new upload id, normal placement
+            old = await self.erasure_layout(target)
+            layout = await self._stage_erasure(
+                path.path, chunks, old.data_shards, old.parity_shards, None
+            )
+            new = self._erasure_entry(who.user_id, path.path, layout)
+            blob_key = layout.upload_id
+        else:
+            staged = await self._stage(kind, chunks)
+            new = self._file_entry(who.user_id, path.path, kind, staged)
+            blob_key = staged.key
 
         async def attempt() -> tuple[Entry, Entry | None]:
             current = await self._meta.get(path.path)
@@ -401,7 +507,7 @@ class Engine:
             return await self._meta.update(updated, current.version), current
 
         async with self._lock(path.path):
-            stored, replaced = await self._commit(kind, staged.key, self._retrying(attempt))
+            stored, replaced = await self._commit(kind, blob_key, self._retrying(attempt))
         self._count("create" if replaced is None else "update", kind)
         await self._replicate(stored)
         if replaced is not None:
@@ -445,6 +551,9 @@ class Engine:
         await self._drop_blob(entry.backend_type.value, entry.blob_key)
 
     async def _drop_blob(self, kind: str, blob_key: str) -> None:
+        if kind == BackendType.ERASURE:
+            await self._drop_layout(blob_key)
+            return
         backend = self._backends.get(kind)
         if backend is None:
             return
@@ -454,6 +563,18 @@ class Engine:
             return  # already gone: nothing to reclaim
         except (CallFSError, OSError):
             log.warning("could not remove an unreferenced blob; the orphan sweep retries it")
+
+    async def _drop_layout(self, upload_id: str) -> None:
+        """An erasure upload no entry names: its shards (best effort), then its layout."""
+        try:
+            layout = await self._meta.get_erasure(upload_id)
+            if layout is None:
+                return
+            if self.erasure is not None:
+                await self.erasure.remove(layout)
+            await self._meta.delete_erasure(upload_id)
+        except (CallFSError, OSError):
+            log.warning("could not remove the shards of an unreferenced erasure upload")
 
     async def sweep_orphans(self, grace: float = ORPHAN_GRACE) -> int:
         """Remove blobs of this node's backends that no entry names and that are older than
@@ -619,9 +740,7 @@ class Engine:
             raise BadRequest("destination parent does not exist")
         if source.is_dir and (changes_backend or changes_instance):
             raise BadRequest("a directory cannot change backend or instance")
-        if BackendType.ERASURE in (source.backend_type, kind) and (
-            changes_backend or kind == BackendType.ERASURE
-        ):
+        if changes_backend and BackendType.ERASURE in (source.backend_type, kind):
             raise BadRequest("cannot move to or from the erasure backend")
         if changes_instance:
             raise BadRequest("moving to another instance is not supported by this node yet")

@@ -347,6 +347,7 @@ def pack_layout(layout: ErasureLayout) -> bytes:
             [s.index, s.instance_id, s.backend_type, s.path, s.size, s.checksum]
             for s in layout.shards
         ],
+        "block_size": layout.block_size,
     }
     packed: bytes = msgpack.packb(data, use_bin_type=True)
     return packed
@@ -362,4 +363,5 @@ def unpack_layout(blob: bytes) -> ErasureLayout:
         shard_size=data["shard_size"],
         upload_id=data["upload_id"],
         shards=tuple(ShardInfo(*s) for s in data["shards"]),
+        block_size=data.get("block_size", 0),
     )

@@ -1,0 +1,221 @@
+"""Erasure coding over HTTP (API.md §11, §9.11, §12.6): POST parameters, the manifest, the public
+shard endpoint and the internal one other nodes store and fetch shards through."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from callfs.api.state import api_state, identity
+from callfs.core.engine import ErasureRequest
+from callfs.core.peer import url_path
+from callfs.erasure.service import MAX_SHARDS
+from callfs.erasure.shards import shard_key
+from callfs.errors import BadRequest, InternalError, NotFound
+from callfs.model import BackendType, Entry, ErasureLayout
+from callfs.paths import parse_request_path
+from callfs.storage.base import StorageBackend
+
+SHARDS_PREFIX = "/v1/shards/"
+INTERNAL_PREFIX = "/v1/internal/shards/"
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+_CHUNK = 256 * 1024
+
+ERASURE_BACKEND = web.AppKey("callfs_shard_backend", StorageBackend)
+
+
+# ---- POST parameters (§11.1) -----------------------------------------------------------------
+def _param(request: web.Request, header: str, query: str) -> str | None:
+    if header in request.headers:
+        return request.headers[header]
+    return request.rel_url.query.get(query)
+
+
+def _count(raw: str | None, what: str) -> int | None:
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise BadRequest(f"{what} must be an integer >= 1")
+    return int(value)
+
+
+def erasure_request(request: web.Request) -> ErasureRequest | None:
+    """The POST's erasure parameters, or None when it does not ask for erasure coding."""
+    if _param(request, "X-CallFS-Erasure", "erasure") != "true":
+        return None
+    data = _count(_param(request, "X-CallFS-Erasure-Data-Shards", "data_shards"), "data shards")
+    parity = _count(
+        _param(request, "X-CallFS-Erasure-Parity-Shards", "parity_shards"), "parity shards"
+    )
+    if (data or 0) + (parity or 0) > MAX_SHARDS:
+        raise BadRequest(f"data + parity shards must be <= {MAX_SHARDS}")
+    raw = _param(request, "X-CallFS-Erasure-Instances", "instances")
+    instances = None
+    if raw is not None:
+        instances = tuple(i.strip() for i in raw.split(",") if i.strip())
+        if not instances:
+            raise BadRequest("instances must name at least one node")
+    return ErasureRequest(data, parity, instances)
+
+
+# ---- manifest (§11.5) ---------------------------------------------------------------------------
+def _endpoint(request: web.Request, node: str) -> str:
+    state = api_state(request)
+    if node == state.instance_id:
+        return state.external_url.rstrip("/")
+    found = state.peers.endpoint(node)
+    if found is None:
+        raise InternalError(f"no endpoint known for node {node}")
+    return found.rstrip("/")
+
+
+def manifest_response(request: web.Request, entry: Entry, layout: ErasureLayout) -> web.Response:
+    encoded = url_path(entry.path).lstrip("/")
+    body: dict[str, Any] = {
+        "path": entry.path,
+        "original_size": layout.original_size,
+        "erasure_profile": {
+            "data_shards": layout.data_shards,
+            "parity_shards": layout.parity_shards,
+            "shard_size": layout.shard_size,
+        },
+        "shards": [
+            {
+                "index": s.index,
+                "endpoint": f"{_endpoint(request, s.instance_id)}/v1/shards/{encoded}/{s.index}",
+                "size": s.size,
+                "checksum": s.checksum,
+            }
+            for s in sorted(layout.shards, key=lambda s: s.index)
+        ],
+    }
+    return web.Response(
+        body=(json.dumps(body, separators=(",", ":")) + "\n").encode(),
+        content_type="application/json",
+    )
+
+
+# ---- shard bytes of this node ------------------------------------------------------------------
+async def _verified_stream(
+    request: web.Request, backend: StorageBackend, key: str, size: int, checksum: str | None
+) -> web.StreamResponse:
+    """Send a local shard; with ``checksum``, verify the whole shard first (§9.11)."""
+    if checksum is not None:
+        digest = hashlib.sha256()
+        stream = await backend.open_read(key, 0, size)
+        try:
+            async for chunk in stream:
+                digest.update(chunk)
+        finally:
+            await stream.aclose()
+        if digest.hexdigest() != checksum:
+            raise InternalError("shard checksum mismatch")
+    stream = await backend.open_read(key, 0, size)
+    try:
+        resp = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
+        await resp.prepare(request)
+        async for chunk in stream:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        await stream.aclose()
+
+
+async def public_shard(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/shards/<path>/<index>`` (§9.11)."""
+    raw = request.rel_url.raw_path[len(SHARDS_PREFIX) :]
+    head, sep, last = raw.rpartition("/")
+    if not sep or not last.isascii() or not last.isdigit():
+        raise BadRequest("the last path segment must be the shard index")
+    index = int(last)
+    path = parse_request_path(head)
+    state = api_state(request)
+    entry = await state.engine.stat(identity(request), path)
+    if entry.is_dir or entry.backend_type is not BackendType.ERASURE:
+        raise NotFound("file is not erasure coded")
+    layout = await state.engine.erasure_layout(entry)
+    if index >= len(layout.shards):
+        raise NotFound(f"shard {index} does not exist")
+    info = layout.shards[index]
+    if info.instance_id != state.instance_id:
+        raise NotFound(f"shard {index} is not stored on this node")
+    backend = request.app[ERASURE_BACKEND]
+    key = shard_key(layout.upload_id, index)
+    if await backend.stat(key) is None:
+        raise NotFound(f"shard {index} is missing on this node")
+    return await _verified_stream(request, backend, key, info.size, info.checksum)
+
+
+# ---- internal shard endpoint (§12.6): plain-text errors ----------------------------------------
+def _text(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+
+
+async def internal_shard(request: web.Request) -> web.StreamResponse:
+    state = api_state(request)
+    if not state.auth.is_internal(request.headers.get("Authorization")):
+        return _text(401, "unauthorized")
+    tail = request.match_info["tail"]
+    upload_id, sep, last = tail.rpartition("/")
+    if not sep or not last.isascii() or not last.isdigit():
+        return _text(400, "invalid shard index")
+    if not _UPLOAD_ID.fullmatch(upload_id):
+        return _text(400, "invalid shard key")
+    index = int(last)
+    backend = request.app[ERASURE_BACKEND]
+    key = shard_key(upload_id, index)
+    if request.method == "PUT":
+        try:
+            staged = await backend.stage(key, request.content.iter_chunked(_CHUNK))
+            await staged.publish()
+        except (BadRequest, ConnectionError):
+            return _text(400, "body read error")
+        except Exception:
+            return _text(500, "store error")
+        return web.Response(status=201)
+    if request.method == "DELETE":
+        with contextlib.suppress(NotFound):
+            await backend.delete(key)
+        return web.Response(status=204)
+    # GET, with an optional single byte range (our addition: readers fetch only what they need)
+    found = await backend.stat(key)
+    if found is None:
+        return _text(404, "shard not found")
+    offset, length = 0, found.size
+    span = request.headers.get("Range", "")
+    if span.startswith("bytes=") and "-" in span:
+        first, _, end = span[6:].partition("-")
+        if first.isdigit():
+            offset = min(int(first), found.size)
+            stop = int(end) + 1 if end.isdigit() else found.size
+            length = max(min(stop, found.size) - offset, 0)
+    stream = await backend.open_read(key, offset, length)
+    try:
+        resp = web.StreamResponse(
+            status=200 if (offset, length) == (0, found.size) else 206,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+        )
+        await resp.prepare(request)
+        async for chunk in stream:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        await stream.aclose()
+
+
+def add_routes(app: web.Application, shard_backend: StorageBackend) -> None:
+    app[ERASURE_BACKEND] = shard_backend
+    app.router.add_get(SHARDS_PREFIX + "{tail:.+}", public_shard, allow_head=False)
+    for method in ("GET", "PUT", "DELETE"):
+        app.router.add_route(method, INTERNAL_PREFIX + "{tail:.+}", internal_shard)

@@ -1,0 +1,347 @@
+"""Erasure-coded files (API.md §11): streamed encode to shard holders, verified range reads that
+rebuild from any ``data_shards`` good shards, and shard removal.
+
+Upload: the body is cut into stripes of ``k × block`` bytes; each stripe becomes ``k + m`` framed
+blocks (block + its SHA-256, ``codec.py``) sent to the shard holders as they are produced. Memory
+is bounded by one stripe plus ``_DEPTH`` blocks queued per holder, whatever the file size. The
+layout (holders, sizes, whole-shard SHA-256) is returned only after every shard is durable; the
+caller commits it. Any failure removes what was written.
+
+Read: the stripes a byte range needs are fetched from ``k`` holders in parallel (data shards
+first: no decoding when they are all good); every block is verified before use; a missing,
+unreachable or corrupt block is replaced by one from another shard. Fewer than ``k`` good blocks
+for the first stripe → ``InsufficientShards`` before any byte is sent; later → the stream raises
+and the connection is cut (a short body, never a wrong one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from callfs.concurrency import run_cpu
+from callfs.erasure.codec import Codec
+from callfs.erasure.shards import ShardIO, read_exactly
+from callfs.errors import (
+    BadRequest,
+    CallFSError,
+    InsufficientShards,
+    InternalError,
+    NotFound,
+    PeerUnavailable,
+)
+from callfs.model import ErasureLayout, ShardInfo
+from callfs.storage.base import ByteStream, new_blob_key
+
+log = logging.getLogger(__name__)
+
+#: Framed blocks queued per holder while its writer catches up.
+_DEPTH = 2
+MAX_SHARDS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    data_shards: int
+    parity_shards: int
+
+    def __post_init__(self) -> None:
+        if self.data_shards < 1 or self.parity_shards < 1:
+            raise BadRequest("data and parity shards must be integers >= 1")
+        if self.data_shards + self.parity_shards > MAX_SHARDS:
+            raise BadRequest(f"data + parity shards must be <= {MAX_SHARDS}")
+
+
+def placement(me: str, others: Sequence[str], total: int) -> list[str]:
+    """Holder of each shard index: round-robin over this node first, then ``others`` in order
+    (API.md §11.2): shard 0 is always here; a node holds several shards when there are few."""
+    ring = [me, *[o for o in others if o != me]]
+    return [ring[i % len(ring)] for i in range(total)]
+
+
+class _Writer:
+    """One holder's shard: framed blocks go through a bounded queue to ``ShardIO.write``."""
+
+    def __init__(self, io: ShardIO, holder: str, upload_id: str, index: int) -> None:
+        self.holder = holder
+        self.index = index
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_DEPTH)
+        self.task = asyncio.ensure_future(io.write(holder, upload_id, index, self._blocks()))
+
+    async def _blocks(self) -> AsyncIterator[bytes]:
+        while True:
+            block = await self._queue.get()
+            if block is None:
+                return
+            yield block
+
+    async def send(self, block: bytes | None) -> None:
+        if block is not None:
+            self.size += len(block)
+        put = asyncio.ensure_future(self._queue.put(block))
+        done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if put not in done:
+            put.cancel()
+            # the writer ended before taking the block: it failed (or returned early)
+            self.task.result()
+            raise InternalError("a shard writer stopped early")
+
+
+def _hash_blocks(digests: list[hashlib._Hash], blocks: list[bytes]) -> None:
+    for digest, block in zip(digests, blocks, strict=True):
+        digest.update(block)
+
+
+class ErasureService:
+    def __init__(self, instance_id: str, io: ShardIO, block_size: int | None = None) -> None:
+        self.instance_id = instance_id
+        self.io = io
+        self._block = block_size
+
+    def codec(self, data_shards: int, parity_shards: int, block_size: int = 0) -> Codec:
+        block = block_size or self._block
+        if block:
+            return Codec(data_shards, parity_shards, block)
+        return Codec(data_shards, parity_shards)
+
+    # ---- upload --------------------------------------------------------------------------------
+    async def store(
+        self,
+        file_path: str,
+        chunks: AsyncIterable[bytes],
+        profile: Profile,
+        holders: Sequence[str],
+    ) -> ErasureLayout:
+        """Encode ``chunks`` into shards on ``holders`` (one per shard index); the layout of the
+        durable result, keyed by its new upload id. On failure nothing stays behind."""
+        k, m = profile.data_shards, profile.parity_shards
+        codec = self.codec(k, m)
+        upload_id = new_blob_key()
+        writers = [_Writer(self.io, holders[i], upload_id, i) for i in range(k + m)]
+        size = 0
+        try:
+            buf = bytearray()
+            stripe = codec.stripe_size
+            async for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                while len(buf) >= stripe:
+                    await self._emit(codec, writers, bytes(buf[:stripe]))
+                    del buf[:stripe]
+            if buf:
+                await self._emit(codec, writers, bytes(buf))
+            for w in writers:
+                await w.send(None)
+            await asyncio.gather(*(w.task for w in writers))
+        except BaseException as exc:
+            for w in writers:
+                w.task.cancel()
+            await asyncio.gather(*(w.task for w in writers), return_exceptions=True)
+            await self._remove(upload_id, [w.holder for w in writers])
+            if isinstance(exc, CallFSError | asyncio.CancelledError):
+                raise
+            if isinstance(exc, OSError):
+                raise InternalError("a shard could not be stored") from exc
+            raise
+        shards = tuple(
+            ShardInfo(
+                index=w.index,
+                instance_id=w.holder,
+                backend_type=self.io.local.kind if w.holder == self.instance_id else "localfs",
+                path=f".erasure/{upload_id}/{w.index}",
+                size=w.size,
+                checksum=w.digest.hexdigest(),
+            )
+            for w in writers
+        )
+        return ErasureLayout(
+            file_path=upload_id,
+            original_size=size,
+            data_shards=k,
+            parity_shards=m,
+            shard_size=codec.shard_size(size),
+            upload_id=upload_id,
+            shards=shards,
+            block_size=codec.block_size,
+        )
+
+    @staticmethod
+    async def _emit(codec: Codec, writers: list[_Writer], stripe: bytes) -> None:
+        blocks = await codec.encode(stripe)
+        await run_cpu(_hash_blocks, [w.digest for w in writers], blocks)
+        await asyncio.gather(*(w.send(b) for w, b in zip(writers, blocks, strict=True)))
+
+    # ---- delete ------------------------------------------------------------------------------
+    async def remove(self, layout: ErasureLayout) -> None:
+        """Remove every shard of ``layout`` on its holder (best effort, logged)."""
+        await asyncio.gather(
+            *(self.io.delete(s.instance_id, layout.upload_id, s.index) for s in layout.shards)
+        )
+
+    async def _remove(self, upload_id: str, holders: Sequence[str]) -> None:
+        await asyncio.gather(*(self.io.delete(h, upload_id, i) for i, h in enumerate(holders)))
+
+    # ---- read --------------------------------------------------------------------------------
+    async def open(self, layout: ErasureLayout, offset: int, length: int) -> ByteStream:
+        """``[offset, offset+length)`` of the file (length already clamped to its size)."""
+        codec = self.codec(layout.data_shards, layout.parity_shards, layout.block_size)
+        reader = _StripeReader(self.io, layout, codec)
+        if length <= 0:
+            return _ErasureStream(reader, range(0), 0, 0, 0)
+        first, last = codec.stripe_range(offset, length)
+        await reader.start(first, last)
+        try:
+            first_stripe = await reader.stripe(first)  # decides 503 before any byte is sent
+        except BaseException:
+            await reader.aclose()
+            raise
+        return _ErasureStream(
+            reader, range(first + 1, last + 1), offset, length, first, first_stripe
+        )
+
+
+class _StripeReader:
+    """Reads stripes ``first..last`` sequentially from ``k`` shards at a time, replacing a shard
+    whose block is missing or corrupt by another one."""
+
+    def __init__(self, io: ShardIO, layout: ErasureLayout, codec: Codec) -> None:
+        self._io = io
+        self._layout = layout
+        self._codec = codec
+        self._open: dict[int, tuple[ByteStream, AsyncIterator[bytes], bytearray]] = {}
+        self._bad: set[int] = set()
+        self._last = 0
+
+    def _holder(self, index: int) -> ShardInfo:
+        return self._layout.shards[index]
+
+    async def _open_one(self, index: int, stripe: int) -> bool:
+        info = self._holder(index)
+        fb = self._codec.framed_block
+        start = stripe * fb
+        length = (self._last - stripe + 1) * fb
+        try:
+            stream = await self._io.open(
+                info.instance_id, self._layout.upload_id, index, start, length
+            )
+        except (NotFound, PeerUnavailable, OSError, CallFSError) as exc:
+            log.warning(
+                "erasure shard %d of %s unavailable on %s: %s",
+                index,
+                self._layout.upload_id,
+                info.instance_id,
+                type(exc).__name__,
+            )
+            self._bad.add(index)
+            return False
+        self._open[index] = (stream, aiter(stream), bytearray())
+        return True
+
+    async def start(self, first: int, last: int) -> None:
+        self._last = last
+        k = self._codec.data_shards
+        want = list(range(k))
+        results = await asyncio.gather(*(self._open_one(i, first) for i in want))
+        missing = results.count(False)
+        spare = iter(range(k, len(self._layout.shards)))
+        while missing:
+            index = next(spare, None)
+            if index is None:
+                break
+            if await self._open_one(index, first):
+                missing -= 1
+
+    async def _block(self, index: int) -> bytes | None:
+        stream, it, buf = self._open[index]
+        try:
+            framed = await read_exactly(it, buf, self._codec.framed_block)
+        except (CallFSError, OSError):
+            framed = b""
+        block = await run_cpu(self._codec.unframe, framed) if framed else None
+        if block is None:
+            log.warning(
+                "erasure shard %d of %s is short or corrupt; using another shard",
+                index,
+                self._layout.upload_id,
+            )
+            self._bad.add(index)
+            del self._open[index]
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        return block
+
+    async def stripe(self, number: int) -> bytes:
+        k = self._codec.data_shards
+        got: dict[int, bytes] = {}
+        while len(got) < k:
+            active = [i for i in self._open if i not in got]
+            if not active:
+                # open replacements, positioned at this stripe
+                candidates = [
+                    i
+                    for i in range(len(self._layout.shards))
+                    if i not in self._bad and i not in self._open and i not in got
+                ]
+                if not candidates:
+                    raise InsufficientShards()
+                need = k - len(got)
+                await asyncio.gather(*(self._open_one(i, number) for i in candidates[:need]))
+                continue
+            blocks = await asyncio.gather(*(self._block(i) for i in active))
+            for i, block in zip(active, blocks, strict=True):
+                if block is not None:
+                    got[i] = block
+        if len(got) > k:
+            got = dict(sorted(got.items())[:k])
+        return await self._codec.decode(got)
+
+    async def aclose(self) -> None:
+        opened, self._open = self._open, {}
+        for stream, _it, _buf in opened.values():
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+class _ErasureStream:
+    """A ByteStream over rebuilt stripes, trimmed to the requested range."""
+
+    def __init__(
+        self,
+        reader: _StripeReader,
+        rest: range,
+        offset: int,
+        length: int,
+        first: int,
+        first_stripe: bytes = b"",
+    ) -> None:
+        self._reader = reader
+        self._rest = rest
+        self._offset = offset
+        self.length = length
+        self._first = first
+        self._first_stripe = first_stripe
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.length <= 0:
+            return
+        size = self._reader._codec.stripe_size
+        end = self._offset + self.length
+        numbers = [self._first, *self._rest]
+        data = self._first_stripe
+        for i, number in enumerate(numbers):
+            if i:
+                data = await self._reader.stripe(number)
+            base = number * size
+            lo = max(self._offset - base, 0)
+            hi = min(end - base, len(data))
+            if hi > lo:
+                yield data[lo:hi]
+
+    async def aclose(self) -> None:
+        await self._reader.aclose()

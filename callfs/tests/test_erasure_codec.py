@@ -1,0 +1,233 @@
+"""Codec: every k-subset round-trips, corruption is caught, edges and bad values are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import random
+
+import pytest
+
+from callfs.erasure.codec import DEFAULT_BLOCK, HASH_LEN, Codec
+
+SEED = 20261130
+PROFILES = [(1, 1), (2, 1), (3, 2), (4, 2)]
+
+
+def _data(n: int, seed: int = SEED) -> bytes:
+    return random.Random(seed + n).randbytes(n)
+
+
+def _sizes(codec: Codec) -> list[int]:
+    s = codec.stripe_size
+    return [0, 1, s - 1, s, s + 1, 3 * s + 17]
+
+
+def _encode_file(codec: Codec, data: bytes) -> list[bytes]:
+    """Shard files (concatenated framed blocks) for ``data``."""
+    shards = [bytearray() for _ in range(codec.data_shards + codec.parity_shards)]
+    view = memoryview(data)
+    for s in range(codec.stripes(len(data))):
+        stripe = view[s * codec.stripe_size : (s + 1) * codec.stripe_size]
+        for shard, framed in zip(shards, codec.encode_stripe(stripe), strict=True):
+            assert len(framed) == codec.framed_block
+            shard += framed
+    return [bytes(s) for s in shards]
+
+
+def _decode_file(codec: Codec, shards: dict[int, bytes], size: int) -> bytes:
+    out = bytearray()
+    fb = codec.framed_block
+    for s in range(codec.stripes(size)):
+        blocks = {}
+        for i, shard in shards.items():
+            block = Codec.unframe(shard[s * fb : (s + 1) * fb])
+            assert block is not None
+            blocks[i] = block
+        out += codec.decode_stripe(blocks)
+    return bytes(out[:size])
+
+
+@pytest.mark.parametrize(("k", "m"), PROFILES)
+@pytest.mark.parametrize("block", [16, 64])
+def test_every_k_subset_round_trips(k: int, m: int, block: int) -> None:
+    codec = Codec(k, m, block)
+    for size in _sizes(codec):
+        data = _data(size)
+        shards = _encode_file(codec, data)
+        assert all(len(s) == codec.shard_size(size) for s in shards)
+        assert codec.shard_size(size) == codec.stripes(size) * (block + HASH_LEN)
+        for subset in itertools.combinations(range(k + m), k):
+            got = _decode_file(codec, {i: shards[i] for i in subset}, size)
+            assert got == data, (k, m, block, size, subset)
+
+
+@pytest.mark.parametrize(("k", "m"), PROFILES)
+def test_systematic_data_blocks_are_raw_slices(k: int, m: int) -> None:
+    codec = Codec(k, m, 16)
+    stripe = _data(codec.stripe_size)
+    framed = codec.encode_stripe(stripe)
+    assert len(framed) == k + m
+    for i in range(k):
+        raw = stripe[i * 16 : (i + 1) * 16]
+        assert framed[i] == raw + hashlib.sha256(raw).digest()
+
+
+def test_short_stripe_is_zero_padded() -> None:
+    codec = Codec(3, 2, 16)
+    data = b"abc"
+    framed = codec.encode_stripe(bytearray(data))
+    blocks = {i: Codec.unframe(framed[i]) for i in (1, 3, 4)}
+    stripe = codec.decode_stripe({i: b for i, b in blocks.items() if b is not None})
+    assert stripe == data + bytes(codec.stripe_size - 3)
+
+
+def test_empty_file_has_no_stripes() -> None:
+    codec = Codec(4, 2, 64)
+    assert codec.stripes(0) == 0
+    assert codec.shard_size(0) == 0
+    assert _encode_file(codec, b"") == [b""] * 6
+
+
+def test_oversized_stripe_rejected() -> None:
+    codec = Codec(2, 1, 16)
+    with pytest.raises(ValueError):
+        codec.encode_stripe(bytes(33))
+
+
+@pytest.mark.parametrize("where", ["data_first", "data_last", "hash_first", "hash_last"])
+def test_unframe_rejects_a_flipped_bit(where: str) -> None:
+    codec = Codec(2, 1, 64)
+    for framed in codec.encode_stripe(_data(100)):
+        assert Codec.unframe(framed) is not None
+        assert Codec.unframe(memoryview(framed)) == framed[:64]
+        pos = {"data_first": 0, "data_last": 63, "hash_first": 64, "hash_last": 95}[where]
+        for bit in range(8):
+            bad = bytearray(framed)
+            bad[pos] ^= 1 << bit
+            assert Codec.unframe(bytes(bad)) is None
+
+
+def test_unframe_rejects_wrong_lengths() -> None:
+    assert Codec.unframe(b"") is None
+    assert Codec.unframe(hashlib.sha256(b"").digest()) is None  # empty block is never valid
+    framed = Codec(1, 1, 16).encode_stripe(b"x" * 16)[0]
+    assert Codec.unframe(framed[:-1]) is None
+    assert Codec.unframe(framed + b"\0") is None
+
+
+def test_corrupt_shard_is_never_decoded() -> None:
+    """One corrupted shard: rejected by unframe, and the rest still rebuilds the right bytes."""
+    codec = Codec(3, 2, 16)
+    data = _data(3 * codec.stripe_size + 17)
+    shards = _encode_file(codec, data)
+    bad = bytearray(shards[1])
+    bad[codec.framed_block + 5] ^= 0x10  # stripe 1, block bytes
+    fb = codec.framed_block
+    out = bytearray()
+    for s in range(codec.stripes(len(data))):
+        blocks = {}
+        for i, shard in enumerate([*shards[:1], bytes(bad), *shards[2:]]):
+            block = Codec.unframe(shard[s * fb : (s + 1) * fb])
+            if block is not None:
+                blocks[i] = block
+        assert (1 in blocks) == (s != 1)
+        out += codec.decode_stripe(blocks)
+    assert bytes(out[: len(data)]) == data
+
+
+def test_decode_with_fewer_than_k_blocks() -> None:
+    codec = Codec(3, 2, 16)
+    framed = codec.encode_stripe(_data(48))
+    blocks = {i: Codec.unframe(f) for i, f in enumerate(framed)}
+    with pytest.raises(ValueError):
+        codec.decode_stripe({0: blocks[0], 4: blocks[4]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError):
+        codec.decode_stripe({})
+    with pytest.raises(ValueError):  # a wrong-length block does not count
+        codec.decode_stripe({0: blocks[0], 3: blocks[3], 4: b"short"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError):  # an out-of-range index does not count
+        codec.decode_stripe({0: blocks[0], 3: blocks[3], 9: blocks[4]})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("k", "m", "block"),
+    [
+        (0, 1, 16),
+        (1, 0, 16),
+        (-1, 1, 16),
+        (1, 1, 0),
+        (1, 1, -5),
+        (200, 57, 16),
+        (256, 1, 16),
+        (True, 1, 16),
+        (1.0, 1, 16),
+    ],
+)
+def test_bad_constructor_values(k: int, m: int, block: int) -> None:
+    with pytest.raises(ValueError):
+        Codec(k, m, block)
+
+
+def test_constructor_limits_accepted() -> None:
+    codec = Codec(255, 1, 1)
+    assert codec.stripe_size == 255
+    assert codec.framed_block == 1 + HASH_LEN
+    assert Codec(1, 255).block_size == DEFAULT_BLOCK
+
+
+def test_stripe_range_edges() -> None:
+    codec = Codec(2, 1, 16)  # stripe = 32 bytes
+    assert codec.stripe_range(0, 1) == (0, 0)
+    assert codec.stripe_range(0, 32) == (0, 0)
+    assert codec.stripe_range(0, 33) == (0, 1)
+    assert codec.stripe_range(31, 1) == (0, 0)
+    assert codec.stripe_range(31, 2) == (0, 1)
+    assert codec.stripe_range(32, 1) == (1, 1)
+    assert codec.stripe_range(33, 64) == (1, 3)
+    assert codec.stripe_range(64, 32) == (2, 2)
+    for bad in [(0, 0), (5, -1), (-1, 4)]:
+        with pytest.raises(ValueError):
+            codec.stripe_range(*bad)
+    with pytest.raises(ValueError):
+        codec.stripes(-1)
+
+
+def test_stripes_and_shard_size() -> None:
+    codec = Codec(4, 2, 64)  # stripe = 256
+    assert [codec.stripes(n) for n in (0, 1, 255, 256, 257, 3 * 256 + 17)] == [0, 1, 1, 1, 2, 4]
+    assert codec.shard_size(257) == 2 * 96
+
+
+async def test_async_round_trip_real_block() -> None:
+    """256 KiB blocks, 4+2, through the CPU pool: fast path and two lost data shards."""
+    codec = Codec(4, 2)
+    assert codec.block_size == 256 * 1024
+    data = _data(2 * codec.stripe_size + 12_345)
+    out_fast, out_slow = bytearray(), bytearray()
+    for s in range(codec.stripes(len(data))):
+        stripe = data[s * codec.stripe_size : (s + 1) * codec.stripe_size]
+        framed = await codec.encode(memoryview(stripe))
+        assert [len(f) for f in framed] == [codec.framed_block] * 6
+        blocks = {i: Codec.unframe(f) for i, f in enumerate(framed)}
+        assert all(b is not None for b in blocks.values())
+        raw: dict[int, bytes] = {i: b for i, b in blocks.items() if b is not None}
+        out_fast += await codec.decode(raw)
+        out_slow += await codec.decode({i: raw[i] for i in (0, 3, 4, 5)})
+    assert bytes(out_fast[: len(data)]) == data
+    assert bytes(out_slow[: len(data)]) == data
+    with pytest.raises(ValueError):
+        await codec.decode({0: raw[0], 5: raw[5]})
+
+
+async def test_shared_coder_is_thread_safe() -> None:
+    """Many stripes in flight on the CPU pool give the same bytes as one at a time."""
+    codec = Codec(4, 2, 4096)
+    stripes = [_data(codec.stripe_size, seed=i) for i in range(64)]
+    want = [codec.encode_stripe(s) for s in stripes]
+    got = await asyncio.gather(*(codec.encode(s) for s in stripes))
+    assert list(got) == want
+    lost = [{i: Codec.unframe(f[i]) or b"" for i in (2, 3, 4, 5)} for f in want]
+    rebuilt = await asyncio.gather(*(codec.decode(b) for b in lost))
+    assert list(rebuilt) == stripes
