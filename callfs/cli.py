@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import ipaddress
 import json
+import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -26,33 +30,94 @@ def mask_dsn(dsn: str) -> str:
     return "***"
 
 
-def _load(config: str | None, dev: bool = False) -> Any:
+def _load(config: str | None, dev: bool = False, listen: str | None = None) -> Any:
     from callfs.config import load_config
 
-    return load_config(config, dev=dev)
+    env = None
+    if listen is not None:  # the flag wins over every config layer
+        env = {**os.environ, "CALLFS_SERVER__LISTEN_ADDR": listen}
+    return load_config(config, dev=dev, env=env)
+
+
+def package_version() -> str:
+    """The installed distribution's version, else ``callfs.__version__`` (a source checkout)."""
+    try:
+        return importlib.metadata.version("callfs")
+    except importlib.metadata.PackageNotFoundError:
+        import callfs
+
+        return str(getattr(callfs, "__version__", "unknown"))
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"callfs {package_version()}")
+        ctx.exit(0)
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="print the version and exit",
+)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """CallFS: local disks and S3 buckets as one file namespace over HTTP."""
+    """CallFS: local disks and S3 buckets as one file namespace over HTTP.
+
+    Start with `callfs server --dev` (a local node, nothing to configure) or
+    `callfs server -c config.yaml`."""
     if ctx.invoked_subcommand is None:
+        # API.md §20: no arguments at all runs `callfs server` (scripts rely on it). Without a
+        # config it fails with a message that points at --dev and -c.
         ctx.invoke(server)
+
+
+def _listen_addr(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--listen``: ``HOST:PORT`` or ``:PORT`` (all interfaces), port 1-65535."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or " " in host:
+        raise click.BadParameter(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+    return value
+
+
+_NO_KEYS_HINT = (
+    'no API key is configured: run "callfs server --dev" for a local dev node with a generated '
+    'key, or "callfs server -c FILE" with a config file that sets auth.api_keys '
+    "(examples/config/single-node.yaml)"
+)
 
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--config", "-c", "config", default=None, help="config file (YAML or JSON)")
 @click.option("--dev", is_flag=True, help="single dev node: no config needed (see README)")
-def server(config: str | None, dev: bool) -> None:
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    callback=_listen_addr,
+    help="main listener address (overrides server.listen_addr)",
+)
+def server(config: str | None, dev: bool, listen: str | None) -> None:
     """Serve until SIGINT or SIGTERM."""
     try:
-        cfg = _load(config, dev)
+        cfg = _load(config, dev, listen)
     except ConfigError as exc:
-        raise click.ClickException(exc.message) from exc
-    from callfs.daemon import run
+        message = exc.message
+        if not dev and "auth.api_keys" in message and "at least one key" in message:
+            message = f"{message}\n{_NO_KEYS_HINT}"
+        raise click.ClickException(message) from exc
+    from callfs.daemon import resolve_external_url, run
 
     on_ready = None
     if dev:
+        # The banner shows the URL really served (derived from the listener unless set).
+        cfg = resolve_external_url(cfg, warn=False)
         base = cfg.server.external_url
         key = cfg.auth.api_keys[0]
 
@@ -78,16 +143,31 @@ def config(ctx: click.Context, config: str | None) -> None:
 
 @config.command("validate", context_settings=CONTEXT)
 @click.option("--config", "-c", "config_path", default=None, help="config file (YAML or JSON)")
+@click.option(
+    "--summary", is_flag=True, help="also print what will run: store, backends, locks, listeners"
+)
 @click.pass_context
-def config_validate(ctx: click.Context, config_path: str | None) -> None:
-    """Load and validate the configuration; print its main settings."""
+def config_validate(ctx: click.Context, config_path: str | None, summary: bool) -> None:
+    """Load and validate the configuration; print its main settings. Every problem is listed
+    (the contract's message first); warnings go to stderr."""
+    from callfs.config.loader import ConfigProblems, load_config_report
+    from callfs.config.validate import summary as describe
+
     path = config_path or (ctx.obj or {}).get("config")
     click.echo("Validating configuration...")
     try:
-        cfg = _load(path)
+        loaded = load_config_report(path)
     except ConfigError as exc:
         click.echo(f"Configuration validation failed: {exc.message}")
+        if isinstance(exc, ConfigProblems):
+            for problem in exc.problems[1:]:
+                click.echo(f"  - {problem}")
+            for warning in exc.warnings:
+                click.echo(f"  - warning: {warning}")
         sys.exit(1)
+    cfg = loaded.config
+    for warning in loaded.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo("Configuration is valid")
     click.echo(f"Instance ID: {cfg.instance_discovery.instance_id}")
     click.echo(f"Listen Address: {cfg.server.listen_addr}")
@@ -97,6 +177,9 @@ def config_validate(ctx: click.Context, config_path: str | None) -> None:
     if cfg.backend.s3_bucket_name:
         click.echo(f"S3 Bucket: {cfg.backend.s3_bucket_name}")
         click.echo(f"S3 Region: {cfg.backend.s3_region}")
+    if summary:
+        for line in describe(cfg):
+            click.echo(line)
 
 
 @cli.group(context_settings=CONTEXT)
@@ -452,6 +535,29 @@ def cluster_remove(
     click.echo(f"Removed node={answer.get('node_id') or node_id}")
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def valid_cert_host(host: str) -> bool:
+    """An IP address, or a host name per RFC 1123 (a leading ``*.`` label allowed for a
+    wildcard certificate; one trailing dot allowed)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if labels[-1].isdigit():  # "10.0.0.999" is a mistyped address, not a name (RFC 3696 §2)
+        return False
+    return all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
 @cli.group(context_settings=CONTEXT)
 def cert() -> None:
     """TLS certificates."""
@@ -467,12 +573,37 @@ def cert() -> None:
 )
 @click.option("--cert-file", default="server.crt", show_default=True)
 @click.option("--key-file", default="server.key", show_default=True)
-@click.option("--days", default=825, show_default=True, type=int)
-def cert_generate(hosts: tuple[str, ...], cert_file: str, key_file: str, days: int) -> None:
+@click.option("--days", default=825, show_default=True, type=click.IntRange(min=1))
+@click.option("--force", is_flag=True, help="overwrite existing certificate and key files")
+def cert_generate(
+    hosts: tuple[str, ...], cert_file: str, key_file: str, days: int, force: bool
+) -> None:
     """Write a self-signed certificate (its own CA) and key (mode 0600) for a cluster."""
     from callfs.tls import generate_self_signed
 
     names = [h.strip() for item in hosts for h in item.split(",") if h.strip()]
+    if not names:
+        raise click.ClickException("--host: at least one host name or IP address is required")
+    for name in names:
+        if not valid_cert_host(name):
+            raise click.ClickException(
+                f"--host {name!r} is neither an IP address nor a valid host name "
+                "(letters, digits and '-' in dot-separated labels of 1-63 characters; "
+                "'*.' may start a wildcard name)"
+            )
+    for option, file in (("--cert-file", cert_file), ("--key-file", key_file)):
+        path = Path(file)
+        parent = path.parent
+        if not parent.is_dir():
+            raise click.ClickException(
+                f"{option}: directory {str(parent)!r} does not exist; create it first"
+            )
+        if path.exists() and not force:
+            raise click.ClickException(
+                f"{option}: {file!r} already exists; pass --force to overwrite it"
+            )
+    if Path(cert_file).resolve() == Path(key_file).resolve():
+        raise click.ClickException("--cert-file and --key-file must be different files")
     generate_self_signed(names, Path(cert_file), Path(key_file), days=days)
     click.echo(f"Wrote {cert_file} and {key_file} for {', '.join(names)}")
 

@@ -11,14 +11,16 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
+from callfs.api import erasure as erasure_api
 from callfs.api import internal_raft
 from callfs.api.app import build_app
 from callfs.api.health import metrics_handler
@@ -29,11 +31,13 @@ from callfs.cluster import metrics as raft_metrics
 from callfs.cluster.raft import RaftNode, RaftSettings
 from callfs.cluster.service import RaftService, raft_password
 from callfs.concurrency import shutdown_pools
-from callfs.config import Config
+from callfs.config import Config, ServerConfig
 from callfs.core.background import Periodic
 from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
 from callfs.core.peer import PeerClient
 from callfs.core.replication import WorkQueueWorker
+from callfs.erasure.service import ErasureService
+from callfs.erasure.shards import ShardIO
 from callfs.errors import CallFSError, ConfigError
 from callfs.jobs.base import WorkQueue
 from callfs.links.service import SWEEP_INTERVAL, LinkService
@@ -75,11 +79,27 @@ def make_metadata_store(cfg: Config) -> MetadataStore:
 
         return SqliteMetadataStore(ms.sqlite_path)
     if ms.type == "postgres":
-        from callfs.metadata.postgres import PostgresMetadataStore
+        try:
+            from callfs.metadata.postgres import PostgresMetadataStore
+        except ModuleNotFoundError as exc:
+            if exc.name != "asyncpg":
+                raise
+            raise ConfigError(
+                "metadata_store.type=postgres needs the asyncpg driver, which is not installed: "
+                "pip install 'callfs[postgres]'"
+            ) from exc
 
         return PostgresMetadataStore(ms.dsn, op_timeout=cfg.server.metadata_op_timeout)
     if ms.type == "redis":
-        from callfs.metadata.redis import RedisMetadataStore
+        try:
+            from callfs.metadata.redis import RedisMetadataStore
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "redis":
+                raise
+            raise ConfigError(
+                "metadata_store.type=redis needs the redis driver, which is not installed: "
+                "pip install 'callfs[redis]'"
+            ) from exc
 
         return RedisMetadataStore(
             ms.redis_addr,
@@ -167,9 +187,22 @@ def make_lock_manager(cfg: Config) -> LockManager:
         from callfs.locks.local import LocalLockManager
 
         return LocalLockManager()
-    from callfs.locks.redis import RedisLockManager
+    try:
+        from callfs.locks.redis import RedisLockManager
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "redis":
+            raise
+        raise ConfigError(
+            "dlm.type=redis needs the redis driver, which is not installed: "
+            "pip install 'callfs[redis]' (or dlm.type: local for a single node)"
+        ) from exc
 
-    return RedisLockManager(cfg.dlm.redis_addr, password=cfg.dlm.redis_password)
+    return RedisLockManager(
+        cfg.dlm.redis_addr,
+        password=cfg.dlm.redis_password,
+        db=cfg.dlm.redis_db,
+        key_prefix=cfg.dlm.redis_key_prefix,
+    )
 
 
 def make_backends(cfg: Config) -> dict[str, StorageBackend]:
@@ -195,6 +228,21 @@ def make_backends(cfg: Config) -> dict[str, StorageBackend]:
     return backends
 
 
+def shard_backend(cfg: Config, backends: dict[str, StorageBackend]) -> StorageBackend | None:
+    """Where this node keeps its erasure shards (§11.2): the S3 bucket with
+    ``erasure.shard_backend: s3``, else the localfs root. None when erasure is off."""
+    if not cfg.erasure.enabled:
+        return None
+    kind = "s3" if cfg.erasure.shard_backend == "s3" else "localfs"
+    found = backends.get(kind)
+    if found is None:
+        raise ConfigError(
+            f"erasure.enabled needs a {kind} backend for shards "
+            f"({'backend.s3_bucket_name' if kind == 's3' else 'backend.localfs_root_path'})"
+        )
+    return found
+
+
 def backend_configured(cfg: Config, kind: str) -> bool:
     if kind == "localfs":
         return bool(cfg.backend.localfs_root_path)
@@ -210,6 +258,45 @@ def uses_tls(cfg: Config) -> bool:
     if s.protocol == "auto":
         return bool(s.cert_file and s.key_file)
     return True
+
+
+def url_host(host: str) -> str:
+    """``::1`` -> ``[::1]``: an IPv6 literal in a URL needs brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+#: The schema default of ``server.external_url``. The loader does not record which keys were
+#: given, so this exact value (or "") means "not set" and the URL is derived from the listener.
+UNSET_EXTERNAL_URLS = frozenset({"", ServerConfig().external_url})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*"})
+
+
+def derived_external_url(cfg: Config, hostname: Callable[[], str] = socket.gethostname) -> str:
+    """The base URL this node is reached by, from ``server.listen_addr`` and the protocol:
+    ``http``/``https`` as served, the listen port, and the listen host if it is a specific
+    address; for all interfaces (``:8443``, ``0.0.0.0``, ``::``) the machine's host name
+    (``127.0.0.1`` if it has none)."""
+    host, port = split_listen_addr(cfg.server.listen_addr)
+    if host is None or host in _WILDCARD_HOSTS:
+        host = hostname().strip() or "127.0.0.1"
+    scheme = "https" if uses_tls(cfg) else "http"
+    return f"{scheme}://{url_host(host)}:{port}"
+
+
+def resolve_external_url(cfg: Config, *, warn: bool = True) -> Config:
+    """``cfg`` with ``server.external_url`` derived (``derived_external_url``) when it is not
+    set; ``warn`` logs that the URL was guessed."""
+    if cfg.server.external_url.strip() not in UNSET_EXTERNAL_URLS:
+        return cfg
+    url = derived_external_url(cfg)
+    if warn:
+        log.warning(
+            "server.external_url is not set; using %s (derived from server.listen_addr and "
+            "server.protocol) in link URLs and as this node's endpoint. Set server.external_url "
+            "to the URL clients use to reach this node.",
+            url,
+        )
+    return replace(cfg, server=replace(cfg.server, external_url=url))
 
 
 def alt_svc(cfg: Config) -> str | None:
@@ -229,6 +316,13 @@ def peer_ssl_context(cfg: Config) -> ssl.SSLContext:
     return client_context(
         cfg.backend.internal_proxy_skip_tls_verify, cfg.backend.internal_proxy_ca_file
     )
+
+
+def log_listening(scheme: str, runner: web.AppRunner, what: str) -> None:
+    """One line per bound TCP socket, e.g. ``listening on https://0.0.0.0:8443``."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            log.info("listening on %s://%s:%d%s", scheme, url_host(str(addr[0])), addr[1], what)
 
 
 class Lifecycle(Protocol):
@@ -252,6 +346,7 @@ class Node:
     queue: WorkQueue | None = None
     links: LinkService | None = None
     raft: RaftService | None = None
+    shard_backend: StorageBackend | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
@@ -294,7 +389,18 @@ class Node:
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
             replica_backend=cfg.ha.replica_backend if cfg.ha.replication_enabled else None,
             require_replica_success=cfg.ha.require_replica_success,
+            erasure_data_shards=cfg.erasure.data_shards if cfg.erasure.data_shards >= 2 else 4,
+            erasure_parity_shards=(
+                cfg.erasure.parity_shards if cfg.erasure.parity_shards >= 1 else 2
+            ),
         )
+        self.shard_backend = shard_backend(cfg, self.backends)
+        erasure = None
+        if self.shard_backend is not None:
+            erasure = ErasureService(
+                cfg.instance_discovery.instance_id,
+                ShardIO(cfg.instance_discovery.instance_id, self.shard_backend, self.peers),
+            )
         self.engine = Engine(
             self.meta,
             self.locks,
@@ -303,6 +409,7 @@ class Node:
             peers=self.peers,
             metrics=self.metrics,
             queue=self.queue,
+            erasure=erasure,
         )
         self.links = LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics)
         state = ApiState(
@@ -323,6 +430,8 @@ class Node:
         self.app = build_app(state)
         if self.raft is not None:
             internal_raft.add_routes(self.app, self.raft)
+        if self.shard_backend is not None:
+            erasure_api.add_routes(self.app, self.shard_backend)
         return self.app
 
     async def start_components(self) -> None:
@@ -383,6 +492,7 @@ class Node:
         self._runners.append(main)
         host, port = split_listen_addr(cfg.server.listen_addr)
         await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
+        log_listening("https" if ssl_ctx else "http", main, "")
         if cfg.server.enable_quic:
             await self._start_http3(main)
         if cfg.metrics.listen_addr:
@@ -393,6 +503,7 @@ class Node:
             self._runners.append(runner)
             mhost, mport = split_listen_addr(cfg.metrics.listen_addr)
             await web.TCPSite(runner, mhost, mport).start()
+            log_listening("http", runner, " (metrics, GET /metrics only, no authentication)")
 
     async def _start_http3(self, main: web.AppRunner) -> None:
         """HTTP/3 relays to the same app over a private unix socket (see ``api/http3.py``)."""
@@ -410,6 +521,9 @@ class Node:
             qhost or "::", qport, cfg.server.cert_file, cfg.server.key_file, socket_path
         )
         await self._http3.start()
+        log.info(
+            "listening on https://%s:%d (HTTP/3 over QUIC, UDP)", url_host(qhost or "::"), qport
+        )
 
     async def stop(self) -> None:
         if self._http3 is not None:
@@ -430,14 +544,13 @@ class Node:
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
-    node = Node(cfg)
+    node = Node(resolve_external_url(cfg))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-        log.info("listening on %s", cfg.server.listen_addr)
         if on_ready is not None:
             on_ready()
         await stop.wait()

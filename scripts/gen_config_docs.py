@@ -14,6 +14,46 @@ from callfs.config.schema import DURATION, all_keys
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- keys:begin -->"
 END = "<!-- keys:end -->"
+CHECKS_BEGIN = "<!-- checks:begin -->"
+CHECKS_END = "<!-- checks:end -->"
+#: Where the checks section goes the first time (before the key table's heading).
+CHECKS_BEFORE = "## Every key"
+CHECKS = """## Errors and warnings
+Every problem is reported at once. The first line is the contract's error, e.g.
+`config validation failed: server.listen_addr is required` (the first failure in the order
+server, metadata store, dlm, ha, instance ID, auth, erasure, default backend); each further
+problem follows on its own line as `  - <problem>`. `callfs config validate` prints them all.
+
+Besides the contract's checks, these are errors, each naming the key and the fix:
+- a listen address (`server.listen_addr`, `server.quic_listen_addr` with QUIC,
+  `metrics.listen_addr`, `raft.bind_addr` with Raft) that is not `host:port` or whose port is
+  outside 0-65535; a Redis address in use whose port is outside 1-65535;
+- `metadata_store.dsn` (postgres) that is not a `postgres://` or `postgresql://` URL;
+- `backend.default_backend: s3` without `backend.s3_bucket_name`, or `localfs` with an empty
+  `backend.localfs_root_path`;
+- `metadata_store.redis_db` or `dlm.redis_db` below 0; a `dlm.redis_key_prefix` that overlaps
+  `metadata_store.redis_key_prefix` on the same Redis database (below).
+
+These are accepted, as the contract says, but reported as warnings (stderr of `config validate`,
+the log of `callfs server`): an unknown section or key (ignored; the nearest known key is named), a
+`log.level` other than `debug`, `info`, `warn`, `error` (it means `info`), and a duration written as
+a number below one million without a unit (`read_timeout: 30` is 30 ns; write `30s`).
+
+`callfs config validate --summary` also prints what will run: the metadata store and its address
+(passwords masked), the backends and where new files go, the lock service, the protocol and every
+listener.
+
+**Metadata and locks on one Redis.** The metadata store writes only `<prefix>e:`, `c:`, `l:`,
+`x:`, `w:` keys and `<prefix>L`, `B`, `W`, `wid` (prefix `metadata_store.redis_key_prefix`,
+default `callfs:`); `<prefix>lock:` is left to the locks, whose default prefix is `callfs:lock:`
+(`dlm.redis_key_prefix`, with `dlm.redis_db`). On the same Redis database the lock prefix must
+start with the metadata prefix + `lock:` or be unrelated to it (neither a prefix of the other).
+
+**Start-up.** A store that cannot be opened names its address (password left out) and the cause:
+connection refused, host not found, timed out, database or role missing, permission denied,
+server without SSL, Redis authentication or database number. A configured PostgreSQL or Redis
+store whose driver is missing names the extra: `pip install 'callfs[postgres]'`,
+`pip install 'callfs[redis]'`."""
 
 
 def default_of(f: dataclasses.Field[Any]) -> Any:
@@ -71,7 +111,12 @@ def main() -> None:
     doc = REPO / "docs" / "configuration.md"
     text = doc.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    doc.write_text(text[:start] + "\n" + key_table() + "\n" + text[end:])
+    text = text[:start] + "\n" + key_table() + "\n" + text[end:]
+    if CHECKS_BEGIN not in text:
+        at = text.index(CHECKS_BEFORE)
+        text = f"{text[:at]}{CHECKS_BEGIN}\n{CHECKS_END}\n\n{text[at:]}"
+    start, end = text.index(CHECKS_BEGIN) + len(CHECKS_BEGIN), text.index(CHECKS_END)
+    doc.write_text(text[:start] + "\n" + CHECKS + "\n" + text[end:])
 
 
 if __name__ == "__main__":

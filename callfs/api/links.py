@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import urllib.parse
 from typing import Any
 
@@ -50,8 +51,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
     )
 
 
+def ascii_filename(name: str) -> str:
+    """The plain ``filename=`` fallback (API.md §22): accents dropped (``é`` -> ``e``), then any
+    other non-ASCII character, control character, ``"``, ``\\`` or ``%`` replaced by ``_``."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return "".join(
+        c if " " <= c <= "~" and c not in '"\\%' else "_"
+        for c in unicodedata.normalize("NFC", stripped)
+    )
+
+
 def content_disposition(name: str) -> str:
-    return "attachment; filename*=UTF-8''" + urllib.parse.quote(name, safe=_SAFE)
+    """``attachment; filename="<ASCII fallback>"; filename*=UTF-8''<name>`` (RFC 6266)."""
+    return (
+        f'attachment; filename="{ascii_filename(name)}"; '
+        "filename*=UTF-8''" + urllib.parse.quote(name, safe=_SAFE)
+    )
 
 
 async def download(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 CREDENTIALS = "dev-credentials.yaml"
+DEV_LISTEN_ADDR = "127.0.0.1:8443"
 
 
 def _token() -> str:
@@ -45,11 +46,10 @@ def ensure_credentials(data_dir: Path) -> dict[str, Any]:
 def dev_profile(data_dir: Path) -> dict[str, Any]:
     """The dev layer: between the built-in defaults and the config file (§18)."""
     layer: dict[str, Any] = {
-        "server": {
-            "protocol": "http",
-            "listen_addr": "127.0.0.1:8443",
-            "external_url": "http://127.0.0.1:8443",
-        },
+        # No external_url: ``callfs server --dev`` derives it from the listener actually used
+        # (``daemon.resolve_external_url``), so ``--listen`` or CALLFS_SERVER__LISTEN_ADDR
+        # change both; http://127.0.0.1:8443 by default.
+        "server": {"protocol": "http", "listen_addr": DEV_LISTEN_ADDR},
         "metrics": {"listen_addr": ""},
         "metadata_store": {
             "type": "sqlite",

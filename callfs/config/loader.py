@@ -4,10 +4,13 @@ environment, then validate. Every error is a ``ConfigError`` with the contract's
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -15,9 +18,11 @@ from typing import Any
 import yaml
 
 from callfs.config.dev import dev_profile
-from callfs.config.schema import DURATION, Config, section_classes
-from callfs.config.validate import validate
+from callfs.config.schema import DURATION, Config, all_keys, section_classes
+from callfs.config.validate import problems
 from callfs.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "CALLFS_"
 SEARCH = ("config.yaml", "config.yml", "config.json")
@@ -182,24 +187,139 @@ def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str,
     return data
 
 
-def build(raw: Mapping[str, Any]) -> Config:
-    """Typed config from merged raw layers; unknown keys are ignored."""
+class ConfigProblems(ConfigError):
+    """Loading or validation failed, maybe for several reasons at once.
+
+    ``message`` is the contract's error (API.md §18/§19: ``config validation failed: <first
+    failure in the contract's order>``, or ``failed to unmarshal config: ...``); ``problems`` holds
+    every failure in order and ``warnings`` what was accepted but looks wrong; ``str()`` and
+    ``details`` give the message followed by the rest, one per line."""
+
+    def __init__(self, prefix: str, found: list[str], warnings: list[str]) -> None:
+        super().__init__(f"{prefix}{found[0]}")
+        self.problems = list(found)
+        self.warnings = list(warnings)
+        rest = [*found[1:], *(f"warning: {w}" for w in warnings)]
+        self.details = "\n".join([self.message, *(f"  - {line}" for line in rest)])
+
+    def __str__(self) -> str:
+        return self.details
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A valid configuration and what was accepted but looks like a mistake."""
+
+    config: Config
+    warnings: tuple[str, ...] = ()
+
+
+#: §17: any other ``log.level`` means info.
+LOG_LEVELS = ("debug", "info", "warn", "error")
+#: A bare duration below this many nanoseconds (1 ms) is surely a missing unit.
+_BARE_DURATION_SUSPECT = 1_000_000
+
+
+def _nearest(word: str, choices: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_keys(raw: Mapping[str, Any]) -> list[str]:
+    """Keys no section declares (API.md §18 ignores them): name each and the nearest known one."""
+    classes = section_classes()
+    dotted_all = [dotted for dotted, _ in all_keys()]
+    out: list[str] = []
+    for section, values in raw.items():
+        name = str(section)
+        cls = classes.get(name)
+        if cls is None:
+            guess = _nearest(name, list(classes)) or _nearest(
+                name, [d.split(".", 1)[1] for d in dotted_all]
+            )
+            if guess is not None and guess not in classes:
+                guess = next(d for d in dotted_all if d.split(".", 1)[1] == guess)
+            out.append(_unknown(name, "section", guess))
+            continue
+        if not isinstance(values, Mapping):
+            continue
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in values:
+            if str(k) in known:
+                continue
+            dotted = f"{name}.{k}"
+            guess = _nearest(dotted, dotted_all)
+            out.append(_unknown(dotted, "key", guess))
+    return out
+
+
+def _unknown(dotted: str, what: str, guess: str | None) -> str:
+    hint = f"did you mean {guess}?" if guess else "docs/configuration.md lists every key"
+    return f"unknown {what} {dotted} is ignored; {hint}"
+
+
+def _bare_duration(dotted: str, value: Any) -> str | None:
+    """A duration written without a unit (§18: a bare integer means nanoseconds)."""
+    if isinstance(value, bool):
+        return None
+    numeric = isinstance(value, int | float)
+    if not numeric and not (isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value)):
+        return None
+    number = float(value)
+    if number == 0 or abs(number) >= _BARE_DURATION_SUSPECT:
+        return None
+    shown = int(number) if number.is_integer() else number
+    return (
+        f"{dotted}: {shown} has no unit, so it means {shown}ns (a bare number is nanoseconds); "
+        f'write "{shown}s" for seconds or "{shown}ms" for milliseconds'
+    )
+
+
+def build_report(raw: Mapping[str, Any]) -> Loaded:
+    """Typed config from merged raw layers, plus warnings for what the contract accepts but is
+    surely a mistake (unknown keys, unitless durations, unknown log levels). Every value that
+    cannot be converted is reported at once."""
     sections: dict[str, Any] = {}
+    errors: list[str] = []
+    warnings = unknown_keys(raw)
     for section, cls in section_classes().items():
         values = raw.get(section) or {}
         if not isinstance(values, Mapping):
-            raise ConfigError(f"failed to unmarshal config: {section}: expected a map")
+            errors.append(f"{section}: expected a map")
+            continue
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in values:
                 continue
+            kind = f.metadata.get("kind", "")
             try:
-                kwargs[f.name] = convert(values[f.name], str(f.type), f.metadata.get("kind", ""))
+                kwargs[f.name] = convert(values[f.name], str(f.type), kind)
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"failed to unmarshal config: {section}.{f.name}: {exc}") from exc
-        sections[section] = cls(**kwargs)
-    cfg = Config(**sections)
-    return normalise(cfg)
+                errors.append(f"{section}.{f.name}: {exc}")
+                continue
+            if kind == DURATION:
+                suspect = _bare_duration(f"{section}.{f.name}", values[f.name])
+                if suspect is not None:
+                    warnings.append(suspect)
+        if not errors:
+            sections[section] = cls(**kwargs)
+    if errors:
+        raise ConfigProblems("failed to unmarshal config: ", errors, warnings)
+    cfg = normalise(Config(**sections))
+    level = cfg.log.level
+    if level.lower() not in LOG_LEVELS:
+        guess = _nearest(level.lower(), list(LOG_LEVELS))
+        hint = f'; did you mean "{guess}"?' if guess else ""
+        warnings.append(
+            f'log.level "{level}" is not one of: {", ".join(LOG_LEVELS)}, so it means info{hint}'
+        )
+    return Loaded(cfg, tuple(warnings))
+
+
+def build(raw: Mapping[str, Any]) -> Config:
+    """Typed config from merged raw layers; unknown keys are ignored (``build_report`` names
+    them)."""
+    return build_report(raw).config
 
 
 def normalise(cfg: Config) -> Config:
@@ -233,7 +353,23 @@ def load_config(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Config:
-    """Load, merge and validate (§18). ``dev`` adds the ``server --dev`` profile (§20.2)."""
+    """Load, merge and validate (§18). ``dev`` adds the ``server --dev`` profile (§20.2).
+    Warnings (``load_config_report``) are logged."""
+    loaded = load_config_report(path, dev=dev, env=env, cwd=cwd)
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
+    return loaded.config
+
+
+def load_config_report(
+    path: str | None = None,
+    *,
+    dev: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Loaded:
+    """``load_config`` that returns its warnings instead of logging them. A failure raises
+    ``ConfigProblems`` (a ``ConfigError``) listing every problem."""
     cwd = cwd or Path.cwd()
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
@@ -251,8 +387,8 @@ def load_config(
                 raw = merge(raw, read_file(candidate, explicit=False))
                 break
     raw = merge(raw, env_layer(env))
-    cfg = build(raw)
-    problem = validate(cfg)
-    if problem is not None:
-        raise ConfigError(f"config validation failed: {problem}")
-    return cfg
+    loaded = build_report(raw)
+    found = problems(loaded.config)
+    if found:
+        raise ConfigProblems("config validation failed: ", found, list(loaded.warnings))
+    return loaded

@@ -93,7 +93,9 @@ class MetadataStoreConfig:
     redis_addr: str = key("localhost:6379", "Redis host:port")
     redis_password: str = key("", "Redis password")
     redis_db: int = key(0, "Redis database number")
-    redis_key_prefix: str = key("callfs:", "prefix of every Redis key")
+    redis_key_prefix: str = key(
+        "callfs:", 'prefix of every metadata key; keys under prefix + "lock:" are left to locks'
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ class DlmConfig:
     type: str = key("redis", "redis or local (single node only)")
     redis_addr: str = key("localhost:6379", "Redis host:port for locks")
     redis_password: str = key("", "Redis password for locks")
+    redis_db: int = key(0, "Redis database number for locks")
+    redis_key_prefix: str = key(
+        "callfs:lock:",
+        'prefix of every lock key; on the metadata Redis db: the metadata prefix + "lock:", '
+        "or apart from it",
+    )
     lock_timeout: float = key(30.0, "how long a request waits for a path lock", DURATION)
 
 

@@ -36,18 +36,42 @@ return 0
 """
 
 
+def redis_cause(exc: BaseException, section: str) -> str:
+    """Why a Redis connection failed, in words (never only an exception class)."""
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, TimeoutError) or "timeout" in low or "timed out" in low:
+        return "timed out (is the address right and the port reachable?)"
+    if "connection refused" in low or "connect call failed" in low:
+        return "connection refused (is redis-server running and listening there?)"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "host not found"
+    if isinstance(exc, AuthenticationError) or "noauth" in low or "wrongpass" in low:
+        return f"authentication failed (check {section}.redis_password): {text}"
+    if isinstance(exc, ResponseError) and "db index" in low:
+        return (
+            f"database does not exist on that server ({text}; lower {section}.redis_db or raise "
+            "the server's `databases` setting)"
+        )
+    return text or type(exc).__name__
+
+
 class RedisLockManager:
     def __init__(
         self,
         addr: str,
         *,
         password: str = "",
+        db: int = 0,
         key_prefix: str = "callfs:lock:",
         lease: float = 30.0,
         op_timeout: float = 5.0,
     ) -> None:
         self._addr = addr
         self._password = password
+        self._db = db
         self._prefix = key_prefix
         self._lease_ms = int(lease * 1000)
         self._op_timeout = op_timeout
@@ -58,7 +82,20 @@ class RedisLockManager:
         self._pool: aioredis.BlockingConnectionPool | None = None
 
     async def start(self) -> None:
-        self._redis, self._pool = open_redis(self._addr, self._password, timeout=self._op_timeout)
+        """Connect and PING, so an unreachable lock service fails start-up with its address and
+        the cause rather than the first write."""
+        self._redis, self._pool = open_redis(
+            self._addr, self._password, self._db, timeout=self._op_timeout
+        )
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self._redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self.close()
+            raise Unavailable(
+                f"cannot reach the Redis lock service (dlm) at {self._addr} db {self._db}: "
+                f"{redis_cause(exc, 'dlm')}"
+            ) from exc
 
     async def close(self) -> None:
         if self._redis is not None:

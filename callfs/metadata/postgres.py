@@ -137,6 +137,55 @@ def _link(row: Any) -> Link:
     )
 
 
+def _where(dsn: str) -> str:
+    """``postgres://user@host:port/db`` without the password or the query (for messages)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(dsn)
+        host = u.hostname or "localhost"
+        port = u.port or 5432
+    except ValueError:
+        return "the configured metadata_store.dsn"
+    user = f"{u.username}@" if u.username else ""
+    db = u.path.lstrip("/") or (u.username or "")
+    return f"{u.scheme or 'postgres'}://{user}{host}:{port}/{db}"
+
+
+def _pg_cause(exc: BaseException, timeout: float) -> str:
+    """Why PostgreSQL could not be used, in words, with the fix (never only a class name)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    detail = getattr(exc, "detail", None) if isinstance(exc, asyncpg.PostgresError) else None
+    if detail:
+        text = f"{text}; {detail}"
+    low = text.lower()
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{text} (create it, e.g. createdb, or fix the database name in metadata_store.dsn)"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return f"{text} (check the password in metadata_store.dsn)"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"{text} (create the role, or fix the user name in metadata_store.dsn)"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        if not low.startswith("permission denied"):
+            text = f"permission denied: {text}"
+        return f"{text} (grant the role access to the database and schema)"
+    if "rejected ssl upgrade" in low or "does not support ssl" in low:
+        return (
+            "the server does not support SSL (enable SSL on the server, or use sslmode=disable "
+            "or sslmode=prefer in metadata_store.dsn)"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return f"timed out after {timeout:g}s (is the address right and the port reachable?)"
+    if isinstance(exc, ConnectionRefusedError) or "connect call failed" in low:
+        return "connection refused (is PostgreSQL running and listening there?)"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "host not found"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return text or type(exc).__name__
+
+
 class PostgresMetadataStore:
     def __init__(
         self, dsn: str, *, op_timeout: float = 5.0, min_size: int = 2, max_size: int = 10
@@ -157,8 +206,19 @@ class PostgresMetadataStore:
                 command_timeout=self._timeout,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise Unavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
-        await self._run(self._migrate)
+            raise Unavailable(
+                f"cannot open the PostgreSQL metadata store at {_where(self._dsn)}: "
+                f"{_pg_cause(exc, self._timeout)}"
+            ) from exc
+        try:
+            await self._run(self._migrate)
+        except Unavailable as exc:
+            await self.close()
+            cause = exc.__cause__ or exc
+            raise Unavailable(
+                f"cannot prepare the PostgreSQL metadata store at {_where(self._dsn)}: "
+                f"{_pg_cause(cause, self._timeout)}"
+            ) from cause
 
     async def close(self) -> None:
         if self._pool is not None:

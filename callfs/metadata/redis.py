@@ -185,8 +185,19 @@ class RedisMetadataStore:
         self._pool: aioredis.BlockingConnectionPool | None = None
 
     async def start(self) -> None:
+        """Connect and ensure the root; failure names the address and the cause."""
+        from callfs.locks.redis import redis_cause
+
         self._redis, self._pool = open_redis(self._addr, self._password, self._db, self._timeout)
-        await self._call(self.r.eval(_CREATE_ROOT, 1, self._e("/"), *_fields(ROOT)))
+        try:
+            await self._call(self.r.eval(_CREATE_ROOT, 1, self._e("/"), *_fields(ROOT)))
+        except Unavailable as exc:
+            await self.close()
+            cause = exc.__cause__ or exc
+            raise Unavailable(
+                f"cannot open the Redis metadata store at {self._addr} db {self._db}: "
+                f"{redis_cause(cause, 'metadata_store')}"
+            ) from cause
 
     async def close(self) -> None:
         if self._redis is not None:

@@ -280,3 +280,13 @@ def test_docs_name_every_key() -> None:
     text = (REPO / "docs" / "configuration.md").read_text()
     missing = [dotted for dotted, _ in all_keys() if f"`{dotted}`" not in text]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (REPO / "examples" / "config").glob("*.yaml"))
+)
+def test_examples_have_no_unknown_keys_or_unitless_durations(name: str) -> None:
+    from callfs.config.loader import build_report
+
+    raw = yaml.safe_load((REPO / "examples" / "config" / name).read_text())
+    assert build_report(raw).warnings == ()

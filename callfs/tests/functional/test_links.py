@@ -57,7 +57,10 @@ async def test_generate_and_download_once(client: Client) -> None:
     assert resp.status == 200
     assert await resp.read() == b"%PDF-1.7 data"
     assert resp.headers["Content-Type"] == "application/octet-stream"
-    assert resp.headers["Content-Disposition"] == "attachment; filename*=UTF-8''report.pdf"
+    assert (
+        resp.headers["Content-Disposition"]
+        == "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"
+    )
     assert resp.headers["Content-Length"] == "13"
     assert not [h for h in resp.headers if h.startswith("X-CallFS")]
     assert "Accept-Ranges" not in resp.headers
@@ -75,7 +78,8 @@ async def test_download_ignores_range_and_encodes_name(client: Client) -> None:
     assert await resp.read() == b"0123456789"
     assert (
         resp.headers["Content-Disposition"]
-        == "attachment; filename*=UTF-8''r%C3%A9%20sum%C3%A9%281%29.txt"
+        == "attachment; filename=\"re sume(1).txt\"; "
+        "filename*=UTF-8''r%C3%A9%20sum%C3%A9%281%29.txt"
     )
 
 
