@@ -285,6 +285,10 @@ STATUS_TIMEOUT = 3.0
 REMOVE_TIMEOUT = 15.0
 
 
+#: ``erasure repair`` reads every shard of every file it checks: allow it time.
+REPAIR_TIMEOUT = 3600.0
+
+
 def _decode(what: str, status: int, raw: bytes) -> dict[str, Any]:
     """The JSON object of an internal answer; otherwise the error names the HTTP status and
     the start of the body (an HTML 404 from something that is not a CallFS node, a proxy page)."""
@@ -533,6 +537,52 @@ def cluster_remove(
             raise click.ClickException(f"remove failed: {error}")
         raise click.ClickException(f"remove failed with status {status}")
     click.echo(f"Removed node={answer.get('node_id') or node_id}")
+
+
+@cli.group(context_settings=CONTEXT)
+def erasure() -> None:
+    """Erasure-coded files."""
+
+
+@erasure.command("repair", context_settings=CONTEXT)
+@click.argument("path", required=False, default="")
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of any node (default: server.external_url)")
+@click.option("--internal-secret", default="")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def erasure_repair(
+    ctx: click.Context,
+    path: str,
+    config_path: str | None,
+    url: str,
+    internal_secret: str,
+    as_json: bool,
+) -> None:
+    """Check every shard of the erasure-coded files at or below PATH (default: all) and rebuild
+    missing or corrupt ones onto live nodes. Exits 1 if a file could not be repaired."""
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    try:
+        status, raw = _internal_call(
+            base, "/v1/internal/erasure/repair", secret, {"path": path.strip()}, REPAIR_TIMEOUT
+        )
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact node: {_reason(exc)}") from exc
+    answer = _decode("repair", status, raw)
+    if status != 200:
+        raise click.ClickException(f"repair failed: {answer.get('error') or status}")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        click.echo(
+            f"checked={answer['checked']} healthy={answer['healthy']} "
+            f"repaired={answer['repaired']} shards_rebuilt={answer['shards_rebuilt']}"
+        )
+        for what in ("unrecoverable", "failed"):
+            for item in answer.get(what) or []:
+                click.echo(f"{what}: {item}")
+    if answer.get("unrecoverable") or answer.get("failed"):
+        ctx.exit(1)
 
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

@@ -34,6 +34,7 @@ from callfs.concurrency import shutdown_pools
 from callfs.config import Config, ServerConfig
 from callfs.core.background import Periodic
 from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
+from callfs.core.maintenance import FIRST_PASS, ErasureMaintenance
 from callfs.core.peer import PeerClient
 from callfs.core.replication import WorkQueueWorker
 from callfs.erasure.service import ErasureService
@@ -347,6 +348,7 @@ class Node:
     links: LinkService | None = None
     raft: RaftService | None = None
     shard_backend: StorageBackend | None = None
+    maintenance: ErasureMaintenance | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
@@ -411,6 +413,24 @@ class Node:
             queue=self.queue,
             erasure=erasure,
         )
+        if erasure is not None:
+            raft_node = self.raft.node if self.raft is not None else None
+            peers = self.peers
+
+            def peer_ids() -> list[str]:
+                return sorted(
+                    set(peers.endpoints) | set(self.raft.endpoints() if self.raft else ())
+                )
+
+            self.maintenance = ErasureMaintenance(
+                self.meta,
+                erasure,
+                peers,
+                peer_ids,
+                self.metrics,
+                self.locks,
+                is_coordinator=raft_node.is_leader if raft_node is not None else None,
+            )
         self.links = LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics)
         state = ApiState(
             engine=self.engine,
@@ -431,7 +451,7 @@ class Node:
         if self.raft is not None:
             internal_raft.add_routes(self.app, self.raft)
         if self.shard_backend is not None:
-            erasure_api.add_routes(self.app, self.shard_backend)
+            erasure_api.add_routes(self.app, self.shard_backend, self.maintenance)
         return self.app
 
     async def start_components(self) -> None:
@@ -460,6 +480,16 @@ class Node:
                 first_delay=60.0,
             ),
         ]
+        interval = self.cfg.erasure.repair_interval
+        if self.maintenance is not None and interval > 0:
+            components.append(
+                Periodic(
+                    "erasure-repair",
+                    interval,
+                    self.maintenance.automatic_pass,
+                    first_delay=min(FIRST_PASS, interval),
+                )
+            )
         if self.raft is not None:
             raft, peers = self.raft, self.peers
             # Endpoints of Raft members come from the replicated member table, read when needed.

@@ -99,6 +99,21 @@ class Metrics:
             ["component", "error_type"],
             registry=reg,
         )
+        self.erasure_degraded = Gauge(
+            "callfs_erasure_files_degraded",
+            "Erasure-coded files found with missing or corrupt shards by the last repair pass.",
+            registry=reg,
+        )
+        self.erasure_repair_backlog = Gauge(
+            "callfs_erasure_repair_backlog",
+            "Degraded erasure-coded files the running repair pass has not fixed yet.",
+            registry=reg,
+        )
+        self.erasure_shards_repaired = Counter(
+            "callfs_erasure_shards_repaired_total",
+            "Erasure shards rebuilt onto live nodes.",
+            registry=reg,
+        )
         # docs/security.md "Limits": what the listener refused or cut off.
         self.connections_rejected = Counter(
             "callfs_connections_rejected_total",

@@ -5,6 +5,7 @@ bytes, delete leaving no shard anywhere, and a large upload with flat server mem
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -250,6 +251,88 @@ async def test_a_large_upload_keeps_server_memory_flat(tmp_path: Path) -> None:
         grew_mib = (peak - before) / 1024
         print(f"receiver peak RSS grew {grew_mib:.1f} MiB for a 512 MiB erasure upload")
         assert grew_mib < 100
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def repair_cli(workdir: Path, node: ClusterNode, *args: str) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    from cluster_tests.harness import INTERNAL
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "callfs",
+            "erasure",
+            "repair",
+            *args,
+            "--json",
+            "--url",
+            node.base,
+            "--internal-secret",
+            INTERNAL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=workdir,
+    )
+    report: dict[str, Any] = json.loads(out.stdout)
+    report["exit"] = out.returncode
+    return report
+
+
+async def test_automatic_repair_restores_full_redundancy(tmp_path: Path) -> None:
+    """A node's data directory is wiped: the automatic pass rebuilds its shards there. Then a
+    node is lost for good: the pass rebuilds its shards on the survivors."""
+    nodes = raft_cluster(tmp_path)
+    for node in nodes:
+        node.config["erasure"] = {**ERASURE, "repair_interval": "1s"}
+    files = {f"/heal/{i}.bin": os.urandom(300_000 + i * 7919) for i in range(10)}
+    try:
+        for node in nodes:
+            node.start()
+        wait_leader(nodes)
+        async with aiohttp.ClientSession() as s:
+            for i, (path, data) in enumerate(files.items()):
+                await upload(s, nodes[i % 3], path, data, 2, 1)
+            lost = len(shards_on(tmp_path, "node-3"))
+            assert lost >= 10
+            # wipe node-3's files while it is down, then bring it back empty
+            import shutil
+
+            nodes[2].kill()
+            shutil.rmtree(tmp_path / "node-3" / "files")
+            nodes[2].start()
+            started = time.monotonic()
+            deadline = started + 120
+            while len(shards_on(tmp_path, "node-3")) < lost:
+                assert time.monotonic() < deadline, "automatic repair did not restore node-3"
+                await asyncio.sleep(0.5)
+            print(f"rebuilt {lost} shards on a wiped node in {time.monotonic() - started:.1f}s")
+            report = repair_cli(tmp_path, nodes[0])
+            assert (report["healthy"], report["exit"]) == (10, 0), report
+            # node-3 gone for good: its shards move to the survivors
+            nodes[2].kill()
+            leader = wait_leader(nodes[:2], timeout=20)
+            started = time.monotonic()
+            while True:
+                report = repair_cli(tmp_path, leader)
+                if report.get("healthy") == 10:
+                    break
+                assert time.monotonic() < started + 120, report
+                await asyncio.sleep(1.0)
+            print(f"re-homed the lost node's shards in {time.monotonic() - started:.1f}s")
+            for path, data in files.items():
+                for node in nodes[:2]:
+                    assert await read(s, node, path) == (200, data)
+            # full redundancy without node-3: any one more shard may go and reads still work
+            assert sum(len(shards_on(tmp_path, n)) for n in ("node-1", "node-2")) >= 30
     finally:
         for node in nodes:
             node.stop()

@@ -13,12 +13,13 @@ from aiohttp import web
 
 from callfs.api.state import api_state, identity
 from callfs.core.engine import ErasureRequest
+from callfs.core.maintenance import ErasureMaintenance
 from callfs.core.peer import url_path
 from callfs.erasure.service import MAX_SHARDS
 from callfs.erasure.shards import shard_key
 from callfs.errors import BadRequest, InternalError, NotFound
 from callfs.model import BackendType, Entry, ErasureLayout
-from callfs.paths import parse_request_path
+from callfs.paths import parse_body_path, parse_request_path
 from callfs.storage.base import StorageBackend
 
 SHARDS_PREFIX = "/v1/shards/"
@@ -27,6 +28,7 @@ _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 256 * 1024
 
 ERASURE_BACKEND = web.AppKey("callfs_shard_backend", StorageBackend)
+MAINTENANCE = web.AppKey("callfs_erasure_maintenance", ErasureMaintenance)
 
 
 # ---- POST parameters (§11.1) -----------------------------------------------------------------
@@ -214,8 +216,34 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
         await stream.aclose()
 
 
-def add_routes(app: web.Application, shard_backend: StorageBackend) -> None:
+async def repair(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/internal/erasure/repair`` ``{"path": optional}`` (``callfs erasure repair``):
+    check and rebuild now; the report as JSON."""
+    state = api_state(request)
+    if not state.auth.is_internal(request.headers.get("Authorization")):
+        return web.json_response({"error": "unauthorized"}, status=401)
+    try:
+        body = json.loads(await request.content.read(1 << 16) or b"{}")
+        raw = body.get("path") if isinstance(body, dict) else None
+        path = None if raw in (None, "", "/") else parse_body_path(str(raw)).path
+    except (ValueError, BadRequest) as exc:
+        return web.json_response({"error": f"invalid request: {exc}"}, status=400)
+    try:
+        report = await request.app[MAINTENANCE].repair(path)
+    except NotFound:
+        return web.json_response({"error": "file not found"}, status=404)
+    except BadRequest as exc:
+        return web.json_response({"error": exc.message}, status=400)
+    return web.json_response(report.as_dict())
+
+
+def add_routes(
+    app: web.Application, shard_backend: StorageBackend, maintenance: ErasureMaintenance | None
+) -> None:
     app[ERASURE_BACKEND] = shard_backend
+    if maintenance is not None:
+        app[MAINTENANCE] = maintenance
+        app.router.add_post("/v1/internal/erasure/repair", repair)
     app.router.add_get(SHARDS_PREFIX + "{tail:.+}", public_shard, allow_head=False)
     for method in ("GET", "PUT", "DELETE"):
         app.router.add_route(method, INTERNAL_PREFIX + "{tail:.+}", internal_shard)

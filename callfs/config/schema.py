@@ -149,6 +149,9 @@ class ErasureConfig:
     min_file_size: int = key(0, "accepted; no effect")
     shard_path: str = key("", "accepted; no effect")
     shard_backend: str = key("", "s3 keeps this node's shards in the bucket, else localfs")
+    repair_interval: float = key(
+        600.0, "time between automatic repair passes (one node at a time); 0 disables", DURATION
+    )
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,8 @@ def _auth(a: AuthConfig) -> Iterator[str]:
 def _erasure(cfg: Config) -> Iterator[str]:
     if cfg.erasure.data_shards + cfg.erasure.parity_shards > 256:
         yield "erasure.data_shards + erasure.parity_shards must not exceed 256"
+    if cfg.erasure.repair_interval < 0:
+        yield "erasure.repair_interval must be >= 0 (0 disables the automatic repair pass)"
 
 
 def _default_backend(cfg: Config) -> Iterator[str]:

@@ -243,13 +243,16 @@ class _StripeReader:
         self._open[index] = (stream, aiter(stream), bytearray())
         return True
 
-    async def start(self, first: int, last: int) -> None:
+    async def start(self, first: int, last: int, exclude: set[int] | None = None) -> None:
         self._last = last
+        self._bad |= exclude or set()
         k = self._codec.data_shards
-        want = list(range(k))
+        want = [i for i in range(len(self._layout.shards)) if i not in self._bad][:k]
         results = await asyncio.gather(*(self._open_one(i, first) for i in want))
         missing = results.count(False)
-        spare = iter(range(k, len(self._layout.shards)))
+        spare = iter(
+            i for i in range(len(self._layout.shards)) if i not in self._bad and i not in want
+        )
         while missing:
             index = next(spare, None)
             if index is None:

@@ -196,3 +196,53 @@ async def test_disabled_node_ignores_the_flag(tmp_path: Path, aiohttp_client: An
         assert head.headers.get("X-CallFS-Instance-ID")  # a plain localfs file
     finally:
         await node.stop()
+
+
+async def test_repair_rebuilds_missing_and_corrupt_shards(
+    client: TestClient[Any, Any], node: Node, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * 512 * 1024 + 99)
+    assert (await client.post("/v1/files/r/a.bin", data=io.BytesIO(data), headers=E)).status == 201
+    assert (await client.post("/v1/files/r/b.bin", data=b"small", headers=E)).status == 201
+    bearer = {"Authorization": f"Bearer {INTERNAL}"}
+    resp = await client.post("/v1/internal/erasure/repair", json={}, headers=bearer)
+    assert await resp.json() == {
+        "checked": 2,
+        "healthy": 2,
+        "repaired": 0,
+        "shards_rebuilt": 0,
+        "unrecoverable": [],
+        "failed": [],
+    }
+    manifest = await (await client.get("/v1/files/r/a.bin?manifest=true", headers=auth())).json(
+        content_type=None
+    )
+    size = manifest["erasure_profile"]["shard_size"]
+    files = [p for p in shard_files(tmp_path) if p.stat().st_size == size]
+    assert len(files) == 3
+    files[0].unlink()  # one shard gone
+    raw = bytearray(files[1].read_bytes())
+    raw[5] ^= 1
+    files[1].write_bytes(bytes(raw))  # another corrupt: 2 of 3 bad -> unrecoverable
+    resp = await client.post(
+        "/v1/internal/erasure/repair", json={"path": "/r/a.bin"}, headers=bearer
+    )
+    report = await resp.json()
+    assert report["unrecoverable"] == ["/r/a.bin"]
+    # put the corrupt one back right: one shard lost -> rebuilt from the other two
+    raw[5] ^= 1
+    files[1].write_bytes(bytes(raw))
+    resp = await client.post("/v1/internal/erasure/repair", json={"path": "/r"}, headers=bearer)
+    report = await resp.json()
+    assert (report["repaired"], report["shards_rebuilt"], report["healthy"]) == (1, 1, 1)
+    assert files[0].exists()
+    resp = await client.post("/v1/internal/erasure/repair", json={}, headers=bearer)
+    assert (await resp.json())["healthy"] == 2
+    assert await (await client.get("/v1/files/r/a.bin", headers=auth())).read() == data
+    for shard in manifest["shards"]:
+        r = await client.get(f"/v1/shards/r/a.bin/{shard['index']}", headers=auth())
+        assert r.status == 200
+    metrics = await (await client.get("/metrics", headers=auth())).text()
+    assert "callfs_erasure_shards_repaired_total 1.0" in metrics
+    assert (await client.post("/v1/internal/erasure/repair", json={}, headers=auth())).status == 401
+    assert node.maintenance is not None

@@ -1,0 +1,156 @@
+"""Erasure maintenance of a node: ``callfs erasure repair [PATH]`` and the automatic pass.
+
+The automatic pass runs on one node of the cluster at a time (the Raft leader, or the holder of
+the ``erasure-repair`` lock with a shared store), walks every erasure-coded file, throttled, and
+rebuilds what a lost node or a damaged disk took (``erasure/repair.py``). ``/metrics`` shows the
+degraded files it found, its backlog and the shards it rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import aiohttp
+
+from callfs.core.peer import PeerClient
+from callfs.erasure.repair import Repairer, RepairReport
+from callfs.erasure.service import ErasureService
+from callfs.errors import BadRequest, CallFSError, InsufficientShards, NotFound
+from callfs.locks.base import LockManager
+from callfs.metadata.base import MetadataStore
+from callfs.metrics import Metrics
+from callfs.model import BackendType, Entry, ErasureLayout
+
+log = logging.getLogger(__name__)
+
+#: Pause between files of the automatic pass (throttle: disks and peers keep serving).
+PASS_PAUSE = 0.05
+#: The first automatic pass after start (then every ``erasure.repair_interval``).
+FIRST_PASS = 60.0
+_TREE_DEPTH = 1 << 30
+_PROBE_TIMEOUT = 2.0
+
+
+class ErasureMaintenance:
+    def __init__(
+        self,
+        meta: MetadataStore,
+        service: ErasureService,
+        peers: PeerClient,
+        peer_ids: Callable[[], Sequence[str]],
+        metrics: Metrics | None = None,
+        locks: LockManager | None = None,
+        is_coordinator: Callable[[], bool] | None = None,
+    ) -> None:
+        self._meta = meta
+        self._service = service
+        self._peers = peers
+        self._peer_ids = peer_ids
+        self._metrics = metrics
+        self._locks = locks
+        self._is_coordinator = is_coordinator
+        self.repairer = Repairer(service, self.live_nodes, self._save)
+        self._running = asyncio.Lock()
+
+    async def _save(self, layout: ErasureLayout) -> None:
+        await self._meta.put_erasure(layout)
+
+    async def live_nodes(self) -> list[str]:
+        """This node and every peer whose ``/health`` answers now."""
+        me = self._service.instance_id
+        others = [p for p in self._peer_ids() if p != me]
+
+        async def alive(node: str) -> bool:
+            base = self._peers.endpoint(node)
+            if base is None:
+                return False
+            try:
+                async with self._peers.session.get(
+                    base.rstrip("/") + "/health",
+                    timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT),
+                ) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError, OSError, CallFSError):
+                return False
+
+        answers = await asyncio.gather(*(alive(n) for n in others))
+        return [me, *(n for n, ok in zip(others, answers, strict=True) if ok)]
+
+    async def _files(self, path: str | None) -> list[Entry]:
+        if path is not None:
+            entry = await self._meta.get(path)
+            if entry is None:
+                raise NotFound()
+            if entry.backend_type is not BackendType.ERASURE and not entry.is_dir:
+                raise BadRequest("file is not erasure coded")
+            if not entry.is_dir:
+                return [entry]
+            below = await self._meta.list_tree(path, _TREE_DEPTH)
+        else:
+            below = await self._meta.list_tree("/", _TREE_DEPTH)
+        return [e for e in below if e.backend_type is BackendType.ERASURE and not e.is_dir]
+
+    async def repair(self, path: str | None = None, pause: float = 0.0) -> RepairReport:
+        """Check (and rebuild) every erasure-coded file at or below ``path`` (None: all)."""
+        report = RepairReport()
+        async with self._running:
+            files = await self._files(path)
+            for entry in files:
+                if self._metrics is not None:
+                    self._metrics.erasure_repair_backlog.set(len(files) - report.checked)
+                report.checked += 1
+                try:
+                    layout = await self._meta.get_erasure(entry.blob_key or entry.path)
+                    if layout is None:
+                        report.failed.append(entry.path)
+                        continue
+                    fixed, rebuilt = await self.repairer.repair(layout)
+                except InsufficientShards:
+                    report.unrecoverable.append(entry.path)
+                    log.error("erasure file %s has too few intact shards to repair", entry.path)
+                    continue
+                except (CallFSError, OSError) as exc:
+                    report.failed.append(entry.path)
+                    log.warning("could not repair %s: %s", entry.path, exc)
+                    continue
+                if fixed is None:
+                    report.healthy += 1
+                else:
+                    report.repaired += 1
+                    report.shards_rebuilt += rebuilt
+                    if self._metrics is not None:
+                        self._metrics.erasure_shards_repaired.inc(rebuilt)
+                    log.info("rebuilt %d shard(s) of %s", rebuilt, entry.path)
+                    await self._forget_if_replaced(entry, fixed)
+                if pause:
+                    await asyncio.sleep(pause)
+            if self._metrics is not None:
+                self._metrics.erasure_repair_backlog.set(0)
+                self._metrics.erasure_degraded.set(len(report.unrecoverable) + len(report.failed))
+        return report
+
+    async def _forget_if_replaced(self, entry: Entry, fixed: ErasureLayout) -> None:
+        """A PUT or DELETE may have dropped this upload while it was being repaired: then the
+        layout just saved is an orphan, and its shards go too."""
+        now = await self._meta.get(entry.path)
+        if now is None or now.blob_key != fixed.upload_id:
+            await self._service.remove(fixed)
+            await self._meta.delete_erasure(fixed.upload_id)
+
+    async def automatic_pass(self) -> None:
+        """One throttled pass, on the cluster's coordinator only."""
+        if self._is_coordinator is not None:
+            if not self._is_coordinator():
+                return
+            await self.repair(pause=PASS_PAUSE)
+            return
+        if self._locks is None:
+            await self.repair(pause=PASS_PAUSE)
+            return
+        try:
+            async with self._locks.hold("erasure-repair", 0.1):
+                await self.repair(pause=PASS_PAUSE)
+        except CallFSError:
+            return  # another node runs the pass
