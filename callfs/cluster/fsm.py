@@ -34,9 +34,10 @@ from callfs.metadata.sqlite import op_error
 
 log = logging.getLogger(__name__)
 
-#: How long a request id is remembered (seconds of proposer time). A client retries a "maybe
-#: applied" command within ``raft.apply_timeout``; an hour is far beyond that.
-REQUEST_MEMORY = 3600.0
+#: How long a request id is remembered (seconds of proposer time). A node retries a "maybe
+#: applied" command within ``raft.apply_timeout``; ten minutes also absorb clock skew between
+#: proposers, and keep the table (which every snapshot carries) small.
+REQUEST_MEMORY = 600.0
 
 SNAPSHOT_MAGIC = b"CFSRAFT1"
 _HASH_LEN = 32
@@ -70,27 +71,11 @@ def _member_remove(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
     conn.execute("DELETE FROM raft_members WHERE node_id = ?", (a[0],))
 
 
-def _batch(conn: sqlite3.Connection, items: list[Any], now: float) -> list[bytes]:
-    """Several commands in one log entry (group commit): each decided alone, in order, in its
-    own savepoint; the result is one encoded result per command."""
-    out: list[bytes] = []
-    for name, args in items:
-        handler = HANDLERS.get(name)
-        if handler is None or name == "batch":
-            out.append(C.failed(InternalError("unreadable raft command")))
-            continue
-        conn.execute("SAVEPOINT item")
-        try:
-            out.append(C.ok(handler(conn, args, now)))
-        except Exception as exc:
-            conn.execute("ROLLBACK TO item")
-            out.append(C.failed(exc if isinstance(exc, CallFSError) else op_error(exc)))
-        conn.execute("RELEASE item")
-    return out
-
+#: ``batch``: several whole commands (each with its own request id) in one log entry, the group
+#: commit of concurrent requests; each decided alone, in order; the result lists theirs.
+BATCH = "batch"
 
 HANDLERS: dict[str, Handler] = {
-    "batch": _batch,
     "create": lambda c, a, _: C.entry_out(ops.create(c, C.some_entry_in(a[0]), C.parents_in(a[1]))),
     "update": lambda c, a, _: C.entry_out(ops.update(c, C.some_entry_in(a[0]), a[1])),
     "delete": lambda c, a, _: C.entry_out(ops.delete(c, a[0], a[1])),
@@ -133,6 +118,8 @@ class StateMachine:
         #: replica no longer matches the others and must not serve reads.
         self.broken: str | None = None
         self.applied = 0
+        #: Bumped when the member table changes (readers cache it per version).
+        self.members_version = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def open_fresh(self) -> None:
@@ -156,38 +143,14 @@ class StateMachine:
 
     # ---- apply -----------------------------------------------------------------------------
     def apply(self, payload: bytes) -> bytes:
-        """Apply one command; return its encoded result. Never raises."""
-        try:
-            _version, request_id, now, name, args = C.unpack(payload)
-            handler = HANDLERS[name]
-        except Exception:  # a command this version cannot read: refuse it, the same everywhere
-            return C.failed(InternalError("unreadable raft command"))
+        """Apply one log entry (a command or a batch of them); return its encoded result.
+        Never raises."""
         conn = self._conn
         if conn is None:
             return C.failed(InternalError("state machine is closed"))
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if request_id:
-                row = conn.execute(
-                    "SELECT result FROM raft_requests WHERE id = ?", (request_id,)
-                ).fetchone()
-                if row is not None:
-                    conn.execute("COMMIT")
-                    return bytes(row[0])
-            conn.execute("SAVEPOINT cmd")
-            try:
-                out = C.ok(handler(conn, args, now))
-            except Exception as exc:
-                conn.execute("ROLLBACK TO cmd")
-                error = exc if isinstance(exc, CallFSError) else op_error(exc)
-                out = C.failed(error)
-            conn.execute("RELEASE cmd")
-            if request_id:
-                conn.execute(
-                    "INSERT INTO raft_requests (id, at, result) VALUES (?, ?, ?)",
-                    (request_id, now, out),
-                )
-                conn.execute("DELETE FROM raft_requests WHERE at < ?", (now - REQUEST_MEMORY,))
+            out = self._run(conn, payload, 0)
             conn.execute("COMMIT")
             self.applied += 1
             return out
@@ -198,6 +161,45 @@ class StateMachine:
                 self.broken = f"a command could not be applied: {exc}"
                 log.critical("raft state machine broken: %s; this replica stops serving", exc)
             return C.failed(InternalError("metadata replica failed"))
+
+    def _run(self, conn: sqlite3.Connection, payload: bytes, depth: int) -> bytes:
+        """One command inside the entry's transaction. A refusal is a result (its savepoint
+        rolled back); only a database failure raises (the caller marks the replica broken)."""
+        try:
+            _version, request_id, now, name, args = C.unpack(payload)
+            if name != BATCH:
+                handler = HANDLERS[name]
+            elif depth > 1 or not all(isinstance(p, bytes) for p in args):
+                raise ValueError("bad batch")
+        except Exception:  # a command this version cannot read: refused, the same everywhere
+            return C.failed(InternalError("unreadable raft command"))
+        if request_id:
+            row = conn.execute(
+                "SELECT result FROM raft_requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            if row is not None:
+                return bytes(row[0])  # a retry of a command already applied: its first answer
+        if name == BATCH:
+            out = C.ok([self._run(conn, item, depth + 1) for item in args])
+        else:
+            conn.execute("SAVEPOINT cmd")
+            try:
+                out = C.ok(handler(conn, args, now))
+                if name.startswith("member_"):
+                    self.members_version += 1
+            except sqlite3.OperationalError:
+                raise  # the database itself failed: not a decision
+            except Exception as exc:
+                conn.execute("ROLLBACK TO cmd")
+                out = C.failed(exc if isinstance(exc, CallFSError) else op_error(exc))
+            conn.execute("RELEASE cmd")
+        if request_id:
+            conn.execute(
+                "INSERT INTO raft_requests (id, at, result) VALUES (?, ?, ?)",
+                (request_id, now, out),
+            )
+            conn.execute("DELETE FROM raft_requests WHERE at < ?", (now - REQUEST_MEMORY,))
+        return out
 
     # ---- snapshots: ``MAGIC | sha256(db) | db`` ---------------------------------------------
     def pin(self) -> sqlite3.Connection:
@@ -277,6 +279,9 @@ class StateMachine:
             remove_db(work)
         assert self._conn is not None
         self._conn.executescript(_RAFT_TABLES)
+        # the copy went through the WAL: fold it back so the node does not hold it twice on disk
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.members_version += 1
         self.broken = None
         return bytes(row[0])
 

@@ -298,8 +298,10 @@ class RaftSettings:
     snapshot_interval: float = 60.0
     snapshot_threshold: int = 256
     retain_snapshots: int = 2
-    tick: float = 0.01
-    heartbeat: float = 0.02
+    #: Commit latency is about one tick (a queued command waits for it) plus one heartbeat (the
+    #: leader sends new entries with it): measured in bench/README.md.
+    tick: float = 0.005
+    heartbeat: float = 0.01
     election_min: float = 0.4
     election_max: float = 1.0
     leader_fallback: float = 1.0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from callfs.cluster import commands as C
+from callfs.cluster.fsm import BATCH
 from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
 from callfs.errors import BadRequest, CallFSError, Unavailable
 
@@ -89,10 +89,9 @@ class RaftService:
         self._next_index: asyncio.Future[int] | None = None
         self._fetching = False
         self._fetcher: asyncio.Future[None] | None = None
-        self._pending: collections.deque[tuple[str, list[Any], asyncio.Future[bytes]]] = (
-            collections.deque()
-        )
+        self._pending: collections.deque[tuple[bytes, asyncio.Future[bytes]]] = collections.deque()
         self._flights = 0
+        self._members_cache: tuple[int, dict[str, tuple[str, str]]] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.commit_seconds: list[float] = []
         self.on_commit: Callable[[float], None] | None = None
@@ -132,22 +131,26 @@ class RaftService:
 
     # ---- writes ------------------------------------------------------------------------------
     async def execute(self, name: str, args: list[Any]) -> Any:
-        """Commit one command and return its result (or raise its error). Concurrent commands
-        share log entries (group commit): a lone command goes at once, the ones arriving while
-        ``_MAX_FLIGHTS`` entries are in flight leave together in the next."""
+        """Commit one command and return its result (or raise its error)."""
+        return C.result(await self.submit(C.command(uuid.uuid4().hex, time.time(), name, args)))
+
+    async def submit(self, payload: bytes) -> bytes:
+        """Commit one encoded command; its encoded result. Concurrent commands share log
+        entries (group commit): a lone command goes at once, the ones arriving while
+        ``_MAX_FLIGHTS`` entries are in flight leave together in the next, each with its own
+        request id (a retried batch applies none of its commands twice)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._pending.append((name, args, future))
+        self._pending.append((payload, future))
         if self._flights < _MAX_FLIGHTS:
             self._launch()
-        return C.result(await future)
+        return await future
 
     def _launch(self) -> None:
-        take: list[tuple[str, list[Any], asyncio.Future[bytes]]] = []
+        take: list[tuple[bytes, asyncio.Future[bytes]]] = []
         size = 0
         while self._pending and len(take) < _MAX_BATCH:
-            item = self._pending[0]
-            cost = len(C.pack(item[1])) + 64
+            cost = len(self._pending[0][0]) + 8
             if take and size + cost > _MAX_BATCH_BYTES:
                 break
             take.append(self._pending.popleft())
@@ -159,36 +162,23 @@ class RaftService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flight(self, take: list[tuple[str, list[Any], asyncio.Future[bytes]]]) -> None:
+    async def _flight(self, take: list[tuple[bytes, asyncio.Future[bytes]]]) -> None:
         try:
             if len(take) == 1:
-                name, args, future = take[0]
-                payload = C.command(uuid.uuid4().hex, time.time(), name, args)
+                payload = take[0][0]
             else:
-                payload = C.command(
-                    uuid.uuid4().hex, time.time(), "batch", [[n, a] for n, a, _f in take]
-                )
+                payload = C.command("", time.time(), BATCH, [p for p, _f in take])
             try:
                 data = await self._commit(payload)
+                results = [data] if len(take) == 1 else list(C.result(data))
             except Exception as exc:
-                for _n, _a, future in take:
+                for _p, future in take:
                     if not future.done():
                         future.set_exception(exc)
                 return
-            if len(take) == 1:
-                if not take[0][2].done():
-                    take[0][2].set_result(data)
-                return
-            try:
-                results = C.result(data)
-            except CallFSError as exc:  # the whole entry was refused
-                for _n, _a, future in take:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            for (_n, _a, future), one in zip(take, results, strict=True):
+            for (_p, future), one in zip(take, results, strict=True):
                 if not future.done():
-                    future.set_result(one)
+                    future.set_result(bytes(one))
         finally:
             self._flights -= 1
             if self._pending and self._flights < _MAX_FLIGHTS:
@@ -233,11 +223,10 @@ class RaftService:
         if op != "apply" or not isinstance(request.get("cmd"), bytes):
             return 400, C.pack({"error": "invalid request"})
         try:
-            data = await self.node.propose(request["cmd"], self.forward_timeout)
-        except NotApplied as exc:
-            return 503, C.pack({"error": str(exc), "applied": False})
-        except OutcomeUnknown as exc:
-            return 503, C.pack({"error": str(exc), "applied": None})
+            # into this leader's group commit, with the commands of its own clients
+            data = await asyncio.wait_for(self.submit(request["cmd"]), self.forward_timeout)
+        except (TimeoutError, Unavailable) as exc:
+            return 503, C.pack({"error": str(exc) or "commit timed out", "applied": None})
         return 200, C.pack({"result": data})
 
     async def _forward(self, request: dict[str, Any], wait: float) -> Any:
@@ -369,15 +358,7 @@ class RaftService:
         """node ID -> (Raft address, API endpoint) of every current voter: the replicated member
         table, completed from the config for voters that have not registered yet (a node taken
         out of the group is gone from both answers, whatever the config still lists)."""
-        out: dict[str, tuple[str, str]] = {}
-        inline = self._inline
-        if inline is not None:
-            with contextlib.suppress(sqlite3.Error):
-                rows = inline.execute(
-                    "SELECT node_id, raft_addr, api_endpoint FROM raft_members"
-                ).fetchall()
-                for node_id, addr, endpoint in rows:
-                    out[node_id] = (addr, endpoint.rstrip("/"))
+        out = dict(self._member_rows())
         try:
             voters = set(self.node.members())
         except NotApplied:  # not running: what the table and config say
@@ -388,6 +369,24 @@ class RaftService:
                 out[node_id] = (addr, self._config_endpoints.get(node_id, ""))
         out[self.node_id] = (self.node.settings.bind_addr, self.api_endpoint)
         return {k: v for k, v in out.items() if v[0] in voters}
+
+    def _member_rows(self) -> dict[str, tuple[str, str]]:
+        """The replicated member table, read again only when a command changed it."""
+        version = self.node.fsm.members_version
+        if self._members_cache is not None and self._members_cache[0] == version:
+            return self._members_cache[1]
+        rows: dict[str, tuple[str, str]] = {}
+        inline = self._inline
+        if inline is not None:
+            try:
+                found = inline.execute(
+                    "SELECT node_id, raft_addr, api_endpoint FROM raft_members"
+                ).fetchall()
+            except sqlite3.Error:
+                return rows  # not cached: asked again next time
+            rows = {n: (a, e.rstrip("/")) for n, a, e in found}
+            self._members_cache = (version, rows)
+        return rows
 
     def node_of(self, raft_addr: str) -> str | None:
         for node_id, (addr, _endpoint) in self.members().items():

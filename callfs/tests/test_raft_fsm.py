@@ -53,20 +53,25 @@ def test_apply_is_idempotent_by_request_id_and_never_raises(tmp_path: Path) -> N
             C.result(fsm.apply(payload))
     with pytest.raises(InternalError):
         C.result(fsm.apply(C.command("r4", 1.0, "create", ["not", "an", "entry"])))
-    # a batch: each command decided alone
-    batch = C.command(
-        "r5",
-        1000.0,
-        "batch",
-        [
-            ["create", [C.entry_out(entry("/b")), None]],
-            ["create", [C.entry_out(entry("/a")), None]],
-        ],
-    )
-    one, two = C.result(fsm.apply(batch))
+    # a batch: whole commands, each decided alone and remembered under its own request id
+    b_cmd, a_cmd = create("r5", "/b"), create("r6", "/a")
+    one, two = C.result(fsm.apply(C.command("", 1000.0, "batch", [b_cmd, a_cmd])))
     assert C.result(one)[0] == "/b"
     with pytest.raises(AlreadyExists):
         C.result(two)
+    # the same batch again (a leader change: "maybe applied"), or one of its commands alone
+    # through another batch: nothing applies twice, the first answers come back
+    again = C.result(fsm.apply(C.command("", 1001.0, "batch", [create("r7", "/c"), b_cmd])))
+    assert C.result(again[0])[0] == "/c"
+    assert again[1] == one
+    assert fsm.apply(b_cmd) == one
+    # a batch inside a batch (a follower's group forwarded into the leader's) works; deeper not
+    inner = C.command("", 1.0, "batch", [create("r8", "/d")])
+    (nested,) = C.result(fsm.apply(C.command("", 1.0, "batch", [inner])))
+    assert C.result(C.result(nested)[0])[0] == "/d"
+    deep = C.command("", 1.0, "batch", [C.command("", 1.0, "batch", [inner])])
+    with pytest.raises(InternalError):
+        C.result(C.result(C.result(fsm.apply(deep))[0])[0])
     assert fsm.broken is None
     fsm.close()
 

@@ -1,0 +1,125 @@
+"""Erasure coding over a three-node Raft cluster on this machine (issue 12's figures).
+
+In one run, for a FILE_MIB file (default 256 MiB), single stream, through node-1:
+  plain PUT / GET (localfs on the receiving node), erasure 2+1 PUT / GET, and a degraded GET
+  with one shard holder killed; then the receiving node's peak RSS during a 2 GiB erasure upload.
+Goals: erasure PUT and GET >= 0.5x plain, degraded GET >= 0.4x plain, peak RSS < 200 MiB.
+
+    python bench/bench_erasure.py [--mib 256] [--big-mib 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_tests.raftlib import H, raft_cluster, wait_leader
+
+CHUNK = 1 << 20
+
+
+async def body(mib: int) -> AsyncIterator[bytes]:
+    block = os.urandom(CHUNK)
+    for i in range(mib):
+        yield block[:8] + i.to_bytes(8, "big") + block[16:]
+
+
+async def put(s: aiohttp.ClientSession, url: str, mib: int, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    async with s.post(url, data=body(mib), headers=headers) as r:
+        assert r.status == 201, await r.text()
+    return time.perf_counter() - started
+
+
+async def get(s: aiohttp.ClientSession, url: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    n = 0
+    async with s.get(url, headers=H) as r:
+        assert r.status == 200, await r.text()
+        async for chunk in r.content.iter_chunked(CHUNK):
+            n += len(chunk)
+    return time.perf_counter() - started, n
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def main(mib: int, big_mib: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="callfs-bench-ec-"))
+    nodes = raft_cluster(work)
+    for node in nodes:
+        node.config["erasure"] = {"enabled": True, "data_shards": 2, "parity_shards": 1}
+        node.config["log"] = {"level": "warn", "format": "console"}
+    try:
+        for node in nodes:
+            node.start()
+        wait_leader(nodes)
+        a = nodes[0]
+        ec = {**H, "X-CallFS-Erasure": "true"}
+        timeout = aiohttp.ClientTimeout(total=3600)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            rows = []
+            t_pp = await put(s, f"{a.base}/v1/files/plain.bin", mib, H)
+            t_pg, n1 = await get(s, f"{a.base}/v1/files/plain.bin")
+            t_ep = await put(s, f"{a.base}/v1/files/ec.bin", mib, ec)
+            t_eg, n2 = await get(s, f"{a.base}/v1/files/ec.bin")
+            assert n1 == n2 == mib * CHUNK
+            nodes[2].kill()  # a shard holder (2+1: one shard each)
+            await asyncio.sleep(1.5)  # Raft elects a new leader if it was node-3
+            for _ in range(100):
+                async with s.head(f"{a.base}/v1/files/ec.bin", headers=H) as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            t_dg, n3 = await get(s, f"{a.base}/v1/files/ec.bin")
+            assert n3 == mib * CHUNK
+            nodes[2].start()
+            mb = mib * CHUNK / 1e6
+            rows = [
+                ("plain PUT", t_pp, None),
+                ("plain GET", t_pg, None),
+                ("erasure 2+1 PUT", t_ep, t_pp),
+                ("erasure 2+1 GET", t_eg, t_pg),
+                ("degraded GET (1 holder down)", t_dg, t_pg),
+            ]
+            print(
+                f"file {mib} MiB, single stream, 3-node Raft cluster, load {os.getloadavg()[0]:.2f}"
+            )
+            print(f"{'operation':32} {'MB/s':>8} {'vs plain':>9}")
+            for name, t, ref in rows:
+                ratio = f"{ref / t:.2f}x" if ref else ""
+                print(f"{name:32} {mb / t:8.1f} {ratio:>9}")
+            assert a.proc is not None
+            wait_leader(nodes)
+            before = peak_rss_mib(a.proc.pid)
+            t_big = await put(s, f"{a.base}/v1/files/big.bin", big_mib, ec)
+            after = peak_rss_mib(a.proc.pid)
+            print(
+                f"{big_mib} MiB erasure upload: {big_mib * CHUNK / 1e6 / t_big:.1f} MB/s, "
+                f"receiver peak RSS {after:.0f} MiB (before it: {before:.0f} MiB)"
+            )
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--mib", type=int, default=256)
+    p.add_argument("--big-mib", type=int, default=2048)
+    args = p.parse_args()
+    asyncio.run(main(args.mib, args.big_mib))
