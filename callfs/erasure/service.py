@@ -17,6 +17,7 @@ and the connection is cut (a short body, never a wrong one).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -39,8 +40,10 @@ from callfs.storage.base import ByteStream, new_blob_key
 
 log = logging.getLogger(__name__)
 
-#: Framed blocks queued per holder while its writer catches up.
+#: Framed blocks queued per holder while its writer catches up, and stripes being encoded at
+#: once: memory stays within (stripes + depth) x (k + m) blocks whatever the file size.
 _DEPTH = 2
+_STRIPES_IN_FLIGHT = 2
 MAX_SHARDS = 256
 
 
@@ -125,6 +128,7 @@ class ErasureService:
         upload_id = new_blob_key()
         writers = [_Writer(self.io, holders[i], upload_id, i) for i in range(k + m)]
         size = 0
+        jobs: collections.deque[asyncio.Future[None]] = collections.deque()
         try:
             buf = bytearray()
             stripe = codec.stripe_size
@@ -132,14 +136,19 @@ class ErasureService:
                 buf += chunk
                 size += len(chunk)
                 while len(buf) >= stripe:
-                    await self._emit(codec, writers, bytes(buf[:stripe]))
+                    await self._emit(codec, writers, bytes(buf[:stripe]), jobs)
                     del buf[:stripe]
             if buf:
-                await self._emit(codec, writers, bytes(buf))
+                await self._emit(codec, writers, bytes(buf), jobs)
+            while jobs:
+                await jobs.popleft()
             for w in writers:
                 await w.send(None)
             await asyncio.gather(*(w.task for w in writers))
         except BaseException as exc:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
             for w in writers:
                 w.task.cancel()
             await asyncio.gather(*(w.task for w in writers), return_exceptions=True)
@@ -172,10 +181,27 @@ class ErasureService:
         )
 
     @staticmethod
-    async def _emit(codec: Codec, writers: list[_Writer], stripe: bytes) -> None:
-        blocks = await codec.encode(stripe)
-        await run_cpu(_hash_blocks, [w.digest for w in writers], blocks)
-        await asyncio.gather(*(w.send(b) for w, b in zip(writers, blocks, strict=True)))
+    async def _emit(
+        codec: Codec,
+        writers: list[_Writer],
+        stripe: bytes,
+        jobs: collections.deque[asyncio.Future[None]],
+    ) -> None:
+        """Start encoding ``stripe`` while earlier stripes are still being hashed and sent (two
+        cores: zfec and SHA-256 release the GIL). Whole-shard digests and sends stay in stripe
+        order: each job waits for the previous one before its ordered part."""
+        previous = jobs[-1] if jobs else None
+
+        async def job() -> None:
+            blocks = await codec.encode(stripe)
+            if previous is not None:
+                await previous
+            await run_cpu(_hash_blocks, [w.digest for w in writers], blocks)
+            await asyncio.gather(*(w.send(b) for w, b in zip(writers, blocks, strict=True)))
+
+        jobs.append(asyncio.ensure_future(job()))
+        while len(jobs) > _STRIPES_IN_FLIGHT:
+            await jobs.popleft()
 
     # ---- delete ------------------------------------------------------------------------------
     async def remove(self, layout: ErasureLayout) -> None:
