@@ -118,11 +118,22 @@ async def _verified_stream(
             await stream.aclose()
         if digest.hexdigest() != checksum:
             raise InternalError("shard checksum mismatch")
-    stream = await backend.open_read(key, 0, size)
+    return await _send(request, backend, key, 0, size, 200)
+
+
+async def _send(
+    request: web.Request,
+    backend: StorageBackend,
+    key: str,
+    offset: int,
+    length: int,
+    status: int,
+) -> web.StreamResponse:
+    stream = await backend.open_read(key, offset, length)
     try:
         resp = web.StreamResponse(
-            status=200,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            status=status,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
         )
         await resp.prepare(request)
         async for chunk in stream:
@@ -201,19 +212,8 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
             offset = min(int(first), found.size)
             stop = int(end) + 1 if end.isdigit() else found.size
             length = max(min(stop, found.size) - offset, 0)
-    stream = await backend.open_read(key, offset, length)
-    try:
-        resp = web.StreamResponse(
-            status=200 if (offset, length) == (0, found.size) else 206,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
-        )
-        await resp.prepare(request)
-        async for chunk in stream:
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
-    finally:
-        await stream.aclose()
+    status = 200 if (offset, length) == (0, found.size) else 206
+    return await _send(request, backend, key, offset, length, status)
 
 
 async def repair(request: web.Request) -> web.StreamResponse:

@@ -20,11 +20,9 @@ import hashlib
 import hmac
 import logging
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import aiohttp
@@ -33,6 +31,7 @@ from callfs.cluster import commands as C
 from callfs.cluster.fsm import BATCH
 from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
 from callfs.errors import BadRequest, CallFSError, Unavailable
+from callfs.metadata.sqlite_readers import SqliteReaders
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,8 +44,6 @@ _RETRY_PAUSE = 0.05
 _MAX_FLIGHTS = 4
 _MAX_BATCH = 128
 _MAX_BATCH_BYTES = 48 * 1024
-_READERS = 4
-_INLINE_BUSY_MS = 20
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -81,11 +78,9 @@ class RaftService:
         self.forward_timeout = forward_timeout
         self._secret = internal_secret
         self._session = session
-        self._readers: ThreadPoolExecutor | None = None
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        self._inline: sqlite3.Connection | None = None
+        self._readers = SqliteReaders(
+            lambda: sqlite3.connect(node.fsm.path, check_same_thread=False), "callfs-raft-r"
+        )
         self._next_index: asyncio.Future[int] | None = None
         self._fetching = False
         self._fetcher: asyncio.Future[None] | None = None
@@ -100,21 +95,10 @@ class RaftService:
     def start(self) -> None:
         """Start the Raft node (on the main thread: see ``RaftNode.start``) and the readers."""
         self.node.start()
-        self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="callfs-raft-r")
-        inline = sqlite3.connect(self.node.fsm.path, check_same_thread=False)
-        inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
-        self._inline = inline
+        self._readers.start()
 
     async def close(self) -> None:
-        if self._readers is not None:
-            await asyncio.to_thread(self._readers.shutdown, True)
-            self._readers = None
-        with self._conns_lock:
-            conns = [*self._conns, *([self._inline] if self._inline else [])]
-            self._conns.clear()
-            self._inline = None
-        for conn in conns:
-            conn.close()
+        await self._readers.close()
         await asyncio.to_thread(self.node.stop)
 
     async def register(self) -> None:
@@ -320,15 +304,6 @@ class RaftService:
         finally:
             self._fetching = False
 
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.node.fsm.path, check_same_thread=False)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
     async def read(self, fn: Callable[[sqlite3.Connection], T], *, point: bool = False) -> T:
         """Run ``fn`` on a consistent local view after the read barrier. Point reads (one row)
         run inline when they can (see ``metadata/sqlite.py``)."""
@@ -337,21 +312,7 @@ class RaftService:
 
     async def read_local(self, fn: Callable[[sqlite3.Connection], T], *, point: bool = False) -> T:
         """Local state without the barrier (cluster bookkeeping, never client-visible data)."""
-        if point and self._inline is not None:
-            try:
-                return fn(self._inline)
-            except sqlite3.Error:
-                log.debug("inline raft read failed; retrying on a reader thread")
-        if self._readers is None:
-            raise Unavailable("metadata store is not running")
-
-        def run() -> T:
-            try:
-                return fn(self._reader())
-            except sqlite3.Error as exc:
-                raise Unavailable("metadata replica read failed") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        return await (self._readers.point(fn) if point else self._readers.run(fn))
 
     # ---- members -----------------------------------------------------------------------------
     def members(self) -> dict[str, tuple[str, str]]:
@@ -376,7 +337,7 @@ class RaftService:
         if self._members_cache is not None and self._members_cache[0] == version:
             return self._members_cache[1]
         rows: dict[str, tuple[str, str]] = {}
-        inline = self._inline
+        inline = self._readers.inline
         if inline is not None:
             try:
                 found = inline.execute(

@@ -17,7 +17,6 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from callfs.errors import (
@@ -28,14 +27,13 @@ from callfs.errors import (
 )
 from callfs.metadata import sqlite_ops as ops
 from callfs.metadata.common import order_tree, pack_layout
+from callfs.metadata.sqlite_readers import SqliteReaders
 from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 256
-_READERS = 4
-_INLINE_BUSY_MS = 20
 #: Constraint failures that mean "a row with this key exists" (AlreadyExists, 409).
 _KEY_CLASHES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -87,23 +85,15 @@ class SqliteMetadataStore:
         self.path = path
         self._queue: queue.SimpleQueue[_WriteOp | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._readers: ThreadPoolExecutor | None = None
-        self._local = threading.local()
-        self._reader_conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        #: Point reads run inline on the event loop with this connection: a WAL read of one row from
-        #: the page cache costs ~20 us, far less than a thread hop (bench/README.md). It never waits
-        #: for a lock longer than _INLINE_BUSY_MS; on any error the read goes to a reader thread.
-        self._inline: sqlite3.Connection | None = None
+        self._readers = SqliteReaders(lambda: ops.connect(self.path), "callfs-sqlite-r")
         #: False once close() began: later writes fail at once instead of queueing behind the stop.
         self._accepting = True
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         writer_conn, inline = await asyncio.to_thread(self._prepare_blocking)
-        self._inline = inline
+        self._readers.start(inline)
         self._accepting = True
-        self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="callfs-sqlite-r")
         self._writer = threading.Thread(
             target=self._writer_loop, args=(writer_conn,), name="callfs-sqlite-w", daemon=True
         )
@@ -122,7 +112,6 @@ class SqliteMetadataStore:
             for number in ops.migrate(conn):
                 log.info("sqlite metadata schema migrated to version %d", number)
             inline = ops.connect(self.path)
-            inline.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_MS}")
         except sqlite3.Error as exc:
             conn.close()
             raise Unavailable("metadata store could not be opened") from exc
@@ -134,15 +123,7 @@ class SqliteMetadataStore:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join, 30)
             self._writer = None
-        if self._readers is not None:
-            await asyncio.to_thread(self._readers.shutdown, True)
-            self._readers = None
-        with self._conns_lock:
-            conns = [*self._reader_conns, *([self._inline] if self._inline else [])]
-            self._reader_conns.clear()
-            self._inline = None
-        for conn in conns:
-            conn.close()
+        await self._readers.close()
 
     # ---- plumbing --------------------------------------------------------------------------
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
@@ -224,35 +205,11 @@ class SqliteMetadataStore:
     async def run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._read(fn)
 
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = ops.connect(self.path)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._reader_conns.append(conn)
-        return conn
-
     async def _point_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """One-row reads: inline when possible (see ``_inline``), else on a reader thread."""
-        if self._inline is not None:
-            try:
-                return fn(self._inline)
-            except sqlite3.Error:
-                log.debug("inline metadata read failed; retrying on a reader thread")
-        return await self._read(fn)
+        return await self._readers.point(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._readers is None:
-            raise Unavailable("metadata store is not running")
-
-        def run() -> T:
-            try:
-                return fn(self._reader())
-            except sqlite3.Error as exc:
-                raise Unavailable("metadata store read failed") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        return await self._readers.run(fn)
 
     # ---- entries ---------------------------------------------------------------------------
     async def get(self, path: str) -> Entry | None:
@@ -288,6 +245,9 @@ class SqliteMetadataStore:
 
     async def list_children(self, path: str) -> list[Entry]:
         return await self._read(lambda c: ops.list_children(c, path))
+
+    async def count_children(self, path: str) -> int:
+        return await self._read(lambda c: ops.count_children(c, path))
 
     async def has_children(self, path: str) -> bool:
         return await self._read(lambda c: ops.has_children(c, path))
