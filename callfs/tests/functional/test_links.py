@@ -77,8 +77,7 @@ async def test_download_ignores_range_and_encodes_name(client: Client) -> None:
     assert resp.status == 200
     assert await resp.read() == b"0123456789"
     assert (
-        resp.headers["Content-Disposition"]
-        == "attachment; filename=\"re sume(1).txt\"; "
+        resp.headers["Content-Disposition"] == 'attachment; filename="re sume(1).txt"; '
         "filename*=UTF-8''r%C3%A9%20sum%C3%A9%281%29.txt"
     )
 
