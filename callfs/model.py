@@ -149,3 +149,14 @@ class Identity:
     @property
     def is_admin(self) -> bool:
         return self.user_id in ADMIN_USERS
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A unit of background work (the WorkQueue, ``jobs/base.py``)."""
+
+    id: int
+    kind: str
+    key: str
+    arg: str
+    attempts: int

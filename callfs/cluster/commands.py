@@ -18,10 +18,9 @@ import msgpack
 
 from callfs import errors
 from callfs.errors import CallFSError, InternalError
-from callfs.jobs.base import WorkItem
 from callfs.metadata.common import entry_from_row, entry_to_row
 from callfs.metadata.sqlite_ops import link_from_row, link_to_row
-from callfs.model import BackendType, Entry, Link, NewParents, Placement
+from callfs.model import BackendType, Entry, Link, NewParents, Placement, WorkItem
 
 VERSION = 1
 

@@ -11,10 +11,10 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import Protocol
 
 import aiohttp
 
-from callfs.core.peer import PeerClient
 from callfs.errors import CallFSError, NotFound, PeerUnavailable
 from callfs.storage.base import ByteStream, StorageBackend
 
@@ -24,6 +24,17 @@ SHARD_PREFIX = ".erasure/"
 INTERNAL_SHARDS = "/v1/internal/shards/"
 _CHUNK = 256 * 1024
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
+
+
+class Peers(Protocol):
+    """What shard I/O needs of the node's inter-node client (``core.peer.PeerClient``)."""
+
+    def require_endpoint(self, instance_id: str) -> str: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    def auth_headers(self) -> dict[str, str]: ...
 
 
 def shard_key(upload_id: str, index: int) -> str:
@@ -47,7 +58,7 @@ class _PeerShardStream:
 
 
 class ShardIO:
-    def __init__(self, instance_id: str, local: StorageBackend, peers: PeerClient | None) -> None:
+    def __init__(self, instance_id: str, local: StorageBackend, peers: Peers | None) -> None:
         self.instance_id = instance_id
         self.local = local
         self.peers = peers

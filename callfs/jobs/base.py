@@ -15,17 +15,11 @@ changes no entry. Every implementation (sqlite, postgres, redis) passes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+from callfs.model import WorkItem
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    id: int
-    kind: str
-    key: str
-    arg: str
-    attempts: int
+__all__ = ["WorkItem", "WorkQueue"]
 
 
 class WorkQueue(Protocol):

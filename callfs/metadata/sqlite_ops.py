@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from callfs.errors import AlreadyExists
-from callfs.jobs.base import WorkItem
 from callfs.metadata.common import (
     ENTRY_COLUMNS,
     ROOT,
@@ -30,7 +29,15 @@ from callfs.metadata.common import (
     subtree_bounds,
     unpack_layout,
 )
-from callfs.model import Entry, ErasureLayout, Link, LinkStatus, NewParents, Placement
+from callfs.model import (
+    Entry,
+    ErasureLayout,
+    Link,
+    LinkStatus,
+    NewParents,
+    Placement,
+    WorkItem,
+)
 
 #: Ordered schema migrations; ``PRAGMA user_version`` records how many are applied.
 MIGRATIONS: tuple[str, ...] = (
