@@ -246,9 +246,6 @@ class SqliteMetadataStore:
     async def list_children(self, path: str) -> list[Entry]:
         return await self._read(lambda c: ops.list_children(c, path))
 
-    async def count_children(self, path: str) -> int:
-        return await self._read(lambda c: ops.count_children(c, path))
-
     async def has_children(self, path: str) -> bool:
         return await self._read(lambda c: ops.has_children(c, path))
 
