@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import HttpVersion11, web
@@ -20,7 +23,8 @@ from callfs.api.ranges import parse_range
 from callfs.api.state import CONTINUE_PENDING, api_state, identity
 from callfs.core.engine import MoveRequest
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
-from callfs.model import BackendType, Entry
+from callfs.metadata.base import ChildPosition
+from callfs.model import BackendType, Entry, EntryType
 from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
 from callfs.storage.base import ByteStream
 
@@ -68,6 +72,158 @@ def entry_json(entry: Entry) -> dict[str, Any]:
 def listing_body(children: list[Entry]) -> bytes:
     """A directory GET's body (HEAD reports its length)."""
     return dumps([entry_json(c) for c in children]).encode()
+
+
+# ---- listing pages and streams (§22) ---------------------------------------------------------
+#: A listing longer than this streams: the body is written a store page at a time (flat memory).
+LISTING_PAGE = 1000
+#: The largest ``limit`` a client may ask for.
+MAX_LIST_LIMIT = 10000
+_LIMIT = re.compile(r"[0-9]{1,9}")
+_CURSOR_TYPES = {"f": EntryType.FILE, "d": EntryType.DIRECTORY}
+
+
+def encode_cursor(entry: Entry) -> str:
+    """The ``next`` cursor past ``entry``: ``f/`` or ``d/`` (its type), then its name in unpadded
+    base64url. Opaque to clients, URL-safe, and never a name: names cannot contain ``/``."""
+    name = base64.urlsafe_b64encode(entry.name.encode()).rstrip(b"=").decode()
+    return f"{entry.type.value[0]}/{name}"
+
+
+def parse_after(raw: str) -> ChildPosition | str:
+    """A cursor (it has a ``/``) as the (type, name) position it encodes, or a plain name."""
+    kind, slash, b64 = raw.partition("/")
+    if not slash:
+        try:
+            validate_name(raw)
+        except BadRequest as exc:
+            raise BadRequest("invalid after: not a name or a cursor") from exc
+        return raw
+    try:
+        if kind not in _CURSOR_TYPES or not re.fullmatch(r"[A-Za-z0-9_-]+", b64):
+            raise ValueError(raw)
+        name = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).decode()
+        validate_name(name)
+    except (ValueError, BadRequest) as exc:
+        raise BadRequest("invalid after: not a name or a cursor") from exc
+    return _CURSOR_TYPES[kind], name
+
+
+def parse_page_query(query: Mapping[str, str]) -> tuple[int, ChildPosition | str | None] | None:
+    """``limit`` (1..MAX_LIST_LIMIT) and ``after`` (a name or a cursor), or None for neither.
+    ``after`` without ``limit`` is refused."""
+    raw_limit, raw_after = query.get("limit"), query.get("after")
+    if raw_limit is None:
+        if raw_after is not None:
+            raise BadRequest("after needs limit")
+        return None
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise BadRequest(f"invalid limit: an integer from 1 to {MAX_LIST_LIMIT}")
+    return int(raw_limit), None if raw_after is None else parse_after(raw_after)
+
+
+def _items_json(entries: list[Entry]) -> bytes:
+    """Entries as the comma-joined items of a JSON array (``dumps`` of the list, less ``[]``)."""
+    return ",".join(dumps(entry_json(e)) for e in entries).encode()
+
+
+async def listing_chunks(
+    request: web.Request, directory: Entry, first: list[Entry]
+) -> AsyncGenerator[bytes, None]:
+    """A whole listing's items, comma-joined, a page per chunk: ``first`` (the first
+    ``LISTING_PAGE`` children, already read), then the rest read from the store a page at a time."""
+    yield _items_json(first)
+    if len(first) < LISTING_PAGE:
+        return
+    after = (first[-1].type, first[-1].name)
+    pages = api_state(request).engine.directory_pages(directory, after, LISTING_PAGE)
+    async with aclosing(pages):
+        async for page in pages:
+            yield b"," + _items_json(page)
+
+
+async def send_listing(
+    request: web.Request,
+    headers: dict[str, str],
+    head: bytes,
+    chunks: AsyncGenerator[bytes, None],
+    tail: bytes,
+) -> web.StreamResponse:
+    """Stream ``head``, the chunks and ``tail`` as a chunked JSON body; each write must go out
+    within ``server.write_timeout``. A store failure midway cuts the connection (the status line
+    is out): the client sees a truncated body, never a short but well-formed listing."""
+    resp = web.StreamResponse(status=200, headers=headers)
+    resp.content_type = "application/json"
+    await resp.prepare(request)
+    stall = api_state(request).write_timeout
+    pending = head
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                async with asyncio.timeout(stall):
+                    await resp.write(pending + chunk)
+                pending = b""
+        async with asyncio.timeout(stall):
+            await resp.write(pending + tail)
+    except TimeoutError:
+        cut_off(request)
+        return resp
+    except (CallFSError, OSError) as exc:
+        log.warning("a directory listing failed mid-stream: %s; cutting the connection", exc)
+        cut_off(request)
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _first_page(
+    request: web.Request, path: CanonicalPath, headers: dict[str, str]
+) -> tuple[list[Entry], bool]:
+    """The first page of a files-route directory listing and whether it streams (no ``limit``,
+    more than ``LISTING_PAGE`` children); with ``limit``, ``X-CallFS-Next`` when more remain."""
+    page = parse_page_query(request.rel_url.query)
+    limit, after = (LISTING_PAGE, None) if page is None else page
+    _, items = await api_state(request).engine.list_directory(
+        identity(request), path, recursive=False, max_depth=0, after=after, limit=limit + 1
+    )
+    more = len(items) > limit
+    del items[limit:]
+    if page is not None and more:
+        headers["X-CallFS-Next"] = encode_cursor(items[-1])
+    return items, page is None and more
+
+
+async def directory_listing(
+    request: web.Request, path: CanonicalPath, entry: Entry
+) -> web.StreamResponse:
+    """GET of a directory on the files route (§9.3): the children as a JSON array. With
+    ``limit``: one page of it (§22). Without, a listing longer than ``LISTING_PAGE`` streams
+    (chunked: no ``Content-Length``)."""
+    headers = item_headers(entry)
+    items, streams = await _first_page(request, path, headers)
+    if streams:
+        chunks = listing_chunks(request, entry, items)
+        return await send_listing(request, headers, b"[", chunks, b"]")
+    resp = web.Response(body=listing_body(items), headers=headers)
+    resp.content_type = "application/json"
+    return resp
+
+
+async def directory_head(
+    request: web.Request, path: CanonicalPath, entry: Entry, headers: dict[str, str]
+) -> None:
+    """HEAD of a directory: ``Content-Length`` of the body GET would send, counted a page at a
+    time for a streamed listing (flat memory), and ``X-CallFS-Next`` as GET."""
+    items, streams = await _first_page(request, path, headers)
+    if not streams:
+        headers["Content-Length"] = str(len(listing_body(items)))
+        return
+    length = 2  # the brackets
+    chunks = listing_chunks(request, entry, items)
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            length += len(chunk)
+    headers["Content-Length"] = str(length)
 
 
 def item_headers(entry: Entry) -> dict[str, str]:
@@ -131,10 +287,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     who = identity(request)
     entry = await state.engine.stat(who, path)
     if entry.is_dir:
-        _, children = await state.engine.list_directory(who, path, recursive=False, max_depth=0)
-        resp = web.Response(body=listing_body(children), headers=item_headers(entry))
-        resp.content_type = "application/json"
-        return resp
+        return await directory_listing(request, path, entry)
     if (
         entry.backend_type is BackendType.ERASURE
         and request.rel_url.query.get("manifest") == "true"
@@ -231,10 +384,7 @@ async def head_file(request: web.Request) -> web.StreamResponse:
     headers = item_headers(entry)
     if entry.is_dir:
         content_type = "application/json"
-        _, children = await state.engine.list_directory(
-            identity(request), path, recursive=False, max_depth=0
-        )
-        headers["Content-Length"] = str(len(listing_body(children)))
+        await directory_head(request, path, entry, headers)
     else:
         content_type = OCTET
         headers["Accept-Ranges"] = "bytes"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -44,7 +44,7 @@ from callfs.errors import (
 )
 from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.locks.base import LockManager
-from callfs.metadata.base import MetadataStore
+from callfs.metadata.base import ChildPosition, MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import (
     BackendType,
@@ -293,14 +293,50 @@ class Engine:
         return self.erasure
 
     async def list_directory(
-        self, who: Identity, path: CanonicalPath, recursive: bool, max_depth: int
+        self,
+        who: Identity,
+        path: CanonicalPath,
+        recursive: bool,
+        max_depth: int,
+        *,
+        after: ChildPosition | str | None = None,
+        limit: int | None = None,
     ) -> tuple[Entry, list[Entry]]:
+        """The directory and its listing (§9.10). With ``limit``: one page (§22) of at most
+        ``limit`` direct children past ``after``, a (type, name) position or a plain name. A plain
+        name stands for the child of that name (names are unique in a directory); a name no child
+        has (deleted meanwhile) is taken as a file's, so a page never skips an entry, at worst it
+        repeats directories. Recursive listings are not paged (400)."""
         entry = check_read(who, await self._meta.get(path.path))
         if not entry.is_dir:
             raise BadRequest("path is not a directory")
+        if limit is not None:
+            if recursive and max_depth > 0:
+                raise BadRequest("limit is not supported on recursive listings")
+            if isinstance(after, str):
+                child = await self._meta.get(f"{entry.path.rstrip('/')}/{after}")
+                after = (child.type if child is not None else EntryType.FILE, after)
+            return entry, await self._meta.list_children_page(entry.path, after, limit)
         if recursive and max_depth > 0:
             return entry, await self._meta.list_tree(entry.path, max_depth)
         return entry, await self._meta.list_children(entry.path)
+
+    async def directory_pages(
+        self, directory: Entry, after: ChildPosition | None, page: int
+    ) -> AsyncGenerator[list[Entry], None]:
+        """The children of a directory ``list_directory`` returned, past ``after``, ``page`` at
+        a time (a large listing streams: one page in memory, one store call per page)."""
+        while True:
+            items = await self._meta.list_children_page(directory.path, after, page)
+            if items:
+                yield items
+            if len(items) < page:
+                return
+            after = (items[-1].type, items[-1].name)
+
+    async def count_children(self, directory: Entry) -> int:
+        """How many children a directory ``list_directory`` returned has (an index count)."""
+        return await self._meta.count_children(directory.path)
 
     # ---- creates and writes --------------------------------------------------------------
     async def make_directory(self, who: Identity, path: CanonicalPath) -> bool:

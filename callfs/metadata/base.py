@@ -17,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
+from callfs.model import Entry, EntryType, ErasureLayout, Link, NewParents, Placement
+
+#: A position in a directory's listing order: (type, name). Files come before directories, so
+#: ``(FILE, "z")`` lies before ``(DIRECTORY, "a")``.
+ChildPosition = tuple[EntryType, str]
 
 
 class MetadataStore(Protocol):
@@ -36,6 +40,20 @@ class MetadataStore(Protocol):
     async def list_children(self, path: str) -> list[Entry]:
         """Direct children of ``path`` in contract order: files before directories, then names in
         ascending code-point order. Empty list for a missing or childless path."""
+        ...
+
+    async def list_children_page(
+        self, path: str, after: ChildPosition | None, limit: int
+    ) -> list[Entry]:
+        """At most ``limit`` (>= 1) direct children of ``path`` that come after the position
+        ``after`` (None: from the start) in ``list_children`` order, in that order. The position
+        need not name an existing child. An index range read that starts at ``after``, never a scan
+        of the children before it: a page costs O(limit), whatever the directory's size. Pages
+        are not a snapshot; an entry present throughout a paging appears exactly once."""
+        ...
+
+    async def count_children(self, path: str) -> int:
+        """How many direct children ``path`` has (0 for a missing path); an index-only count."""
         ...
 
     async def has_children(self, path: str) -> bool: ...

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from callfs.errors import Unavailable
-from callfs.metadata.base import MetadataStore
+from callfs.metadata.base import ChildPosition, MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
@@ -88,6 +88,16 @@ class GuardedMetadataStore:
 
     async def list_children(self, path: str) -> list[Entry]:
         return await self._call("list_children", self.inner.list_children(path))
+
+    async def list_children_page(
+        self, path: str, after: ChildPosition | None, limit: int
+    ) -> list[Entry]:
+        return await self._call(
+            "list_children_page", self.inner.list_children_page(path, after, limit)
+        )
+
+    async def count_children(self, path: str) -> int:
+        return await self._call("count_children", self.inner.count_children(path))
 
     async def has_children(self, path: str) -> bool:
         return await self._call("has_children", self.inner.has_children(path))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from callfs.cluster import commands as C
 from callfs.cluster.service import RaftService
 from callfs.metadata import sqlite_ops as ops
+from callfs.metadata.base import ChildPosition
 from callfs.metadata.common import order_tree, pack_layout
 from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
@@ -34,6 +35,14 @@ class RaftMetadataStore:
 
     async def list_children(self, path: str) -> list[Entry]:
         return await self.service.read(lambda c: ops.list_children(c, path))
+
+    async def list_children_page(
+        self, path: str, after: ChildPosition | None, limit: int
+    ) -> list[Entry]:
+        return await self.service.read(lambda c: ops.list_children_page(c, path, after, limit))
+
+    async def count_children(self, path: str) -> int:
+        return await self.service.read(lambda c: ops.count_children(c, path))
 
     async def has_children(self, path: str) -> bool:
         return await self.service.read(lambda c: ops.has_children(c, path), point=True)

@@ -6,7 +6,8 @@ Data model (``P`` = ``redis_key_prefix``):
   key: absent for directories, and for files written before blob keys, whose key is their path);
 - ``P c:<dir>``: a sorted set of the directory's children, all with score 0, members ``0<name>`` for
   files and ``1<name>`` for directories: Redis orders equal scores by member bytes, which is exactly
-  the contract order (files first, then code-point order), so a listing is one ZRANGE, O(children);
+  the contract order (files first, then code-point order), so a listing is one ZRANGE, O(children),
+  and a page one ZRANGEBYLEX from the member past the cursor, O(log children + page);
 - ``P l:<token>`` link hashes and the set ``P L`` of all tokens (for the sweep);
 - ``P x:<path>`` erasure layouts as msgpack;
 - ``P B``: the set of every blob key an entry names (the orphan sweep asks it).
@@ -22,6 +23,7 @@ trips per tree level (children sets, then their hashes), never one per entry.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +35,7 @@ from callfs.errors import (
     AlreadyExists,
     Unavailable,
 )
+from callfs.metadata.base import ChildPosition
 from callfs.metadata.common import (
     ROOT,
     Plan,
@@ -74,6 +77,17 @@ _MZRANGE = """
 local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('ZRANGE', key, 0, -1) end
 return out
+"""
+# A page of a directory: the members past ARGV[1] (ZRANGEBYLEX), at most ARGV[2], each with its
+# entry hash (ARGV[3]: the entry key prefix of the directory's children), as JSON
+# [[member, [field, value, ...]], ...]. An empty list encodes as {}.
+_PAGE = """
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for i, m in ipairs(members) do
+  out[i] = {m, redis.call('HGETALL', ARGV[3] .. string.sub(m, 2))}
+end
+return cjson.encode(out)
 """
 # Create the root if missing. KEYS: root entry. ARGV: field/value pairs.
 _CREATE_ROOT = """
@@ -389,6 +403,33 @@ class RedisMetadataStore:
     async def list_children(self, path: str) -> list[Entry]:
         members = await self._call(self.r.zrange(self._c(path), 0, -1))
         return await self._entries([self._child(path, m) for m in members])
+
+    async def list_children_page(
+        self, path: str, after: ChildPosition | None, limit: int
+    ) -> list[Entry]:
+        """One script: ZRANGEBYLEX from the member past ``after`` (the members' ``0``/``1`` type
+        prefix makes member order the listing order) and the page's hashes, as one JSON string
+        (parsing 1000 entries' fields as RESP costs ~45 ms in redis-py, as JSON ~4 ms). A member
+        without an entry hash is skipped and the page topped up from past it."""
+        low = "-" if after is None else "(" + ("1" if after[0] is EntryType.DIRECTORY else "0")
+        if after is not None:
+            low += after[1]
+        base = self._e("" if path == "/" else path) + "/"
+        out: list[Entry] = []
+        while len(out) < limit:
+            want = limit - len(out)
+            raw = await self._call(self.r.eval(_PAGE, 1, self._c(path), low, want, base))
+            found = json.loads(raw)
+            for member, fields in found:
+                if fields:
+                    out.append(_decode(self._child(path, member), fields))
+            if len(found) < want:
+                break
+            low = "(" + found[-1][0]
+        return out
+
+    async def count_children(self, path: str) -> int:
+        return int(await self._call(self.r.zcard(self._c(path))))
 
     async def has_children(self, path: str) -> bool:
         return bool(await self._call(self.r.zcard(self._c(path))))

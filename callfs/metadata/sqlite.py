@@ -26,6 +26,7 @@ from callfs.errors import (
     Unavailable,
 )
 from callfs.metadata import sqlite_ops as ops
+from callfs.metadata.base import ChildPosition
 from callfs.metadata.common import order_tree, pack_layout
 from callfs.metadata.sqlite_readers import SqliteReaders
 from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
@@ -245,6 +246,14 @@ class SqliteMetadataStore:
 
     async def list_children(self, path: str) -> list[Entry]:
         return await self._read(lambda c: ops.list_children(c, path))
+
+    async def list_children_page(
+        self, path: str, after: ChildPosition | None, limit: int
+    ) -> list[Entry]:
+        return await self._read(lambda c: ops.list_children_page(c, path, after, limit))
+
+    async def count_children(self, path: str) -> int:
+        return await self._read(lambda c: ops.count_children(c, path))
 
     async def has_children(self, path: str) -> bool:
         return await self._read(lambda c: ops.has_children(c, path))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from callfs.errors import AlreadyExists
+from callfs.metadata.base import ChildPosition
 from callfs.metadata.common import (
     ENTRY_COLUMNS,
     ROOT,
@@ -31,6 +32,7 @@ from callfs.metadata.common import (
 )
 from callfs.model import (
     Entry,
+    EntryType,
     ErasureLayout,
     Link,
     LinkStatus,
@@ -192,6 +194,37 @@ def list_children(conn: sqlite3.Connection, path: str) -> list[Entry]:
         (path,),
     ).fetchall()
     return [entry_from_row(r) for r in rows]
+
+
+def list_children_page(
+    conn: sqlite3.Connection, path: str, after: ChildPosition | None, limit: int
+) -> list[Entry]:
+    """Children after ``after`` in listing order: the files past it, then the directories past
+    it, each a range scan of the (parent, type, name) index (whose own order puts directories
+    first, hence two scans rather than one)."""
+    out: list[Entry] = []
+    for kind in (EntryType.FILE, EntryType.DIRECTORY):
+        if after is not None and kind is EntryType.FILE and after[0] is EntryType.DIRECTORY:
+            continue  # the position lies among the directories: every file is before it
+        # "" is below every name (and is the root's own name: "/" never lists itself)
+        start = after[1] if after is not None and after[0] is kind else ""
+        rows = conn.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_children"
+            " WHERE parent = ? AND type = ? AND name > ? AND path != '/' ORDER BY name LIMIT ?",
+            (path, kind.value, start, limit - len(out)),
+        ).fetchall()
+        out.extend(entry_from_row(r) for r in rows)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def count_children(conn: sqlite3.Connection, path: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM entries INDEXED BY entries_children WHERE parent = ? AND path != '/'",
+        (path,),
+    ).fetchone()
+    return int(row[0])
 
 
 def blobs_referenced(conn: sqlite3.Connection, keys: Sequence[str]) -> set[str]:

@@ -180,6 +180,94 @@ async def test_children_order_and_isolation(store: MetadataStore) -> None:
     assert not await store.has_children("/missing")
 
 
+F, D = EntryType.FILE, EntryType.DIRECTORY
+
+
+async def pages_of(store: MetadataStore, path: str, limit: int) -> list[list[str]]:
+    """Page through ``path`` with ``list_children_page``, each page's position past its last."""
+    pages: list[list[str]] = []
+    after: tuple[EntryType, str] | None = None
+    while True:
+        page = await store.list_children_page(path, after, limit)
+        assert len(page) <= limit
+        if page:
+            pages.append([e.name for e in page])
+            after = (page[-1].type, page[-1].name)
+        if len(page) < limit:
+            return pages
+
+
+async def test_children_pages_order_across_the_type_boundary(store: MetadataStore) -> None:
+    # Directory names below file names, a file named like a directory's prefix, and names past
+    # the BMP, so that neither the type nor the UTF-8/code-point order can be faked by sorting.
+    await tree(
+        store,
+        "/p/zeta",
+        "/p/Alpha",
+        "/p/é",
+        "/p/\U0001f600",
+        "/p/\uffff",
+        "/p/a b",
+        "/p/a/",
+        "/p/A/",
+        "/p/\u00e9dir/",
+        "/p/zz/",
+        "/p/a/inner",
+        "/q/other",
+    )
+    whole = [e.name for e in await store.list_children("/p")]
+    assert whole == ["Alpha", "a b", "zeta", "é", "\uffff", "\U0001f600", "A", "a", "zz", "édir"]
+    for limit in (1, 2, 3, 5, 6, 7, 9, 10, 11, 100):
+        pages = await pages_of(store, "/p", limit)
+        assert [n for p in pages for n in p] == whole, limit
+        assert all(len(p) == limit for p in pages[:-1])
+    first = await store.list_children_page("/p", None, 6)
+    assert [e.path for e in first] == ["/p/" + n for n in whole[:6]]
+    assert first == (await store.list_children("/p"))[:6]  # whole entries, not only names
+    # Positions need not name an existing child; a file position precedes every directory.
+
+    def names(page: list[Entry]) -> list[str]:
+        return [e.name for e in page]
+
+    assert names(await store.list_children_page("/p", (F, "b"), 3)) == ["zeta", "é", "\uffff"]
+    assert names(await store.list_children_page("/p", (F, "\U0010ffff"), 3)) == ["A", "a", "zz"]
+    assert names(await store.list_children_page("/p", (D, "B"), 10)) == ["a", "zz", "édir"]
+    assert names(await store.list_children_page("/p", (D, ""), 1)) == ["A"]
+    assert names(await store.list_children_page("/p", (F, ""), 1)) == ["Alpha"]
+    # Past the end, in an empty directory, below a file, for a missing path.
+    assert await store.list_children_page("/p", (D, "édir"), 5) == []
+    assert await store.list_children_page("/p", (D, "\U0010ffff"), 5) == []
+    assert await store.list_children_page("/p/A", None, 5) == []
+    assert await store.list_children_page("/p/zeta", None, 5) == []
+    assert await store.list_children_page("/missing", None, 5) == []
+    assert await store.count_children("/p") == 10
+    assert await store.count_children("/p/a") == 1
+    assert await store.count_children("/p/A") == 0
+    assert await store.count_children("/missing") == 0
+
+
+async def test_children_pages_of_the_root_and_exact_boundaries(store: MetadataStore) -> None:
+    assert await store.list_children_page("/", None, 3) == []  # "/" never lists itself
+    assert await store.count_children("/") == 0
+    await asyncio.gather(*(store.create(entry(f"/f{i:03d}")) for i in range(30)))
+    await asyncio.gather(*(store.create(entry(f"/d{i:03d}", "d")) for i in range(20)))
+    want = [f"f{i:03d}" for i in range(30)] + [f"d{i:03d}" for i in range(20)]
+    assert await store.count_children("/") == 50
+    for limit in (10, 25, 30, 50):  # pages that end exactly on the type boundary and the end
+        pages = await pages_of(store, "/", limit)
+        assert [n for p in pages for n in p] == want
+        assert len(pages) == 50 // limit + (1 if 50 % limit else 0)
+    last = await store.list_children_page("/", (F, "f029"), 20)
+    assert [e.name for e in last] == want[30:]
+    assert await store.list_children_page("/", (D, "d019"), 1) == []
+    # Entries changing between pages: one deleted behind the position, one added ahead of it.
+    before = await store.list_children_page("/", None, 15)
+    await store.delete("/f003")
+    await store.create(entry("/f0295"))
+    rest = await store.list_children_page("/", (before[-1].type, before[-1].name), 100)
+    assert [e.name for e in rest][:16] == [f"f{i:03d}" for i in range(15, 30)] + ["f0295"]
+
+
 async def test_list_tree(store: MetadataStore) -> None:
     await tree(store, "/a/b/c/deep.txt", "/a/top.txt", "/a/b/x.txt", "/a/a/", "/ab/no.txt")
     paths = [e.path for e in await store.list_tree("/a", 1)]
