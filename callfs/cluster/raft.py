@@ -36,6 +36,7 @@ import pysyncobj.serializer as pserializer
 import pysyncobj.syncobj as psyncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.transport import TCPTransport
 
 from callfs.cluster.fsm import StateMachine, fsync_dir
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 PINNED_VERSION = "0.3.17"
 #: The index of the no-op a new leader appends (private; see ``RaftNode.leader_ready``).
 _NOOP_ATTR = "_SyncObj__noopIDx"
+#: When the leader next sends append_entries, and its last log index (private; ``_tick``).
+_NEXT_SEND = "_SyncObj__newAppendEntriesTime"
+_LAST_INDEX = "_SyncObj__getCurrentLogIndex"
 
 #: pysyncobj fail reasons that mean "this command was not applied": retry it anywhere.
 NOT_APPLIED = frozenset(
@@ -318,6 +322,9 @@ class RaftNode:
         self._replica: _Replica | None = None
         self._journal: _DurableJournal | None = None
         self._membership = asyncio.Lock()
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._sent: tuple[int, int] = (0, 0)
         self.on_state_changed: Callable[[int, int], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -362,17 +369,53 @@ class RaftNode:
             consumers=[self._replica],
             transportClass=_DurableTransport,
         )
-        if not hasattr(self._sync, _NOOP_ATTR):
-            raise RuntimeError(f"pysyncobj internals changed: SyncObj.{_NOOP_ATTR} missing")
+        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, "_poller"):
+            if not hasattr(self._sync, attr):
+                raise RuntimeError(f"pysyncobj internals changed: SyncObj.{attr} missing")
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()
 
     def _tick(self) -> None:
+        """Tick thread, after new commands joined the log and before the next poll."""
         # A group with no other voter sends no message that would flush the journal.
         journal = self._journal
         if journal is not None and journal.dirty:
             journal.sync()
+        sync = self._sync
+        if sync is None:
+            return
+        if self._wake_r is None:
+            self._subscribe_wake(sync)
+        # Prompt replication: pysyncobj sends new entries (and a new commit index) only at the
+        # next heartbeat. When either changed, send at the next tick instead, and wake the poller
+        # so that tick comes now: a commit then costs a round trip, not a heartbeat period.
+        if sync._isLeader():
+            last = int(getattr(sync, _LAST_INDEX)())
+            commit = int(sync.raftCommitIndex)
+            if (last, commit) != self._sent:
+                self._sent = (last, commit)
+                setattr(sync, _NEXT_SEND, 0.0)
+                self._wake()
+
+    def _subscribe_wake(self, sync: SyncObj) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        sync._poller.subscribe(r, self._drain, POLL_EVENT_TYPE.READ)
+        self._wake_r, self._wake_w = r, w
+
+    def _drain(self, descr: int, _event: int) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(descr, 4096):
+                pass
+
+    def _wake(self) -> None:
+        """Make the tick thread's poll return now (any thread)."""
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(w, b"!")
 
     def _state_changed(self, old: int, new: int) -> None:
         if self.on_state_changed is not None:
@@ -383,6 +426,12 @@ class RaftNode:
         self._sync = None
         if sync is not None:
             sync.destroy_synchronous()
+        fds = (self._wake_r, self._wake_w)
+        self._wake_r = self._wake_w = None  # before closing: a late wake must not hit a reused fd
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self.fsm.close()
 
     @property
@@ -410,6 +459,7 @@ class RaftNode:
                 loop.call_soon_threadsafe(settle, res, err)
 
         replica.apply(payload, callback=callback)
+        self._wake()  # the tick thread picks the command up now, not at its next poll timeout
         try:
             res, err = await asyncio.wait_for(future, wait)
         except TimeoutError:
