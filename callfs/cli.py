@@ -108,7 +108,7 @@ def server(config: str | None, dev: bool, listen: str | None) -> None:
     try:
         cfg = _load(config, dev, listen)
     except ConfigError as exc:
-        message = exc.message
+        message = str(exc)  # every problem, not only the first (config/validate.py)
         if not dev and "auth.api_keys" in message and "at least one key" in message:
             message = f"{message}\n{_NO_KEYS_HINT}"
         raise click.ClickException(message) from exc

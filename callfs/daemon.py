@@ -162,23 +162,25 @@ def make_work_queue(store: MetadataStore) -> WorkQueue:
         from callfs.jobs.raft import RaftWorkQueue
 
         return RaftWorkQueue(store.service)
-    from callfs.metadata.sqlite import SqliteMetadataStore
-
-    if isinstance(store, SqliteMetadataStore):
+    # Dispatch on the store's module so that a node never imports a driver it does not use.
+    module = type(store).__module__
+    if module == "callfs.metadata.sqlite":
         from callfs.jobs.sqlite import SqliteWorkQueue
+        from callfs.metadata.sqlite import SqliteMetadataStore
 
+        assert isinstance(store, SqliteMetadataStore)
         return SqliteWorkQueue(store)
-    from callfs.metadata.postgres import PostgresMetadataStore
-
-    if isinstance(store, PostgresMetadataStore):
+    if module == "callfs.metadata.postgres":
         from callfs.jobs.postgres import PostgresWorkQueue
+        from callfs.metadata.postgres import PostgresMetadataStore
 
+        assert isinstance(store, PostgresMetadataStore)
         return PostgresWorkQueue(store)
-    from callfs.metadata.redis import RedisMetadataStore
-
-    if isinstance(store, RedisMetadataStore):
+    if module == "callfs.metadata.redis":
         from callfs.jobs.redis import RedisWorkQueue
+        from callfs.metadata.redis import RedisMetadataStore
 
+        assert isinstance(store, RedisMetadataStore)
         return RedisWorkQueue(store)
     raise ConfigError(f"no work queue for a {type(store).__name__}")
 

@@ -5,6 +5,7 @@ frozen leader, no quorum, and concurrent creates decided once."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 import urllib.error
 import urllib.request
@@ -360,3 +361,31 @@ def get_past(node: ClusterNode, path: str, timeout: float = 20.0) -> tuple[int, 
         if status != 503 or time.monotonic() > deadline:
             return status, body
         time.sleep(0.1)
+
+
+async def test_websocket_upload_to_a_file_another_node_owns(cluster: list[ClusterNode]) -> None:
+    """§10: replacing an existing file over WebSocket through a node that does not own it
+    streams the frames to the owner; download through a third node sees the new bytes."""
+    import aiohttp
+
+    assert put(cluster[0], "/up/owned.bin", b"old content") == 201
+    new = os.urandom(200_000)
+    async with aiohttp.ClientSession() as s:
+        url = cluster[1].base.replace("http", "ws") + "/v1/files/ws/up/owned.bin?mode=upload"
+        async with s.ws_connect(url, headers=H) as ws:
+            for i in range(0, len(new), 65536):
+                await ws.send_bytes(new[i : i + 65536])
+            await ws.send_str("EOF")
+            msg = await ws.receive(timeout=15)
+            assert msg.data == f"ok:{len(new)}", msg
+        assert get(cluster[2], "/up/owned.bin") == (200, new)
+        url = cluster[2].base.replace("http", "ws") + "/v1/files/ws/up/owned.bin"
+        got = b""
+        async with s.ws_connect(url, headers=H) as ws:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    got += msg.data
+            closed = (ws.close_code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None)
+    assert got == new, closed
+    status, _ = call(cluster[2], "HEAD", "/v1/files/up/owned.bin")
+    assert status == 200

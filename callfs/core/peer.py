@@ -10,7 +10,7 @@ import asyncio
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
@@ -119,3 +119,28 @@ class PeerClient:
         if response.status == 416:
             return PeerStream(response, 0)
         raise PeerUnavailable(f"owner node answered {response.status}")
+
+    async def put_file(self, instance_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
+        """Stream a new version of a file the node ``instance_id`` owns to it (a WebSocket
+        upload received here); the size stored. The caller authorized the write."""
+        url = self.require_endpoint(instance_id) + "/v1/files" + url_path(path)
+        size = 0
+
+        async def counted() -> AsyncIterator[bytes]:
+            nonlocal size
+            async for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+
+        try:
+            async with self.session.put(url, data=counted(), headers=self.auth_headers()) as resp:
+                status = resp.status
+                detail = (await resp.read())[:200]
+        except _PEER_ERRORS as exc:
+            log.warning("owner node %s unreachable: %s", instance_id, type(exc).__name__)
+            raise PeerUnavailable("owner node unreachable") from exc
+        if status in (200, 201):
+            return size
+        if status == 404:
+            raise NotFound()
+        raise PeerUnavailable(f"owner node answered {status}: {detail!r}")

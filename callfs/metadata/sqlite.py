@@ -108,15 +108,23 @@ class SqliteMetadataStore:
             os.makedirs(parent, exist_ok=True)
             conn = ops.connect(self.path)
         except (OSError, sqlite3.Error) as exc:
-            raise Unavailable("metadata store could not be opened") from exc
+            raise self._open_error(exc) from exc
         try:
             for number in ops.migrate(conn):
                 log.info("sqlite metadata schema migrated to version %d", number)
             inline = ops.connect(self.path)
         except sqlite3.Error as exc:
             conn.close()
-            raise Unavailable("metadata store could not be opened") from exc
+            raise self._open_error(exc) from exc
         return conn, inline
+
+    def _open_error(self, exc: Exception) -> Unavailable:
+        """Say which file and why (permission denied, not a database, read-only disk...)."""
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return Unavailable(
+            f"cannot open the SQLite metadata store at {os.path.abspath(self.path)}: {cause}"
+            " (check metadata_store.sqlite_path and the directory's permissions)"
+        )
 
     async def close(self) -> None:
         self._accepting = False

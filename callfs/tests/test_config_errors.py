@@ -599,3 +599,16 @@ def _hide(monkeypatch: pytest.MonkeyPatch, module: str, driver: str) -> None:
 def test_negative_redis_db(tmp_path: Path) -> None:
     exc = problems(tmp_path, {"CALLFS_DLM__REDIS_DB": "-1"})
     assert exc.message == "config validation failed: dlm.redis_db must be >= 0 (got -1)"
+
+
+async def test_sqlite_store_that_cannot_be_opened_names_the_file_and_cause(tmp_path: Path) -> None:
+    from callfs.errors import Unavailable
+    from callfs.metadata.sqlite import SqliteMetadataStore
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    store = SqliteMetadataStore(str(blocker / "meta.sqlite3"))
+    with pytest.raises(Unavailable) as info:
+        await store.start()
+    assert str(blocker / "meta.sqlite3") in info.value.message
+    assert "Not a directory" in info.value.message or "File exists" in info.value.message
