@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from callfs.api import directories, files, health, links, protocol_errors, websocket
+from callfs.api import directories, files, health, links, openapi, protocol_errors, websocket
 from callfs.api.middleware import on_response_prepare, pipeline
 from callfs.api.state import STATE, ApiState
 
@@ -26,4 +26,5 @@ def build_app(state: ApiState) -> web.Application:
     files.add_routes(app)
     directories.add_routes(app)
     links.add_routes(app)
+    openapi.add_routes(app)
     return app

@@ -33,13 +33,13 @@ def parse_max_depth(raw: str | None) -> int:
     """Missing, unparsable or negative means 100; above 1000 means 1000; 0 is allowed."""
     if raw is None:
         return DEFAULT_MAX_DEPTH
-    try:
-        value = int(raw.strip())
-    except ValueError:
+    text = raw.strip()
+    negative = text.startswith("-")
+    digits = text[1:] if negative or text.startswith("+") else text
+    # ASCII digits only: int() would also take "5_0" or other scripts' digits
+    if not digits or not digits.isascii() or not digits.isdigit() or negative:
         return DEFAULT_MAX_DEPTH
-    if value < 0:
-        return DEFAULT_MAX_DEPTH
-    return min(value, MAX_MAX_DEPTH)
+    return min(int(digits), MAX_MAX_DEPTH)
 
 
 async def list_directory(request: web.Request) -> web.StreamResponse:

@@ -98,7 +98,7 @@ def manifest_response(request: web.Request, entry: Entry, layout: ErasureLayout)
         ],
     }
     return web.Response(
-        body=(json.dumps(body, separators=(",", ":")) + "\n").encode(),
+        body=(json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n").encode(),
         content_type="application/json",
     )
 

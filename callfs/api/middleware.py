@@ -121,6 +121,7 @@ _TEMPLATES = {
     "/v1/shards/{tail}": "/v1/shards/*",
     "/v1/links/generate": "/v1/links/generate",
     "/download/{token}": "/download/{token}",
+    "/openapi.json": "/openapi.json",
 }
 
 
