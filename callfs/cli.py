@@ -539,6 +539,148 @@ def cluster_remove(
     click.echo(f"Removed node={answer.get('node_id') or node_id}")
 
 
+#: ``cluster drain`` / ``cluster rebalance``: how often the job's progress is asked for.
+JOB_POLL = 1.0
+JOB_TIMEOUT = 30.0
+
+
+def _size(n: object) -> str:
+    value = float(n) if isinstance(n, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - the loop returns
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    return (
+        f"{job.get('kind')} {job.get('state')}: moved {job.get('files_moved')}/"
+        f"{job.get('files_total')} files ({_size(job.get('bytes_moved'))} of "
+        f"{_size(job.get('bytes_total'))}), {job.get('files_remaining')} remaining, "
+        f"{job.get('files_failed')} failed"
+    )
+
+
+def _run_job(base: str, secret: str, kind: str, body: dict[str, Any], wait: bool) -> None:
+    """Start a drain or rebalance on ``base`` (or follow the one already running there), print
+    its progress until it ends; exit 1 if some file could not be moved."""
+    import time
+
+    try:
+        status, raw = _internal_call(base, f"/v1/internal/nodes/{kind}", secret, body, JOB_TIMEOUT)
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact node: {_reason(exc)}") from exc
+    answer = _decode(kind, status, raw)
+    coordinator = answer.get("coordinator_url") if status == 409 else None
+    if isinstance(coordinator, str) and coordinator and coordinator != base:
+        click.echo(f"running the {kind} on the coordinator {coordinator}")
+        _run_job(coordinator, secret, kind, body, wait)
+        return
+    running = answer.get("job") if status == 409 else None
+    if isinstance(running, dict) and (running.get("kind"), running.get("node")) == (
+        kind,
+        body.get("node"),
+    ):
+        click.echo(f"a {kind} is already running on {base}; following it")
+    elif status != 202:
+        raise click.ClickException(f"{kind} failed: {answer.get('error') or status}")
+    job = answer.get("job") if status == 409 else answer
+    last = ""
+    while wait:
+        try:
+            status, raw = _internal_call(base, "/v1/internal/nodes/job", secret, None, JOB_TIMEOUT)
+        except _NET_ERRORS as exc:
+            raise click.ClickException(f"lost contact with the node: {_reason(exc)}") from exc
+        job = _decode("job", status, raw)
+        if status != 200:
+            raise click.ClickException(f"{kind} status failed: {job.get('error') or status}")
+        line = _job_line(job)
+        if line != last:
+            click.echo(line)
+            last = line
+        if job.get("state") not in ("planning", "running"):
+            break
+        time.sleep(JOB_POLL)
+    if not wait or not isinstance(job, dict):
+        click.echo(f"{kind} started on {base}; follow it with the same command")
+        return
+    planned = job.get("planned_bytes") or {}
+    for node in sorted(planned):
+        click.echo(f"  {node}: {_size(planned[node])}")
+    for item in job.get("failed") or []:
+        click.echo(f"failed: {item}")
+    if job.get("state") != "done":
+        raise click.ClickException(
+            f"{kind} {job.get('state')}: {job.get('error') or 'see the node log'}"
+        )
+
+
+@cluster.command("drain", context_settings=CONTEXT)
+@click.argument("node")
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of the node that runs the job")
+@click.option("--internal-secret", default="")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--rate", default=0.0, type=click.FloatRange(min=0), help="MB/s at most (0: no limit)"
+)
+@click.option("--no-wait", is_flag=True, help="start the job and return")
+@click.pass_context
+def cluster_drain(
+    ctx: click.Context,
+    node: str,
+    config_path: str | None,
+    url: str,
+    internal_secret: str,
+    parallel: int,
+    rate: float,
+    no_wait: bool,
+) -> None:
+    """Move every localfs file owned by NODE to the other live nodes (fewest bytes first), so
+    NODE can be stopped and removed. Re-running continues where a stopped drain left off."""
+    node_id = node.strip()
+    if not node_id:
+        raise click.ClickException("node id is required")
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    body = {"node": node_id, "parallel": parallel, "rate": rate * 1_000_000}
+    _run_job(base, secret, "drain", body, not no_wait)
+
+
+@cluster.command("rebalance", context_settings=CONTEXT)
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of the node that runs the job")
+@click.option("--internal-secret", default="")
+@click.option(
+    "--tolerance",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="stop when every node holds the mean bytes within this fraction",
+)
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--rate", default=0.0, type=click.FloatRange(min=0), help="MB/s at most (0: no limit)"
+)
+@click.option("--no-wait", is_flag=True, help="start the job and return")
+@click.pass_context
+def cluster_rebalance(
+    ctx: click.Context,
+    config_path: str | None,
+    url: str,
+    internal_secret: str,
+    tolerance: float,
+    parallel: int,
+    rate: float,
+    no_wait: bool,
+) -> None:
+    """Even out the localfs bytes of the live nodes (after a node joined): files move from the
+    fullest node to the emptiest until each is within the tolerance of the mean."""
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    body = {"tolerance": tolerance, "parallel": parallel, "rate": rate * 1_000_000}
+    _run_job(base, secret, "rebalance", body, not no_wait)
+
+
 @cli.group(context_settings=CONTEXT)
 def erasure() -> None:
     """Erasure-coded files."""
@@ -582,6 +724,86 @@ def erasure_repair(
             for item in answer.get(what) or []:
                 click.echo(f"{what}: {item}")
     if answer.get("unrecoverable") or answer.get("failed"):
+        ctx.exit(1)
+
+
+#: ``fsck`` lists every node's data and walks the whole namespace: allow it time.
+FSCK_TIMEOUT = 6 * 3600.0
+
+
+def _finding_line(f: dict[str, Any]) -> str:
+    where = f"{f.get('node') or '-'} {f.get('backend')}/{f.get('area')}"
+    parts = [f"{f.get('kind', '?'):<13}", where, str(f.get("key"))]
+    if f.get("path"):
+        parts.append(f"path={f['path']}")
+    if f.get("size") is not None:
+        parts.append(f"size={f['size']}")
+    if f.get("expected_size") is not None:
+        parts.append(f"expected={f['expected_size']}")
+    if f.get("age") is not None:
+        parts.append(f"age={f['age']}s")
+    if f.get("repaired"):
+        parts.append("[repaired]")
+    if f.get("detail"):
+        parts.append(f"({f['detail']})")
+    return " ".join(parts)
+
+
+@cli.command("fsck", context_settings=CONTEXT)
+@click.option("--repair", is_flag=True, help="remove orphans and stale temp files, re-queue copies")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="only bytes older than this many seconds count as orphans or stale (default 3600)",
+)
+@click.option("--config", "-c", "config_path", default=None)
+@click.option("--url", default="", help="API base URL of any node (default: server.external_url)")
+@click.option("--internal-secret", default="")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def fsck(
+    ctx: click.Context,
+    repair: bool,
+    grace: float | None,
+    config_path: str | None,
+    url: str,
+    internal_secret: str,
+    as_json: bool,
+) -> None:
+    """Check that metadata and the bytes on every node agree: orphans (bytes no record names),
+    missing bytes, size mismatches, stale temp files. --repair removes orphans and stale temp
+    files older than the grace and re-queues missing replica copies; it never deletes bytes a
+    record names. Exits 0 when clean (or everything was repaired), 1 otherwise."""
+    base, secret = _node_settings(ctx, config_path, url, internal_secret)
+    body: dict[str, Any] = {"repair": repair}
+    if grace is not None:
+        body["grace"] = grace
+    try:
+        status, raw = _internal_call(base, "/v1/internal/fsck", secret, body, FSCK_TIMEOUT)
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact node: {_reason(exc)}") from exc
+    answer = _decode("fsck", status, raw)
+    if status != 200:
+        raise click.ClickException(f"fsck failed: {answer.get('error') or status}")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        nodes = answer.get("nodes") or {}
+        click.echo(
+            f"fsck of {len(nodes)} node(s) via {answer.get('coordinator')}: "
+            f"{answer.get('entries_checked')} records checked in {answer.get('elapsed')}s"
+        )
+        counts = answer.get("counts") or {}
+        click.echo(
+            " ".join(f"{k}={v}" for k, v in counts.items())
+            + f" repaired={answer.get('repaired')} unrepaired={answer.get('unrepaired')}"
+        )
+        for finding in answer.get("findings") or []:
+            click.echo(_finding_line(finding))
+        for error in answer.get("errors") or []:
+            click.echo(f"error: {error.get('node')}: {error.get('error')}")
+    if not answer.get("clean"):
         ctx.exit(1)
 
 
@@ -689,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: errors print ``Error: <message>`` on stderr and exit 1 (§20)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        cli.main(args=args, prog_name="callfs", standalone_mode=False)
+        code = cli.main(args=args, prog_name="callfs", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
@@ -700,3 +922,5 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             click.echo(exc.ctx.get_usage(), err=True)
         sys.exit(1)
+    if isinstance(code, int) and code:  # ``ctx.exit(n)``: click returns n in this mode
+        sys.exit(code)

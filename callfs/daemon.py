@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from callfs.api import erasure as erasure_api
-from callfs.api import internal_raft
+from callfs.api import internal_fsck, internal_nodes, internal_raft
+from callfs.api import uploads as uploads_api
 from callfs.api.app import build_app
 from callfs.api.health import metrics_handler
 from callfs.api.limits import ConnectionCaps, ConnectionGuard, GuardedAppRunner
@@ -34,9 +35,13 @@ from callfs.concurrency import shutdown_pools
 from callfs.config import Config, ServerConfig
 from callfs.core.background import Periodic
 from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
+from callfs.core.fsck import Fsck
 from callfs.core.maintenance import FIRST_PASS, ErasureMaintenance
 from callfs.core.peer import PeerClient
+from callfs.core.placement_ops import NodeMoves
 from callfs.core.replication import WorkQueueWorker
+from callfs.core.uploads import SWEEP_INTERVAL as UPLOAD_SWEEP_INTERVAL
+from callfs.core.uploads import UploadService
 from callfs.erasure.service import ErasureService
 from callfs.erasure.shards import ShardIO
 from callfs.errors import CallFSError, ConfigError
@@ -351,6 +356,8 @@ class Node:
     raft: RaftService | None = None
     shard_backend: StorageBackend | None = None
     maintenance: ErasureMaintenance | None = None
+    fsck: Fsck | None = None
+    uploads: UploadService | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
@@ -433,6 +440,11 @@ class Node:
                 self.locks,
                 is_coordinator=raft_node.is_leader if raft_node is not None else None,
             )
+        nodes, cluster = self.peers, self.raft
+        self.fsck = Fsck(
+            self.engine, self.meta, self.backends, self.shard_backend, nodes,
+            lambda: [*nodes.endpoints, *(cluster.endpoints() if cluster else ())], self.queue,
+        )  # fmt: skip
         self.links = LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics)
         state = ApiState(
             engine=self.engine,
@@ -454,6 +466,18 @@ class Node:
             internal_raft.add_routes(self.app, self.raft)
         if self.shard_backend is not None:
             erasure_api.add_routes(self.app, self.shard_backend, self.maintenance)
+        internal_fsck.add_routes(self.app, self.fsck)
+        peers, raft = self.peers, self.raft
+
+        def members() -> list[str]:  # configured peers and Raft members: drain/rebalance targets
+            return [*peers.endpoints, *(raft.endpoints() if raft is not None else ())]
+
+        moves = NodeMoves(self.engine, self.meta, peers, members, self.locks, self.metrics)
+        internal_nodes.add_routes(self.app, moves, raft)
+        if cfg.backend.localfs_root_path:  # resumable uploads stage on this node's disk
+            staging = os.path.join(cfg.backend.localfs_root_path, ".callfs", "uploads")
+            self.uploads = UploadService(self.engine, staging, cfg.server.max_upload_size)
+            uploads_api.add_routes(self.app, self.uploads)
         return self.app
 
     async def start_components(self) -> None:
@@ -463,7 +487,8 @@ class Node:
         assert self.meta is not None and self.locks is not None
         assert self.peers is not None
         assert self.engine is not None and self.links is not None and self.queue is not None
-        engine = self.engine
+        engine, fsck = self.engine, self.fsck
+        assert fsck is not None
         components: list[Lifecycle] = [
             self.peers,  # first: a Raft follower forwards through it from its first command
             self.meta,
@@ -478,10 +503,17 @@ class Node:
             Periodic(
                 "orphan-sweep",
                 ORPHAN_SWEEP_INTERVAL,
-                lambda: engine.sweep_orphans(ORPHAN_GRACE),
+                lambda: fsck.sweep(ORPHAN_GRACE),  # blobs, replica copies, shards, temp files
                 first_delay=60.0,
             ),
         ]
+        if self.uploads is not None:  # after the backends: a sweep may commit a finished upload
+            components.append(self.uploads)
+            components.append(
+                Periodic(
+                    "upload-sweep", UPLOAD_SWEEP_INTERVAL, self.uploads.sweep, first_delay=30.0
+                )
+            )
         interval = self.cfg.erasure.repair_interval
         if self.maintenance is not None and interval > 0:
             components.append(

@@ -7,11 +7,17 @@
     ├── PermissionDenied      403 PERMISSION_DENIED
     ├── NotFound              404 FILE_NOT_FOUND
     ├── LinkNotFound          404 LINK_NOT_FOUND
+    ├── UploadNotFound        404 UPLOAD_NOT_FOUND (a resumable upload, ``/v1/uploads/``)
     ├── AlreadyExists         409 FILE_ALREADY_EXISTS
     │   └── ParentNotDirectory    (a parent path is a file)
     ├── DirectoryNotEmpty     409 DIRECTORY_NOT_EMPTY
     ├── LinkExpired           410 LINK_EXPIRED
     ├── LinkAlreadyUsed       410 LINK_ALREADY_USED
+    ├── UploadExpired         410 UPLOAD_EXPIRED
+    ├── UploadOffsetMismatch  409 UPLOAD_OFFSET_MISMATCH (tus: ``Upload-Offset`` is not the offset)
+    ├── ChecksumMismatch      460 CHECKSUM_MISMATCH (tus checksum extension)
+    ├── TusVersionMismatch    412 PRECONDITION_FAILED (tus: ``Tus-Resumable`` is not 1.0.0)
+    ├── UnsupportedMediaType  415 UNSUPPORTED_MEDIA_TYPE (tus: a PATCH body of another type)
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
     ├── RangeNotSatisfiable   416 RANGE_NOT_SATISFIABLE
     ├── RateLimited           429 RATE_LIMIT_EXCEEDED
@@ -85,6 +91,30 @@ class LinkExpired(CallFSError):
 
 class LinkAlreadyUsed(CallFSError):
     default_message = "link already used"
+
+
+class UploadNotFound(CallFSError):
+    default_message = "upload not found"
+
+
+class UploadExpired(CallFSError):
+    default_message = "upload expired"
+
+
+class UploadOffsetMismatch(CallFSError):
+    default_message = "Upload-Offset does not match the upload's offset"
+
+
+class ChecksumMismatch(CallFSError):
+    default_message = "checksum mismatch"
+
+
+class TusVersionMismatch(CallFSError):
+    default_message = "Tus-Resumable must be 1.0.0"
+
+
+class UnsupportedMediaType(CallFSError):
+    default_message = "Content-Type must be application/offset+octet-stream"
 
 
 class PayloadTooLarge(CallFSError):

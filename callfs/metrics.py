@@ -127,6 +127,25 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        # issue 14: moves between nodes, ``callfs cluster drain`` and ``callfs cluster rebalance``
+        self.node_moves_files = Counter(
+            "callfs_node_moves_files_total",
+            "Files moved to another owner node, by job (patch, drain, rebalance).",
+            ["job"],
+            registry=reg,
+        )
+        self.node_moves_bytes = Counter(
+            "callfs_node_moves_bytes_total",
+            "Bytes moved to another owner node, by job (patch, drain, rebalance).",
+            ["job"],
+            registry=reg,
+        )
+        self.node_moves_remaining = Gauge(
+            "callfs_node_moves_remaining",
+            "Files the running drain or rebalance job has still to move (0 when none runs).",
+            ["job"],
+            registry=reg,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,8 @@ import logging
 from aiohttp import web
 
 from callfs.api import directories, files, health, links, openapi, protocol_errors, websocket
+from callfs.api import status as status_api
+from callfs.api import ui as ui_api
 from callfs.api.middleware import on_response_prepare, pipeline
 from callfs.api.state import STATE, ApiState
 
@@ -27,4 +29,6 @@ def build_app(state: ApiState) -> web.Application:
     directories.add_routes(app)
     links.add_routes(app)
     openapi.add_routes(app)
+    status_api.add_routes(app)
+    ui_api.add_routes(app)
     return app

@@ -493,7 +493,17 @@ async def patch_file(request: web.Request) -> web.StreamResponse:
     path = request_path(request)
     body = await read_json_object(request, MAX_PATCH_BODY, "invalid JSON body")
     move = parse_move(path, body, request.rel_url.query.get("overwrite") == "true")
-    new_path = await api_state(request).engine.move(identity(request), path, move)
+    engine = api_state(request).engine
+    if move.instance is not None and move.destination.path == path.path:
+        found = await engine.find(path.path)
+        if found is not None and found.is_dir:
+            # every file below moves to that node, each its own switch; partial: 502 + report
+            report = await engine.relocate_tree(identity(request), path, move.instance)
+            answer: dict[str, Any] = {"path": path.path, **report.as_dict()}
+            if report.failed:
+                answer.update(code="PEER_UNAVAILABLE", message="some files could not be moved")
+            return json_response(answer, status=502 if report.failed else 200, newline=True)
+    new_path = await engine.move(identity(request), path, move)
     return json_response({"path": new_path}, newline=True)
 
 

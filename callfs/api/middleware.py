@@ -122,6 +122,12 @@ _TEMPLATES = {
     "/v1/links/generate": "/v1/links/generate",
     "/download/{token}": "/download/{token}",
     "/openapi.json": "/openapi.json",
+    "/v1/uploads": "/v1/uploads/*",
+    "/v1/uploads/{upload_id}": "/v1/uploads/*",
+    "/v1/status": "/v1/status",
+    "/ui": "/ui/*",
+    "/ui/": "/ui/*",
+    "/ui/{name}": "/ui/*",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -36,13 +36,25 @@ _RELAYED_RESPONSE_HEADERS = (
 )
 
 
-async def forward(peers: PeerClient, request: web.Request, instance_id: str) -> web.StreamResponse:
-    """Relay ``request`` to the owner ``instance_id`` and stream its answer back."""
+async def forward(
+    peers: PeerClient,
+    request: web.Request,
+    instance_id: str,
+    *,
+    extra_request: Sequence[str] = (),
+    extra_response: Sequence[str] = (),
+    set_headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Relay ``request`` to the owner ``instance_id`` and stream its answer back. ``extra_request``
+    / ``extra_response`` name more headers to pass on each way (a route's own protocol headers);
+    ``set_headers`` are added to the forwarded request."""
     base = peers.require_endpoint(instance_id)
     headers = peers.auth_headers()
-    for name in _FORWARDED_REQUEST_HEADERS:
+    for name in (*_FORWARDED_REQUEST_HEADERS, *extra_request):
         if name in request.headers:
             headers[name] = request.headers[name]
+    if set_headers:
+        headers.update(set_headers)
     body: AsyncIterator[bytes] | bytes | None = None
     if BODY_READ in request:
         body = request[BODY_READ]  # consumed here already: send exactly those bytes
@@ -60,7 +72,9 @@ async def forward(peers: PeerClient, request: web.Request, instance_id: str) -> 
         raise PeerUnavailable("owner node unreachable") from exc
     try:
         out_headers = {
-            k: upstream.headers[k] for k in _RELAYED_RESPONSE_HEADERS if k in upstream.headers
+            k: upstream.headers[k]
+            for k in (*_RELAYED_RESPONSE_HEADERS, *extra_response)
+            if k in upstream.headers
         }
         if request.method == "HEAD":
             out_headers.setdefault("X-CallFS-Instance-ID", instance_id)

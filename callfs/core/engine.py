@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from callfs.auth.policy import check_delete, check_read, check_write
@@ -37,6 +37,7 @@ from callfs.errors import (
     NotFound,
     ParentMissing,
     ParentNotDirectory,
+    PeerUnavailable,
     PermissionDenied,
     RemoteOwner,
     Unavailable,
@@ -60,8 +61,10 @@ from callfs.paths import CanonicalPath
 from callfs.storage.base import (
     REPLICA_PREFIX,
     ByteStream,
+    LocalFile,
     StagedObject,
     StorageBackend,
+    is_blob_key,
     new_blob_key,
 )
 
@@ -125,6 +128,24 @@ class MoveRequest:
     instance: str | None = None
     overwrite: bool = False
     create_parents: bool = False
+
+
+@dataclass(slots=True)
+class TreeMove:
+    """What a directory's move to another node did (the PATCH answer reports it)."""
+
+    moved_files: int = 0
+    moved_bytes: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "moved_files": self.moved_files,
+            "moved_bytes": self.moved_bytes,
+            "skipped": self.skipped,
+            "failed": self.failed,
+        }
 
 
 class Engine:
@@ -387,7 +408,18 @@ class Engine:
         )
 
     async def _stage(self, kind: str, chunks: AsyncIterable[bytes]) -> StagedObject:
-        """Stream the body into a durable blob under a new key (not yet named by any entry)."""
+        """Stream the body into a durable blob under a new key (not yet named by any entry).
+        A ``LocalFile`` body (a finished resumable upload) goes through ``stage_file``: localfs
+        takes the file itself, no copy."""
+        if isinstance(chunks, LocalFile):
+            backend = self.backend(kind)
+            staged = await backend.stage_file(new_blob_key(), chunks.path)
+            try:
+                await staged.publish()
+            except BaseException:
+                await staged.discard()
+                raise
+            return staged
         return await _store_blob(self.backend(kind), new_blob_key(), chunks)
 
     async def _commit(self, kind: str, blob_key: str, command: Awaitable[T]) -> T:
@@ -758,11 +790,7 @@ class Engine:
             raise BadRequest("cannot move the root directory")
         if kind not in (b.value for b in BackendType):
             raise BadRequest("backend must be one of: localfs, s3, erasure")
-        if (
-            instance is not None
-            and instance != self.settings.instance_id
-            and instance not in self.settings.known_instances
-        ):
+        if instance is not None and not self.known_instance(instance):
             raise BadRequest("unknown instance")
         changes_backend = kind != source.backend_type.value
         changes_instance = instance is not None and instance != (
@@ -778,10 +806,10 @@ class Engine:
             raise BadRequest("a directory cannot change backend or instance")
         if changes_backend and BackendType.ERASURE in (source.backend_type, kind):
             raise BadRequest("cannot move to or from the erasure backend")
-        if changes_instance:
-            raise BadRequest("moving to another instance is not supported by this node yet")
-        if not changes_backend:
-            self._route(source)
+        if changes_instance and kind != BackendType.LOCALFS:
+            raise BadRequest("only localfs items have an owner node")
+        if not changes_backend or changes_instance:
+            self._route(source)  # the owner node moves its bytes (the API layer proxies there)
 
         dst_expected: int | None = None
         if dst_entry is not None and dst != src.path:
@@ -798,6 +826,10 @@ class Engine:
         parents = None
         if req.create_parents:
             parents = self._parents(source.owner, source.backend_type.value)
+        if changes_instance:
+            assert instance is not None
+            moved, occupant = await self._move_to_node(source, dst, instance, dst_expected, parents)
+            return moved, source, occupant
         if not changes_backend:
             try:
                 moved, occupant = await self._meta.move(
@@ -831,6 +863,136 @@ class Engine:
             ),
         )
         return moved, source, occupant
+
+    # ---- moves between nodes (issue 14) ----------------------------------------------------
+    def known_instance(self, instance: str) -> bool:
+        """This node, a configured peer, or a node the peer client can resolve (a Raft member)."""
+        return (
+            instance == self.settings.instance_id
+            or instance in self.settings.known_instances
+            or (self.peers is not None and self.peers.endpoint(instance) is not None)
+        )
+
+    def _peer_client(self) -> PeerClient:
+        if self.peers is None:
+            raise PeerUnavailable("this node has no inter-node client")
+        return self.peers
+
+    async def _move_to_node(
+        self,
+        source: Entry,
+        dst: str,
+        target: str,
+        dst_expected: int | None,
+        parents: NewParents | None,
+    ) -> tuple[Entry, Entry | None]:
+        """Another owner node: stream the bytes to ``target``, which makes them durable under a
+        NEW blob key of its own; then ONE conditional command switches the placement record (and
+        the path, for a rename) to that blob. ``move`` removes the source bytes after the commit.
+
+        A failure before the commit changes nothing (the target discards a partial upload). A
+        refused commit removes the target's blob at once; an ambiguous one leaves it, unnamed, to
+        the target's orphan sweep. Either way one whole copy stays readable through the record."""
+        peers = self._peer_client()
+        if source.blob_key is None:
+            raise NotFound()
+        stream = await self._open(source, 0, None)
+        try:
+            key = await peers.push_blob(target, _iterate(stream), source.size)
+        finally:
+            await stream.aclose()
+        placement = Placement(BackendType.LOCALFS, target, key, source.size)
+        try:
+            moved, occupant = await self._meta.move(
+                source.path,
+                dst,
+                expected_version=source.version,
+                dst_expected=dst_expected,
+                parents=parents,
+                placement=placement,
+            )
+        except _DEFINITE as exc:
+            await peers.drop_blob(target, key)
+            if isinstance(exc, ParentMissing):
+                raise BadRequest("destination parent does not exist") from exc
+            raise
+        except BaseException:
+            log.warning("a move commit failed ambiguously; the sweep of %s will decide", target)
+            raise
+        if self._metrics is not None:
+            self._metrics.node_moves_files.labels("patch").inc()
+            self._metrics.node_moves_bytes.labels("patch").inc(source.size)
+        return moved, occupant
+
+    async def receive_blob(self, chunks: AsyncIterable[bytes], size: int) -> str:
+        """The target side of a move between nodes: store another node's file bytes durably in
+        this node's localfs under a NEW blob key (returned). Nothing names the blob until the
+        mover commits; if it never does, the orphan sweep removes it. A body that does not
+        have exactly ``size`` bytes (the sender failed) is discarded: ``BadRequest``."""
+        staged = await self.backend(BackendType.LOCALFS).stage(new_blob_key(), chunks)
+        try:
+            if staged.size != size:
+                raise BadRequest(f"expected {size} bytes, received {staged.size}")
+            await staged.publish()
+        except BaseException:
+            await staged.discard()
+            raise
+        return staged.key
+
+    async def drop_unnamed_blob(self, key: str) -> bool:
+        """Remove a localfs blob of this node that no entry names (a move whose commit was
+        refused); False, keeping it, if an entry names it."""
+        if not is_blob_key(key) or await self._meta.blobs_referenced([key]):
+            return False
+        await self._drop_blob(BackendType.LOCALFS.value, key)
+        return True
+
+    async def relocate(self, who: Identity, entry: Entry, target: str) -> None:
+        """Move the file ``entry`` (same path) to the owner node ``target``: here if this node
+        owns it, else through its owner (a PATCH with the internal secret)."""
+        owner = entry.instance_id
+        if owner is None or owner == self.settings.instance_id:
+            path = CanonicalPath(entry.path)
+            try:
+                await self.move(who, path, MoveRequest(destination=path, instance=target))
+                return
+            except RemoteOwner as exc:  # taken over by another node since it was listed
+                owner = exc.instance_id
+        await self._peer_client().relocate(owner, entry.path, target, entry.size)
+
+    async def relocate_tree(self, who: Identity, path: CanonicalPath, target: str) -> TreeMove:
+        """PATCH ``{"instance": ...}`` on a directory: every localfs file below it moves to
+        ``target``, each with its own placement switch (``relocate``). Permission is checked for
+        the whole tree first (nothing moves if a file may not be moved); an unreachable target
+        changes nothing. Files already there, S3 and erasure-coded files are skipped; a file
+        that fails is reported and the others still move (re-running continues)."""
+        if not self.known_instance(target):
+            raise BadRequest("unknown instance")
+        directory = check_delete(who, await self._meta.get(path.path))
+        if not directory.is_dir:
+            raise BadRequest("path is not a directory")
+        files = [e for e in await self._meta.list_tree(directory.path, 1 << 30) if not e.is_dir]
+        for entry in files:
+            check_delete(who, entry)
+        if target != self.settings.instance_id and not await self._peer_client().alive(target):
+            raise PeerUnavailable("target node unreachable")
+        report = TreeMove()
+        for entry in files:
+            if entry.backend_type is not BackendType.LOCALFS or entry.instance_id == target:
+                report.skipped += 1
+                continue
+            try:
+                await self.relocate(who, entry, target)
+            except NotFound:
+                report.skipped += 1  # deleted meanwhile
+                continue
+            except CallFSError as exc:
+                log.warning("could not move %s to %s: %s", entry.path, target, exc.message)
+                report.failed.append(entry.path)
+                continue
+            report.moved_files += 1
+            report.moved_bytes += entry.size
+        return report
 
 
 async def _store_blob(

@@ -7,6 +7,7 @@ it, so TLS settings live in one place."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import urllib.parse
@@ -14,12 +15,17 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
-from callfs.errors import NotFound, PeerUnavailable
+from callfs.errors import CallFSError, NotFound, PeerUnavailable
 
 log = logging.getLogger(__name__)
 
 PROXY_TIMEOUT = 30.0
 CHUNK = 256 * 1024
+#: The internal endpoint a node receives another node's file bytes on (``api/internal_nodes.py``).
+BLOBS_PATH = "/v1/internal/blobs"
+PROBE_TIMEOUT = 2.0
+#: The slowest copy between nodes a mover waits for (bytes/s) before it gives up on the owner.
+MIN_MOVE_RATE = 1_000_000
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
 
 
@@ -144,3 +150,76 @@ class PeerClient:
         if status == 404:
             raise NotFound()
         raise PeerUnavailable(f"owner node answered {status}: {detail!r}")
+
+    # ---- moves between nodes (issue 14) ------------------------------------------------------
+    async def push_blob(self, instance_id: str, chunks: AsyncIterable[bytes], size: int) -> str:
+        """Stream a file's bytes to the node ``instance_id``, which stores them durably under a
+        NEW blob key of its own (``POST /v1/internal/blobs``) and returns the key. No entry names
+        that blob yet: if the caller never commits it, the target's orphan sweep removes it."""
+        url = self.require_endpoint(instance_id) + BLOBS_PATH + f"?size={size}"
+        try:
+            async with self.session.post(url, data=chunks, headers=self.auth_headers()) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except _PEER_ERRORS as exc:
+            log.warning("target node %s unreachable: %s", instance_id, type(exc).__name__)
+            raise PeerUnavailable("target node unreachable") from exc
+        if status != 201:
+            raise PeerUnavailable(f"target node answered {status}: {raw[:200]!r}")
+        try:
+            key = json.loads(raw)["key"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PeerUnavailable("target node gave no blob key") from exc
+        if not isinstance(key, str):
+            raise PeerUnavailable("target node gave no blob key")
+        return key
+
+    async def drop_blob(self, instance_id: str, key: str) -> None:
+        """Ask ``instance_id`` to remove a blob ``push_blob`` made there that no entry names
+        (it refuses a blob some entry names). Best effort: on failure its orphan sweep decides."""
+        url = self.require_endpoint(instance_id) + BLOBS_PATH + "/" + key
+        try:
+            async with self.session.delete(url, headers=self.auth_headers()) as resp:
+                await resp.read()
+        except _PEER_ERRORS:
+            log.warning("could not remove an uncommitted blob on %s; its sweep will", instance_id)
+
+    async def relocate(self, owner: str, path: str, target: str, size: int) -> None:
+        """Have the owner node ``owner`` move the file ``path`` (``size`` bytes) to the node
+        ``target`` (a PATCH with the internal secret: the caller authorized it). The owner answers
+        once the copy is committed, so the wait allows ``MIN_MOVE_RATE``. Errors:
+        ``PeerUnavailable`` (owner unreachable or failed), ``NotFound``, ``CallFSError`` for
+        other refusals."""
+        url = self.require_endpoint(owner) + "/v1/files" + url_path(path)
+        body = {"destination": path, "instance": target}
+        wait = aiohttp.ClientTimeout(
+            total=None, connect=PROXY_TIMEOUT, sock_read=PROXY_TIMEOUT + size / MIN_MOVE_RATE
+        )
+        try:
+            async with self.session.patch(
+                url, json=body, headers=self.auth_headers(), timeout=wait
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except _PEER_ERRORS as exc:
+            raise PeerUnavailable("owner node unreachable") from exc
+        if status == 200:
+            return
+        if status == 404:
+            raise NotFound()
+        if status in (502, 503, 504):
+            raise PeerUnavailable(f"owner node answered {status}: {raw[:200]!r}")
+        raise CallFSError(f"owner node answered {status}: {raw[:200]!r}")
+
+    async def alive(self, instance_id: str) -> bool:
+        """Whether ``instance_id`` answers ``/health`` now (within ``PROBE_TIMEOUT``)."""
+        base = self.endpoint(instance_id)
+        if base is None:
+            return False
+        try:
+            async with self.session.get(
+                base + "/health", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+            ) as resp:
+                return resp.status == 200
+        except (*_PEER_ERRORS, CallFSError):
+            return False

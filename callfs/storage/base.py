@@ -22,6 +22,27 @@ class ObjectStat:
     mtime: float
 
 
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One object ``list_keys`` found: its key (as ``stat``/``delete`` take it, except in the
+    ``tmp`` area), its size in bytes and when it was last written (epoch seconds)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+#: The areas ``list_keys`` walks: blobs the backend owns, replica copies (``r/<blob key>``),
+#: erasure shards (``.erasure/<upload id>/<index>``), staged leftovers of writes.
+AREA_BLOBS = "blobs"
+AREA_REPLICAS = "replica"
+AREA_SHARDS = "shards"
+AREA_TEMP = "tmp"
+AREAS = (AREA_BLOBS, AREA_REPLICAS, AREA_SHARDS, AREA_TEMP)
+#: Where erasure shards live in a backend (``erasure/shards.py`` writes them).
+SHARD_PREFIX = ".erasure/"
+
+
 @runtime_checkable
 class ByteStream(Protocol):
     """An open read: yields ``length`` bytes in order, then stops. Always ``aclose()`` it.
@@ -47,6 +68,39 @@ class LocalFileStream(ByteStream, Protocol):
     fileobj: IO[bytes]
     offset: int
     small_body: bytes | None
+
+
+#: Chunks a ``LocalFile`` is read in (one thread hop each).
+LOCAL_FILE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """Bytes already durable in a local file that nobody changes again (a finished resumable
+    upload). It iterates as body chunks; the engine hands it to ``stage_file`` instead, so a
+    backend may take the file itself rather than a copy."""
+
+    path: str
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _read_local(self.path)
+
+
+async def _read_local(path: str) -> AsyncIterator[bytes]:
+    from callfs.concurrency import run_blocking
+    from callfs.errors import NotFound
+
+    try:
+        fd = await run_blocking(os.open, path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise NotFound() from exc
+    try:
+        pos = 0
+        while chunk := await run_blocking(os.pread, fd, LOCAL_FILE_CHUNK, pos):
+            pos += len(chunk)
+            yield chunk
+    finally:
+        os.close(fd)
 
 
 def new_blob_key() -> str:
@@ -92,6 +146,11 @@ class StorageBackend(Protocol):
     - ``stage(key, chunks)`` consumes ``chunks`` fully into a durable temp object and returns it
       unpublished; nothing is readable under ``key`` until ``publish``. If ``chunks`` raises, the
       temp object is removed and the exception propagates unchanged.
+    - ``stage_file(key, source)`` stages the bytes of the local file ``source`` like ``stage``
+      (unpublished; ``publish``/``discard`` as usual). ``source`` is durable already and never
+      changes again, and it stays where it is: localfs links it into its staging area when it is
+      on the same filesystem (no copy), other backends stream it (``LocalFile``). ``NotFound`` if
+      ``source`` is not a regular file.
     - ``open_read(key, offset, length)`` opens ``[offset, offset+length)`` (``length=None``: to the
       end); raises ``NotFound`` if there is no blob under ``key``. An open read keeps working if
       the blob is deleted meanwhile (localfs: the open descriptor; S3: the open GET).
@@ -100,6 +159,11 @@ class StorageBackend(Protocol):
     - ``list_blobs(older_than, limit)``: keys made by ``new_blob_key`` whose bytes were last
       written more than ``older_than`` seconds ago (the orphan sweep's candidates).
     - ``sweep_temp(older_than)`` removes staged leftovers of interrupted writes; returns a count.
+    - ``list_keys(area, after, limit)``: one page (at most ``limit``) of what the backend holds
+      in ``area`` (``AREAS``), keys strictly after ``after`` in ascending order, with sizes and
+      times (fsck pages through a whole disk or bucket with it). Keys of ``blobs``,
+      ``replica`` and ``shards`` are the keys ``stat``/``delete`` take; ``tmp`` keys only name
+      leftovers (``sweep_temp`` removes them). ``BadRequest`` for an unknown area.
     - A key resolving outside the backend's root, or into its internal areas, raises
       ``UnsafePath``. A backend out of space raises ``InsufficientStorage``.
     """
@@ -112,6 +176,8 @@ class StorageBackend(Protocol):
 
     async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> StagedObject: ...
 
+    async def stage_file(self, key: str, source: str) -> StagedObject: ...
+
     async def open_read(
         self, key: str, offset: int = 0, length: int | None = None
     ) -> ByteStream: ...
@@ -123,3 +189,7 @@ class StorageBackend(Protocol):
     async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]: ...
 
     async def sweep_temp(self, older_than: float) -> int: ...
+
+    async def list_keys(
+        self, area: str, after: str = "", limit: int = 1000
+    ) -> list[StoredObject]: ...

@@ -9,7 +9,13 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from callfs.metrics import Metrics
-from callfs.storage.base import ByteStream, ObjectStat, StagedObject, StorageBackend
+from callfs.storage.base import (
+    ByteStream,
+    ObjectStat,
+    StagedObject,
+    StorageBackend,
+    StoredObject,
+)
 
 T = TypeVar("T")
 
@@ -45,6 +51,10 @@ class InstrumentedBackend:
         staged = await self._timed("write", self.inner.stage(key, chunks))
         return _InstrumentedStaged(staged, self)
 
+    async def stage_file(self, key: str, source: str) -> StagedObject:
+        staged = await self._timed("write", self.inner.stage_file(key, source))
+        return _InstrumentedStaged(staged, self)
+
     async def open_read(self, key: str, offset: int = 0, length: int | None = None) -> ByteStream:
         return await self._timed("open", self.inner.open_read(key, offset, length))
 
@@ -59,6 +69,9 @@ class InstrumentedBackend:
 
     async def sweep_temp(self, older_than: float) -> int:
         return await self._timed("sweep", self.inner.sweep_temp(older_than))
+
+    async def list_keys(self, area: str, after: str = "", limit: int = 1000) -> list[StoredObject]:
+        return await self._timed("list", self.inner.list_keys(area, after, limit))
 
 
 class _InstrumentedStaged:

@@ -33,8 +33,20 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import IO, NoReturn
 
 from callfs.concurrency import run_blocking
-from callfs.errors import InsufficientStorage, NotFound, UnsafePath
-from callfs.storage.base import REPLICA_PREFIX, ObjectStat, is_blob_key, is_replica_key
+from callfs.errors import BadRequest, InsufficientStorage, NotFound, UnsafePath
+from callfs.storage.base import (
+    AREA_BLOBS,
+    AREA_REPLICAS,
+    AREA_SHARDS,
+    AREA_TEMP,
+    REPLICA_PREFIX,
+    SHARD_PREFIX,
+    LocalFile,
+    ObjectStat,
+    StoredObject,
+    is_blob_key,
+    is_replica_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +123,8 @@ class _Staged:
         await run_blocking(self._backend._discard_blocking, self._tmp)
 
 
+#: A hard link that fails with one of these cannot be made here: ``stage_file`` copies instead.
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
 #: A write that fails with one of these found no room: ``InsufficientStorage`` (507).
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -243,6 +257,41 @@ class LocalFSBackend:
                 _raise_if_no_space(exc)
             raise
         return _Staged(self, key, tmp, target, size)
+
+    async def stage_file(self, key: str, source: str) -> _Staged:
+        """A hard link of ``source`` in ``.callfs/tmp`` (no copy: a finished resumable upload
+        becomes a blob by link + the usual publish rename); a copy when the link is impossible
+        (another filesystem, a filesystem without links)."""
+        if not self._root:
+            raise RuntimeError("LocalFSBackend used before start()")
+        target = _key_path(key)
+        tmp = f"{os.urandom(12).hex()}.part"
+        try:
+            size = await run_blocking(self._link_blocking, source, tmp, target)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            return await self.stage(key, LocalFile(source))
+        return _Staged(self, key, tmp, target, size)
+
+    def _link_blocking(self, source: str, tmp: str, target: tuple[str, ...]) -> int:
+        """Link ``source`` (a regular file, not followed if a symlink) as ``tmp`` in the staging
+        directory reached by the walk; its mtime becomes now, so the orphan sweep's grace counts
+        from the publish, not from the file's last write. Returns its size."""
+        self._check_target_blocking(target)
+        try:
+            st = os.stat(source, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            raise NotFound() from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound()
+        tmp_dir = self._open_dir_blocking(_TMP_PARTS)
+        try:
+            os.link(source, tmp, dst_dir_fd=tmp_dir, follow_symlinks=False)
+            os.utime(tmp, dir_fd=tmp_dir, follow_symlinks=False)
+        finally:
+            os.close(tmp_dir)
+        return st.st_size
 
     def _write_blocking(
         self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[bytes]
@@ -421,6 +470,110 @@ class LocalFSBackend:
         finally:
             os.close(blobs)
         return found
+
+    async def list_keys(self, area: str, after: str = "", limit: int = 1000) -> list[StoredObject]:
+        if area not in _AREAS:
+            raise BadRequest(f"unknown storage area {area!r}")
+        return await run_blocking(self._list_keys_blocking, area, after, max(limit, 1))
+
+    def _list_keys_blocking(self, area: str, after: str, limit: int) -> list[StoredObject]:
+        """One page of ``area``, each directory reached by the walk (a symlink is refused)."""
+        parts, depth = _AREAS[area]
+        found: list[StoredObject] = []
+        try:
+            top = self._open_dir_blocking(parts)
+        except NotFound:
+            return found
+        try:
+            _collect_area(area, top, depth, (), _area_parts(area, after), limit, found)
+        finally:
+            os.close(top)
+        return found
+
+
+#: ``list_keys`` areas: (directory from the root, fan-out levels, key of a leaf's components).
+_AREAS: dict[str, tuple[tuple[str, ...], int]] = {
+    AREA_BLOBS: ((INTERNAL_DIR, "blobs"), 2),
+    AREA_REPLICAS: ((INTERNAL_DIR, "replica"), 2),
+    AREA_SHARDS: ((SHARD_PREFIX.rstrip("/"),), 1),
+    AREA_TEMP: (_TMP_PARTS, 0),
+}
+
+
+def _area_key(area: str, parts: tuple[str, ...]) -> str:
+    if area == AREA_BLOBS:
+        return parts[-1]
+    if area == AREA_REPLICAS:
+        return REPLICA_PREFIX + parts[-1]
+    if area == AREA_SHARDS:
+        return f"{SHARD_PREFIX}{parts[0]}/{parts[1]}"
+    return f"{TMP_DIR}/{parts[-1]}"
+
+
+def _area_parts(area: str, key: str) -> tuple[str, ...]:
+    """The components below the area's directory of a key ``_area_key`` made (for ``after``)."""
+    if not key:
+        return ()
+    if area in (AREA_BLOBS, AREA_REPLICAS):
+        name = key.removeprefix(REPLICA_PREFIX) if area == AREA_REPLICAS else key
+        return (name[:2], name[2:4], name)
+    if area == AREA_SHARDS:
+        upload, _, index = key.removeprefix(SHARD_PREFIX).partition("/")
+        return (upload, index)
+    return (key.rpartition("/")[2],)
+
+
+def _area_name_ok(area: str, depth: int, name: str) -> bool:
+    """Only what the server makes is listed: fan-out directories, blob keys, shard indexes."""
+    if area == AREA_TEMP:
+        return name.endswith(".part")
+    if area == AREA_SHARDS:
+        return is_blob_key(name) if depth else name.isascii() and name.isdigit()
+    return len(name) == 2 if depth else is_blob_key(name)
+
+
+def _collect_area(
+    area: str,
+    directory: int,
+    depth: int,
+    prefix: tuple[str, ...],
+    after: tuple[str, ...],
+    limit: int,
+    found: list[StoredObject],
+) -> None:
+    """Add to ``found`` (up to ``limit``, in key order) the leaves ``depth`` levels below
+    ``directory`` whose components come after ``after``; symlinks are skipped, never followed.
+    Subtrees wholly before ``after`` are not opened."""
+    with os.scandir(directory) as entries:
+        names = sorted(
+            e.name
+            for e in entries
+            if _area_name_ok(area, depth, e.name)
+            and (e.is_dir(follow_symlinks=False) if depth else e.is_file(follow_symlinks=False))
+        )
+    for name in names:
+        if len(found) >= limit:
+            return
+        parts = (*prefix, name)
+        if after and parts < after[: len(parts)]:
+            continue
+        if not depth:
+            if after and parts <= after:
+                continue
+            try:
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            except OSError:
+                continue  # removed meanwhile
+            found.append(StoredObject(_area_key(area, parts), st.st_size, st.st_mtime))
+            continue
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=directory)
+        except OSError:
+            continue  # gone, or swapped for a symlink meanwhile
+        try:
+            _collect_area(area, child, depth - 1, parts, after, limit, found)
+        finally:
+            os.close(child)
 
 
 def _key_path(key: str) -> tuple[str, ...]:

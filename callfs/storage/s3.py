@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from callfs.concurrency import run_blocking
 from callfs.errors import (
+    BadRequest,
     CallFSError,
     ConfigError,
     InternalError,
@@ -32,7 +33,19 @@ from callfs.errors import (
     Unavailable,
     UnsafePath,
 )
-from callfs.storage.base import REPLICA_PREFIX, ObjectStat, is_blob_key, is_replica_key
+from callfs.storage.base import (
+    AREA_BLOBS,
+    AREA_REPLICAS,
+    AREA_SHARDS,
+    AREA_TEMP,
+    REPLICA_PREFIX,
+    SHARD_PREFIX,
+    LocalFile,
+    ObjectStat,
+    StoredObject,
+    is_blob_key,
+    is_replica_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,21 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 BLOB_PREFIX = ".callfs/blobs/"
 REPLICA_OBJECTS = ".callfs/replica/"
+
+
+INTERNAL_PREFIX = ".callfs/"
+
+
+def _area_key(area: str, object_key: str) -> str | None:
+    """The ``list_keys`` key of an object of ``area`` (None: not something the server made)."""
+    if area == AREA_SHARDS:
+        upload, _, index = object_key.removeprefix(SHARD_PREFIX).partition("/")
+        ok = is_blob_key(upload) and index.isascii() and index.isdigit()
+        return object_key if ok else None
+    name = object_key.rpartition("/")[2]
+    if not is_blob_key(name):
+        return None
+    return REPLICA_PREFIX + name if area == AREA_REPLICAS else name
 
 
 def key_of(key: str) -> str:
@@ -228,6 +256,10 @@ class S3Backend:
             log.warning("could not abort a multipart upload; a lifecycle rule should clean it")
 
     # ---- writes ----------------------------------------------------------------------------
+    async def stage_file(self, blob: str, source: str) -> _Staged:
+        """A local file's bytes, streamed up like any body (no server-side shortcut)."""
+        return await self.stage(blob, LocalFile(source))
+
     async def stage(self, blob: str, chunks: AsyncIterable[bytes]) -> _Staged:
         key = key_of(blob)
         buf = bytearray()
@@ -351,15 +383,59 @@ class S3Backend:
         return found[:limit]
 
     async def sweep_temp(self, older_than: float) -> int:
-        """Abort multipart uploads of blobs started more than ``older_than`` seconds ago (a
-        crash mid-upload leaves one; parts are invisible but billed)."""
+        """Abort multipart uploads of blobs, replica copies and shards started more than
+        ``older_than`` seconds ago (a crash mid-upload leaves one; parts are invisible but
+        billed)."""
         cutoff = time.time() - older_than
-        page = await self._call(
-            self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=BLOB_PREFIX
-        )
         aborted = 0
-        for upload in page.get("Uploads", []):
+        for upload in await self._uploads():
             if upload["Initiated"].timestamp() <= cutoff:
                 await self._abort(upload["Key"], upload["UploadId"])
                 aborted += 1
         return aborted
+
+    async def _uploads(self) -> list[dict[str, Any]]:
+        """Unfinished multipart uploads under the server's prefixes (first page of each)."""
+        found: list[dict[str, Any]] = []
+        for prefix in (INTERNAL_PREFIX, SHARD_PREFIX):
+            page = await self._call(
+                self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix
+            )
+            found.extend(page.get("Uploads", []))
+        return found
+
+    async def list_keys(self, area: str, after: str = "", limit: int = 1000) -> list[StoredObject]:
+        if area == AREA_TEMP:
+            uploads = sorted(
+                (f"{u['Key']}#{u['UploadId']}", u["Initiated"].timestamp())
+                for u in await self._uploads()
+            )
+            return [StoredObject(k, 0, t) for k, t in uploads if k > after][: max(limit, 1)]
+        prefixes = {AREA_BLOBS: BLOB_PREFIX, AREA_REPLICAS: REPLICA_OBJECTS, AREA_SHARDS: ""}
+        if area not in prefixes:
+            raise BadRequest(f"unknown storage area {area!r}")
+        prefix = prefixes[area] or SHARD_PREFIX
+        start = key_of(after) if after and area != AREA_SHARDS else after
+        found: list[StoredObject] = []
+        token: str | None = None
+        while len(found) < limit:
+            args: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "MaxKeys": min(max(limit - len(found), 1), 1000),
+            }
+            if token:
+                args["ContinuationToken"] = token
+            elif start:
+                args["StartAfter"] = start
+            page = await self._call(self.client.list_objects_v2, **args)
+            for obj in page.get("Contents", []):
+                key = _area_key(area, obj["Key"])
+                if key is not None:
+                    found.append(
+                        StoredObject(key, int(obj["Size"]), obj["LastModified"].timestamp())
+                    )
+            if not page.get("IsTruncated"):
+                break
+            token = page["NextContinuationToken"]
+        return found[:limit]

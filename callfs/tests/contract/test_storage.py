@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from callfs.core.engine import replica_key
-from callfs.errors import NotFound, UnsafePath
+from callfs.errors import CallFSError, NotFound, UnsafePath
 from callfs.storage.base import StorageBackend, new_blob_key
 
 
@@ -158,3 +158,76 @@ async def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePath):
         await backend.stage("escape/new", chunks(b"x"))
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+async def test_list_keys_pages_every_area(storage: StorageBackend) -> None:
+    """``list_keys``: blobs, replica copies and shards, in key order, paged with ``after``."""
+    from callfs.storage.base import AREA_BLOBS, AREA_REPLICAS, AREA_SHARDS, AREA_TEMP
+
+    blobs = sorted(new_blob_key() for _ in range(5))
+    for i, key in enumerate(blobs):
+        await write(storage, key, b"x" * i)
+    copy = replica_key(new_blob_key())
+    await write(storage, copy, b"copy")
+    upload = new_blob_key()
+    shards = [f".erasure/{upload}/{i}" for i in (0, 1, 2)]
+    for key in shards:
+        await write(storage, key, b"shard")
+    await write(storage, "legacy/file.txt", b"legacy")  # never listed
+
+    listed = await storage.list_keys(AREA_BLOBS)
+    assert [o.key for o in listed] == blobs
+    assert [o.size for o in listed] == [0, 1, 2, 3, 4]
+    assert all(o.mtime > 0 for o in listed)
+    first = await storage.list_keys(AREA_BLOBS, limit=2)
+    rest = await storage.list_keys(AREA_BLOBS, after=first[-1].key, limit=10)
+    assert [o.key for o in first + rest] == blobs
+    assert await storage.list_keys(AREA_BLOBS, after=blobs[-1]) == []
+    assert [o.key for o in await storage.list_keys(AREA_REPLICAS)] == [copy]
+    got = await storage.list_keys(AREA_SHARDS)
+    assert [o.key for o in got] == shards and {o.size for o in got} == {5}
+    assert [o.key for o in await storage.list_keys(AREA_SHARDS, after=shards[0])] == shards[1:]
+    for obj in got:  # shard keys are what stat and delete take
+        assert await storage.stat(obj.key) is not None
+    assert await storage.list_keys(AREA_TEMP) == []
+    with pytest.raises(CallFSError):
+        await storage.list_keys("nope")
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * 1024 * 1024 + 1])
+async def test_stage_file_takes_a_local_files_bytes(
+    storage: StorageBackend, tmp_path: Path, size: int
+) -> None:
+    """``stage_file``: a durable local file (a finished resumable upload) staged like a body;
+    invisible until publish; the source stays; localfs links it (no copy) when it can."""
+    data = os.urandom(size)
+    source = tmp_path / "root" / ".callfs" / "uploads-test.part"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    key = new_blob_key()
+    staged = await storage.stage_file(key, str(source))
+    assert staged.key == key and staged.size == size
+    assert await storage.stat(key) is None
+    await staged.publish()
+    assert await read(storage, key) == data
+    assert source.read_bytes() == data
+    if storage.kind == "localfs":
+        blob = tmp_path / "root" / ".callfs" / "blobs" / key[:2] / key[2:4] / key
+        assert blob.stat().st_ino == source.stat().st_ino  # the same file: no copy
+        source.unlink()  # the upload's copy goes after the commit; the blob stays
+        assert await read(storage, key) == data
+    # discard leaves nothing readable and never touches the source
+    other = tmp_path / "other.part"
+    other.write_bytes(b"abc")
+    key2 = new_blob_key()
+    staged = await storage.stage_file(key2, str(other))
+    await staged.discard()
+    assert await storage.stat(key2) is None
+    assert other.read_bytes() == b"abc"
+
+
+async def test_stage_file_of_a_missing_source_is_not_found(
+    storage: StorageBackend, tmp_path: Path
+) -> None:
+    with pytest.raises(NotFound):
+        await storage.stage_file(new_blob_key(), str(tmp_path / "missing.part"))

@@ -281,6 +281,10 @@ def fuzz_operation(
         assert mode is GenerationMode.NEGATIVE, name  # nothing to negate (no parameters, no body)
 
 
+#: tus PATCH bodies (``/v1/uploads/{id}``) are raw bytes like ``application/octet-stream``.
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
+
+
 def load_schema(url: str) -> Any:
     return schemathesis.openapi.from_url(f"{url}/openapi.json", timeout=10)
 

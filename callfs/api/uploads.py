@@ -1,0 +1,214 @@
+"""``/v1/uploads/``: resumable uploads, tus 1.0.0 (core, creation, creation-with-upload,
+termination, checksum, expiration). ``docs/uploads.md``; the logic is ``core/uploads.py``.
+
+An upload lives on the node that created it (its ID names that node). Another node authenticates
+the caller, then relays HEAD/PATCH/DELETE to it with the internal secret and the caller's user ID
+in ``X-CallFS-Upload-User``, which the owner node honours only from the internal identity."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from callfs.api.errors import render_error
+from callfs.api.files import body_chunks, check_declared_size, defer_continue, send_continue
+from callfs.api.proxy import forward
+from callfs.api.state import api_state, identity
+from callfs.core.uploads import (
+    CHECKSUM_ALGORITHMS,
+    Checksum,
+    Upload,
+    UploadService,
+    node_of,
+    parse_checksum,
+)
+from callfs.errors import BadRequest, CallFSError, TusVersionMismatch, UnsupportedMediaType
+from callfs.model import INTERNAL_PROXY_USER, Identity
+
+log = logging.getLogger(__name__)
+
+UPLOADS_PREFIX = "/v1/uploads"
+UPLOADS = web.AppKey("callfs_uploads", UploadService)
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+#: The caller's user ID on a relayed request (trusted only with the internal secret).
+ACTING_USER = "X-CallFS-Upload-User"
+_TUS_REQUEST_HEADERS = (
+    "Tus-Resumable",
+    "Upload-Offset",
+    "Upload-Length",
+    "Upload-Checksum",
+    "Upload-Metadata",
+)
+_TUS_RESPONSE_HEADERS = (
+    "Tus-Resumable",
+    "Tus-Version",
+    "Upload-Offset",
+    "Upload-Length",
+    "Upload-Expires",
+    "Upload-Metadata",
+    "Cache-Control",
+    "Location",
+)
+
+TusHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _service(request: web.Request) -> UploadService:
+    return request.app[UPLOADS]
+
+
+def _caller(request: web.Request) -> Identity:
+    """The authenticated caller; on a request relayed by another node, the user it names."""
+    who = identity(request)
+    acting = request.headers.get(ACTING_USER)
+    if acting and who.user_id == INTERNAL_PROXY_USER:
+        return Identity(acting)
+    return who
+
+
+def _expires(upload: Upload) -> str:
+    return email.utils.formatdate(upload.expires, usegmt=True)
+
+
+def _state_headers(upload: Upload) -> dict[str, str]:
+    headers = {"Upload-Offset": str(upload.offset), "Cache-Control": "no-store"}
+    if not upload.committed:
+        headers["Upload-Expires"] = _expires(upload)
+    return headers
+
+
+def _int_header(request: web.Request, name: str) -> int:
+    raw = request.headers.get(name)
+    if raw is None or not raw.isdigit() or len(raw) > 19:
+        raise BadRequest(f"missing or invalid {name}")
+    return int(raw)
+
+
+def _checksum(request: web.Request) -> Checksum | None:
+    raw = request.headers.get("Upload-Checksum")
+    return None if raw is None else parse_checksum(raw)
+
+
+def _tus(handler: TusHandler) -> TusHandler:
+    """Protocol framing: ``Tus-Resumable`` checked (412) and sent on every answer, errors
+    included; an upload living on another node is relayed there."""
+
+    async def framed(request: web.Request) -> web.StreamResponse:
+        try:
+            if request.method != "OPTIONS" and request.headers.get("Tus-Resumable") != TUS_VERSION:
+                raise TusVersionMismatch()
+            upload_id = request.match_info.get("upload_id")
+            service = _service(request)
+            if (
+                upload_id is not None
+                and request.method != "OPTIONS"
+                and not service.is_local(upload_id)
+            ):
+                return await _relay(request, upload_id)
+            resp: web.StreamResponse = await handler(request)
+        except CallFSError as exc:
+            resp = render_error(exc)
+            if isinstance(exc, TusVersionMismatch):
+                resp.headers["Tus-Version"] = TUS_VERSION
+        if not resp.prepared:
+            resp.headers["Tus-Resumable"] = TUS_VERSION
+        return resp
+
+    return framed
+
+
+async def _relay(request: web.Request, upload_id: str) -> web.StreamResponse:
+    node, _ = node_of(upload_id)
+    await send_continue(request)  # the owner node reads the body through this one
+    return await forward(
+        api_state(request).peers,
+        request,
+        node,
+        extra_request=_TUS_REQUEST_HEADERS,
+        extra_response=_TUS_RESPONSE_HEADERS,
+        set_headers={ACTING_USER: _caller(request).user_id},
+    )
+
+
+# ---- handlers --------------------------------------------------------------------------------
+async def options(request: web.Request) -> web.StreamResponse:
+    return web.Response(
+        status=204,
+        headers={
+            "Tus-Resumable": TUS_VERSION,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": TUS_EXTENSIONS,
+            "Tus-Max-Size": str(_service(request).max_size),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+        },
+    )
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    """POST (creation): ``Upload-Length`` and ``Upload-Metadata`` (``path`` = destination); with
+    an ``application/offset+octet-stream`` body, its bytes are the first PATCH."""
+    service = _service(request)
+    if "Upload-Defer-Length" in request.headers:
+        raise BadRequest("Upload-Defer-Length is not supported")
+    length = _int_header(request, "Upload-Length")
+    with_body = request.content_type == OFFSET_CONTENT_TYPE
+    if with_body:
+        check_declared_size(request)
+    who = _caller(request)
+    upload = await service.create(who, length, request.headers.get("Upload-Metadata", ""))
+    location = f"{UPLOADS_PREFIX}/{upload.id}"
+    if with_body and not upload.complete:
+        checksum = _checksum(request)
+        upload = await service.append(
+            who, upload.id, 0, body_chunks(request, service.max_size), checksum
+        )
+    headers = {"Location": location, **_state_headers(upload)}
+    del headers["Cache-Control"]
+    return web.Response(status=201, headers=headers)
+
+
+async def head(request: web.Request) -> web.StreamResponse:
+    upload = await _service(request).get(_caller(request), request.match_info["upload_id"])
+    headers = {**_state_headers(upload), "Upload-Length": str(upload.length)}
+    if upload.metadata:
+        headers["Upload-Metadata"] = upload.metadata
+    return web.Response(status=200, headers=headers)
+
+
+async def patch(request: web.Request) -> web.StreamResponse:
+    if request.content_type != OFFSET_CONTENT_TYPE:
+        raise UnsupportedMediaType()
+    offset = _int_header(request, "Upload-Offset")
+    checksum = _checksum(request)
+    check_declared_size(request)
+    service = _service(request)
+    upload = await service.append(
+        _caller(request),
+        request.match_info["upload_id"],
+        offset,
+        body_chunks(request, service.max_size),
+        checksum,
+    )
+    return web.Response(status=204, headers=_state_headers(upload))
+
+
+async def terminate(request: web.Request) -> web.StreamResponse:
+    await _service(request).terminate(_caller(request), request.match_info["upload_id"])
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application, service: UploadService) -> None:
+    app[UPLOADS] = service
+    collection = app.router.add_resource(UPLOADS_PREFIX)
+    collection.add_route("OPTIONS", _tus(options))
+    collection.add_route("POST", _tus(create), expect_handler=defer_continue)
+    item = app.router.add_resource(UPLOADS_PREFIX + "/{upload_id}")
+    item.add_route("OPTIONS", _tus(options))
+    item.add_route("HEAD", _tus(head))
+    item.add_route("PATCH", _tus(patch), expect_handler=defer_continue)
+    item.add_route("DELETE", _tus(terminate))

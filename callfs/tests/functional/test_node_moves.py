@@ -1,0 +1,171 @@
+"""Moves between nodes on one node (issue 14): the internal blob endpoint a target receives bytes
+on, the PATCH checks (unknown instance, target down: nothing changes), the drain/rebalance job
+endpoints, and the planners. Real processes moving files: ``cluster_tests/test_node_moves.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from callfs.core.placement_ops import plan_drain, plan_rebalance
+from callfs.daemon import Node
+from callfs.model import BackendType, Entry, EntryType
+from callfs.tests.functional.conftest import INTERNAL, auth, unreferenced_files
+
+SECRET = {"Authorization": f"Bearer {INTERNAL}"}
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def config_env() -> dict[str, str]:
+    return {
+        "CALLFS_INSTANCE_DISCOVERY__INSTANCE_ID": "a",
+        "CALLFS_INSTANCE_DISCOVERY__PEER_ENDPOINTS__B": f"http://127.0.0.1:{_dead_port()}",
+    }
+
+
+def _file(path: str, size: int, node: str) -> Entry:
+    return Entry(
+        path=path,
+        type=EntryType.FILE,
+        size=size,
+        owner="alice",
+        mtime=0,
+        backend_type=BackendType.LOCALFS,
+        instance_id=node,
+        created_at=0,
+        blob_key=path.strip("/"),
+    )
+
+
+def test_plan_drain_sends_each_file_to_the_node_with_fewest_bytes() -> None:
+    files = [_file(f"/c{i}", size, "c") for i, size in enumerate((50, 40, 30, 20, 10))]
+    files.append(_file("/a0", 60, "a"))
+    moves = plan_drain("c", files, ["a", "b"])
+    assert [(e.path, t) for e, t in moves] == [
+        ("/c0", "b"),
+        ("/c1", "b"),
+        ("/c2", "a"),
+        ("/c3", "a"),  # a tie (90 each): the first name
+        ("/c4", "b"),
+    ]
+
+
+def test_plan_rebalance_evens_out_within_the_tolerance() -> None:
+    files = [_file(f"/a{i}", 100 + i, "a") for i in range(30)]
+    files += [_file(f"/b{i}", 100, "b") for i in range(10)]
+    moves = plan_rebalance(files, ["a", "b", "c"], 0.1)
+    load = {"a": 0, "b": 0, "c": 0}
+    for entry in files:
+        load[str(entry.instance_id)] += entry.size
+    for entry, target in moves:
+        load[str(entry.instance_id)] -= entry.size
+        load[target] += entry.size
+    mean = sum(load.values()) / 3
+    assert all(abs(v - mean) <= 0.1 * mean for v in load.values()), load
+    assert plan_rebalance(files, ["a"], 0.1) == []
+    assert plan_rebalance([], ["a", "b"], 0.1) == []
+
+
+async def test_blob_endpoint_stores_checks_the_size_and_drops_only_unnamed_blobs(
+    node: Node, client: TestClient[Any, Any]
+) -> None:
+    assert (await client.post("/v1/internal/blobs?size=3", data=b"abc")).status == 401
+    resp = await client.post("/v1/internal/blobs?size=3", data=b"abc", headers=auth())
+    assert resp.status == 401  # API keys are not accepted
+    resp = await client.post("/v1/internal/blobs?size=4", data=b"abc", headers=SECRET)
+    assert resp.status == 400 and "expected 4 bytes" in (await resp.json())["error"]
+    assert await unreferenced_files(node) == []  # the short upload left nothing
+    resp = await client.post("/v1/internal/blobs?size=3", data=b"abc", headers=SECRET)
+    assert resp.status == 201
+    key = (await resp.json())["key"]
+    assert len(await unreferenced_files(node)) == 1  # an orphan until a commit names it
+    assert (await client.delete(f"/v1/internal/blobs/{key}", headers=SECRET)).status == 204
+    assert await unreferenced_files(node) == []
+    # a blob an entry names is never removed this way
+    assert (await client.put("/v1/files/x.txt", data=b"keep", headers=auth())).status == 201
+    assert node.meta is not None
+    named = await node.meta.get("/x.txt")
+    assert named is not None
+    resp = await client.delete(f"/v1/internal/blobs/{named.blob_key}", headers=SECRET)
+    assert resp.status == 409
+    assert await (await client.get("/v1/files/x.txt", headers=auth())).read() == b"keep"
+
+
+async def test_patch_instance_checks_and_a_target_down(
+    node: Node, client: TestClient[Any, Any]
+) -> None:
+    assert (await client.put("/v1/files/d/f.txt", data=b"data", headers=auth())).status == 201
+    assert node.meta is not None
+    before = await node.meta.get("/d/f.txt")
+    resp = await client.patch(
+        "/v1/files/d/f.txt", json={"name": "f.txt", "instance": "nope"}, headers=auth()
+    )
+    assert resp.status == 400 and (await resp.json())["message"] == "unknown instance"
+    for path, name in (("/v1/files/d/f.txt", "f.txt"), ("/v1/files/d", "d")):
+        resp = await client.patch(path, json={"name": name, "instance": "b"}, headers=auth())
+        assert resp.status == 502, await resp.text()
+        assert (await resp.json())["code"] == "PEER_UNAVAILABLE"
+    assert await node.meta.get("/d/f.txt") == before
+    assert await unreferenced_files(node) == []
+    # to itself: nothing to do for a file (400), nothing moved for a directory
+    resp = await client.patch(
+        "/v1/files/d/f.txt", json={"name": "f.txt", "instance": "a"}, headers=auth()
+    )
+    assert resp.status == 400
+    resp = await client.patch("/v1/files/d", json={"name": "d", "instance": "a"}, headers=auth())
+    assert resp.status == 200
+    assert await resp.json() == {
+        "path": "/d",
+        "moved_files": 0,
+        "moved_bytes": 0,
+        "skipped": 1,
+        "failed": [],
+    }
+    # bob may not move alice's files: nothing moves
+    resp = await client.patch(
+        "/v1/files/d",
+        json={"name": "d", "instance": "a"},
+        headers=auth("bob-key-0123456789abcdef000"),
+    )
+    assert resp.status == 403
+
+
+async def test_job_endpoints(node: Node, client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/v1/internal/nodes/job")).status == 401
+    assert (await client.get("/v1/internal/nodes/job", headers=SECRET)).status == 404
+    resp = await client.post("/v1/internal/nodes/drain", json={"node": "zz"}, headers=SECRET)
+    assert resp.status == 400 and "unknown node" in (await resp.json())["error"]
+    resp = await client.post("/v1/internal/nodes/drain", json={}, headers=SECRET)
+    assert resp.status == 400
+    resp = await client.post("/v1/internal/nodes/rebalance", json={"tolerance": 2}, headers=SECRET)
+    assert resp.status == 400
+    # b is down and holds nothing: a drain of it has nothing to do
+    resp = await client.post("/v1/internal/nodes/drain", json={"node": "b"}, headers=SECRET)
+    assert resp.status == 202, await resp.text()
+    for _ in range(100):
+        job = await (await client.get("/v1/internal/nodes/job", headers=SECRET)).json()
+        if job["state"] not in ("planning", "running"):
+            break
+        await asyncio.sleep(0.05)
+    assert job["state"] == "done" and job["files_total"] == 0, job
+    # a rebalance with one live node has nothing to do either
+    resp = await client.post("/v1/internal/nodes/rebalance", json={}, headers=SECRET)
+    assert resp.status == 202
+    for _ in range(100):
+        job = await (await client.get("/v1/internal/nodes/job", headers=SECRET)).json()
+        if job["state"] not in ("planning", "running"):
+            break
+        await asyncio.sleep(0.05)
+    assert job["kind"] == "rebalance" and job["state"] == "done", job
+    assert Path(node.cfg.backend.localfs_root_path).exists()
