@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from callfs.client import commands as client_commands
 from callfs.errors import ConfigError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -905,6 +906,10 @@ def completion(shell: str) -> None:
     assert comp_cls is not None
     comp = comp_cls(cli, {}, "callfs", "_CALLFS_COMPLETE")
     click.echo(comp.source())
+
+
+# The client commands (put/get/ls/stat/rm/mv/mkdir/share/sync): callfs/client/commands.py.
+client_commands.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

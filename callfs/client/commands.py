@@ -1,0 +1,649 @@
+"""``callfs put/get/ls/stat/rm/mv/mkdir/share/sync``: the client commands (docs/client.md).
+
+Each command parses, builds a ``Client`` from the connection settings and calls it. Settings come
+from ``--url``/``--api-key``, else ``CALLFS_URL``/``CALLFS_API_KEY``, else a profile of
+``~/.config/callfs/client.yaml`` (``--profile``/``CALLFS_PROFILE``, else the file's
+``default_profile``, else the profile named ``default``). A ``ClientError`` prints the server's
+code and message (and, with ``--json``, an ``{"error": ...}`` object on stdout) and exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from callfs.client.errors import ClientError
+from callfs.client.model import REMOTE_PREFIX, TUS_CHUNK, Entry, normalize
+from callfs.client.sync import Client, Progress, ResumeStore
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+# ---- settings ------------------------------------------------------------------------------
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    return Path(base) / "callfs"
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "callfs"
+
+
+def profile_file() -> Path:
+    return config_dir() / "client.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    url: str
+    api_key: str
+    insecure: bool = False
+
+
+def _profiles() -> tuple[dict[str, Any], str | None]:
+    path = profile_file()
+    if not path.exists():
+        return {}, None
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("profiles", {}), dict):
+        raise click.ClickException(f"{path}: expected a mapping with a 'profiles' mapping")
+    default = doc.get("default_profile")
+    return doc.get("profiles") or {}, str(default) if default else None
+
+
+def resolve_settings(
+    url: str | None, api_key: str | None, profile: str | None, insecure: bool
+) -> Settings:
+    """Flags, then environment, then the profile file (see the module docstring)."""
+    url = url or os.environ.get("CALLFS_URL") or None
+    api_key = api_key or os.environ.get("CALLFS_API_KEY") or None
+    chosen = profile or os.environ.get("CALLFS_PROFILE") or None
+    if url is None or api_key is None or chosen:
+        profiles, default = _profiles()
+        name = chosen or default or "default"
+        entry = profiles.get(name)
+        if entry is None and (chosen or default):
+            raise click.ClickException(f"no profile {name!r} in {profile_file()}")
+        if isinstance(entry, dict):
+            url = url or (str(entry["url"]) if entry.get("url") else None)
+            api_key = api_key or (str(entry["api_key"]) if entry.get("api_key") else None)
+            insecure = insecure or bool(entry.get("insecure"))
+    if not url:
+        raise click.ClickException(
+            f"no server URL: use --url, set CALLFS_URL, or add a profile to {profile_file()}"
+        )
+    return Settings(url=url, api_key=api_key or "", insecure=insecure)
+
+
+@dataclass
+class Ctx:
+    settings: Settings
+    as_json: bool
+    quiet: bool
+
+    def client(self, connections: int = 16) -> Client:
+        s = self.settings
+        return Client(
+            s.url,
+            s.api_key or None,
+            verify=not s.insecure,
+            max_connections=connections,
+        )
+
+    def emit(self, doc: Any, text: str | None) -> None:
+        if self.as_json:
+            click.echo(json.dumps(doc))
+        elif text is not None:
+            click.echo(text)
+
+    def show_progress(self) -> bool:
+        return not self.as_json and not self.quiet and sys.stderr.isatty()
+
+
+def client_command(name: str) -> Callable[[F], click.Command]:
+    """A client command with the shared connection/output options; ``ClientError`` becomes the
+    server's code and message on stderr (and JSON on stdout with ``--json``), exit 1."""
+
+    def wrap(fn: F) -> click.Command:
+        @functools.wraps(fn)
+        def run(
+            url: str | None,
+            api_key: str | None,
+            profile: str | None,
+            insecure: bool,
+            as_json: bool,
+            quiet: bool,
+            **kw: Any,
+        ) -> Any:
+            ctx = Ctx(resolve_settings(url, api_key, profile, insecure), as_json, quiet)
+            try:
+                return fn(ctx, **kw)
+            except ClientError as exc:
+                if as_json:
+                    click.echo(json.dumps({"error": exc.as_dict()}))
+                raise click.ClickException(str(exc)) from exc
+
+        options = [
+            click.option("--url", default=None, help="server base URL [env CALLFS_URL]"),
+            click.option("--api-key", default=None, help="API key [env CALLFS_API_KEY]"),
+            click.option("--profile", default=None, help="profile of ~/.config/callfs/client.yaml"),
+            click.option("--insecure", is_flag=True, help="do not verify the TLS certificate"),
+            click.option("--json", "as_json", is_flag=True, help="print JSON for scripts"),
+            click.option("--quiet", "-q", is_flag=True, help="no progress bar"),
+        ]
+        for option in reversed(options):
+            run = option(run)
+        return click.command(name, context_settings=CONTEXT)(run)
+
+    return wrap
+
+
+# ---- progress ------------------------------------------------------------------------------
+class Bar:
+    """A rich progress bar on stderr, or nothing (not a TTY, ``--json``, ``--quiet``, no rich).
+    ``advance`` is thread-safe (rich locks)."""
+
+    def __init__(self, enabled: bool, description: str, total: int | None) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+        except ImportError:  # the client extra is not installed: no bar
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self) -> Bar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    @property
+    def callback(self) -> Progress | None:
+        return self.advance if self._progress is not None else None
+
+
+def human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop returns
+
+
+def resume_store() -> ResumeStore:
+    return ResumeStore(state_dir() / "uploads.json")
+
+
+def _remote_target(client: Client, local: Path, remote: str) -> str:
+    """``REMOTE`` itself, or ``REMOTE/<local name>`` when it ends in ``/`` or is a directory."""
+    if remote.endswith("/"):
+        return normalize(remote + local.name)
+    try:
+        if client.stat(remote).is_dir:
+            return normalize(remote + "/" + local.name)
+    except ClientError as exc:
+        if exc.status != 404:
+            raise
+    return normalize(remote)
+
+
+# ---- commands ------------------------------------------------------------------------------
+@client_command("put")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("remote")
+@click.option(
+    "--resumable/--no-resumable",
+    default=None,
+    help="force tus (resumable) or plain PUT; default: tus for files of 16 MiB or more "
+    "when the server offers it",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1, 4096),
+    default=TUS_CHUNK >> 20,
+    show_default=True,
+    help="MiB per resumable chunk",
+)
+def put(ctx: Ctx, local: str, remote: str, resumable: bool | None, chunk_size: int) -> None:
+    """Upload LOCAL (a file, or - for stdin) to REMOTE (a path; a directory or a trailing /
+    keeps LOCAL's name). Large files go through tus: after Ctrl-C or a broken connection, run
+    the same command again to continue where it stopped."""
+    with ctx.client() as client:
+        if local == "-":
+            target = normalize(remote)
+            stdin = sys.stdin.buffer
+            result = client.upload(target, iter(lambda: stdin.read(1 << 20), b""))
+            ctx.emit(result.as_dict(), f"uploaded stdin to {target}")
+            return
+        path = Path(local)
+        if not path.is_file():
+            raise click.ClickException(f"{local}: not a file (use `callfs sync` for a tree)")
+        target = _remote_target(client, path, remote)
+        size = path.stat().st_size
+        bar = Bar(ctx.show_progress(), path.name, size)
+        try:
+            with bar:
+                result = client.upload_file(
+                    path,
+                    target,
+                    resumable=resumable,
+                    chunk_size=chunk_size << 20,
+                    progress=bar.callback,
+                    resume_store=resume_store(),
+                )
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to resume the upload", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        note = f" (resumed at {human(result.resumed_from)})" if result.resumed_from else ""
+        ctx.emit(result.as_dict(), f"uploaded {local} to {target} ({human(size)}){note}")
+
+
+@client_command("get")
+@click.argument("remote")
+@click.argument("local", required=False, type=click.Path(allow_dash=True))
+def get(ctx: Ctx, remote: str, local: str | None) -> None:
+    """Download REMOTE to LOCAL (default: its name in the current directory; - for stdout; an
+    existing directory keeps REMOTE's name). Streams; a partial file never replaces LOCAL."""
+    with ctx.client() as client:
+        if local == "-":
+            with client.open(remote) as f:
+                out = sys.stdout.buffer
+                for chunk in f.iter_chunks():
+                    out.write(chunk)
+                out.flush()
+            return
+        entry = client.stat(remote)
+        if entry.is_dir:
+            raise click.ClickException(f"{entry.path} is a directory (use `callfs sync`)")
+        target = Path(local) if local else Path(entry.name)
+        if target.is_dir():
+            target = target / entry.name
+        with Bar(ctx.show_progress(), entry.name, entry.size) as bar:
+            got = client.download(remote, target, progress=bar.callback)
+        _set_mtime(target, got)
+        doc = {"path": got.path, "local": str(target), "size": got.size}
+        ctx.emit(doc, f"downloaded {got.path} to {target} ({human(got.size)})")
+
+
+def _set_mtime(local: Path, entry: Entry) -> None:
+    stamp = entry.mtime_epoch
+    if stamp is not None:
+        os.utime(local, (stamp, stamp))
+
+
+def _long(entry: Entry) -> str:
+    kind = "d" if entry.is_dir else "-"
+    return f"{kind} {entry.owner:<12} {entry.size:>12} {entry.mtime:<20} {entry.path}"
+
+
+@client_command("ls")
+@click.argument("remote", default="/")
+@click.option("--recursive", "-r", is_flag=True, help="the whole subtree")
+@click.option("--long", "-l", "long_", is_flag=True, help="type, owner, size, mtime, path")
+def ls(ctx: Ctx, remote: str, recursive: bool, long_: bool) -> None:
+    """List a directory (names; directories end with /). --json prints one array of entries."""
+    with ctx.client() as client:
+        try:
+            entries = list(
+                client.list(remote, recursive=recursive, max_depth=1000 if recursive else None)
+            )
+        except ClientError as exc:
+            if exc.status != 400:
+                raise
+            entries = [client.stat(remote)]  # a file lists as itself, like ls(1)
+            if entries[0].is_dir:
+                raise
+            remote = entries[0].path.rsplit("/", 1)[0] or "/"
+        if ctx.as_json:
+            click.echo(json.dumps([e.as_dict() for e in entries]))
+            return
+        base = normalize(remote).rstrip("/") + "/"
+        for e in entries:
+            if long_:
+                click.echo(_long(e))
+            else:
+                name = e.path[len(base) :] if e.path.startswith(base) else e.name
+                click.echo(name + ("/" if e.is_dir else ""))
+
+
+@client_command("stat")
+@click.argument("remote")
+def stat(ctx: Ctx, remote: str) -> None:
+    """Show the type, size, mode, owner and mtime of REMOTE."""
+    with ctx.client() as client:
+        e = client.stat(remote)
+        text = "\n".join(f"{k}: {v}" for k, v in e.as_dict().items())
+        ctx.emit(e.as_dict(), text)
+
+
+@client_command("rm")
+@click.argument("remotes", nargs=-1, required=True)
+@click.option("--recursive", "-r", is_flag=True, help="delete non-empty directories too")
+def rm(ctx: Ctx, remotes: tuple[str, ...], recursive: bool) -> None:
+    """Delete files or directories (a non-empty directory needs -r)."""
+    with ctx.client() as client:
+        for remote in remotes:
+            client.delete(remote, recursive=recursive)
+            if not ctx.as_json:
+                click.echo(f"deleted {normalize(remote)}")
+        if ctx.as_json:
+            click.echo(json.dumps({"deleted": [normalize(r) for r in remotes]}))
+
+
+@client_command("mv")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--overwrite", "-f", is_flag=True, help="replace an existing destination")
+@click.option("--parents", "-p", is_flag=True, help="create missing parents of DST")
+def mv(ctx: Ctx, src: str, dst: str, overwrite: bool, parents: bool) -> None:
+    """Move or rename SRC to DST on the server (no bytes are copied through the client)."""
+    with ctx.client() as client:
+        new = client.move(src, dst, overwrite=overwrite, create_parents=parents)
+        ctx.emit({"from": normalize(src), "path": new}, f"moved {normalize(src)} to {new}")
+
+
+@client_command("mkdir")
+@click.argument("remotes", nargs=-1, required=True)
+def mkdir(ctx: Ctx, remotes: tuple[str, ...]) -> None:
+    """Create directories (and missing parents); an existing directory is fine."""
+    with ctx.client() as client:
+        done = [{"path": normalize(r), "created": client.mkdir(r)} for r in remotes]
+    if ctx.as_json:
+        click.echo(json.dumps(done))
+        return
+    for d in done:
+        click.echo(f"{'created' if d['created'] else 'exists'} {d['path']}")
+
+
+@client_command("share")
+@click.argument("remote")
+@click.option(
+    "--expiry",
+    type=click.IntRange(1, 86400),
+    default=3600,
+    show_default=True,
+    help="seconds the link stays valid",
+)
+def share(ctx: Ctx, remote: str, expiry: int) -> None:
+    """Print a single-use download link for a file (no API key needed to use it)."""
+    with ctx.client() as client:
+        link = client.share(remote, expiry)
+        ctx.emit(link.as_dict(), link.url)
+
+
+# ---- sync ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Job:
+    rel: str
+    size: int
+    local: Path
+    remote: str
+
+
+def _local_tree(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    files: dict[str, os.stat_result] = {}
+    dirs: list[str] = []
+    for here, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(here, root)
+        for d in dirnames:
+            dirs.append(Path(rel_dir, d).as_posix().removeprefix("./"))
+        for name in sorted(filenames):
+            path = Path(here, name)
+            if name.endswith(".callfs-part") or not path.is_file():
+                continue
+            rel = Path(rel_dir, name).as_posix().removeprefix("./")
+            files[rel] = path.stat()
+    return files, dirs
+
+
+def _remote_tree(client: Client, root: str) -> dict[str, Entry] | None:
+    """Entries under ``root`` keyed by relative path; None when ``root`` does not exist."""
+    try:
+        top = client.stat(root)
+    except ClientError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    if not top.is_dir:
+        raise click.ClickException(f"{top.path} is a file, not a directory")
+    prefix = root.rstrip("/") + "/"
+    return {
+        e.path[len(prefix) :] if root != "/" else e.path[1:]: e
+        for e in client.list(root, recursive=True, max_depth=1000)
+    }
+
+
+def _fresh(src_size: int, src_mtime: float | None, dst_size: int, dst_mtime: float | None) -> bool:
+    """The destination is up to date: same size and not older than the source (whole seconds,
+    the server's resolution)."""
+    if src_size != dst_size or src_mtime is None or dst_mtime is None:
+        return False
+    return int(dst_mtime) >= int(src_mtime)
+
+
+@client_command("sync")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=8,
+    show_default=True,
+    help="parallel transfers",
+)
+@click.option("--dry-run", "-n", is_flag=True, help="only list what would be transferred")
+def sync(ctx: Ctx, src: str, dst: str, jobs: int, dry_run: bool) -> None:
+    """Copy a whole tree: `callfs sync ./dir callfs:/dir` uploads, `callfs sync callfs:/dir
+    ./dir` downloads (the remote side carries the callfs: prefix). Files whose destination has
+    the same size and is not older are skipped; nothing is deleted."""
+    up = dst.startswith(REMOTE_PREFIX)
+    if up == src.startswith(REMOTE_PREFIX):
+        raise click.UsageError("exactly one of SRC and DST must be remote (callfs:/path)")
+    with ctx.client(connections=jobs) as client:
+        if up:
+            summary = _sync_up(ctx, client, Path(src), normalize(dst), jobs, dry_run)
+        else:
+            summary = _sync_down(ctx, client, normalize(src), Path(dst), jobs, dry_run)
+    failed = summary["failed"]
+    text = (
+        f"{'would transfer' if dry_run else 'transferred'} {summary['transferred']} files "
+        f"({human(summary['bytes'])}), skipped {summary['skipped']}, failed {len(failed)}"
+    )
+    if ctx.as_json:
+        click.echo(json.dumps(summary))
+    else:
+        for f in failed:
+            click.echo(f"failed: {f['path']}: {f['code']}: {f['message']}", err=True)
+        click.echo(text)
+    if failed:
+        raise click.ClickException(f"{len(failed)} transfer(s) failed")
+
+
+def _run_jobs(
+    ctx: Ctx,
+    todo: list[_Job],
+    jobs: int,
+    work: Callable[[_Job, Progress | None], None],
+    direction: str,
+) -> list[dict[str, Any]]:
+    total = sum(j.size for j in todo)
+    failed: list[dict[str, Any]] = []
+    done = 0
+    lock = threading.Lock()
+    with Bar(ctx.show_progress(), f"{direction} 0/{len(todo)}", total) as bar:
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="callfs-sync")
+        try:
+            futures = {pool.submit(work, job, bar.callback): job for job in todo}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    fut.result()
+                except (ClientError, OSError) as exc:
+                    code = exc.code if isinstance(exc, ClientError) else "LOCAL_ERROR"
+                    message = exc.message if isinstance(exc, ClientError) else str(exc)
+                    failed.append({"path": job.rel, "code": code, "message": message})
+                with lock:
+                    done += 1
+                    bar.describe(f"{direction} {done}/{len(todo)}")
+        except KeyboardInterrupt:
+            # transfers not started are dropped; the ones running finish (tus keeps their offset)
+            pool.shutdown(wait=False, cancel_futures=True)
+            click.echo("interrupted: run the same command again to continue", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        pool.shutdown()
+    return failed
+
+
+def _sync_up(
+    ctx: Ctx, client: Client, root: Path, remote: str, jobs: int, dry_run: bool
+) -> dict[str, Any]:
+    if not root.is_dir():
+        raise click.ClickException(f"{root}: not a directory")
+    files, dirs = _local_tree(root)
+    existing = _remote_tree(client, remote) or {}
+    todo: list[_Job] = []
+    skipped = 0
+    for rel, st in files.items():
+        have = existing.get(rel)
+        if (
+            have is not None
+            and not have.is_dir
+            and _fresh(st.st_size, st.st_mtime, have.size, have.mtime_epoch)
+        ):
+            skipped += 1
+            continue
+        todo.append(_Job(rel, st.st_size, root / rel, _join(remote, rel)))
+    missing_dirs = [d for d in dirs if d not in existing]
+    store = resume_store()
+
+    def work(job: _Job, progress: Progress | None) -> None:
+        client.upload_file(job.local, job.remote, progress=progress, resume_store=store)
+
+    failed: list[dict[str, Any]] = []
+    if not dry_run:
+        for d in [remote, *(_join(remote, d) for d in missing_dirs)]:
+            with contextlib.suppress(ClientError):
+                client.mkdir(d)
+        failed = _run_jobs(ctx, todo, jobs, work, "up")
+    return _summary("up", todo, skipped, failed, dry_run)
+
+
+def _sync_down(
+    ctx: Ctx, client: Client, remote: str, root: Path, jobs: int, dry_run: bool
+) -> dict[str, Any]:
+    tree = _remote_tree(client, remote)
+    if tree is None:
+        raise ClientError(404, "FILE_NOT_FOUND", f"{remote}: file not found")
+    todo: list[_Job] = []
+    skipped = 0
+    entries: dict[str, Entry] = {}
+    for rel, e in tree.items():
+        if e.is_dir:
+            if not dry_run:
+                (root / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        local = root / rel
+        try:
+            st = local.stat()
+        except OSError:
+            st = None
+        if st is not None and _fresh(e.size, e.mtime_epoch, st.st_size, st.st_mtime):
+            skipped += 1
+            continue
+        entries[rel] = e
+        todo.append(_Job(rel, e.size, local, e.path))
+
+    def work(job: _Job, progress: Progress | None) -> None:
+        job.local.parent.mkdir(parents=True, exist_ok=True)
+        got = client.download(job.remote, job.local, progress=progress)
+        _set_mtime(job.local, got)
+
+    failed: list[dict[str, Any]] = []
+    if not dry_run:
+        root.mkdir(parents=True, exist_ok=True)
+        failed = _run_jobs(ctx, todo, jobs, work, "down")
+    return _summary("down", todo, skipped, failed, dry_run)
+
+
+def _join(remote: str, rel: str) -> str:
+    return normalize(remote.rstrip("/") + "/" + rel)
+
+
+def _summary(
+    direction: str, todo: list[_Job], skipped: int, failed: list[dict[str, Any]], dry_run: bool
+) -> dict[str, Any]:
+    bad = {f["path"] for f in failed}
+    ok = [j for j in todo if j.rel not in bad]
+    return {
+        "direction": direction,
+        "dry_run": dry_run,
+        "transferred": len(ok),
+        "bytes": sum(j.size for j in ok),
+        "skipped": skipped,
+        "failed": failed,
+        "files": [j.rel for j in ok],
+    }
+
+
+COMMANDS = (put, get, ls, stat, rm, mv, mkdir, share, sync)
+
+
+def register(group: click.Group) -> None:
+    """Add the client commands to the ``callfs`` group (cli.py)."""
+    for command in COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,542 @@
+"""The client side (docs/client.md) against a real ``callfs server`` subprocess: the SDK (sync and
+async), the ``callfs put/get/ls/stat/rm/mv/mkdir/share/sync`` commands through click's runner, tus
+resume after an interruption, and the fsspec filesystem (with pandas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from click.testing import CliRunner
+from fsspec.tests import abstract
+
+from callfs.cli import cli
+from callfs.client import AsyncClient, Client, ClientError, ResumeStore, TransportError
+from callfs.client import sync as sync_mod
+from callfs.client.commands import state_dir
+from callfs.tests.functional.conftest import ALICE_KEY, BOB_KEY, node_env
+from callfs.tests.test_e2e_dev import free_port
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One node (SQLite, localfs, local locks) as a subprocess, shared by this module; each test
+    works under its own directory."""
+    tmp = tmp_path_factory.mktemp("callfs-node")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        **node_env(
+            tmp,
+            CALLFS_SERVER__LISTEN_ADDR=f"127.0.0.1:{port}",
+            CALLFS_SERVER__EXTERNAL_URL=base,
+        ),
+    }
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "callfs", "server"], cwd=tmp, env=env, stdout=log, stderr=log
+    )
+    http = urllib3.PoolManager(retries=False)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {(tmp / 'server.log').read_text()}")
+            try:
+                if http.request("GET", base + "/health", timeout=1.0).status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not answer /health in 30 s")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def client(server: str) -> Iterator[Client]:
+    with Client(server, ALICE_KEY) as c:
+        yield c
+
+
+@pytest.fixture
+def root(client: Client) -> str:
+    """A fresh remote directory for one test."""
+    path = f"/t-{uuid.uuid4().hex[:10]}"
+    client.mkdir(path)
+    return path
+
+
+@pytest.fixture
+def cli_env(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Connection settings in the environment; profile and state files under ``tmp_path``."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("CALLFS_PROFILE", raising=False)
+    monkeypatch.setenv("CALLFS_URL", server)
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY)
+    return {"CALLFS_URL": server, "CALLFS_API_KEY": ALICE_KEY}
+
+
+def run(*args: str, code: int = 0, stdin: bytes | None = None) -> Any:
+    result = CliRunner().invoke(cli, list(args), input=stdin)
+    assert result.exit_code == code, (args, result.exit_code, result.output, result.exception)
+    return result
+
+
+def run_json(*args: str, code: int = 0) -> Any:
+    return json.loads(run(*args, "--json", code=code).stdout)
+
+
+# ---- SDK -------------------------------------------------------------------------------------
+def test_streaming_round_trip_and_ranges(client: Client, root: str, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB + 17)
+    chunks = (data[i : i + 100_000] for i in range(0, len(data), 100_000))
+    result = client.upload(f"{root}/gen.bin", chunks)  # size unknown: chunked PUT
+    assert not result.resumable
+    local = tmp_path / "src.bin"
+    local.write_bytes(data)
+    seen: list[int] = []
+    assert client.upload(f"{root}/file.bin", local, progress=seen.append).size == len(data)
+    assert sum(seen) == len(data)
+    with local.open("rb") as f:
+        client.upload(f"{root}/fobj.bin", f)
+    for name in ("gen.bin", "file.bin", "fobj.bin"):
+        with client.open(f"{root}/{name}") as d:
+            assert d.entry.size == len(data)
+            assert b"".join(d.iter_chunks(64 * KiB)) == data
+    out = tmp_path / "out.bin"
+    got: list[int] = []
+    entry = client.download(f"{root}/file.bin", out, progress=got.append)
+    assert out.read_bytes() == data and sum(got) == len(data) and entry.size == len(data)
+    assert client.read(f"{root}/file.bin", 10, 20) == data[10:20]
+    assert client.read(f"{root}/file.bin", -5) == data[-5:]
+    assert client.read(f"{root}/file.bin", len(data) - 3, len(data) + 100) == data[-3:]
+    assert client.read(f"{root}/file.bin", len(data) + 1) == b""  # 416 → empty
+    with client.open(f"{root}/file.bin", 1000, 1000 + 4096) as d:
+        assert d.status == 206 and d.read() == data[1000:5096]
+    st = client.stat(f"{root}/file.bin")
+    assert (st.type, st.size, st.owner, st.name) == ("file", len(data), "alice", "file.bin")
+    assert st.mtime_epoch is not None and abs(st.mtime_epoch - time.time()) < 120
+
+
+def test_listing_pages_through_next(client: Client, root: str) -> None:
+    names = [f"f{i:02d}" for i in range(7)]
+    for n in names:
+        client.upload(f"{root}/{n}", n.encode())
+    client.mkdir(f"{root}/sub/deeper")
+    paged = [e.name for e in client.list(root, page_size=2)]
+    assert paged == [*names, "sub"]  # files first, then directories
+    assert paged == [e.name for e in client.list(root)]
+    deep = [e.path for e in client.list(root, recursive=True)]
+    assert f"{root}/sub/deeper" in deep and len(deep) == 9
+    requests = 0
+    real = client._json
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        nonlocal requests
+        requests += 1
+        return real(*a, **kw)
+
+    client._json = counting  # type: ignore[method-assign]
+    assert len(list(client.list(root, page_size=3))) == 8
+    assert requests == 3
+
+
+def test_namespace_operations_and_links(client: Client, root: str) -> None:
+    assert client.mkdir(f"{root}/a/b") is True
+    assert client.mkdir(f"{root}/a/b") is False
+    client.upload(f"{root}/a/x.txt", b"hello")
+    assert client.move(f"{root}/a/x.txt", f"{root}/c/y.txt", create_parents=True) == (
+        f"{root}/c/y.txt"
+    )
+    assert client.rename(f"{root}/c/y.txt", "z.txt") == f"{root}/c/z.txt"
+    link = client.share(f"{root}/c/z.txt", 60)
+    assert link.token and link.url.endswith(link.token)
+    anonymous = urllib3.PoolManager().request("GET", link.url)
+    assert (anonymous.status, anonymous.data) == (200, b"hello")
+    client.delete(f"{root}/a", recursive=True)
+    assert not client.exists(f"{root}/a")
+    assert client.exists(f"{root}/c/z.txt")
+
+
+def test_errors_carry_code_message_status(server: str, client: Client, root: str) -> None:
+    with pytest.raises(ClientError) as info:
+        client.read(f"{root}/missing")
+    assert (info.value.status, info.value.code, info.value.message) == (
+        404,
+        "FILE_NOT_FOUND",
+        "file not found",
+    )
+    assert info.value.request_id and len(info.value.request_id) == 16
+    with pytest.raises(ClientError) as info:
+        client.stat(f"{root}/missing")  # HEAD: no body, the code comes from the status
+    assert (info.value.status, info.value.code) == (404, "FILE_NOT_FOUND")
+    client.upload(f"{root}/d/f", b"x")
+    with pytest.raises(ClientError) as info:
+        client.delete(f"{root}/d")
+    assert (info.value.status, info.value.code) == (409, "DIRECTORY_NOT_EMPTY")
+    with Client(server, BOB_KEY) as bob, pytest.raises(ClientError) as info:
+        bob.delete(f"{root}/d/f")
+    assert (info.value.status, info.value.code) == (403, "PERMISSION_DENIED")
+    with Client(server, "wrong-key") as nobody, pytest.raises(ClientError) as info:
+        nobody.list("/").__next__()
+    assert (info.value.status, info.value.code) == (401, "AUTHENTICATION_FAILED")
+    dead = Client(f"http://127.0.0.1:{free_port()}", ALICE_KEY, timeout=2)
+    with dead, pytest.raises(TransportError) as net:
+        dead.stat("/")
+    assert (net.value.status, net.value.code) == (0, "NETWORK_ERROR")
+
+
+def test_resumable_upload_resumes_after_interruption(
+    client: Client, root: str, tmp_path: Path
+) -> None:
+    if not client.supports_tus():
+        pytest.skip("the server has no tus endpoint at /v1/uploads")
+    data = os.urandom(3 * MiB + 5)
+    local = tmp_path / "big.bin"
+    local.write_bytes(data)
+    store = ResumeStore(tmp_path / "uploads.json")
+    sent = 0
+
+    def stop_midway(n: int) -> None:
+        nonlocal sent
+        sent += n
+        if sent > 2 * MiB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.upload_file(
+            local,
+            f"{root}/big.bin",
+            resumable=True,
+            chunk_size=512 * KiB,
+            progress=stop_midway,
+            resume_store=store,
+        )
+    key = ResumeStore.key(client.url, f"{root}/big.bin", local)
+    url = store.get(key)
+    assert url is not None and "/v1/uploads/" in url
+    acknowledged = client.tus_offset(url)
+    assert 0 < acknowledged < len(data) and acknowledged % (512 * KiB) == 0
+    assert not client.exists(f"{root}/big.bin")
+    result = client.upload_file(
+        local, f"{root}/big.bin", resumable=True, chunk_size=512 * KiB, resume_store=store
+    )
+    assert result.resumable and result.resumed_from == acknowledged
+    assert client.read(f"{root}/big.bin") == data
+    assert store.get(key) is None
+    # an unknown or finished upload URL starts a new upload instead of failing
+    again = client.upload(f"{root}/big.bin", data[:1000], resumable=True, upload_url=url)
+    assert again.resumed_from == 0 and client.read(f"{root}/big.bin") == data[:1000]
+
+
+def test_large_puts_use_tus_by_default(client: Client, root: str) -> None:
+    if not client.supports_tus():
+        pytest.skip("the server has no tus endpoint at /v1/uploads")
+    data = os.urandom(sync_mod.RESUMABLE_THRESHOLD + 1)
+    assert client.upload(f"{root}/auto.bin", data).resumable
+    assert not client.upload(f"{root}/small.bin", data[:100]).resumable
+    assert client.read(f"{root}/auto.bin", -10) == data[-10:]
+
+
+async def test_async_client(server: str, tmp_path: Path) -> None:
+    root = f"/a-{uuid.uuid4().hex[:10]}"
+    data = os.urandom(2 * MiB + 3)
+
+    async def gen() -> Any:
+        for i in range(0, len(data), 300_000):
+            yield data[i : i + 300_000]
+
+    async with AsyncClient(server, ALICE_KEY) as c:
+        assert await c.mkdir(root)
+        await c.upload(f"{root}/gen.bin", gen())
+        local = tmp_path / "x.bin"
+        local.write_bytes(data)
+        await c.upload(f"{root}/file.bin", local)
+        if await c.supports_tus():
+            r = await c.upload(f"{root}/tus.bin", data, resumable=True, chunk_size=700_000)
+            assert r.resumable
+            assert await c.read(f"{root}/tus.bin") == data
+        assert await c.read(f"{root}/gen.bin") == data
+        assert await c.read(f"{root}/file.bin", 5, 9) == data[5:9]
+        await c.download(f"{root}/file.bin", tmp_path / "y.bin")
+        assert (tmp_path / "y.bin").read_bytes() == data
+        for i in range(5):
+            await c.upload(f"{root}/p/{i}", b"x")
+        assert [e.name async for e in c.list(f"{root}/p", page_size=2)] == list("01234")
+        assert (await c.stat(f"{root}/p/0")).size == 1
+        assert await c.move(f"{root}/p/0", f"{root}/q/0", create_parents=True) == f"{root}/q/0"
+        assert (await c.share(f"{root}/q/0")).token
+        with pytest.raises(ClientError) as info:
+            await c.delete(f"{root}/p")
+        assert info.value.code == "DIRECTORY_NOT_EMPTY"
+        await c.delete(root, recursive=True)
+        assert not await c.exists(root)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def test_cli_commands(cli_env: dict[str, str], client: Client, root: str, tmp_path: Path) -> None:
+    src = tmp_path / "hello.txt"
+    src.write_bytes(b"hello world\n")
+    put = run_json("put", str(src), f"{root}/")
+    assert put == {"path": f"{root}/hello.txt", "size": 12, "resumable": False, "resumed_from": 0}
+    assert "uploaded" in run("put", str(src), f"callfs:{root}/second.txt").stdout
+    st = run_json("stat", f"{root}/hello.txt")
+    assert (st["type"], st["size"], st["owner"]) == ("file", 12, "alice")
+    assert run("ls", root).stdout.splitlines() == ["hello.txt", "second.txt"]
+    assert [e["name"] for e in run_json("ls", root)] == ["hello.txt", "second.txt"]
+    out = tmp_path / "copy.txt"
+    got = run_json("get", f"{root}/hello.txt", str(out))
+    assert got["size"] == 12 and out.read_bytes() == b"hello world\n"
+    remote_mtime = client.stat(f"{root}/hello.txt").mtime_epoch
+    assert remote_mtime is not None and out.stat().st_mtime == remote_mtime  # get keeps it
+    assert run("get", f"{root}/hello.txt", "-").stdout_bytes == b"hello world\n"
+    run("put", "-", f"{root}/stdin.txt", stdin=b"from stdin")
+    assert client.read(f"{root}/stdin.txt") == b"from stdin"
+    assert run_json("mkdir", f"{root}/m/n", f"{root}/m/n") == [
+        {"path": f"{root}/m/n", "created": True},
+        {"path": f"{root}/m/n", "created": False},
+    ]
+    assert run_json("mv", f"{root}/hello.txt", f"{root}/x/y.txt", "-p")["path"] == f"{root}/x/y.txt"
+    link = run_json("share", f"{root}/x/y.txt", "--expiry", "60")
+    assert urllib3.PoolManager().request("GET", link["url"]).data == b"hello world\n"
+    assert run("share", f"{root}/second.txt").stdout.strip().startswith("http://")
+    long = run("ls", "-l", "-r", root).stdout
+    assert f"{root}/x/y.txt" in long and f"{root}/m/n" in long
+    # errors: the server's code and message, exit 1; --json adds the error object on stdout
+    missing = run("rm", f"{root}/nope", code=1)
+    assert "FILE_NOT_FOUND: file not found (HTTP 404)" in missing.stderr
+    err = run_json("stat", f"{root}/nope", code=1)["error"]
+    assert (err["status"], err["code"]) == (404, "FILE_NOT_FOUND")
+    assert "DIRECTORY_NOT_EMPTY" in run("rm", f"{root}/x", code=1).stderr
+    assert run_json("rm", "-r", f"{root}/x") == {"deleted": [f"{root}/x"]}
+    assert not client.exists(f"{root}/x")
+    assert "AUTHENTICATION_FAILED" in run("stat", root, "--api-key", "wrong", code=1).stderr
+    assert run("ls", f"{root}/second.txt").stdout == "second.txt\n"  # a file lists as itself
+
+
+def test_cli_settings_from_profile(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, root: str
+) -> None:
+    monkeypatch.delenv("CALLFS_URL")
+    monkeypatch.delenv("CALLFS_API_KEY")
+    assert "no server URL" in run("ls", root, code=1).stderr
+    conf = tmp_path / "config" / "callfs" / "client.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(
+        "default_profile: work\n"
+        "profiles:\n"
+        f"  work:\n    url: {cli_env['CALLFS_URL']}\n    api_key: {ALICE_KEY}\n"
+        f"  bob:\n    url: {cli_env['CALLFS_URL']}\n    api_key: {BOB_KEY}\n"
+        f"  bad:\n    url: {cli_env['CALLFS_URL']}\n    api_key: nope\n"
+    )
+    run("ls", root)
+    assert run_json("stat", root, "--profile", "bob")["owner"] == "alice"
+    assert "AUTHENTICATION_FAILED" in run("ls", root, "--profile", "bad", code=1).stderr
+    run("ls", root, "--profile", "bad", "--api-key", ALICE_KEY)  # a flag beats the profile
+    assert "no profile 'gone'" in run("ls", "--profile", "gone", code=1).stderr
+
+
+def test_cli_put_resumes_after_ctrl_c(
+    cli_env: dict[str, str],
+    client: Client,
+    root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not client.supports_tus():
+        pytest.skip("the server has no tus endpoint at /v1/uploads")
+    data = os.urandom(3 * MiB)
+    local = tmp_path / "big.bin"
+    local.write_bytes(data)
+    real = sync_mod.Client._tus_patch
+    calls = 0
+
+    def interrupted(self: Client, *a: Any, **kw: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(sync_mod.Client, "_tus_patch", interrupted)
+    first = run("put", str(local), f"{root}/big.bin", "--resumable", "--chunk-size", "1", code=130)
+    assert "run the same command again to resume" in first.stderr
+    assert (state_dir() / "uploads.json").exists()
+    monkeypatch.setattr(sync_mod.Client, "_tus_patch", real)
+    second = run_json("put", str(local), f"{root}/big.bin", "--resumable", "--chunk-size", "1")
+    assert second == {
+        "path": f"{root}/big.bin",
+        "size": len(data),
+        "resumable": True,
+        "resumed_from": 2 * MiB,
+    }
+    assert client.read(f"{root}/big.bin") == data
+    assert json.loads((state_dir() / "uploads.json").read_text()) == {}
+
+
+def test_cli_sync_both_ways(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    files = {f"d{i % 4}/sub{i % 3}/f{i}.txt": os.urandom(i * 37) for i in range(40)}
+    files["top.bin"] = os.urandom(200 * KiB)
+    for rel, body in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(body)
+    (src / "empty-dir").mkdir()
+    up = run_json("sync", str(src), f"callfs:{root}/tree", "-j", "6")
+    assert (up["direction"], up["transferred"], up["skipped"], up["failed"]) == (
+        "up",
+        len(files),
+        0,
+        [],
+    )
+    assert up["bytes"] == sum(len(b) for b in files.values())
+    assert client.stat(f"{root}/tree/empty-dir").is_dir
+    again = run_json("sync", str(src), f"callfs:{root}/tree")
+    assert (again["transferred"], again["skipped"]) == (0, len(files))
+    (src / "top.bin").write_bytes(b"changed")
+    changed = run_json("sync", str(src), f"callfs:{root}/tree")
+    assert changed["files"] == ["top.bin"]
+    files["top.bin"] = b"changed"
+    dry = run_json("sync", f"callfs:{root}/tree", str(tmp_path / "dst"), "--dry-run")
+    assert dry["transferred"] == len(files) and not (tmp_path / "dst").exists()
+    down = run_json("sync", f"callfs:{root}/tree", str(tmp_path / "dst"))
+    assert (down["direction"], down["transferred"], down["failed"]) == ("down", len(files), [])
+    for rel, body in files.items():
+        assert (tmp_path / "dst" / rel).read_bytes() == body, rel
+    assert (tmp_path / "dst" / "empty-dir").is_dir()
+    assert run_json("sync", f"callfs:{root}/tree", str(tmp_path / "dst"))["skipped"] == len(files)
+    text = run("sync", str(src), f"callfs:{root}/tree").stdout
+    assert text.strip() == f"transferred 0 files (0 B), skipped {len(files)}, failed 0"
+    assert "exactly one of SRC and DST" in run("sync", str(src), str(tmp_path), code=2).stderr
+    assert (
+        "FILE_NOT_FOUND" in run("sync", f"callfs:{root}/none", str(tmp_path / "n"), code=1).stderr
+    )
+
+
+# ---- fsspec ------------------------------------------------------------------------------------
+def test_fsspec_filesystem(server: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY)
+    hostport = server.removeprefix("http://")
+    url = f"callfs://{hostport}{root}/data.bin"
+    data = os.urandom(300 * KiB)
+    with fsspec.open(url, "wb") as f:
+        for i in range(0, len(data), 10_000):
+            f.write(data[i : i + 10_000])
+    with fsspec.open(url, "rb") as f:
+        assert f.read() == data
+    fs = fsspec.filesystem("callfs", base_url=server)
+    assert type(fs).__name__ == "CallFSFileSystem"
+    with fs.open(f"{root}/data.bin", block_size=4096) as f:
+        f.seek(100_000)
+        assert f.read(10) == data[100_000:100_010]
+        f.seek(-5, 2)
+        assert f.read() == data[-5:]
+    assert fs.cat_file(f"{root}/data.bin", 7, 17) == data[7:17]
+    info = fs.info(f"callfs://{hostport}{root}/data.bin")
+    assert (info["name"], info["size"], info["type"]) == (f"{root}/data.bin", len(data), "file")
+    fs.makedirs(f"{root}/dir/sub", exist_ok=True)
+    fs.makedirs(f"{root}/dir/sub", exist_ok=True)
+    with pytest.raises(FileExistsError):
+        fs.makedirs(f"{root}/dir/sub")
+    fs.pipe_file(f"{root}/dir/sub/p.txt", b"piped")
+    assert sorted(fs.ls(root, detail=False)) == [f"{root}/data.bin", f"{root}/dir"]
+    assert fs.find(root) == [f"{root}/data.bin", f"{root}/dir/sub/p.txt"]
+    fs.mv(f"{root}/dir/sub/p.txt", f"{root}/moved/p.txt")
+    assert fs.cat(f"{root}/moved/p.txt") == b"piped"
+    assert fs.unstrip_protocol(f"{root}/moved/p.txt") == f"callfs://{hostport}{root}/moved/p.txt"
+    with pytest.raises(RuntimeError), fs.open(f"{root}/aborted.bin", "wb") as f:
+        f.write(b"x" * (6 * MiB))  # past one block: the PUT has started
+        raise RuntimeError("abandon")
+    assert not fs.exists(f"{root}/aborted.bin")
+    with pytest.raises(FileNotFoundError):
+        fs.info(f"{root}/nope")
+    fs.rm(f"{root}/dir", recursive=True)
+    assert not fs.exists(f"{root}/dir")
+    # no host in the URL: CALLFS_URL names the server
+    monkeypatch.setenv("CALLFS_URL", server)
+    with fsspec.open(f"callfs:///{root.lstrip('/')}/moved/p.txt", "rb") as f:
+        assert f.read() == b"piped"
+
+
+def test_pandas_csv_round_trip(server: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pd = pytest.importorskip("pandas")
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY)
+    url = f"callfs://{server.removeprefix('http://')}{root}/table.csv"
+    frame = pd.DataFrame({"n": range(500), "sq": [i * i for i in range(500)]})
+    frame.to_csv(url, index=False)
+    back = pd.read_csv(url)
+    assert back.equals(frame)
+
+
+# ---- fsspec's own abstract suite ---------------------------------------------------------------
+class CallFSFixtures(abstract.AbstractFixtures):  # type: ignore[misc]
+    @pytest.fixture
+    def fs(self, server: str) -> Any:
+        fsspec_fs = pytest.importorskip("callfs.client.fsspec_fs")
+        return fsspec_fs.CallFSFileSystem(base_url=server, api_key=ALICE_KEY)
+
+    @pytest.fixture
+    def fs_path(self, fs: Any) -> Iterator[str]:
+        path = f"/abstract-{uuid.uuid4().hex[:10]}"
+        fs.mkdir(path)
+        yield path
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+class TestCallFSCopy(abstract.AbstractCopyTests, CallFSFixtures):  # type: ignore[misc]
+    pass
+
+
+class TestCallFSGet(abstract.AbstractGetTests, CallFSFixtures):  # type: ignore[misc]
+    pass
+
+
+class TestCallFSPut(abstract.AbstractPutTests, CallFSFixtures):  # type: ignore[misc]
+    pass
+
+
+class TestCallFSOpen(abstract.AbstractOpenTests, CallFSFixtures):  # type: ignore[misc]
+    pass
+
+
+class TestCallFSPipe(abstract.AbstractPipeTests, CallFSFixtures):  # type: ignore[misc]
+    pass
+
+
+def test_pandas_parquet_round_trip(server: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parquet reads seek to the footer first: the ranged reads of ``CallFSFile``."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY)
+    url = f"callfs://{server.removeprefix('http://')}{root}/table.parquet"
+    frame = pd.DataFrame({"n": range(2000), "s": [f"row {i}" for i in range(2000)]})
+    frame.to_parquet(url, index=False)
+    assert pd.read_parquet(url).equals(frame)
+    assert pd.read_parquet(url, columns=["n"])["n"].sum() == sum(range(2000))
