@@ -10,6 +10,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,3 +149,24 @@ def node_config(
             "peer_endpoints": {k: v for k, v in peers.items() if k != name},
         },
     }
+
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@asynccontextmanager
+async def private_pg_database(tag: str) -> AsyncIterator[dict[str, Any]]:
+    """A fresh database on the machine's shared PostgreSQL (dropped afterwards; the server
+    itself is never touched): the ``metadata_store`` section of a config using it."""
+    import asyncpg
+
+    db = f"callfs_{tag}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    await conn.execute(f'CREATE DATABASE "{db}"')
+    await conn.close()
+    try:
+        yield {"type": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:5432/{db}"}
+    finally:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await conn.close()

@@ -10,36 +10,25 @@ import hashlib
 import io
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
-from cluster_tests.harness import API_KEY, ClusterNode, free_ports, node_config
+from cluster_tests.harness import API_KEY, ClusterNode, free_ports, node_config, private_pg_database
 from cluster_tests.raftlib import raft_cluster, wait_leader
 
 pytestmark = pytest.mark.slow
 H = {"Authorization": f"Bearer {API_KEY}"}
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ERASURE = {"enabled": True, "data_shards": 2, "parity_shards": 1}
 
 
 @pytest.fixture
 async def pg_store() -> AsyncIterator[dict[str, Any]]:
-    db = f"callfs_erasure_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    await conn.execute(f'CREATE DATABASE "{db}"')
-    await conn.close()
-    try:
-        yield {"type": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:5432/{db}"}
-    finally:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await conn.close()
+    async with private_pg_database("erasure") as store:
+        yield store
 
 
 def shared_store_cluster(workdir: Path, store: dict[str, Any]) -> list[ClusterNode]:

@@ -26,14 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
-from cluster_tests.harness import API_KEY, INTERNAL, ClusterNode, free_ports, node_config
+from cluster_tests.harness import (
+    API_KEY,
+    INTERNAL,
+    ClusterNode,
+    free_ports,
+    node_config,
+    private_pg_database,
+)
 
 pytestmark = pytest.mark.slow
 H = {"Authorization": f"Bearer {API_KEY}"}
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NAMES = ["node-a", "node-b", "node-c", "node-d"]
 #: Files the drain test writes (1,000 keeps the test around 30 s on two cores).
 DRAIN_FILES = int(os.environ.get("CALLFS_TEST_DRAIN_FILES", "1000"))
@@ -41,16 +46,8 @@ DRAIN_FILES = int(os.environ.get("CALLFS_TEST_DRAIN_FILES", "1000"))
 
 @pytest.fixture
 async def database() -> AsyncIterator[dict[str, Any]]:
-    db = f"callfs_moves_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    await conn.execute(f'CREATE DATABASE "{db}"')
-    await conn.close()
-    try:
-        yield {"type": "postgres", "dsn": f"postgresql://postgres@127.0.0.1:5432/{db}"}
-    finally:
-        conn = await asyncpg.connect(PG_ADMIN_DSN)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await conn.close()
+    async with private_pg_database("moves") as store:
+        yield store
 
 
 @pytest.fixture
