@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
@@ -444,6 +445,7 @@ class Node:
         self.fsck = Fsck(
             self.engine, self.meta, self.backends, self.shard_backend, nodes,
             lambda: [*nodes.endpoints, *(cluster.endpoints() if cluster else ())], self.queue,
+            metrics=self.metrics,
         )  # fmt: skip
         self.links = LinkService(self.meta, cfg.auth.single_use_link_secret, self.metrics)
         state = ApiState(
@@ -506,6 +508,7 @@ class Node:
                 lambda: fsck.sweep(ORPHAN_GRACE),  # blobs, replica copies, shards, temp files
                 first_delay=60.0,
             ),
+            Periodic("stored-count", math.inf, fsck.count_stored),  # once, at start; then the sweep
         ]
         if self.uploads is not None:  # after the backends: a sweep may commit a finished upload
             components.append(self.uploads)

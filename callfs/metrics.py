@@ -146,6 +146,20 @@ class Metrics:
             ["job"],
             registry=reg,
         )
+        # issue 17: bytes per node on the cluster page. Set by the orphan sweep (and a count at
+        # start); no sample at all until the first count finished (the page shows "unknown").
+        self.stored_bytes = Gauge(
+            "callfs_stored_bytes",
+            "Bytes on this node's local disk by area (blobs, replica, shards), at the last count.",
+            ["area"],
+            registry=reg,
+        )
+        self.stored_files = Gauge(
+            "callfs_stored_files",
+            "Objects on this node's local disk by area (blobs, replica, shards), at last count.",
+            ["area"],
+            registry=reg,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,9 @@ Two halves, because only a node can see its own disk:
   record names and is older than the grace is an ``orphan``; a temp file older than the grace is
   ``stale-temp``. With ``repair`` each one is removed, the reference re-checked right before the
   delete. The periodic orphan sweep of every node is this same pass with ``repair`` (``sweep``).
+  Since it lists every key with its size anyway, it also records what the node's local disk holds
+  (``callfs_stored_bytes`` / ``callfs_stored_files`` per area, the cluster page's bytes per
+  node); ``count_stored`` is the same listing alone, run once in the background at start.
 - **One node, the records** (``run``, the node asked by ``callfs fsck``): it asks every node
   (itself included) for its own findings, then walks the namespace a page at a time
   (``list_children_page``) and asks each record's holder, in batches, for the size of the bytes
@@ -37,6 +40,7 @@ from callfs.core.peer import PeerClient
 from callfs.errors import CallFSError, NotFound, UnsafePath
 from callfs.jobs.base import WorkQueue
 from callfs.metadata.base import ChildPosition, MetadataStore
+from callfs.metrics import Metrics
 from callfs.model import BackendType, Entry, ErasureLayout
 from callfs.storage.base import (
     AREA_BLOBS,
@@ -67,6 +71,8 @@ STAT_CONCURRENCY = 32
 NODE_TIMEOUT = 6 * 3600.0
 #: ``stat`` requests name this pseudo-backend for erasure shards (the node's shard backend).
 SHARDS = "shards"
+#: The localfs areas counted as what a node stores (staged temp files are not).
+STORED_AREAS = (AREA_BLOBS, AREA_REPLICAS, AREA_SHARDS)
 _PEER_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 
@@ -96,6 +102,8 @@ class LocalReport:
     findings: list[Finding] = field(default_factory=list)
     #: Objects listed per ``backend/area``.
     scanned: dict[str, int] = field(default_factory=dict)
+    #: Bytes of the objects listed per ``backend/area`` (recorded in metrics, not sent).
+    scanned_bytes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +129,7 @@ class Fsck:
         peer_ids: Callable[[], Sequence[str]],
         queue: WorkQueue | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
         self._meta = meta
@@ -130,6 +139,7 @@ class Fsck:
         self._peer_ids = peer_ids
         self._queue = queue
         self._clock = clock
+        self._metrics = metrics
         self.instance_id = engine.settings.instance_id
         self._running = asyncio.Lock()
 
@@ -160,7 +170,39 @@ class Fsck:
             if backend is self._shards:
                 await self._scan_shards(report, kind, backend, repair, grace, layouts)
             await self._scan_temp(report, kind, backend, repair, grace)
+            if kind == BackendType.LOCALFS:
+                self._record_stored(report)
         return report
+
+    async def count_stored(self) -> None:
+        """List this node's local disk (the areas ``scan_local`` lists, nothing else) and record
+        what it holds; no metadata store call. Without a localfs backend it holds nothing."""
+        report = LocalReport(self.instance_id)
+        backend = self._backends.get(BackendType.LOCALFS)
+        if backend is not None:
+            for area in STORED_AREAS:
+                if area == AREA_SHARDS and backend is not self._shards:
+                    continue
+                async for _ in self._pages(report, BackendType.LOCALFS, backend, area):
+                    pass
+        self._record_stored(report)
+
+    def _record_stored(self, report: LocalReport) -> None:
+        """Set the stored-bytes gauges from a complete listing of the localfs areas, less what
+        the same pass removed."""
+        if self._metrics is None:
+            return
+        for area in STORED_AREAS:
+            scanned = f"{BackendType.LOCALFS}/{area}"
+            gone = [
+                f
+                for f in report.findings
+                if f.repaired and f.backend == BackendType.LOCALFS and f.area == area
+            ]
+            files = report.scanned.get(scanned, 0) - len(gone)
+            size = report.scanned_bytes.get(scanned, 0) - sum(f.size or 0 for f in gone)
+            self._metrics.stored_files.labels(area).set(max(files, 0))
+            self._metrics.stored_bytes.labels(area).set(max(size, 0))
 
     async def _pages(
         self, report: LocalReport, kind: str, backend: StorageBackend, area: str
@@ -170,6 +212,8 @@ class Fsck:
             page = await backend.list_keys(area, after, PAGE)
             scanned = f"{kind}/{area}"
             report.scanned[scanned] = report.scanned.get(scanned, 0) + len(page)
+            size = sum(o.size for o in page)
+            report.scanned_bytes[scanned] = report.scanned_bytes.get(scanned, 0) + size
             if page:
                 yield page
             if len(page) < PAGE:

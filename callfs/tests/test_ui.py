@@ -146,12 +146,17 @@ def test_static_files_are_packaged_and_served(server: Server) -> None:
         assert (REPO / "callfs" / "ui" / name).is_file()
     status, _ = server.call("GET", "/ui/missing.js")
     assert status == 404
-    status, body = server.call("GET", "/v1/status")
-    assert status == 200
-    state = json.loads(body)
+    deadline = time.monotonic() + 10
+    while True:  # the node counts its disk in the background at start
+        status, body = server.call("GET", "/v1/status")
+        assert status == 200
+        state = json.loads(body)
+        if state["nodes"][0]["stored_bytes"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert state["nodes"] == [
         {"id": state["node_id"], "endpoint": server.base, "self": True, "healthy": True,
-         "leader": False}
+         "leader": False, "stored_bytes": 0, "stored_files": 0}
     ]  # fmt: skip
     assert state["replication_backlog"] == 0
     assert state["erasure"] == {"degraded_files": 0, "repair_backlog": 0}
@@ -160,6 +165,27 @@ def test_static_files_are_packaged_and_served(server: Server) -> None:
         urllib.request.urlopen(req, timeout=10)
     refused.value.close()
     assert refused.value.code == 401
+
+
+def refresh_stored_count(server: Server, tmp_path: Path) -> int:
+    """Have the node list its disk now (``/v1/internal/fsck/local``, which records its figures
+    like the orphan sweep) and return the bytes ``/v1/status`` then shows for it."""
+    creds = (tmp_path / "callfs-data" / "dev-credentials.yaml").read_text()
+    found = re.search(r"internal_proxy_secret: (\S+)", creds)
+    assert found is not None
+    req = urllib.request.Request(
+        server.base + "/v1/internal/fsck/local",
+        data=json.dumps({"repair": False, "shared": False}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {found.group(1)}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+    status, body = server.call("GET", "/v1/status")
+    assert status == 200
+    stored = json.loads(body)["nodes"][0]["stored_bytes"]
+    assert isinstance(stored, int)
+    return stored
 
 
 @pytest.mark.slow
@@ -307,10 +333,17 @@ def test_browser_walkthrough(server: Server, tmp_path: Path) -> None:
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         page.set_viewport_size({"width": 1280, "height": 800})
 
-        # the cluster page
+        # the cluster page, with the bytes this node stores as it counts them now (the fsck pass
+        # the orphan sweep runs records them)
+        stored = refresh_stored_count(server, tmp_path)
+        assert stored >= len(beta), stored  # beta.txt is left (alpha went as gamma.bin)
         page.get_by_role("link", name="Cluster").click()
         expect(page.locator("#node-rows")).to_contain_text("healthy")
         expect(page.locator("#cluster-summary")).to_contain_text("Replication backlog")
+        cell = page.locator("#node-rows td.num").first
+        expect(cell).to_have_text(re.compile(r"^\d+(\.\d)? (B|KiB|MiB|GiB)$"))
+        expect(cell).to_have_attribute("title", re.compile(rf"\b{stored} bytes$"))
+        expect(page.locator("#cluster-summary")).to_contain_text("Stored on node disks")
 
         # sign out: the key is gone from the tab
         page.get_by_role("button", name="Sign out").click()
@@ -415,7 +448,8 @@ async def test_status_in_raft_mode(tmp_path: Path, aiohttp_client: Any) -> None:
         ours = [n for n in state["nodes"] if n["id"] == "node-1"]
         assert ours == [
             {"id": "node-1", "endpoint": ours[0]["endpoint"], "self": True, "healthy": True,
-             "leader": True}
+             "leader": True, "stored_bytes": ours[0]["stored_bytes"],
+             "stored_files": ours[0]["stored_files"]}
         ]  # fmt: skip
     finally:
         await node.stop()

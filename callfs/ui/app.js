@@ -27,7 +27,7 @@ function el(tag, attrs, ...children) {
 
 function humanSize(n) {
   if (n < 1024) return `${n} B`;
-  const units = ["KiB", "MiB", "GiB", "TiB"];
+  const units = ["KiB", "MiB", "GiB", "TiB", "PiB"];
   let v = n;
   let i = -1;
   do { v /= 1024; i += 1; } while (v >= 1024 && i < units.length - 1);
@@ -640,14 +640,33 @@ async function showCluster() {
     fact(summary, "Replication backlog", `${s.replication_backlog} change(s)`);
     fact(summary, "Degraded erasure files", String(s.erasure.degraded_files));
     fact(summary, "Erasure repair backlog", String(s.erasure.repair_backlog));
+    const counted = s.nodes.filter((n) => n.stored_bytes != null);
+    if (counted.length) {
+      const total = counted.reduce((sum, n) => sum + n.stored_bytes, 0);
+      const of = counted.length === s.nodes.length ? "" : ` (${counted.length} of ${s.nodes.length} nodes)`;
+      fact(summary, "Stored on node disks", `${humanSize(total)}${of}`);
+    }
     rows.replaceChildren(...s.nodes.map((n) => el("tr", {},
       el("td", { text: n.id + (n.self ? " (this node)" : "") }),
       el("td", { class: n.healthy ? "ok" : "bad", text: n.healthy ? "healthy" : "unreachable" }),
       el("td", { text: n.leader ? "leader" : s.raft ? "follower" : "—" }),
+      storedCell(n),
       el("td", { class: "wide", text: n.endpoint }))));
   } catch (err) {
     say(`Cannot load the cluster status: ${err.message}`, true);
   }
+}
+
+// Bytes a node keeps on its own disk, as it last counted them; "unknown" before its first count
+// or when it did not answer.
+function storedCell(n) {
+  if (n.stored_bytes == null) return el("td", { class: "num muted", text: "unknown" });
+  const files = n.stored_files == null ? "" : `${n.stored_files} object(s), `;
+  return el("td", {
+    class: "num",
+    title: `${files}${n.stored_bytes} bytes`,
+    text: humanSize(n.stored_bytes),
+  });
 }
 
 // ---- routing ---------------------------------------------------------------------------------
