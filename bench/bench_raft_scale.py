@@ -138,12 +138,15 @@ async def load_entries(
         nonlocal entries
         while queue:
             first = queue.pop()
-            items = [
-                ["create", [C.entry_out(file_entry(path_of(i))), PARENTS]]
+            now = time.time()
+            items = [  # whole commands, each with its own request id (what group commit sends)
+                C.command(
+                    uuid.uuid4().hex, now, "create", [C.entry_out(file_entry(path_of(i))), PARENTS]
+                )
                 for i in range(first, min(first + batch, n))
             ]
-            cmd = C.command(uuid.uuid4().hex, time.time(), "batch", items)
-            for attempt in range(50):  # the request id makes a retry safe
+            cmd = C.command("", now, "batch", items)
+            for attempt in range(50):  # the items' request ids make a retry safe
                 try:
                     async with session.post(
                         leader.base + APPLY,
