@@ -89,11 +89,13 @@ class NewParents:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where a file's bytes live: the part of an entry a backend move switches."""
+    """Where a file's bytes live: the part of an entry a backend move switches. For a directory
+    (no bytes: ``blob_key`` None) only ``backend_type`` and ``instance_id``, its owner node,
+    switch (a drain re-tags the directories of the node it empties)."""
 
     backend_type: BackendType
     instance_id: str | None
-    blob_key: str
+    blob_key: str | None
     size: int
 
 

@@ -5,7 +5,8 @@ a private PostgreSQL database and Redis locks (under a private key prefix):
   an unknown instance; a target that is down;
 - the target killed mid-copy: the file still reads whole from its old owner, nothing changed;
 - ``callfs cluster drain`` of a node holding many files, then the node stopped and every file read
-  from the others; ``/metrics`` shows the moves;
+  from the others; ``/metrics`` shows the moves; the directories it owned are renamed and deleted
+  recursively through the others;
 - ``callfs cluster rebalance`` after an empty node joins moves bytes to it.
 """
 
@@ -307,6 +308,19 @@ async def test_drain_then_stop_and_read_everything(
         for i, (path, data) in enumerate(contents.items()):
             assert await read(s, (a, b)[i % 2], path) == data
         assert await read(s, b, "/drain/on-a.txt") == b"stays"
+        # The directories node-c created named it as their owner; the drain (run on node-a)
+        # re-tagged them, so with node-c gone they are still renamed and deleted: not a 502.
+        assert await owner(s, b, "/drain/d0") == "node-a"
+        async with s.patch(f"{b.base}/v1/files/drain/d0", json={"name": "renamed"}, headers=H) as r:
+            assert r.status == 200, await r.text()
+        first = next(p for p in contents if p.startswith("/drain/d0/"))
+        moved = first.replace("/drain/d0/", "/drain/renamed/")
+        assert await read(s, a, moved) == contents[first]
+        async with s.delete(f"{b.base}/v1/files/drain?recursive=true", headers=H) as r:
+            assert r.status == 204, await r.text()
+        for node in (a, b):
+            async with s.head(f"{node.base}/v1/files/drain/", headers=H) as r:
+                assert r.status == 404
 
 
 async def test_rebalance_after_a_join(cluster: dict[str, ClusterNode], tmp_path: Path) -> None:

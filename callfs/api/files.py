@@ -24,7 +24,7 @@ from callfs.api.state import CONTINUE_PENDING, api_state, identity
 from callfs.core.engine import MoveRequest
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
 from callfs.metadata.base import ChildPosition
-from callfs.model import BackendType, Entry, EntryType
+from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity
 from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
 from callfs.storage.base import ByteStream
 
@@ -422,10 +422,25 @@ async def put_file(request: web.Request) -> web.StreamResponse:
 
 
 # ---- DELETE ----------------------------------------------------------------------------------
+#: The caller's user ID on a DELETE relayed to the owner node (trusted only with the internal
+#: secret): a recursive delete checks the owner of every entry of the tree there, against the
+#: caller, not against the relaying node (which checked only the top).
+DELETE_USER = "X-CallFS-Delete-User"
+
+
+def _deleter(request: web.Request) -> Identity:
+    """The authenticated caller; on a DELETE relayed by another node, the user it names."""
+    who = identity(request)
+    acting = request.headers.get(DELETE_USER)
+    if acting and who.user_id == INTERNAL_PROXY_USER:
+        return Identity(acting)
+    return who
+
+
 async def delete_file(request: web.Request) -> web.StreamResponse:
     path = request_path(request)
     recursive = request.rel_url.query.get("recursive") == "true"
-    await api_state(request).engine.delete(identity(request), path, recursive)
+    await api_state(request).engine.delete(_deleter(request), path, recursive)
     return web.Response(status=204)
 
 
@@ -541,7 +556,12 @@ def owner_routed(handler: Handler) -> Handler:
             if request.method == "POST":
                 return cross_server_conflict(request, exc)
             await send_continue(request)  # the owner node reads the body through this one
-            return await forward(api_state(request).peers, request, exc.instance_id)
+            acting = (
+                {DELETE_USER: _deleter(request).user_id} if request.method == "DELETE" else None
+            )
+            return await forward(
+                api_state(request).peers, request, exc.instance_id, set_headers=acting
+            )
 
     return routed
 

@@ -12,6 +12,10 @@ job's progress; ``/metrics`` shows files and bytes moved and the files remaining
 - **One job per cluster.** The job holds the ``node-moves`` lock (a shared store's DLM); with Raft
   and local locks, one job per node, so run it against one node.
 - **Throttled.** ``parallel`` files at a time, and at most ``rate`` bytes per second when given.
+- **Directories too.** A directory names the node that created it as its owner, and renames and
+  deletes of it are routed there; once its files are moved, a drain re-tags each directory of the
+  node to a live node (this one, unless it is the node drained): one conditional placement switch
+  of the directory's record, no bytes (``MetadataStore.move`` in place).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from callfs.errors import AlreadyExists, BadRequest, CallFSError, LockTimeout, N
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, Identity
+from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, Identity, Placement
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,9 @@ class Job:
     bytes_moved: int = 0
     files_failed: int = 0
     files_skipped: int = 0
+    #: Directories a drain re-tagged to a live node, and those it could not (changed meanwhile).
+    dirs_moved: int = 0
+    dirs_failed: int = 0
     failed: list[str] = field(default_factory=list)
     error: str = ""
     started_at: float = field(default_factory=time.time)
@@ -81,6 +88,8 @@ class Job:
             "files_failed": self.files_failed,
             "files_skipped": self.files_skipped,
             "files_remaining": self.files_remaining,
+            "dirs_moved": self.dirs_moved,
+            "dirs_failed": self.dirs_failed,
             "failed": self.failed,
             "error": self.error,
             "started_at": self.started_at,
@@ -92,6 +101,8 @@ class Job:
 Move = tuple[Entry, str]
 #: Lists the namespace and decides the moves of a job (it may fill ``Job.planned_bytes``).
 Planner = Callable[[Job], Awaitable[list[Move]]]
+#: Runs once the files are moved (a drain's directory re-tag).
+Finisher = Callable[[Job], Awaitable[None]]
 
 
 def plan_drain(node: str, files: Sequence[Entry], targets: Sequence[str]) -> list[Move]:
@@ -203,7 +214,10 @@ class NodeMoves:
             job.planned_bytes = _after(files, moves, targets)
             return moves
 
-        return self._start(Job("drain", node), plan, parallel, rate)
+        async def finish(job: Job) -> None:
+            await self._retag_directories(job, node)
+
+        return self._start(Job("drain", node), plan, parallel, rate, finish)
 
     def start_rebalance(self, tolerance: float, parallel: int, rate: float) -> Job:
         """Start evening out localfs bytes over the live nodes."""
@@ -225,6 +239,7 @@ class NodeMoves:
         plan: Planner,
         parallel: int,
         rate: float,
+        finish: Finisher | None = None,
     ) -> Job:
         if self.job is not None and self.job.active:
             raise AlreadyExists(f"a {self.job.kind} job is running on this node")
@@ -233,10 +248,12 @@ class NodeMoves:
         if rate < 0:
             raise BadRequest("rate must not be negative")
         self.job = job
-        self._task = asyncio.create_task(self._run(job, plan, parallel, rate))
+        self._task = asyncio.create_task(self._run(job, plan, parallel, rate, finish))
         return job
 
-    async def _run(self, job: Job, plan: Planner, parallel: int, rate: float) -> None:
+    async def _run(
+        self, job: Job, plan: Planner, parallel: int, rate: float, finish: Finisher | None
+    ) -> None:
         gauge = self._metrics.node_moves_remaining.labels(job.kind) if self._metrics else None
         try:
             async with self._locks.hold(JOB_LOCK, 1.0):
@@ -248,9 +265,13 @@ class NodeMoves:
                     "%s: %d files (%d bytes) to move", job.kind, job.files_total, job.bytes_total
                 )
                 await self._execute(job, moves, parallel, rate, gauge)
-            job.state = "done" if not job.files_failed else "failed"
+                if finish is not None:
+                    await finish(job)
+            job.state = "done" if not (job.files_failed or job.dirs_failed) else "failed"
             if job.files_failed:
                 job.error = f"{job.files_failed} file(s) could not be moved; run it again"
+            elif job.dirs_failed:
+                job.error = f"{job.dirs_failed} directory(ies) could not be moved; run it again"
         except asyncio.CancelledError:
             job.state = "cancelled"
             raise
@@ -315,6 +336,33 @@ class NodeMoves:
                         await asyncio.sleep(ahead)
 
         await asyncio.gather(*(worker() for _ in range(parallel)))
+
+    async def _retag_directories(self, job: Job, node: str) -> None:
+        """Every directory whose record names ``node`` as its owner now names a live node (this
+        one unless it is ``node``): metadata only, one conditional switch each. A directory
+        changed meanwhile is reported; running the drain again re-tags it."""
+        targets = [n for n in await self.live_nodes() if n != node]
+        if not targets:
+            raise BadRequest("no other live node to move the directories to")
+        target = self.instance_id if self.instance_id != node else targets[0]
+        entries = await self._meta.list_tree("/", _TREE_DEPTH)
+        for entry in entries:
+            if not entry.is_dir or entry.instance_id != node:
+                continue
+            retag = Placement(entry.backend_type, target, None, 0)
+            try:
+                await self._meta.move(
+                    entry.path, entry.path, expected_version=entry.version, placement=retag
+                )
+            except NotFound:
+                continue  # deleted meanwhile
+            except CallFSError as exc:
+                job.dirs_failed += 1
+                if len(job.failed) < MAX_REPORTED:
+                    job.failed.append(f"{entry.path}/: {exc.message}")
+                log.warning("%s: could not re-tag %s: %s", job.kind, entry.path, exc.message)
+                continue
+            job.dirs_moved += 1
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -103,11 +103,13 @@ class MetadataStore(Protocol):
         placement: Placement | None = None,
     ) -> tuple[Entry, Entry | None]:
         """Move ``src`` and its subtree to ``dst`` (versions bump), optionally switching the
-        file's placement (``dst == src``: only that). ``dst_expected`` None: ``dst`` must be
-        absent (``AlreadyExists``); a version: ``dst`` must be that version (``VersionConflict``)
-        and is replaced (type mismatch ``AlreadyExists``, non-empty directory
-        ``DirectoryNotEmpty``). Missing destination parents: created from ``parents``, else
-        ``ParentMissing``. Returns the moved entry and the replaced occupant."""
+        file's placement (``dst == src``: only that; a directory's placement, blob key None,
+        switches only in place: its backend and owner node, nothing below it; else
+        ``BadRequest``). ``dst_expected`` None: ``dst`` must be absent (``AlreadyExists``); a
+        version: ``dst`` must be that version (``VersionConflict``) and is replaced (type
+        mismatch ``AlreadyExists``, non-empty directory ``DirectoryNotEmpty``). Missing
+        destination parents: created from ``parents``, else ``ParentMissing``. Returns the moved
+        entry and the replaced occupant."""
         ...
 
     # ---- single-use links ----------------------------------------------------------------

@@ -284,7 +284,8 @@ def plan_move(
     dst_has_children: bool,
 ) -> tuple[Plan, tuple[Entry, Entry | None]]:
     """Move/rename ``src`` (and its subtree) to ``dst``, optionally switching the file's
-    placement; ``dst == src`` only switches the placement.
+    placement; ``dst == src`` only switches the placement. A directory's placement (blob key
+    None) switches only in place and only its backend and owner node; its subtree is untouched.
 
     ``dst_expected``: None means the destination must be absent; a version means the destination
     must be exactly that version (the occupant the caller authorised), and is replaced. Returns the
@@ -298,12 +299,18 @@ def plan_move(
         raise BadRequest("cannot move the root directory")
     if dst.startswith(src + "/"):
         raise BadRequest("cannot move a directory into itself")
-    if placement is not None and current.is_dir:
-        raise BadRequest("a directory cannot change backend or instance")
+    if placement is not None and current.is_dir != (placement.blob_key is None):
+        raise BadRequest("a file's placement names a blob, a directory's none")
+    if placement is not None and current.is_dir and dst != src:
+        raise BadRequest("a directory changes its owner node only in place")
 
     def placed(entry: Entry) -> Entry:
         if placement is None:
             return entry
+        if entry.is_dir:  # no bytes: only the owner node (and backend) the record names
+            return replace(
+                entry, backend_type=placement.backend_type, instance_id=placement.instance_id
+            )
         return replace(
             entry,
             backend_type=placement.backend_type,

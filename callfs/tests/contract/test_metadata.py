@@ -11,6 +11,7 @@ import pytest
 
 from callfs.errors import (
     AlreadyExists,
+    BadRequest,
     DirectoryNotEmpty,
     NotFound,
     ParentMissing,
@@ -447,6 +448,34 @@ async def test_move_with_overwrite_parents_and_placement(store: MetadataStore) -
         77,
     )
     assert got.version == f.version + 1
+
+
+async def test_directory_placement_switch_retags_only_the_directory(store: MetadataStore) -> None:
+    """A drain re-tags a node's directories: in place, owner node and backend only (a directory
+    names no blob), version bumped, its subtree untouched; anything else is refused."""
+    await tree(store, "/g/d/x.txt", "/g/e/")
+    d, x = await store.get("/g/d"), await store.get("/g/d/x.txt")
+    assert d is not None and x is not None
+    retag = Placement(BackendType.LOCALFS, "node-2", None, 0)
+    with pytest.raises(VersionConflict):
+        await store.move("/g/d", "/g/d", expected_version=d.version + 1, placement=retag)
+    with pytest.raises(BadRequest):  # a directory names no blob
+        await store.move(
+            "/g/d", "/g/d", expected_version=d.version, placement=replace(retag, blob_key="k" * 32)
+        )
+    with pytest.raises(BadRequest):  # only in place
+        await store.move("/g/d", "/g/d2", expected_version=d.version, placement=retag)
+    with pytest.raises(BadRequest):  # a file's placement names a blob
+        await store.move("/g/d/x.txt", "/g/d/x.txt", expected_version=x.version, placement=retag)
+    switched, occupant = await store.move(
+        "/g/d", "/g/d", expected_version=d.version, placement=retag
+    )
+    assert occupant is None
+    assert switched == replace(d, instance_id="node-2", version=d.version + 1)
+    assert await store.get("/g/d") == switched
+    assert await store.get("/g/d/x.txt") == x  # nothing below it changes
+    assert [e.path for e in await store.list_children("/g")] == ["/g/d", "/g/e"]
+    assert [e.path for e in await store.list_children("/g/d")] == ["/g/d/x.txt"]
 
 
 async def test_blobs_referenced(store: MetadataStore) -> None:

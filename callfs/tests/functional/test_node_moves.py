@@ -150,7 +150,11 @@ async def test_job_endpoints(node: Node, client: TestClient[Any, Any]) -> None:
     assert resp.status == 400
     resp = await client.post("/v1/internal/nodes/rebalance", json={"tolerance": 2}, headers=SECRET)
     assert resp.status == 400
-    # b is down and holds nothing: a drain of it has nothing to do
+    # b is down and holds no file, only a directory: the drain re-tags it to this node
+    assert node.meta is not None
+    made = await node.meta.create(
+        Entry("/made-by-b", EntryType.DIRECTORY, 0, "alice", 0, BackendType.LOCALFS, "b")
+    )
     resp = await client.post("/v1/internal/nodes/drain", json={"node": "b"}, headers=SECRET)
     assert resp.status == 202, await resp.text()
     for _ in range(100):
@@ -159,6 +163,10 @@ async def test_job_endpoints(node: Node, client: TestClient[Any, Any]) -> None:
             break
         await asyncio.sleep(0.05)
     assert job["state"] == "done" and job["files_total"] == 0, job
+    assert (job["dirs_moved"], job["dirs_failed"]) == (1, 0), job
+    retagged = await node.meta.get("/made-by-b")
+    assert retagged is not None and retagged.instance_id == "a"
+    assert retagged.version == made.version + 1 and retagged.blob_key is None
     # a rebalance with one live node has nothing to do either
     resp = await client.post("/v1/internal/nodes/rebalance", json={}, headers=SECRET)
     assert resp.status == 202
