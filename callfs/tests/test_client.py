@@ -4,8 +4,11 @@ resume after an interruption, and the fsspec filesystem (with pandas)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -436,6 +439,182 @@ def test_cli_sync_both_ways(
     assert (
         "FILE_NOT_FOUND" in run("sync", f"callfs:{root}/none", str(tmp_path / "n"), code=1).stderr
     )
+
+
+# ---- the issue's large cases (slow: a GiB through the commands, 1,000-file trees) ---------------
+BIG_GENERATED = 1024 * MiB
+
+
+def _write_generated(path: Path, size: int) -> str:
+    """``size`` bytes of a deterministic stream (one random MiB, each copy stamped with its
+    index, so a lost, repeated or reordered MiB changes the digest); its SHA-256."""
+    block = bytearray(os.urandom(MiB))
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for i in range(0, size, MiB):
+            block[:8] = i.to_bytes(8, "big")
+            piece = block[: min(MiB, size - i)]
+            f.write(piece)
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_cli_put_get_1gib_checksum(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    """``callfs put`` of 1 GiB (tus, default 64 MiB chunks) and ``callfs get`` back: the
+    downloaded file's SHA-256 is the source's."""
+    src = tmp_path / "big.bin"
+    want = _write_generated(src, BIG_GENERATED)
+    try:
+        put = run_json("put", str(src), f"{root}/big.bin")
+        assert put == {
+            "path": f"{root}/big.bin",
+            "size": BIG_GENERATED,
+            "resumable": client.supports_tus(),
+            "resumed_from": 0,
+        }
+        assert client.stat(f"{root}/big.bin").size == BIG_GENERATED
+        src.unlink()  # half the disk use before the download
+        out = tmp_path / "back.bin"
+        got = run_json("get", f"{root}/big.bin", str(out))
+        assert got == {"path": f"{root}/big.bin", "local": str(out), "size": BIG_GENERATED}
+        assert out.stat().st_size == BIG_GENERATED
+        assert _sha256(out) == want
+        assert not list(tmp_path.glob(".*.callfs-part"))
+    finally:
+        client.delete(root, recursive=True)
+        for f in tmp_path.glob("*.bin"):
+            f.unlink()
+
+
+@pytest.mark.slow
+def test_cli_sync_1000_files_both_ways(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    """``callfs sync`` of a tree of 1,000 files up and back down, byte-exact, and a second run
+    each way transfers nothing."""
+    rng = random.Random(16)
+    src = tmp_path / "src"
+    files: dict[str, bytes] = {}
+    for i in range(1000):
+        rel = f"a{i % 7}/b{i % 5}/f{i:04d}.bin" if i % 3 else f"top{i:04d}.bin"
+        files[rel] = rng.randbytes(rng.choice((0, 1, 100, 4096, 8191)))
+    for rel, body in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(body)
+    up = run_json("sync", str(src), f"callfs:{root}/tree")
+    assert (up["transferred"], up["skipped"], up["failed"]) == (1000, 0, [])
+    assert up["bytes"] == sum(map(len, files.values()))
+    remote = {
+        e.path.removeprefix(f"{root}/tree/"): e.size
+        for e in client.list(f"{root}/tree", recursive=True)
+        if not e.is_dir
+    }
+    assert remote == {rel: len(body) for rel, body in files.items()}
+    down = run_json("sync", f"callfs:{root}/tree", str(tmp_path / "dst"), "-j", "16")
+    assert (down["transferred"], down["skipped"], down["failed"]) == (1000, 0, [])
+    local = {
+        p.relative_to(tmp_path / "dst").as_posix(): p.read_bytes()
+        for p in (tmp_path / "dst").rglob("*")
+        if p.is_file()
+    }
+    assert local == files
+    again_up = run_json("sync", str(src), f"callfs:{root}/tree")
+    assert (again_up["transferred"], again_up["skipped"]) == (0, 1000)
+    again_down = run_json("sync", f"callfs:{root}/tree", str(tmp_path / "dst"))
+    assert (again_down["transferred"], again_down["skipped"]) == (0, 1000)
+    client.delete(root, recursive=True)
+
+
+@pytest.mark.slow
+def test_cli_put_subprocess_ctrl_c_then_resume(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    """A real ``callfs put`` process gets SIGINT (Ctrl-C) mid-upload: it exits 130 keeping the
+    upload URL; the same command run again continues from the server's offset."""
+    if not client.supports_tus():
+        pytest.skip("the server has no tus endpoint at /v1/uploads")
+    size = 32 * MiB
+    src = tmp_path / "big.bin"
+    want = _write_generated(src, size)
+    # The real command, with Python's SIGINT handler even when this test runs with SIGINT ignored
+    # (a background job), and 50 ms after each 1 MiB PATCH so that a fast machine cannot finish
+    # before the signal comes.
+    starter = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from callfs.client import sync\n"
+        "real = sync.Client._tus_patch\n"
+        "def slow(self, *a, **kw):\n"
+        "    offset = real(self, *a, **kw)\n"
+        "    time.sleep(0.05)\n"
+        "    return offset\n"
+        "sync.Client._tus_patch = slow\n"
+        "from callfs.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    argv = ["put", str(src), f"{root}/big.bin", "--chunk-size", "1", "--json"]
+    env = {**os.environ, **cli_env}
+    store = state_dir() / "uploads.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", starter, *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        acknowledged = 0
+        while acknowledged < 2 * MiB:  # wait for two PATCHes: the server holds bytes
+            assert proc.poll() is None, f"put ended before the interrupt: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no acknowledged bytes in 60 s"
+            time.sleep(0.01)
+            entries = json.loads(store.read_text()) if store.exists() else {}
+            if entries:
+                (entry,) = entries.values()
+                acknowledged = client.tus_offset(entry["upload_url"])
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert b"run the same command again to resume" in err
+    assert not client.exists(f"{root}/big.bin")
+    (entry,) = json.loads(store.read_text()).values()
+    stopped_at = client.tus_offset(entry["upload_url"])
+    assert 2 * MiB <= stopped_at < size  # a broken PATCH may keep part of its body
+    second = subprocess.run(
+        [sys.executable, "-m", "callfs", *argv],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == {
+        "path": f"{root}/big.bin",
+        "size": size,
+        "resumable": True,
+        "resumed_from": json.loads(second.stdout)["resumed_from"],
+    }
+    assert stopped_at <= json.loads(second.stdout)["resumed_from"] < size  # offsets only grow
+    assert json.loads(store.read_text()) == {}
+    back = tmp_path / "back.bin"
+    client.download(f"{root}/big.bin", back)
+    assert _sha256(back) == want
+    client.delete(root, recursive=True)
 
 
 # ---- fsspec ------------------------------------------------------------------------------------
