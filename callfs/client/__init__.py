@@ -15,10 +15,25 @@ See docs/client.md. ``callfs.client.commands`` holds the ``callfs put/get/...`` 
 ``callfs.client.fsspec_fs`` the fsspec filesystem (``callfs://``); neither is imported here.
 """
 
-from callfs.client.aio import AsyncClient, AsyncDownload
+from typing import TYPE_CHECKING, Any
+
 from callfs.client.errors import ClientError, TransportError
 from callfs.client.model import Entry, Link
 from callfs.client.sync import Client, Download, ResumeStore, UploadResult
+
+if TYPE_CHECKING:
+    from callfs.client.aio import AsyncClient, AsyncDownload
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio client pulls in aiohttp (~0.12 s): only when asked for, so the blocking
+    # `callfs put/get/...` commands start faster.
+    if name in ("AsyncClient", "AsyncDownload"):
+        from callfs.client import aio
+
+        return getattr(aio, name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "AsyncClient",
