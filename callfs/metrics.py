@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client import Counter as _Counter
+from prometheus_client import Histogram as _Histogram
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+
+class _CachedLabels:
+    """``labels(*values)`` answered from a dict of the children already made, keyed by the values
+    as passed: the hot path asks for the same few label sets on every request, and
+    prometheus_client's own lookup validates, converts to ``str`` and takes a lock each time.
+    Keyword calls and first uses go to prometheus_client. Children are never removed here
+    (nothing calls ``remove``/``clear``), so a cached child is always the registered one."""
+
+    _by_values: dict[tuple[object, ...], object]
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Any:
+        if labelkwargs or not labelvalues:
+            return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
+        try:
+            cache = self._by_values
+        except AttributeError:
+            cache = self._by_values = {}
+        child = cache.get(labelvalues)
+        if child is None:
+            child = cache[labelvalues] = super().labels(*labelvalues)  # type: ignore[misc]
+        return child
+
+
+class Counter(_CachedLabels, _Counter):
+    pass
+
+
+class Histogram(_CachedLabels, _Histogram):
+    pass
 
 
 class Metrics:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import re
@@ -45,8 +46,17 @@ _SENDFILE_MIN = 256 * 1024
 _SENDFILE_SLICE = 256 * 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def rfc3339(seconds: int) -> str:
+    """Cached: the same few mtimes are formatted on every GET/HEAD of the same files."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+#: Raw paths up to this long have their (immutable) canonical form cached; longer ones are
+#: parsed every time, so the cache stays small (at most _PATH_CACHE entries of short strings).
+_PATH_CACHE_MAX_LEN = 256
+_PATH_CACHE = 2048
+_parse_cached = functools.lru_cache(maxsize=_PATH_CACHE)(parse_request_path)
 
 
 def request_path(request: web.Request, prefix: str = FILES_PREFIX) -> CanonicalPath:
@@ -54,6 +64,8 @@ def request_path(request: web.Request, prefix: str = FILES_PREFIX) -> CanonicalP
     raw = request.rel_url.raw_path[len(prefix) :]
     if raw.startswith("/"):
         raw = raw[1:]
+    if len(raw) <= _PATH_CACHE_MAX_LEN:
+        return _parse_cached(raw)  # a BadRequest is raised again each time, never cached
     return parse_request_path(raw)
 
 

@@ -18,8 +18,7 @@ from callfs.api.state import (
     REQUEST_ID,
     api_state,
     client_ip,
-    from_h3_bridge,
-    is_tls,
+    through_h3_bridge,
 )
 from callfs.errors import BadRequest, CallFSError
 from callfs.log import request_id_var
@@ -78,10 +77,12 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     """Headers every public response carries, streamed ones included (set before headers go out)."""
     if is_internal(request):
         return
-    set_security_headers(response, is_tls(request))
+    state = api_state(request)
+    bridged = through_h3_bridge(state, request)
+    set_security_headers(response, request.secure or bridged)  # is_tls(request)
     headers = response.headers
-    alt_svc = api_state(request).alt_svc
-    if alt_svc and not from_h3_bridge(request):
+    alt_svc = state.alt_svc
+    if alt_svc and not bridged:
         headers["Alt-Svc"] = alt_svc
     rid = request.get(REQUEST_ID)
     if isinstance(rid, str):
@@ -159,10 +160,13 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
     """One metrics observation and one access-log line per public request (§16, §17)."""
     template = route_template(request)
     metrics = api_state(request).metrics
-    metrics.http_requests.labels(request.method, template, str(status)).inc()
-    metrics.http_duration.labels(request.method, template).observe(duration)
+    method = request.method
+    metrics.http_requests.labels(method, template, str(status)).inc()
+    metrics.http_duration.labels(method, template).observe(duration)
     if status >= 500:
         metrics.errors.labels("http", str(status)).inc()
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # the level hides the line: skip building its fields (client_ip, headers)
     access_log.info(
         "HTTP request",
         extra={

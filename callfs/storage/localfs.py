@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import stat
@@ -70,6 +71,11 @@ LEGACY_DIR_MODE = 0o755
 _TMP_PARTS = (INTERNAL_DIR, "tmp")
 #: Made (0700) and checked at start, in this order: a symlink at any of them refuses the start.
 _INTERNAL_PARTS = ((INTERNAL_DIR,), _TMP_PARTS, (INTERNAL_DIR, "blobs"), (INTERNAL_DIR, "replica"))
+
+
+#: The ``fileobj`` of a small read, which holds its bytes and no open file (already closed).
+_CLOSED: IO[bytes] = io.BytesIO()
+_CLOSED.close()
 
 
 class LocalFileStream:
@@ -402,16 +408,19 @@ class LocalFSBackend:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise NotFound()
+        start = min(max(offset, 0), st.st_size)
+        end = st.st_size if length is None else min(st.st_size, start + max(length, 0))
+        count = end - start
+        if count <= SMALL_READ:
+            # Read whole here and closed at once: no file object is made for the descriptor.
+            try:
+                small = os.pread(fd, count, start) if count else b""
+            finally:
+                os.close(fd)
+            return LocalFileStream(_CLOSED, start, count, small)
         fileobj = os.fdopen(fd, "rb", buffering=0)
         try:
-            start = min(max(offset, 0), st.st_size)
-            end = st.st_size if length is None else min(st.st_size, start + max(length, 0))
-            count = end - start
-            small: bytes | None = None
-            if count <= SMALL_READ:
-                small = os.pread(fd, count, start) if count else b""
-                fileobj.close()
-            return LocalFileStream(fileobj, start, count, small)
+            return LocalFileStream(fileobj, start, count, None)
         except BaseException:
             fileobj.close()
             raise

@@ -33,6 +33,16 @@ def test_identities() -> None:
     assert not Authenticator([], {}, "").is_internal("Bearer ")
 
 
+def test_a_key_listed_twice_is_its_first_user() -> None:
+    """The digest table keeps the table's order: the first entry of a repeated key wins."""
+    auth = Authenticator(["k" * 16, "k" * 16], {"alice": "k" * 16}, "k" * 16)
+    assert auth.identify("Bearer " + "k" * 16).user_id == "api-user-0"
+    auth = Authenticator([], {"bob": "b" * 16, "alice": "b" * 16}, "")
+    assert auth.identify("Bearer " + "b" * 16).user_id == "alice"  # sorted by user
+    with pytest.raises(AuthenticationFailed):
+        Authenticator([""], {}, "").identify("Bearer x")
+
+
 def item(kind: str, owner: str) -> Entry:
     return Entry(
         path="/x",
