@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 from typing import Any
 
@@ -26,6 +27,8 @@ SHARDS_PREFIX = "/v1/shards/"
 INTERNAL_PREFIX = "/v1/internal/shards/"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 256 * 1024
+
+log = logging.getLogger(__name__)
 
 ERASURE_BACKEND = web.AppKey("callfs_shard_backend", StorageBackend)
 MAINTENANCE = web.AppKey("callfs_erasure_maintenance", ErasureMaintenance)
@@ -194,6 +197,7 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
         except (BadRequest, ConnectionError):
             return _text(400, "body read error")
         except Exception:
+            log.warning("storing a shard for another node failed", exc_info=True)
             return _text(500, "store error")
         return web.Response(status=201)
     if request.method == "DELETE":
