@@ -10,6 +10,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -217,19 +218,17 @@ def cluster_join(
         "api_endpoint": api_endpoint.strip(),
         "secret": internal_secret.strip(),
     }
-    if not all(values.values()):
-        try:
-            cfg = _load(config_path or (ctx.obj or {}).get("config"))
-        except ConfigError:
-            cfg = None
-        if cfg is not None:
-            defaults = {
-                "node_id": cfg.raft.node_id,
-                "raft_addr": cfg.raft.bind_addr,
-                "api_endpoint": cfg.server.external_url,
-                "secret": cfg.auth.internal_proxy_secret,
-            }
-            values = {k: v or defaults[k].strip() for k, v in values.items()}
+    values = _config_defaults(
+        ctx,
+        config_path,
+        values,
+        lambda cfg: {
+            "node_id": cfg.raft.node_id,
+            "raft_addr": cfg.raft.bind_addr,
+            "api_endpoint": cfg.server.external_url,
+            "secret": cfg.auth.internal_proxy_secret,
+        },
+    )
     missing = [
         ("node_id", "node id (use --node-id or set raft.node_id in config) is required"),
         ("raft_addr", "raft address (use --raft-addr or set raft.bind_addr in config) is required"),
@@ -329,23 +328,37 @@ def _reason(exc: Exception) -> object:
     return getattr(exc, "reason", exc)
 
 
+def _config_defaults(
+    ctx: click.Context,
+    config_path: str | None,
+    values: dict[str, str],
+    defaults: Callable[[Any], dict[str, str]],
+) -> dict[str, str]:
+    """Empty ``values`` filled from the config's ``defaults``, but only if the config loads and
+    validates (API.md §20.4); flags win."""
+    if all(values.values()):
+        return values
+    try:
+        cfg = _load(config_path or (ctx.obj or {}).get("config"))
+    except ConfigError:
+        return values
+    if cfg is None:
+        return values
+    found = defaults(cfg)
+    return {k: v or found[k].strip() for k, v in values.items()}
+
+
 def _node_settings(
     ctx: click.Context, config_path: str | None, url: str, secret: str
 ) -> tuple[str, str]:
     """``--url``/``--internal-secret``, else ``server.external_url``/``auth.internal_proxy_secret``
     (only if the config loads and validates, like ``cluster join``)."""
-    values = {"url": url.strip(), "secret": secret.strip()}
-    if not all(values.values()):
-        try:
-            cfg = _load(config_path or (ctx.obj or {}).get("config"))
-        except ConfigError:
-            cfg = None
-        if cfg is not None:
-            defaults = {
-                "url": cfg.server.external_url,
-                "secret": cfg.auth.internal_proxy_secret,
-            }
-            values = {k: v or defaults[k].strip() for k, v in values.items()}
+    values = _config_defaults(
+        ctx,
+        config_path,
+        {"url": url.strip(), "secret": secret.strip()},
+        lambda cfg: {"url": cfg.server.external_url, "secret": cfg.auth.internal_proxy_secret},
+    )
     if not values["url"]:
         raise click.ClickException(
             "node url (use --url or set server.external_url in config) is required"
