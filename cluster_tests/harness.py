@@ -170,3 +170,24 @@ async def private_pg_database(tag: str) -> AsyncIterator[dict[str, Any]]:
         conn = await asyncpg.connect(PG_ADMIN_DSN)
         await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await conn.close()
+
+
+def redis_locks(tag: str) -> dict[str, Any]:
+    """A ``dlm`` section: the shared Redis under a prefix of this test's own."""
+    return {
+        "type": "redis",
+        "redis_addr": "127.0.0.1:6379",
+        "redis_key_prefix": f"callfs-{tag}-{uuid.uuid4().hex[:8]}:",
+    }
+
+
+def shared_store_nodes(
+    names: list[str], workdir: Path, store: dict[str, Any], dlm: dict[str, Any]
+) -> dict[str, ClusterNode]:
+    """Nodes (not started) over one metadata store, each listing every node as a peer."""
+    ports = free_ports(len(names))
+    peers = {n: f"http://127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}
+    return {
+        name: ClusterNode(name, port, workdir, node_config(name, port, workdir, peers, store, dlm))
+        for name, port in zip(names, ports, strict=True)
+    }

@@ -17,11 +17,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cluster_tests.harness import API_KEY, ClusterNode, free_ports, node_config, private_pg_database
+from cluster_tests.harness import (
+    API_KEY,
+    ClusterNode,
+    private_pg_database,
+    shared_store_nodes,
+)
 from cluster_tests.raftlib import raft_cluster, wait_leader
 
 pytestmark = pytest.mark.slow
 H = {"Authorization": f"Bearer {API_KEY}"}
+LOCAL = {"type": "local"}
 ERASURE = {"enabled": True, "data_shards": 2, "parity_shards": 1}
 
 
@@ -32,18 +38,7 @@ async def pg_store() -> AsyncIterator[dict[str, Any]]:
 
 
 def shared_store_cluster(workdir: Path, store: dict[str, Any]) -> list[ClusterNode]:
-    names = ["node-1", "node-2", "node-3"]
-    ports = free_ports(3)
-    peers = {n: f"http://127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}
-    return [
-        ClusterNode(
-            name,
-            port,
-            workdir,
-            node_config(name, port, workdir, peers, store, {"type": "local"}),
-        )
-        for name, port in zip(names, ports, strict=True)
-    ]
+    return list(shared_store_nodes(["node-1", "node-2", "node-3"], workdir, store, LOCAL).values())
 
 
 @pytest.fixture(params=["raft", "postgres"])

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,9 @@ from cluster_tests.harness import (
     API_KEY,
     INTERNAL,
     ClusterNode,
-    free_ports,
-    node_config,
     private_pg_database,
+    redis_locks,
+    shared_store_nodes,
 )
 
 pytestmark = pytest.mark.slow
@@ -55,19 +54,7 @@ async def database() -> AsyncIterator[dict[str, Any]]:
 def cluster(tmp_path: Path, database: dict[str, Any]) -> Iterator[dict[str, ClusterNode]]:
     """Four configured nodes (each lists all four as peers); node-a..c started, node-d not
     (it joins in the rebalance test)."""
-    ports = free_ports(len(NAMES))
-    peers = {n: f"http://127.0.0.1:{p}" for n, p in zip(NAMES, ports, strict=True)}
-    dlm = {
-        "type": "redis",
-        "redis_addr": "127.0.0.1:6379",
-        "redis_key_prefix": f"callfs-moves-{uuid.uuid4().hex[:8]}:",
-    }
-    nodes = {
-        name: ClusterNode(
-            name, port, tmp_path, node_config(name, port, tmp_path, peers, database, dlm)
-        )
-        for name, port in zip(NAMES, ports, strict=True)
-    }
+    nodes = shared_store_nodes(NAMES, tmp_path, database, redis_locks("moves"))
     try:
         for name in NAMES[:3]:
             nodes[name].start()

@@ -30,9 +30,9 @@ from cluster_tests.harness import (
     INTERNAL,
     OTHER_KEY,
     ClusterNode,
-    free_ports,
-    node_config,
     private_pg_database,
+    redis_locks,
+    shared_store_nodes,
 )
 
 pytestmark = pytest.mark.slow
@@ -50,21 +50,7 @@ async def database() -> AsyncIterator[dict[str, Any]]:
 
 @pytest.fixture
 def cluster(tmp_path: Path, database: dict[str, Any]) -> Iterator[dict[str, ClusterNode]]:
-    import uuid
-
-    ports = free_ports(len(NAMES))
-    peers = {n: f"http://127.0.0.1:{p}" for n, p in zip(NAMES, ports, strict=True)}
-    dlm = {
-        "type": "redis",
-        "redis_addr": "127.0.0.1:6379",
-        "redis_key_prefix": f"callfs-treedel-{uuid.uuid4().hex[:8]}:",
-    }
-    nodes = {
-        name: ClusterNode(
-            name, port, tmp_path, node_config(name, port, tmp_path, peers, database, dlm)
-        )
-        for name, port in zip(NAMES, ports, strict=True)
-    }
+    nodes = shared_store_nodes(NAMES, tmp_path, database, redis_locks("treedel"))
     try:
         for node in nodes.values():
             node.start()
