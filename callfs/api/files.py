@@ -21,7 +21,7 @@ from callfs.api.errors import dumps, json_response
 from callfs.api.limits import cut_off
 from callfs.api.proxy import BODY_READ, forward
 from callfs.api.ranges import parse_range
-from callfs.api.state import CONTINUE_PENDING, api_state, identity
+from callfs.api.state import CONTINUE_PENDING, IDENTITY, api_state, identity
 from callfs.core.engine import MoveRequest
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
 from callfs.metadata.base import ChildPosition
@@ -434,25 +434,10 @@ async def put_file(request: web.Request) -> web.StreamResponse:
 
 
 # ---- DELETE ----------------------------------------------------------------------------------
-#: The caller's user ID on a DELETE relayed to the owner node (trusted only with the internal
-#: secret): a recursive delete checks the owner of every entry of the tree there, against the
-#: caller, not against the relaying node (which checked only the top).
-DELETE_USER = "X-CallFS-Delete-User"
-
-
-def _deleter(request: web.Request) -> Identity:
-    """The authenticated caller; on a DELETE relayed by another node, the user it names."""
-    who = identity(request)
-    acting = request.headers.get(DELETE_USER)
-    if acting and who.user_id == INTERNAL_PROXY_USER:
-        return Identity(acting)
-    return who
-
-
 async def delete_file(request: web.Request) -> web.StreamResponse:
     path = request_path(request)
     recursive = request.rel_url.query.get("recursive") == "true"
-    await api_state(request).engine.delete(_deleter(request), path, recursive)
+    await api_state(request).engine.delete(identity(request), path, recursive)
     return web.Response(status=204)
 
 
@@ -558,21 +543,35 @@ def cross_server_conflict(request: web.Request, exc: RemoteOwner) -> web.Respons
     return json_response(body, status=409)
 
 
+#: The caller's user ID on a request relayed to the owner node (trusted only with the internal
+#: secret): the owner checks permissions against the caller (a recursive delete checks every entry
+#: of the tree there) and records the caller as the owner of what it creates, never the relaying
+#: node's admin identity.
+CALLER = "X-CallFS-Caller"
+
+
+def _act_for_caller(request: web.Request) -> None:
+    acting = request.headers.get(CALLER)
+    if acting and identity(request).user_id == INTERNAL_PROXY_USER:
+        request[IDENTITY] = Identity(acting)
+
+
 def owner_routed(handler: Handler) -> Handler:
     """Send the request to the owner node when the item lives there (§12.2)."""
 
     async def routed(request: web.Request) -> web.StreamResponse:
+        _act_for_caller(request)
         try:
             return await handler(request)
         except RemoteOwner as exc:
             if request.method == "POST":
                 return cross_server_conflict(request, exc)
             await send_continue(request)  # the owner node reads the body through this one
-            acting = (
-                {DELETE_USER: _deleter(request).user_id} if request.method == "DELETE" else None
-            )
             return await forward(
-                api_state(request).peers, request, exc.instance_id, set_headers=acting
+                api_state(request).peers,
+                request,
+                exc.instance_id,
+                set_headers={CALLER: identity(request).user_id},
             )
 
     return routed
