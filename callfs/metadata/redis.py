@@ -23,10 +23,10 @@ trips per tree level (children sets, then their hashes), never one per entry.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError, WatchError
@@ -65,6 +65,8 @@ from callfs.redisconn import open_redis
 
 T = TypeVar("T")
 _WATCH_RETRIES = 50
+#: Entries a listing script reads at most (it holds Redis meanwhile: ~2 ms per 1000).
+_BATCH = 5000
 
 # Read several entry hashes in one round trip (inside a WATCH, where pipelining is not possible).
 _MGETALL = """
@@ -78,16 +80,34 @@ local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('ZRANGE', key, 0, -1) end
 return out
 """
-# A page of a directory: the members past ARGV[1] (ZRANGEBYLEX), at most ARGV[2], each with its
-# entry hash (ARGV[3]: the entry key prefix of the directory's children), as JSON
-# [[member, [field, value, ...]], ...]. An empty list encodes as {}.
-_PAGE = """
-local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for i, m in ipairs(members) do
-  out[i] = {m, redis.call('HGETALL', ARGV[3] .. string.sub(m, 2))}
+# The fields of an entry hash a listing reads, in the order of ``_row`` (HMGET: nil, a Lua false,
+# for an absent field).
+_ROW_FIELDS = "'t', 's', 'o', 'm', 'b', 'i', 'v', 'c', 'x', 'k'"
+# Several entry hashes (KEYS) as one msgpack array, flat: ``_ROW_FIELDS`` of each key in turn (all
+# false: no such entry). One string to parse instead of a RESP reply per hash: for 10,000 entries
+# ~3 ms instead of ~500 ms in redis-py.
+_MROWS = f"""
+local out, n = {{}}, 0
+for _, key in ipairs(KEYS) do
+  local r = redis.call('HMGET', key, {_ROW_FIELDS})
+  for j = 1, 10 do out[n + j] = r[j] end
+  n = n + 10
 end
-return cjson.encode(out)
+return cmsgpack.pack(out)
+"""
+# A page of a directory: the members past ARGV[1] (ZRANGEBYLEX), at most ARGV[2], each with its
+# entry's ``_ROW_FIELDS`` (ARGV[3]: the entry key prefix of the directory's children), as one
+# msgpack array, flat: member, then the 10 fields, per member.
+_PAGE = f"""
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local out, n = {{}}, 0
+for _, m in ipairs(members) do
+  local r = redis.call('HMGET', ARGV[3] .. string.sub(m, 2), {_ROW_FIELDS})
+  out[n + 1] = m
+  for j = 1, 10 do out[n + 1 + j] = r[j] end
+  n = n + 11
+end
+return cmsgpack.pack(out)
 """
 # Create the root if missing. KEYS: root entry. ARGV: field/value pairs.
 _CREATE_ROOT = """
@@ -178,6 +198,40 @@ def _decode(path: str, raw: dict[Any, Any] | list[Any]) -> Entry:
         erasure_coded=h["x"] == "1",
         blob_key=blob,
     )
+
+
+_TYPES = {t.value: t for t in EntryType}
+_BACKENDS = {b.value: b for b in BackendType}
+
+
+def _row(path: str, fields: Sequence[Any]) -> Entry | None:
+    """``_decode`` of an entry's ``_ROW_FIELDS`` as the scripts return them (str; False: absent),
+    None if there is no such entry. Called once per listed entry: lookups, no dict."""
+    t, s, o, m, b, i, v, c, x, k = fields
+    if t is False:
+        return None
+    kind = _TYPES.get(t) or EntryType(t)
+    if k is False:  # written before blob keys: a file's bytes are at the namespace path
+        k = path[1:] if kind is EntryType.FILE else None
+    return Entry(
+        path,
+        kind,
+        int(s),
+        o,
+        int(m),
+        _BACKENDS.get(b) or BackendType(b),
+        None if i is False else i,
+        int(v),
+        int(c),
+        x == "1",
+        k or None,
+    )
+
+
+def _unpack(raw: bytes) -> list[Any]:
+    """A script's msgpack array (Lua's cmsgpack packs an empty table as a map)."""
+    out = msgpack.unpackb(raw)
+    return out if isinstance(out, list) else []
 
 
 class RedisMetadataStore:
@@ -388,45 +442,70 @@ class RedisMetadataStore:
         return await self._command(op)
 
     async def _entries(self, paths: list[str]) -> list[Entry]:
+        """The entries at ``paths`` (absent ones skipped), in order: one round trip, a script
+        per ``_BATCH`` hashes (each answers one msgpack string, not a RESP reply per hash)."""
         if not paths:
             return []
         pipe = self.r.pipeline(transaction=False)
-        for path in paths:
-            pipe.hgetall(self._e(path))
-        raws = await self._call(pipe.execute())
-        return [_decode(p, raw) for p, raw in zip(paths, raws, strict=True) if raw]
+        for i in range(0, len(paths), _BATCH):
+            keys = [self._e(p) for p in paths[i : i + _BATCH]]
+            pipe.eval(_MROWS, len(keys), *keys)
+        rows = [f for raw in await self._call(pipe.execute()) for f in _unpack(raw)]
+        found = (_row(p, rows[10 * n : 10 * n + 10]) for n, p in enumerate(paths))
+        return [e for e in found if e is not None]
 
     @staticmethod
     def _child(directory: str, member: Any) -> str:
         return ("" if directory == "/" else directory) + "/" + _s(member)[1:]
 
     async def list_children(self, path: str) -> list[Entry]:
-        members = await self._call(self.r.zrange(self._c(path), 0, -1))
-        return await self._entries([self._child(path, m) for m in members])
+        """``list_children_page`` from the start, ``_BATCH`` entries a script: a script holds
+        Redis for its whole run, so a huge directory is read in slices (not a snapshot, as
+        before: the members, then their hashes, were never read at once)."""
+        out: list[Entry] = []
+        after: str | None = None
+        while True:
+            page, after = await self._page(path, after, _BATCH)
+            out.extend(page)
+            if after is None:
+                return out
 
     async def list_children_page(
         self, path: str, after: ChildPosition | None, limit: int
     ) -> list[Entry]:
         """One script: ZRANGEBYLEX from the member past ``after`` (the members' ``0``/``1`` type
-        prefix makes member order the listing order) and the page's hashes, as one JSON string
-        (parsing 1000 entries' fields as RESP costs ~45 ms in redis-py, as JSON ~4 ms). A member
-        without an entry hash is skipped and the page topped up from past it."""
-        low = "-" if after is None else "(" + ("1" if after[0] is EntryType.DIRECTORY else "0")
+        prefix makes member order the listing order) and the page's hashes, as one msgpack
+        string (parsing 1000 entries' fields as RESP costs ~45 ms in redis-py, as one string
+        ~0.5 ms). A member without an entry hash is skipped and the page topped up from past it."""
+        low = None
         if after is not None:
-            low += after[1]
-        base = self._e("" if path == "/" else path) + "/"
+            low = ("1" if after[0] is EntryType.DIRECTORY else "0") + after[1]
         out: list[Entry] = []
         while len(out) < limit:
-            want = limit - len(out)
-            raw = await self._call(self.r.eval(_PAGE, 1, self._c(path), low, want, base))
-            found = json.loads(raw)
-            for member, fields in found:
-                if fields:
-                    out.append(_decode(self._child(path, member), fields))
-            if len(found) < want:
+            page, low = await self._page(path, low, limit - len(out))
+            out.extend(page)
+            if low is None:
                 break
-            low = "(" + found[-1][0]
         return out
+
+    async def _page(
+        self, path: str, after: str | None, limit: int
+    ) -> tuple[list[Entry], str | None]:
+        """Up to ``limit`` children past the member ``after`` (None: from the first) that have
+        an entry hash, and the last member read (where to go on from), or None once the
+        script read fewer than ``limit`` members: the set has no more."""
+        low = "-" if after is None else "(" + after
+        base = self._e("" if path == "/" else path) + "/"
+        raw = await self._call(self.r.eval(_PAGE, 1, self._c(path), low, limit, base))
+        flat = _unpack(raw)
+        parent = "" if path == "/" else path
+        out: list[Entry] = []
+        for n in range(0, len(flat), 11):
+            entry = _row(parent + "/" + flat[n][1:], flat[n + 1 : n + 11])
+            if entry is not None:
+                out.append(entry)
+        last = flat[-11] if len(flat) == 11 * limit else None
+        return out, last
 
     async def count_children(self, path: str) -> int:
         return int(await self._call(self.r.zcard(self._c(path))))
