@@ -5,11 +5,13 @@ to raw zfec Encoder / Decoder on the same stripes, in one run (goal: codec >= 0.
 
 Profiles 2+1 and 4+2; one stripe at a time ("seq") and two stripes in flight ("x2", both through
 callfs.concurrency.run_cpu). Decode loses min(m, k) data blocks so zfec has to rebuild them. The
-codec does more than zfec: it SHA-256s every block and frames it (encode), and joins the stripe
-(decode); "unframe + decode_stripe" is the whole verified read path. "raw zfec + sha256" is zfec
-plus hashlib over the same k+m blocks: the floor for any per-block SHA-256 layout. Rows of one
-group run alternately (the machine is shared). MiB of file data per second, best of --runs. This
-script imports zfec directly only to measure the reference.
+codec does more than zfec: it tags every block (XXH3-128, the default frame) without copying it
+(encode), and joins the stripe (decode); "unframe + decode_stripe" is the whole verified read
+path. "raw zfec + sha256" is zfec plus hashlib over the same k+m blocks: the floor of the former
+per-block SHA-256 frame. "seq" rows of Codec include one CPU-pool hop per stripe, so they are
+compared with raw zfec both inline and through run_cpu. Rows of one group run alternately (the
+machine is shared). MiB of file data per second, best of --runs. This script imports zfec
+directly only to measure the reference.
 
 glibc serves each fresh 256 KiB buffer with mmap and page-faults it in; run once more with
 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 to see that cost go away.
@@ -91,7 +93,7 @@ async def profile(data: memoryview, k: int, m: int, block: int, runs: int) -> li
 
     async def unframe_decode(i: int) -> bytes:
         def work() -> bytes:
-            blocks = {j: Codec.unframe(f) for j, f in framed_in[i].items()}
+            blocks = {j: codec.unframe(f) for j, f in framed_in[i].items()}
             return codec.decode_stripe({j: b for j, b in blocks.items() if b is not None})
 
         return await run_cpu(work)
@@ -140,11 +142,14 @@ async def profile(data: memoryview, k: int, m: int, block: int, runs: int) -> li
             out.append(f"{name:48s} {speed[name]:7.0f} MiB/s")
     pairs = [
         ("encode seq  Codec.encode", "encode seq  raw zfec (inline)"),
+        ("encode seq  Codec.encode", "encode seq  raw zfec (run_cpu)"),
         ("encode seq  Codec.encode", "encode seq  raw zfec + sha256 (inline)"),
         ("encode x2   Codec.encode", "encode x2   raw zfec (run_cpu)"),
         ("encode x2   Codec.encode", "encode x2   raw zfec + sha256 (run_cpu)"),
         ("decode seq  Codec.decode", "decode seq  raw zfec (inline)"),
+        ("decode seq  Codec.decode", "decode seq  raw zfec (run_cpu)"),
         ("decode x2   Codec.decode", "decode x2   raw zfec (run_cpu)"),
+        ("decode x2   unframe + decode_stripe (run_cpu)", "decode x2   raw zfec (run_cpu)"),
     ]
     for mine, ref in pairs:
         out.append(f"ratio  {mine[12:]} {mine[7:10]} / {ref[12:]}: {speed[mine] / speed[ref]:.2f}x")

@@ -2,7 +2,7 @@
 
 In one run, for a FILE_MIB file (default 256 MiB), single stream, through node-1:
   plain PUT / GET (localfs on the receiving node), erasure 2+1 PUT / GET, and a degraded GET
-  with one shard holder killed; then the receiving node's peak RSS during a 2 GiB erasure upload.
+  with one shard holder killed (GETs best of two); then the receiving node's peak RSS during a 2 GiB erasure upload.
 Goals: erasure PUT and GET >= 0.5x plain, degraded GET >= 0.4x plain, peak RSS < 200 MiB.
 
     python bench/bench_erasure.py [--mib 256] [--big-mib 2048]
@@ -41,14 +41,18 @@ async def put(s: aiohttp.ClientSession, url: str, mib: int, headers: dict[str, s
     return time.perf_counter() - started
 
 
-async def get(s: aiohttp.ClientSession, url: str) -> tuple[float, int]:
-    started = time.perf_counter()
-    n = 0
-    async with s.get(url, headers=H) as r:
-        assert r.status == 200, await r.text()
-        async for chunk in r.content.iter_chunked(CHUNK):
-            n += len(chunk)
-    return time.perf_counter() - started, n
+async def get(s: aiohttp.ClientSession, url: str, runs: int = 2) -> tuple[float, int]:
+    """Best of ``runs`` whole-file reads: (seconds, bytes)."""
+    best, n = float("inf"), 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        n = 0
+        async with s.get(url, headers=H) as r:
+            assert r.status == 200, await r.text()
+            async for chunk in r.content.iter_chunked(CHUNK):
+                n += len(chunk)
+        best = min(best, time.perf_counter() - started)
+    return best, n
 
 
 def peak_rss_mib(pid: int) -> float:

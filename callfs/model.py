@@ -140,6 +140,9 @@ class ErasureLayout:
     shards: tuple[ShardInfo, ...] = field(default_factory=tuple)
     #: Bytes per shard per stripe (the codec's block; 0 in layouts written before it was kept).
     block_size: int = 0
+    #: Tag after every block in the shards (``erasure/codec.py`` FRAMES; "sha256" in layouts
+    #: written before the tag was kept).
+    frame: str = "sha256"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 rebuild from any ``data_shards`` good shards, and shard removal.
 
 Upload: the body is cut into stripes of ``k × block`` bytes; each stripe becomes ``k + m`` framed
-blocks (block + its SHA-256, ``codec.py``) sent to the shard holders as they are produced. Memory
+blocks (block + its tag, ``codec.py``) sent to the shard holders as they are produced. Memory
 is bounded by one stripe plus ``_DEPTH`` blocks queued per holder, whatever the file size. The
 layout (holders, sizes, whole-shard SHA-256) is returned only after every shard is durable; the
 caller commits it. Any failure removes what was written.
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from callfs.concurrency import run_cpu
-from callfs.erasure.codec import Codec
+from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, Buffer, Codec
 from callfs.erasure.shards import ShardIO, read_exactly
 from callfs.errors import (
     BadRequest,
@@ -67,26 +67,28 @@ def placement(me: str, others: Sequence[str], total: int) -> list[str]:
 
 
 class _Writer:
-    """One holder's shard: framed blocks go through a bounded queue to ``ShardIO.write``."""
+    """One holder's shard: framed blocks (block, tag) go through a bounded queue to
+    ``ShardIO.write``, which gets the block and its tag as two chunks."""
 
     def __init__(self, io: ShardIO, holder: str, upload_id: str, index: int) -> None:
         self.holder = holder
         self.index = index
         self.size = 0
         self.digest = hashlib.sha256()
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_DEPTH)
+        self._queue: asyncio.Queue[tuple[Buffer, bytes] | None] = asyncio.Queue(_DEPTH)
         self.task = asyncio.ensure_future(io.write(holder, upload_id, index, self._blocks()))
 
-    async def _blocks(self) -> AsyncIterator[bytes]:
+    async def _blocks(self) -> AsyncIterator[Buffer]:
         while True:
-            block = await self._queue.get()
-            if block is None:
+            part = await self._queue.get()
+            if part is None:
                 return
-            yield block
+            yield part[0]
+            yield part[1]
 
-    async def send(self, block: bytes | None) -> None:
+    async def send(self, block: tuple[Buffer, bytes] | None) -> None:
         if block is not None:
-            self.size += len(block)
+            self.size += len(block[0]) + len(block[1])
         put = asyncio.ensure_future(self._queue.put(block))
         done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
         if put not in done:
@@ -96,9 +98,10 @@ class _Writer:
             raise InternalError("a shard writer stopped early")
 
 
-def _hash_blocks(digests: list[hashlib._Hash], blocks: list[bytes]) -> None:
-    for digest, block in zip(digests, blocks, strict=True):
+def _hash_blocks(digests: list[hashlib._Hash], blocks: list[tuple[Buffer, bytes]]) -> None:
+    for digest, (block, tag) in zip(digests, blocks, strict=True):
         digest.update(block)
+        digest.update(tag)
 
 
 class ErasureService:
@@ -107,11 +110,11 @@ class ErasureService:
         self.io = io
         self._block = block_size
 
-    def codec(self, data_shards: int, parity_shards: int, block_size: int = 0) -> Codec:
-        block = block_size or self._block
-        if block:
-            return Codec(data_shards, parity_shards, block)
-        return Codec(data_shards, parity_shards)
+    def codec(
+        self, data_shards: int, parity_shards: int, block_size: int = 0, frame: str = DEFAULT_FRAME
+    ) -> Codec:
+        """The codec of new uploads, or (``block_size``, ``frame`` of a layout) of stored ones."""
+        return Codec(data_shards, parity_shards, block_size or self._block or DEFAULT_BLOCK, frame)
 
     # ---- upload --------------------------------------------------------------------------------
     async def store(
@@ -178,6 +181,7 @@ class ErasureService:
             upload_id=upload_id,
             shards=shards,
             block_size=codec.block_size,
+            frame=codec.frame,
         )
 
     @staticmethod
@@ -216,7 +220,9 @@ class ErasureService:
     # ---- read --------------------------------------------------------------------------------
     async def open(self, layout: ErasureLayout, offset: int, length: int) -> ByteStream:
         """``[offset, offset+length)`` of the file (length already clamped to its size)."""
-        codec = self.codec(layout.data_shards, layout.parity_shards, layout.block_size)
+        codec = self.codec(
+            layout.data_shards, layout.parity_shards, layout.block_size, layout.frame
+        )
         reader = _StripeReader(self.io, layout, codec)
         if length <= 0:
             return _ErasureStream(reader, range(0), 0, 0, 0)
@@ -292,7 +298,13 @@ class _StripeReader:
             framed = await read_exactly(it, buf, self._codec.framed_block)
         except (CallFSError, OSError):
             framed = b""
-        block = await run_cpu(self._codec.unframe, framed) if framed else None
+        codec = self._codec
+        if not framed:
+            block = None
+        elif codec.frame == "xxh3":  # tens of GB/s: a thread hop would cost more than the check
+            block = codec.unframe(framed)
+        else:
+            block = await run_cpu(codec.unframe, framed)
         if block is None:
             log.warning(
                 "erasure shard %d of %s is short or corrupt; using another shard",

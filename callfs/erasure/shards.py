@@ -16,7 +16,7 @@ from typing import Protocol
 import aiohttp
 
 from callfs.errors import CallFSError, NotFound, PeerUnavailable
-from callfs.storage.base import ByteStream, StorageBackend
+from callfs.storage.base import ByteStream, Chunk, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ShardIO:
 
     # ---- write -------------------------------------------------------------------------------
     async def write(
-        self, holder: str, upload_id: str, index: int, chunks: AsyncIterable[bytes]
+        self, holder: str, upload_id: str, index: int, chunks: AsyncIterable[Chunk]
     ) -> None:
         """Store one shard durably (fsync'd / completed) on ``holder``."""
         if holder == self.instance_id:

@@ -355,6 +355,7 @@ def pack_layout(layout: ErasureLayout) -> bytes:
             for s in layout.shards
         ],
         "block_size": layout.block_size,
+        "frame": layout.frame,
     }
     packed: bytes = msgpack.packb(data, use_bin_type=True)
     return packed
@@ -371,4 +372,5 @@ def unpack_layout(blob: bytes) -> ErasureLayout:
         upload_id=data["upload_id"],
         shards=tuple(ShardInfo(*s) for s in data["shards"]),
         block_size=data.get("block_size", 0),
+        frame=data.get("frame", "sha256"),
     )

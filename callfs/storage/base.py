@@ -14,6 +14,9 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Protocol, runtime_checkable
 
+#: What ``stage`` accepts as upload chunks (views avoid copying blocks that are already in memory).
+Chunk = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectStat:
@@ -174,7 +177,7 @@ class StorageBackend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> StagedObject: ...
+    async def stage(self, key: str, chunks: AsyncIterable[Chunk]) -> StagedObject: ...
 
     async def stage_file(self, key: str, source: str) -> StagedObject: ...
 

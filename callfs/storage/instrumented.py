@@ -11,6 +11,7 @@ from typing import TypeVar
 from callfs.metrics import Metrics
 from callfs.storage.base import (
     ByteStream,
+    Chunk,
     ObjectStat,
     StagedObject,
     StorageBackend,
@@ -47,7 +48,7 @@ class InstrumentedBackend:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> StagedObject:
+    async def stage(self, key: str, chunks: AsyncIterable[Chunk]) -> StagedObject:
         staged = await self._timed("write", self.inner.stage(key, chunks))
         return _InstrumentedStaged(staged, self)
 

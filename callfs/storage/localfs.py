@@ -42,6 +42,7 @@ from callfs.storage.base import (
     AREA_TEMP,
     REPLICA_PREFIX,
     SHARD_PREFIX,
+    Chunk,
     LocalFile,
     ObjectStat,
     StoredObject,
@@ -232,12 +233,12 @@ class LocalFSBackend:
         return self._open_dir_blocking(parts[:-1]), parts[-1]
 
     # ---- writes ----------------------------------------------------------------------------
-    async def stage(self, key: str, chunks: AsyncIterable[bytes]) -> _Staged:
+    async def stage(self, key: str, chunks: AsyncIterable[Chunk]) -> _Staged:
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
         target = _key_path(key)
         tmp = f"{os.urandom(12).hex()}.part"
-        pending: list[bytes] = []
+        pending: list[Chunk] = []
         pending_size = 0
         size = 0
         fileobj: IO[bytes] | None = None
@@ -300,7 +301,7 @@ class LocalFSBackend:
         return st.st_size
 
     def _write_blocking(
-        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[bytes]
+        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[Chunk]
     ) -> IO[bytes]:
         """Write ``parts`` to the staged file, which the first call creates (0600) in
         ``.callfs/tmp`` reached by the walk, after checking that no directory already on the way
@@ -328,7 +329,7 @@ class LocalFSBackend:
         return fileobj
 
     def _finish_blocking(
-        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[bytes]
+        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[Chunk]
     ) -> None:
         fileobj = self._write_blocking(fileobj, tmp, target, parts)
         try:

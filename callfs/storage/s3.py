@@ -40,6 +40,7 @@ from callfs.storage.base import (
     AREA_TEMP,
     REPLICA_PREFIX,
     SHARD_PREFIX,
+    Chunk,
     LocalFile,
     ObjectStat,
     StoredObject,
@@ -260,7 +261,7 @@ class S3Backend:
         """A local file's bytes, streamed up like any body (no server-side shortcut)."""
         return await self.stage(blob, LocalFile(source))
 
-    async def stage(self, blob: str, chunks: AsyncIterable[bytes]) -> _Staged:
+    async def stage(self, blob: str, chunks: AsyncIterable[Chunk]) -> _Staged:
         key = key_of(blob)
         buf = bytearray()
         size = 0

@@ -8,8 +8,9 @@ import itertools
 import random
 
 import pytest
+import xxhash
 
-from callfs.erasure.codec import DEFAULT_BLOCK, HASH_LEN, Codec
+from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, FRAMES, Codec
 
 SEED = 20261130
 PROFILES = [(1, 1), (2, 1), (3, 2), (4, 2)]
@@ -42,7 +43,7 @@ def _decode_file(codec: Codec, shards: dict[int, bytes], size: int) -> bytes:
     for s in range(codec.stripes(size)):
         blocks = {}
         for i, shard in shards.items():
-            block = Codec.unframe(shard[s * fb : (s + 1) * fb])
+            block = codec.unframe(shard[s * fb : (s + 1) * fb])
             assert block is not None
             blocks[i] = block
         out += codec.decode_stripe(blocks)
@@ -51,34 +52,37 @@ def _decode_file(codec: Codec, shards: dict[int, bytes], size: int) -> bytes:
 
 @pytest.mark.parametrize(("k", "m"), PROFILES)
 @pytest.mark.parametrize("block", [16, 64])
-def test_every_k_subset_round_trips(k: int, m: int, block: int) -> None:
-    codec = Codec(k, m, block)
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_every_k_subset_round_trips(k: int, m: int, block: int, frame: str) -> None:
+    codec = Codec(k, m, block, frame)
     for size in _sizes(codec):
         data = _data(size)
         shards = _encode_file(codec, data)
         assert all(len(s) == codec.shard_size(size) for s in shards)
-        assert codec.shard_size(size) == codec.stripes(size) * (block + HASH_LEN)
+        assert codec.shard_size(size) == codec.stripes(size) * (block + FRAMES[frame][0])
         for subset in itertools.combinations(range(k + m), k):
             got = _decode_file(codec, {i: shards[i] for i in subset}, size)
             assert got == data, (k, m, block, size, subset)
 
 
 @pytest.mark.parametrize(("k", "m"), PROFILES)
-def test_systematic_data_blocks_are_raw_slices(k: int, m: int) -> None:
-    codec = Codec(k, m, 16)
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_systematic_data_blocks_are_raw_slices(k: int, m: int, frame: str) -> None:
+    codec = Codec(k, m, 16, frame)
     stripe = _data(codec.stripe_size)
     framed = codec.encode_stripe(stripe)
     assert len(framed) == k + m
+    tag = {"sha256": lambda b: hashlib.sha256(b).digest(), "xxh3": xxhash.xxh3_128_digest}[frame]
     for i in range(k):
         raw = stripe[i * 16 : (i + 1) * 16]
-        assert framed[i] == raw + hashlib.sha256(raw).digest()
+        assert framed[i] == raw + tag(raw)
 
 
 def test_short_stripe_is_zero_padded() -> None:
     codec = Codec(3, 2, 16)
     data = b"abc"
     framed = codec.encode_stripe(bytearray(data))
-    blocks = {i: Codec.unframe(framed[i]) for i in (1, 3, 4)}
+    blocks = {i: codec.unframe(framed[i]) for i in (1, 3, 4)}
     stripe = codec.decode_stripe({i: b for i, b in blocks.items() if b is not None})
     assert stripe == data + bytes(codec.stripe_size - 3)
 
@@ -97,29 +101,47 @@ def test_oversized_stripe_rejected() -> None:
 
 
 @pytest.mark.parametrize("where", ["data_first", "data_last", "hash_first", "hash_last"])
-def test_unframe_rejects_a_flipped_bit(where: str) -> None:
-    codec = Codec(2, 1, 64)
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_unframe_rejects_a_flipped_bit(where: str, frame: str) -> None:
+    codec = Codec(2, 1, 64, frame)
+    last = 64 + codec.tag_len - 1
     for framed in codec.encode_stripe(_data(100)):
-        assert Codec.unframe(framed) is not None
-        assert Codec.unframe(memoryview(framed)) == framed[:64]
-        pos = {"data_first": 0, "data_last": 63, "hash_first": 64, "hash_last": 95}[where]
+        assert codec.unframe(framed) is not None
+        assert codec.unframe(memoryview(framed)) == framed[:64]
+        pos = {"data_first": 0, "data_last": 63, "hash_first": 64, "hash_last": last}[where]
         for bit in range(8):
             bad = bytearray(framed)
             bad[pos] ^= 1 << bit
-            assert Codec.unframe(bytes(bad)) is None
+            assert codec.unframe(bytes(bad)) is None
 
 
-def test_unframe_rejects_wrong_lengths() -> None:
-    assert Codec.unframe(b"") is None
-    assert Codec.unframe(hashlib.sha256(b"").digest()) is None  # empty block is never valid
-    framed = Codec(1, 1, 16).encode_stripe(b"x" * 16)[0]
-    assert Codec.unframe(framed[:-1]) is None
-    assert Codec.unframe(framed + b"\0") is None
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_unframe_rejects_wrong_lengths(frame: str) -> None:
+    codec = Codec(1, 1, 16, frame)
+    assert codec.unframe(b"") is None
+    assert codec.unframe(codec.encode_stripe(b"")[0][16:]) is None  # a bare tag is never valid
+    assert codec.unframe(hashlib.sha256(b"").digest()) is None
+    framed = codec.encode_stripe(b"x" * 16)[0]
+    assert codec.unframe(framed[:-1]) is None
+    assert codec.unframe(framed + b"\0") is None
 
 
-def test_corrupt_shard_is_never_decoded() -> None:
+def test_frames_differ_and_are_checked() -> None:
+    """A shard framed with one tag is refused by a reader of the other: the layout's frame
+    must match what was written (a legacy layout reads SHA-256 frames, a new one XXH3)."""
+    assert DEFAULT_FRAME == "xxh3"
+    new, legacy = Codec(2, 1, 64, "xxh3"), Codec(2, 1, 64, "sha256")
+    assert (new.framed_block, legacy.framed_block) == (80, 96)
+    for framed in new.encode_stripe(_data(128)):
+        assert legacy.unframe(framed) is None
+    with pytest.raises(ValueError):
+        Codec(2, 1, 64, "md5")
+
+
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_corrupt_shard_is_never_decoded(frame: str) -> None:
     """One corrupted shard: rejected by unframe, and the rest still rebuilds the right bytes."""
-    codec = Codec(3, 2, 16)
+    codec = Codec(3, 2, 16, frame)
     data = _data(3 * codec.stripe_size + 17)
     shards = _encode_file(codec, data)
     bad = bytearray(shards[1])
@@ -129,7 +151,7 @@ def test_corrupt_shard_is_never_decoded() -> None:
     for s in range(codec.stripes(len(data))):
         blocks = {}
         for i, shard in enumerate([*shards[:1], bytes(bad), *shards[2:]]):
-            block = Codec.unframe(shard[s * fb : (s + 1) * fb])
+            block = codec.unframe(shard[s * fb : (s + 1) * fb])
             if block is not None:
                 blocks[i] = block
         assert (1 in blocks) == (s != 1)
@@ -140,7 +162,7 @@ def test_corrupt_shard_is_never_decoded() -> None:
 def test_decode_with_fewer_than_k_blocks() -> None:
     codec = Codec(3, 2, 16)
     framed = codec.encode_stripe(_data(48))
-    blocks = {i: Codec.unframe(f) for i, f in enumerate(framed)}
+    blocks = {i: codec.unframe(f) for i, f in enumerate(framed)}
     with pytest.raises(ValueError):
         codec.decode_stripe({0: blocks[0], 4: blocks[4]})  # type: ignore[dict-item]
     with pytest.raises(ValueError):
@@ -173,7 +195,7 @@ def test_bad_constructor_values(k: int, m: int, block: int) -> None:
 def test_constructor_limits_accepted() -> None:
     codec = Codec(255, 1, 1)
     assert codec.stripe_size == 255
-    assert codec.framed_block == 1 + HASH_LEN
+    assert codec.framed_block == 1 + 16
     assert Codec(1, 255).block_size == DEFAULT_BLOCK
 
 
@@ -197,7 +219,7 @@ def test_stripe_range_edges() -> None:
 def test_stripes_and_shard_size() -> None:
     codec = Codec(4, 2, 64)  # stripe = 256
     assert [codec.stripes(n) for n in (0, 1, 255, 256, 257, 3 * 256 + 17)] == [0, 1, 1, 1, 2, 4]
-    assert codec.shard_size(257) == 2 * 96
+    assert codec.shard_size(257) == 2 * 80
 
 
 async def test_async_round_trip_real_block() -> None:
@@ -208,9 +230,9 @@ async def test_async_round_trip_real_block() -> None:
     out_fast, out_slow = bytearray(), bytearray()
     for s in range(codec.stripes(len(data))):
         stripe = data[s * codec.stripe_size : (s + 1) * codec.stripe_size]
-        framed = await codec.encode(memoryview(stripe))
+        framed = [b"".join(part) for part in await codec.encode(memoryview(stripe))]
         assert [len(f) for f in framed] == [codec.framed_block] * 6
-        blocks = {i: Codec.unframe(f) for i, f in enumerate(framed)}
+        blocks = {i: codec.unframe(f) for i, f in enumerate(framed)}
         assert all(b is not None for b in blocks.values())
         raw: dict[int, bytes] = {i: b for i, b in blocks.items() if b is not None}
         out_fast += await codec.decode(raw)
@@ -227,7 +249,21 @@ async def test_shared_coder_is_thread_safe() -> None:
     stripes = [_data(codec.stripe_size, seed=i) for i in range(64)]
     want = [codec.encode_stripe(s) for s in stripes]
     got = await asyncio.gather(*(codec.encode(s) for s in stripes))
-    assert list(got) == want
-    lost = [{i: Codec.unframe(f[i]) or b"" for i in (2, 3, 4, 5)} for f in want]
+    assert [[b"".join(part) for part in parts] for parts in got] == want
+    lost = [{i: codec.unframe(f[i]) or b"" for i in (2, 3, 4, 5)} for f in want]
     rebuilt = await asyncio.gather(*(codec.decode(b) for b in lost))
     assert list(rebuilt) == stripes
+
+
+def test_stored_layouts_keep_their_frame_and_old_ones_read_as_sha256() -> None:
+    import msgpack
+
+    from callfs.metadata.common import pack_layout, unpack_layout
+    from callfs.model import ErasureLayout, ShardInfo
+
+    shard = ShardInfo(0, "n1", "localfs", ".erasure/u/0", 80, "ab" * 32)
+    layout = ErasureLayout("u", 10, 1, 1, 80, "u", (shard,), 64, "xxh3")
+    assert unpack_layout(pack_layout(layout)) == layout
+    old = msgpack.unpackb(pack_layout(layout), raw=False)
+    del old["frame"]
+    assert unpack_layout(msgpack.packb(old, use_bin_type=True)).frame == "sha256"

@@ -246,3 +246,51 @@ async def test_repair_rebuilds_missing_and_corrupt_shards(
     assert "callfs_erasure_shards_repaired_total 1.0" in metrics
     assert (await client.post("/v1/internal/erasure/repair", json={}, headers=auth())).status == 401
     assert node.maintenance is not None
+
+
+async def test_legacy_sha256_framed_files_still_read_and_repair(
+    client: TestClient[Any, Any], node: Node, tmp_path: Path
+) -> None:
+    """Layouts written before the XXH3 frame (no ``frame`` kept: SHA-256 after every block) read
+    byte-exact, ranges included, and repair rebuilds them in their own frame."""
+    from dataclasses import replace
+
+    from callfs.erasure.codec import Codec
+
+    data = os.urandom(2 * 512 * 1024 + 4321)
+    assert (await client.post("/v1/files/old.bin", data=io.BytesIO(data), headers=E)).status == 201
+    assert node.meta is not None
+    entry = await node.meta.get("/old.bin")
+    assert entry is not None and entry.blob_key is not None
+    layout = await node.meta.get_erasure(entry.blob_key)
+    assert layout is not None and layout.frame == "xxh3"
+    # rewrite the shards as the old code did, and the layout as it stored it
+    legacy = Codec(2, 1, layout.block_size, "sha256")
+    shards = [bytearray() for _ in range(3)]
+    for s in range(legacy.stripes(len(data))):
+        stripe = data[s * legacy.stripe_size : (s + 1) * legacy.stripe_size]
+        for shard, framed in zip(shards, legacy.encode_stripe(stripe), strict=True):
+            shard += framed
+    root = tmp_path / "files" / ".erasure" / layout.upload_id
+    for shard, raw in zip(layout.shards, shards, strict=True):
+        (root / str(shard.index)).write_bytes(bytes(raw))
+    old = replace(
+        layout,
+        frame="sha256",
+        shard_size=legacy.shard_size(len(data)),
+        shards=tuple(
+            replace(s, size=len(raw), checksum=hashlib.sha256(raw).hexdigest())
+            for s, raw in zip(layout.shards, shards, strict=True)
+        ),
+    )
+    await node.meta.put_erasure(old)
+    assert (await node.meta.get_erasure(entry.blob_key)) == old
+    assert await (await client.get("/v1/files/old.bin", headers=auth())).read() == data
+    r = await client.get("/v1/files/old.bin", headers={**auth(), "Range": "bytes=500000-600000"})
+    assert await r.read() == data[500000:600001]
+    (root / "0").unlink()
+    bearer = {"Authorization": f"Bearer {INTERNAL}"}
+    resp = await client.post("/v1/internal/erasure/repair", json={}, headers=bearer)
+    assert (await resp.json())["shards_rebuilt"] == 1
+    assert (root / "0").read_bytes() == bytes(shards[0])
+    assert await (await client.get("/v1/files/old.bin", headers=auth())).read() == data
