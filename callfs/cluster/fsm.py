@@ -93,6 +93,7 @@ HANDLERS: dict[str, Handler] = {
     "wq_claim": lambda c, a, _: [
         [w.id, w.kind, w.key, w.arg, w.attempts] for w in ops.wq_claim(c, a[0], a[1], a[2], a[3])
     ],
+    "wq_renew": lambda c, a, _: ops.wq_renew(c, a[0], a[1], a[2], a[3]),
     "wq_ack": lambda c, a, _: ops.wq_ack(c, a[0], a[1]),
     "wq_retry": lambda c, a, _: ops.wq_retry(c, a[0], a[1], a[2]),
     "member_put": _member_put,

@@ -3,8 +3,16 @@
 Writes only queue work (``Engine._enqueue``). Each node runs one worker; it claims items with a
 lease, so exactly one worker of the cluster holds an item at a time, applies them with
 ``Engine.apply_work``, acknowledges what succeeded and hands failures back with a backoff, so a
-replica outage catches up once it ends and nothing is lost. A worker that dies lets its leases run
-out and another takes the items. ``callfs_replication_backlog`` shows how many items wait.
+replica outage catches up once it ends and nothing is lost. ``callfs_replication_backlog`` shows
+how many items wait.
+
+The lease is short (``LEASE``) and the worker renews it every ``RENEW_EVERY`` while it applies the
+batch, so a copy that takes minutes keeps its items, and the items of a worker that dies (kill -9,
+power loss) are due again at most ``LEASE`` after its last renewal; an idle worker finds them
+within ``IDLE_POLL``. Leases are stamped with each node's clock: node clocks must agree to well
+within ``LEASE - RENEW_EVERY`` (NTP), or a node running ahead may take a live worker's items (then
+both apply them, which is harmless, only wasted). A worker whose renewal fails for longer than a
+lease (its store unreachable) may find items taken over; it skips those it has not started.
 """
 
 from __future__ import annotations
@@ -23,8 +31,14 @@ from callfs.metrics import Metrics
 log = logging.getLogger(__name__)
 
 BATCH = 64
-LEASE = 60.0
-IDLE_POLL = 5.0
+#: Seconds a claim or a renewal holds an item.
+LEASE = 10.0
+#: Seconds between renewals of the batch being applied (three per lease: one lost or slow renewal
+#: does not lose the items).
+RENEW_EVERY = LEASE / 3
+#: Seconds between looks for due items when idle (an item queued by this node wakes it at once).
+#: On Raft a look that finds nothing due is a read, never a log entry.
+IDLE_POLL = 2.0
 MAX_BACKOFF = 30.0
 
 
@@ -55,20 +69,28 @@ class WorkQueueWorker:
             self._task = None
 
     async def drain_once(self) -> tuple[int, int]:
-        """Claim and apply up to one batch; returns (applied, failed)."""
-        now = time.time()
-        items = await self._queue.claim(self.worker_id, BATCH, LEASE, now)
+        """Claim and apply up to one batch, renewing its leases while applying it; returns
+        (applied, failed)."""
+        items = await self._queue.claim(self.worker_id, BATCH, LEASE, time.time())
         done: list[int] = []
         failed: list[int] = []
-        for item in items:
-            try:
-                await self._engine.apply_work(item)
-                done.append(item.id)
-            except (CallFSError, OSError):
-                log.warning(
-                    "work item %s failed (attempt %d); retried later", item.kind, item.attempts
-                )
-                failed.append(item.id)
+        held = {item.id for item in items}
+        renewer = asyncio.create_task(self._renew(held), name="callfs-work-renew")
+        try:
+            for item in items:
+                if item.id not in held:
+                    continue  # its lease was lost: another worker has the item
+                try:
+                    await self._engine.apply_work(item)
+                    done.append(item.id)
+                except (CallFSError, OSError):
+                    log.warning(
+                        "work item %s failed (attempt %d); retried later", item.kind, item.attempts
+                    )
+                    failed.append(item.id)
+        finally:  # the batch is settled within the lease its last renewal gave
+            renewer.cancel()
+            await asyncio.wait([renewer])  # (a cancel of this task still propagates)
         if done:
             await self._queue.ack(self.worker_id, done)
         if failed:
@@ -79,6 +101,23 @@ class WorkQueueWorker:
         if self._metrics is not None:
             self._metrics.replication_backlog.set(await self._queue.backlog())
         return len(done), len(failed)
+
+    async def _renew(self, held: set[int]) -> None:
+        """Renew the leases of ``held`` every ``RENEW_EVERY`` until cancelled; drop from it the
+        items whose lease was lost (it ran out while the store was unreachable and another
+        worker claimed the item). A failed renewal is logged and tried again next time."""
+        while held:
+            await asyncio.sleep(RENEW_EVERY)
+            ids = sorted(held)
+            try:
+                kept = await self._queue.renew(self.worker_id, ids, LEASE, time.time())
+            except CallFSError:
+                log.warning("work item leases not renewed; retrying in %.1f s", RENEW_EVERY)
+                continue
+            lost = held.difference(kept)
+            if lost:
+                log.warning("lost the lease of %d work items; another worker has them", len(lost))
+                held.difference_update(lost)
 
     async def _run(self) -> None:
         while True:

@@ -49,6 +49,23 @@ class PostgresWorkQueue:
 
         return await self._store.run(op)
 
+    async def renew(self, worker: str, ids: Sequence[int], lease: float, now: float) -> list[int]:
+        held = list(ids)
+        if not held:
+            return []
+
+        async def op(conn: Any) -> list[int]:
+            rows = await conn.fetch(
+                "UPDATE work_queue SET lease_until = $1"
+                " WHERE id = ANY($2::bigint[]) AND lease_owner = $3 RETURNING id",
+                now + lease,
+                held,
+                worker,
+            )
+            return sorted(int(r[0]) for r in rows)
+
+        return await self._store.run(op)
+
     async def ack(self, worker: str, ids: Sequence[int]) -> None:
         done = list(ids)
 

@@ -1,6 +1,7 @@
 """The WorkQueue in Redis: ``P w:<id>`` hashes (kind, key, arg, attempts, owner) and the sorted set
 ``P W`` of item ids scored by the time each is due (0: never leased). A claim is one Lua script, so
-two workers never lease the same item; ids are zero-padded so equal scores keep queue order."""
+two workers never lease the same item (a renewal too, so it never extends an item just claimed by
+another); ids are zero-padded so equal scores keep queue order."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ for i = 4, #ARGV do
   end
 end
 return 1
+"""
+
+# KEYS: due set. ARGV: prefix, worker, lease until, ids... Returns the ids renewed.
+_RENEW = """
+local p, worker = ARGV[1], ARGV[2]
+local out = {}
+for i = 4, #ARGV do
+  if redis.call('HGET', p .. 'w:' .. ARGV[i], 'owner') == worker then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[i])
+    table.insert(out, ARGV[i])
+  end
+end
+return out
 """
 
 
@@ -84,6 +98,17 @@ class RedisWorkQueue:
             WorkItem(int(_text(r[0])), _text(r[1]), _text(r[2]), _text(r[3]), int(r[4]))
             for r in rows
         ]
+
+    async def renew(self, worker: str, ids: Sequence[int], lease: float, now: float) -> list[int]:
+        if not ids:
+            return []
+        members = [_member(i) for i in sorted(set(ids))]
+        rows = await self._store.call(
+            self._store.r.eval(
+                _RENEW, 1, f"{self._p}W", self._p, worker, repr(now + lease), *members
+            )
+        )
+        return [int(_text(r)) for r in rows]
 
     async def _settle(self, worker: str, ids: Sequence[int], what: str) -> None:
         if not ids:

@@ -26,6 +26,11 @@ class SqliteWorkQueue:
     async def claim(self, worker: str, limit: int, lease: float, now: float) -> list[WorkItem]:
         return await self._store.run_write(lambda c: ops.wq_claim(c, worker, limit, lease, now))
 
+    async def renew(self, worker: str, ids: Sequence[int], lease: float, now: float) -> list[int]:
+        if not ids:
+            return []
+        return await self._store.run_write(lambda c: ops.wq_renew(c, worker, ids, lease, now))
+
     async def ack(self, worker: str, ids: Sequence[int]) -> None:
         await self._store.run_write(lambda c: ops.wq_ack(c, worker, ids))
 

@@ -387,6 +387,28 @@ def wq_claim(
     return [WorkItem(r[0], r[1], r[2], r[3], r[4] + 1) for r in rows]
 
 
+def wq_due(conn: sqlite3.Connection, now: float) -> bool:
+    """Whether ``wq_claim`` at ``now`` would lease anything (a read: no write when idle)."""
+    row = conn.execute("SELECT 1 FROM work_queue WHERE lease_until <= ? LIMIT 1", (now,))
+    return row.fetchone() is not None
+
+
+def wq_renew(
+    conn: sqlite3.Connection, worker: str, ids: Sequence[int], lease: float, now: float
+) -> list[int]:
+    """Extend to ``now + lease`` the lease of those ``ids`` still leased to ``worker``; their ids,
+    ascending."""
+    renewed: list[int] = []
+    for i in sorted(set(ids)):
+        cur = conn.execute(
+            "UPDATE work_queue SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+            (now + lease, i, worker),
+        )
+        if cur.rowcount:
+            renewed.append(i)
+    return renewed
+
+
 def wq_ack(conn: sqlite3.Connection, worker: str, ids: Sequence[int]) -> None:
     conn.executemany(
         "DELETE FROM work_queue WHERE id = ? AND lease_owner = ?", [(i, worker) for i in ids]
