@@ -2,7 +2,8 @@
 
 In one run, for a FILE_MIB file (default 256 MiB), single stream, through node-1:
   plain PUT / GET (localfs on the receiving node), erasure 2+1 PUT / GET, and a degraded GET
-  with one shard holder killed (GETs best of two); then the receiving node's peak RSS during a 2 GiB erasure upload.
+  with one shard holder killed (GETs best of two); then the receiving node's peak RSS during a
+  2 GiB erasure upload.
 Goals: erasure PUT and GET >= 0.5x plain, degraded GET >= 0.4x plain, peak RSS < 200 MiB.
 
     python bench/bench_erasure.py [--mib 256] [--big-mib 2048]

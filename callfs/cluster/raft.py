@@ -119,6 +119,10 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
         self.syncs = 0
         self.sync_seconds = 0.0
         self._sync_lock = threading.Lock()
+        try:
+            self._fd()
+        except AttributeError as exc:
+            raise RuntimeError("pysyncobj internals changed: the journal's file is gone") from exc
         if not existed:
             self.flush()
             fsync_dir(journal_file)
@@ -135,6 +139,12 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
         super().deleteEntriesFrom(entryFrom)
         self.dirty = True
 
+    def _fd(self) -> int:
+        """The journal file's descriptor (ResizableFile reopens it when it grows: ask each time;
+        only the tick thread, which also writes and grows the log, calls this)."""
+        fd: int = self._FileJournal__journalFile._ResizableFile__f.fileno()
+        return fd
+
     def sync(self) -> None:
         if not self.dirty:
             return
@@ -143,7 +153,10 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
                 return
             started = time.perf_counter()
             self.dirty = False
-            self.flush()  # mmap.flush(): msync(MS_SYNC) of the mapping
+            # fdatasync writes back the shared mapping's dirty pages as msync would, but releases
+            # the GIL: mmap.flush() stalls every thread of the node (the event loop included)
+            # for the ~0.1 ms of each sync.
+            os.fdatasync(self._fd())
             self.syncs += 1
             self.sync_seconds += time.perf_counter() - started
 
@@ -324,6 +337,7 @@ class RaftNode:
         self._membership = asyncio.Lock()
         self._wake_r: int | None = None
         self._wake_w: int | None = None
+        self._woken = False
         self._sent: tuple[int, int] = (0, 0)
         self.on_state_changed: Callable[[int, int], None] | None = None
 
@@ -406,14 +420,17 @@ class RaftNode:
         self._wake_r, self._wake_w = r, w
 
     def _drain(self, descr: int, _event: int) -> None:
+        self._woken = False  # before reading: a wake from now on writes again
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(descr, 4096):
                 pass
 
     def _wake(self) -> None:
-        """Make the tick thread's poll return now (any thread)."""
+        """Make the tick thread's poll return now (any thread). One byte until the tick thread
+        drains it: a pipe write per commit cost the leader ~3% of its time."""
         w = self._wake_w
-        if w is not None:
+        if w is not None and not self._woken:
+            self._woken = True
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(w, b"!")
 

@@ -42,6 +42,7 @@ _RETRY_PAUSE = 0.05
 #: Group commit: log entries in flight at once, commands and bytes per entry (pysyncobj's
 #: chunked path for entries over 64 KB is unreliable: LIBRARIES.md §1.13 trap 7).
 _MAX_FLIGHTS = 4
+_MAX_FORWARDS = 2
 _MAX_BATCH = 128
 _MAX_BATCH_BYTES = 48 * 1024
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -126,9 +127,14 @@ class RaftService:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending.append((payload, future))
-        if self._flights < _MAX_FLIGHTS:
+        if self._flights < self._max_flights():
             self._launch()
         return await future
+
+    def _max_flights(self) -> int:
+        """Entries in flight at once: a follower forwards fewer, bigger batches (each forward is
+        an HTTP request the leader serves; with four in flight each carried about one command)."""
+        return _MAX_FLIGHTS if self.node.is_leader() else _MAX_FORWARDS
 
     def _launch(self) -> None:
         take: list[tuple[bytes, asyncio.Future[bytes]]] = []
@@ -165,7 +171,7 @@ class RaftService:
                     future.set_result(bytes(one))
         finally:
             self._flights -= 1
-            if self._pending and self._flights < _MAX_FLIGHTS:
+            if self._pending and self._flights < self._max_flights():
                 self._launch()
 
     async def _commit(self, payload: bytes) -> bytes:

@@ -33,8 +33,23 @@ def create(req: str, path: str) -> bytes:
     return C.command(req, 1000.0, "create", [C.entry_out(entry(path)), None])
 
 
-def test_pysyncobj_internals_the_durable_log_patches_are_present() -> None:
+def test_pysyncobj_internals_the_durable_log_patches_are_present(tmp_path: Path) -> None:
     check_internals()  # raises when the pinned version or a patched attribute changes
+    # the journal syncs with fdatasync on the log's own descriptor, found through the library's
+    # private attributes: the journal refuses to open if they moved, and its entries reach the
+    # file the descriptor names
+    from callfs.cluster.raft import _create_journal
+
+    path = tmp_path / "journal"
+    journal = _create_journal(str(path))
+    fd = journal._fd()
+    assert os.path.samefile(f"/proc/self/fd/{fd}", path)
+    journal.add(b"x" * 5000, 1, 1)  # grows the 1 KiB file: the library reopens it
+    journal.sync()
+    assert os.path.samefile(f"/proc/self/fd/{journal._fd()}", path)
+    assert b"x" * 5000 in path.read_bytes()
+    assert journal.syncs == 1 and not journal.dirty
+    journal._destroy()
 
 
 def test_apply_is_idempotent_by_request_id_and_never_raises(tmp_path: Path) -> None:
