@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,7 @@ async def main(mib: int, big_mib: int) -> None:
     finally:
         for node in nodes:
             node.stop()
+        shutil.rmtree(work, ignore_errors=True)  # GiBs of shards: later runs write to this disk
 
 
 if __name__ == "__main__":

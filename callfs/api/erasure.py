@@ -17,7 +17,7 @@ from callfs.core.engine import ErasureRequest
 from callfs.core.maintenance import ErasureMaintenance
 from callfs.core.peer import url_path
 from callfs.erasure.service import MAX_SHARDS
-from callfs.erasure.shards import shard_key
+from callfs.erasure.shards import SHA256_HEADER, hashed, shard_key
 from callfs.errors import BadRequest, InternalError, NotFound
 from callfs.model import BackendType, Entry, ErasureLayout
 from callfs.paths import parse_body_path, parse_request_path
@@ -191,15 +191,16 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     backend = request.app[ERASURE_BACKEND]
     key = shard_key(upload_id, index)
     if request.method == "PUT":
+        digest = hashlib.sha256()
         try:
-            staged = await backend.stage(key, request.content.iter_chunked(_CHUNK))
+            staged = await backend.stage(key, hashed(request.content.iter_chunked(_CHUNK), digest))
             await staged.publish()
         except (BadRequest, ConnectionError):
             return _text(400, "body read error")
         except Exception:
             log.warning("storing a shard for another node failed", exc_info=True)
             return _text(500, "store error")
-        return web.Response(status=201)
+        return web.Response(status=201, headers={SHA256_HEADER: digest.hexdigest()})
     if request.method == "DELETE":
         with contextlib.suppress(NotFound):
             await backend.delete(key)

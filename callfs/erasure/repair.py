@@ -17,8 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from callfs.concurrency import run_cpu
-from callfs.erasure.service import ErasureService, _hash_blocks, _StripeReader, _Writer
+from callfs.erasure.service import ErasureService, _StripeReader, _Writer
 from callfs.errors import CallFSError, InsufficientShards, NotFound, PeerUnavailable
 from callfs.model import ErasureLayout, ShardInfo
 
@@ -101,8 +100,6 @@ class Repairer:
             for number in range(stripes):
                 stripe = await reader.stripe(number)
                 blocks = await codec.encode(stripe)
-                lost = [blocks[i] for i in writers]
-                await run_cpu(_hash_blocks, [w.digest for w in writers.values()], lost)
                 await asyncio.gather(*(w.send(blocks[i]) for i, w in writers.items()))
             for writer in writers.values():
                 await writer.send(None)
@@ -120,7 +117,7 @@ class Repairer:
                 shards[i],
                 instance_id=targets[i],
                 size=writer.size,
-                checksum=writer.digest.hexdigest(),
+                checksum=writer.task.result(),
                 backend_type=(
                     self.service.io.local.kind
                     if targets[i] == self.service.instance_id

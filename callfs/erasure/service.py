@@ -3,9 +3,10 @@ rebuild from any ``data_shards`` good shards, and shard removal.
 
 Upload: the body is cut into stripes of ``k × block`` bytes; each stripe becomes ``k + m`` framed
 blocks (block + its tag, ``codec.py``) sent to the shard holders as they are produced. Memory
-is bounded by one stripe plus ``_DEPTH`` blocks queued per holder, whatever the file size. The
-layout (holders, sizes, whole-shard SHA-256) is returned only after every shard is durable; the
-caller commits it. Any failure removes what was written.
+is bounded by one stripe plus ``_DEPTH`` blocks queued per holder, whatever the file size. Each
+holder hashes the shard it stores (SHA-256, ``ShardIO.write``), so the receiving node hashes only
+its own. The layout (holders, sizes, whole-shard SHA-256) is returned only after every shard is
+durable; the caller commits it. Any failure removes what was written.
 
 Read: the stripes a byte range needs are fetched from ``k`` holders in parallel (data shards
 first: no decoding when they are all good); every block is verified before use; a missing,
@@ -19,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from callfs.concurrency import run_cpu
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, Buffer, Codec
@@ -68,15 +69,17 @@ def placement(me: str, others: Sequence[str], total: int) -> list[str]:
 
 class _Writer:
     """One holder's shard: framed blocks (block, tag) go through a bounded queue to
-    ``ShardIO.write``, which gets the block and its tag as two chunks."""
+    ``ShardIO.write``, which gets the block and its tag as two chunks; ``task`` ends with the
+    shard's SHA-256, computed by its holder."""
 
     def __init__(self, io: ShardIO, holder: str, upload_id: str, index: int) -> None:
         self.holder = holder
         self.index = index
         self.size = 0
-        self.digest = hashlib.sha256()
         self._queue: asyncio.Queue[tuple[Buffer, bytes] | None] = asyncio.Queue(_DEPTH)
-        self.task = asyncio.ensure_future(io.write(holder, upload_id, index, self._blocks()))
+        self.task: asyncio.Future[str] = asyncio.ensure_future(
+            io.write(holder, upload_id, index, self._blocks())
+        )
 
     async def _blocks(self) -> AsyncIterator[Buffer]:
         while True:
@@ -90,18 +93,13 @@ class _Writer:
         if block is not None:
             self.size += len(block[0]) + len(block[1])
         put = asyncio.ensure_future(self._queue.put(block))
-        done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        pending: set[asyncio.Future[Any]] = {put, self.task}
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         if put not in done:
             put.cancel()
             # the writer ended before taking the block: it failed (or returned early)
             self.task.result()
             raise InternalError("a shard writer stopped early")
-
-
-def _hash_blocks(digests: list[hashlib._Hash], blocks: list[tuple[Buffer, bytes]]) -> None:
-    for digest, (block, tag) in zip(digests, blocks, strict=True):
-        digest.update(block)
-        digest.update(tag)
 
 
 class ErasureService:
@@ -133,16 +131,25 @@ class ErasureService:
         size = 0
         jobs: collections.deque[asyncio.Future[None]] = collections.deque()
         try:
-            buf = bytearray()
+            # Chunks are joined into each stripe once (one copy; the stripe's data blocks are
+            # views of it from then on).
+            parts: list[bytes | memoryview] = []
+            held = 0
             stripe = codec.stripe_size
             async for chunk in chunks:
-                buf += chunk
                 size += len(chunk)
-                while len(buf) >= stripe:
-                    await self._emit(codec, writers, bytes(buf[:stripe]), jobs)
-                    del buf[:stripe]
-            if buf:
-                await self._emit(codec, writers, bytes(buf), jobs)
+                view = memoryview(chunk)
+                while held + len(view) >= stripe:
+                    take = stripe - held
+                    parts.append(view[:take])
+                    view = view[take:]
+                    await self._emit(codec, writers, b"".join(parts), jobs)
+                    parts, held = [], 0
+                if view:
+                    parts.append(view)
+                    held += len(view)
+            if held:
+                await self._emit(codec, writers, b"".join(parts), jobs)
             while jobs:
                 await jobs.popleft()
             for w in writers:
@@ -168,7 +175,7 @@ class ErasureService:
                 backend_type=self.io.local.kind if w.holder == self.instance_id else "localfs",
                 path=f".erasure/{upload_id}/{w.index}",
                 size=w.size,
-                checksum=w.digest.hexdigest(),
+                checksum=w.task.result(),
             )
             for w in writers
         )
@@ -191,16 +198,15 @@ class ErasureService:
         stripe: bytes,
         jobs: collections.deque[asyncio.Future[None]],
     ) -> None:
-        """Start encoding ``stripe`` while earlier stripes are still being hashed and sent (two
-        cores: zfec and SHA-256 release the GIL). Whole-shard digests and sends stay in stripe
-        order: each job waits for the previous one before its ordered part."""
+        """Start encoding ``stripe`` while earlier stripes are still being sent (two cores: zfec
+        releases the GIL). Sends stay in stripe order: each job waits for the previous one before
+        it sends."""
         previous = jobs[-1] if jobs else None
 
         async def job() -> None:
             blocks = await codec.encode(stripe)
             if previous is not None:
                 await previous
-            await run_cpu(_hash_blocks, [w.digest for w in writers], blocks)
             await asyncio.gather(*(w.send(b) for w, b in zip(writers, blocks, strict=True)))
 
         jobs.append(asyncio.ensure_future(job()))

@@ -8,6 +8,7 @@ hides whether it is local or remote.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import aiohttp
 
+from callfs.concurrency import run_cpu
 from callfs.errors import CallFSError, NotFound, PeerUnavailable
 from callfs.storage.base import ByteStream, Chunk, StorageBackend
 
@@ -23,6 +25,11 @@ log = logging.getLogger(__name__)
 SHARD_PREFIX = ".erasure/"
 INTERNAL_SHARDS = "/v1/internal/shards/"
 _CHUNK = 256 * 1024
+#: The SHA-256 of a shard its holder computed while storing it, on the 201 of an internal PUT (our
+#: addition: the body stays empty, as API.md §12.6 says).
+SHA256_HEADER = "X-CallFS-Shard-SHA256"
+#: Bytes hashed per CPU-pool hop while a shard streams through ``hashed``.
+_HASH_BATCH = 1 << 20
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
 
 
@@ -39,6 +46,28 @@ class Peers(Protocol):
 
 def shard_key(upload_id: str, index: int) -> str:
     return f"{SHARD_PREFIX}{upload_id}/{index}"
+
+
+def _update(digest: hashlib._Hash, chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+
+
+async def hashed(chunks: AsyncIterable[Chunk], digest: hashlib._Hash) -> AsyncIterator[Chunk]:
+    """``chunks`` unchanged, fed to ``digest`` on the CPU pool a MiB at a time (SHA-256 releases
+    the GIL); the digest is complete once the iteration ends. Chunks must not change after they
+    are yielded."""
+    pending: list[Chunk] = []
+    size = 0
+    async for chunk in chunks:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= _HASH_BATCH:
+            await run_cpu(_update, digest, pending)
+            pending, size = [], 0
+        yield chunk
+    if pending:
+        await run_cpu(_update, digest, pending)
 
 
 class _PeerShardStream:
@@ -71,16 +100,18 @@ class ShardIO:
     # ---- write -------------------------------------------------------------------------------
     async def write(
         self, holder: str, upload_id: str, index: int, chunks: AsyncIterable[Chunk]
-    ) -> None:
-        """Store one shard durably (fsync'd / completed) on ``holder``."""
+    ) -> str:
+        """Store one shard durably (fsync'd / completed) on ``holder``; its SHA-256 (hex), computed
+        by the holder as it stored the bytes, so each node hashes only the shards it keeps."""
         if holder == self.instance_id:
-            staged = await self.local.stage(shard_key(upload_id, index), chunks)
+            digest = hashlib.sha256()
+            staged = await self.local.stage(shard_key(upload_id, index), hashed(chunks, digest))
             try:
                 await staged.publish()
             except BaseException:
                 await staged.discard()
                 raise
-            return
+            return digest.hexdigest()
         assert self.peers is not None
         url = self._url(holder, upload_id, index)
         try:
@@ -92,8 +123,28 @@ class ShardIO:
                     raise PeerUnavailable(
                         f"node {holder} refused a shard ({resp.status}): {detail}"
                     )
+                checksum = resp.headers.get(SHA256_HEADER, "")
         except _PEER_ERRORS as exc:
             raise PeerUnavailable(f"node {holder} unreachable while storing a shard") from exc
+        if len(checksum) == 64:
+            return checksum.lower()
+        return await self._read_checksum(holder, upload_id, index)  # a holder without the header
+
+    async def _read_checksum(self, holder: str, upload_id: str, index: int) -> str:
+        """The SHA-256 of a stored shard, read back from its holder (one that does not answer
+        with ``SHA256_HEADER``: a node of an earlier version, during a rolling upgrade)."""
+        assert self.peers is not None
+        digest = hashlib.sha256()
+        url = self._url(holder, upload_id, index)
+        try:
+            async with self.peers.session.get(url, headers=self.peers.auth_headers()) as resp:
+                if resp.status != 200:
+                    raise PeerUnavailable(f"node {holder} answered {resp.status} for a shard")
+                async for _chunk in hashed(resp.content.iter_chunked(_CHUNK), digest):
+                    pass
+        except _PEER_ERRORS as exc:
+            raise PeerUnavailable(f"node {holder} failed while a shard was read back") from exc
+        return digest.hexdigest()
 
     # ---- read --------------------------------------------------------------------------------
     async def open(

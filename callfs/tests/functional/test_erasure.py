@@ -171,7 +171,9 @@ async def test_internal_shard_endpoint_needs_the_secret(
     url = f"/v1/internal/shards/{key}/0"
     assert (await client.put(url, data=b"x", headers=auth())).status == 401
     bearer = {"Authorization": f"Bearer {INTERNAL}"}
-    assert (await client.put(url, data=b"shard-bytes", headers=bearer)).status == 201
+    stored = await client.put(url, data=b"shard-bytes", headers=bearer)
+    assert stored.status == 201 and await stored.read() == b""
+    assert stored.headers["X-CallFS-Shard-SHA256"] == hashlib.sha256(b"shard-bytes").hexdigest()
     assert (tmp_path / "files" / ".erasure" / key / "0").read_bytes() == b"shard-bytes"
     r = await client.get(url, headers={**bearer, "Range": "bytes=6-10"})
     assert r.status == 206 and await r.read() == b"bytes"
