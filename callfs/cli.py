@@ -1,24 +1,21 @@
-"""The ``callfs`` command line (API.md §20). Parses, then calls the daemon; nothing else."""
+"""The ``callfs`` command line (API.md §20). Parses, then calls the daemon; nothing else.
+
+Start-up matters here (a ``callfs get`` is timed against ``curl``): this module imports only what
+every command needs (click, and the client commands). The server stack (config, daemon, tls),
+``importlib.metadata`` (``--version``), ``urllib.request`` (the cluster/admin commands) and
+``concurrent.futures`` are imported inside the commands that use them."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import ipaddress
 import json
 import os
-import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import click
 
 from callfs.client import commands as client_commands
-from callfs.errors import ConfigError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 JOIN_TIMEOUT = 15.0
@@ -43,6 +40,8 @@ def _load(config: str | None, dev: bool = False, listen: str | None = None) -> A
 
 def package_version() -> str:
     """The installed distribution's version, else ``callfs.__version__`` (a source checkout)."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("callfs")
     except importlib.metadata.PackageNotFoundError:
@@ -107,6 +106,8 @@ _NO_KEYS_HINT = (
 )
 def server(config: str | None, dev: bool, listen: str | None) -> None:
     """Serve until SIGINT or SIGTERM."""
+    from callfs.errors import ConfigError
+
     try:
         cfg = _load(config, dev, listen)
     except ConfigError as exc:
@@ -154,6 +155,7 @@ def config_validate(ctx: click.Context, config_path: str | None, summary: bool) 
     (the contract's message first); warnings go to stderr."""
     from callfs.config.loader import ConfigProblems, load_config_report
     from callfs.config.validate import summary as describe
+    from callfs.errors import ConfigError
 
     path = config_path or (ctx.obj or {}).get("config")
     click.echo("Validating configuration...")
@@ -252,6 +254,9 @@ def cluster_join(
             "api_endpoint": values["api_endpoint"],
         }
     ).encode()
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
         leader.strip().rstrip("/") + "/v1/internal/raft/join",
         data=body,
@@ -308,6 +313,9 @@ def _internal_call(
     base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
 ) -> tuple[int, bytes]:
     """One internal request (GET without ``body``, POST with it); network errors propagate."""
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
         base.strip().rstrip("/") + path,
         data=None if body is None else json.dumps(body).encode(),
@@ -321,7 +329,9 @@ def _internal_call(
         return exc.code, exc.read()
 
 
-_NET_ERRORS = (urllib.error.URLError, OSError, ValueError)
+#: What a failed internal call raises (``urllib.error.URLError`` is an ``OSError``; urllib is
+#: imported by ``_internal_call`` only).
+_NET_ERRORS = (OSError, ValueError)
 
 
 def _reason(exc: Exception) -> object:
@@ -338,6 +348,8 @@ def _config_defaults(
     validates (API.md §20.4); flags win."""
     if all(values.values()):
         return values
+    from callfs.errors import ConfigError
+
     try:
         cfg = _load(config_path or (ctx.obj or {}).get("config"))
     except ConfigError:
@@ -428,6 +440,8 @@ def _collect_status(base: str, secret: str) -> dict[str, Any]:
             return _raft_status(endpoint, secret, STATUS_TIMEOUT), ""
         except click.ClickException as exc:
             return None, exc.format_message()
+
+    from concurrent.futures import ThreadPoolExecutor
 
     ids = sorted(set(nodes) | ({first_id} if first_id else set()))
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids)))) as pool:
@@ -821,12 +835,15 @@ def fsck(
         ctx.exit(1)
 
 
-_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 
 
 def valid_cert_host(host: str) -> bool:
     """An IP address, or a host name per RFC 1123 (a leading ``*.`` label allowed for a
     wildcard certificate; one trailing dot allowed)."""
+    import ipaddress
+    import re
+
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -841,7 +858,8 @@ def valid_cert_host(host: str) -> bool:
         labels = labels[1:]
     if labels[-1].isdigit():  # "10.0.0.999" is a mistyped address, not a name (RFC 3696 §2)
         return False
-    return all(_DNS_LABEL.fullmatch(label) for label in labels)
+    label_re = re.compile(_DNS_LABEL)
+    return all(label_re.fullmatch(label) for label in labels)
 
 
 @cli.group(context_settings=CONTEXT)
@@ -865,6 +883,8 @@ def cert_generate(
     hosts: tuple[str, ...], cert_file: str, key_file: str, days: int, force: bool
 ) -> None:
     """Write a self-signed certificate (its own CA) and key (mode 0600) for a cluster."""
+    from pathlib import Path
+
     from callfs.tls import generate_self_signed
 
     names = [h.strip() for item in hosts for h in item.split(",") if h.strip()]

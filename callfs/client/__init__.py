@@ -19,20 +19,39 @@ from typing import TYPE_CHECKING, Any
 
 from callfs.client.errors import ClientError, TransportError
 from callfs.client.model import Entry, Link
-from callfs.client.sync import Client, Download, ResumeStore, UploadResult
 
 if TYPE_CHECKING:
     from callfs.client.aio import AsyncClient, AsyncDownload
+    from callfs.client.sync import Client, Download, ResumeStore, UploadResult
+
+#: Loaded when first asked for (PEP 562), so that importing ``callfs.client.errors`` or
+#: ``callfs.client.commands`` (``callfs --help``) costs neither urllib3 (~30 ms with ssl and
+#: http.client) nor, for the asyncio client, aiohttp (~0.12 s).
+_LAZY = {
+    "Client": "sync",
+    "Download": "sync",
+    "ResumeStore": "sync",
+    "UploadResult": "sync",
+    "AsyncClient": "aio",
+    "AsyncDownload": "aio",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The asyncio client pulls in aiohttp (~0.12 s): only when asked for, so the blocking
-    # `callfs put/get/...` commands start faster.
-    if name in ("AsyncClient", "AsyncDownload"):
-        from callfs.client import aio
+    import importlib
 
-        return getattr(aio, name)
-    raise AttributeError(name)
+    if name == "sync":  # `callfs.client.sync` without importing it (it used to be eager)
+        return importlib.import_module(f"{__name__}.sync")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -16,16 +16,19 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from callfs.client.errors import ClientError
 from callfs.client.model import REMOTE_PREFIX, TUS_CHUNK, Entry, normalize
-from callfs.client.sync import Client, Progress, ResumeStore
+
+if TYPE_CHECKING:
+    # The transport (urllib3, and with it ssl and http.client) is imported by the command that
+    # connects (``Ctx.client``), not by ``callfs --help`` or a usage error.
+    from callfs.client.sync import Client, Progress, ResumeStore
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,6 +106,8 @@ class Ctx:
     quiet: bool
 
     def client(self, connections: int = 16) -> Client:
+        from callfs.client.sync import Client
+
         s = self.settings
         return Client(
             s.url,
@@ -224,6 +229,8 @@ def human(n: int) -> str:
 
 
 def resume_store() -> ResumeStore:
+    from callfs.client.sync import ResumeStore
+
     return ResumeStore(state_dir() / "uploads.json")
 
 
@@ -525,6 +532,8 @@ def _run_jobs(
     failed: list[dict[str, Any]] = []
     done = 0
     lock = threading.Lock()
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     with Bar(ctx.show_progress(), f"{direction} 0/{len(todo)}", total) as bar:
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="callfs-sync")
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -64,6 +63,8 @@ class Link:
 def parse_time(text: str) -> float | None:
     if not text:
         return None
+    import datetime as dt  # not at import time: `callfs --help` has no use for it
+
     try:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
