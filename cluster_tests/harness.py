@@ -47,6 +47,10 @@ class ClusterNode:
     config: dict[str, Any]
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
+    #: What runs the server: ``python <launcher...> server -c <config>``.
+    launcher: tuple[str, ...] = ("-m", "callfs")
+    #: Extra environment of the server process.
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log_path = self.workdir / f"{self.name}.log"
@@ -62,8 +66,9 @@ class ClusterNode:
         cfg_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         env = {k: v for k, v in os.environ.items() if not k.startswith("CALLFS_")}
+        env.update(self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "callfs", "server", "-c", str(cfg_path)],
+            [sys.executable, *self.launcher, "server", "-c", str(cfg_path)],
             cwd=self.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,82 @@
+"""``python cluster_tests/crash_points.py server -c CONFIG``: a ``callfs`` process that kills
+itself (SIGKILL) at one step of the write path, for ``test_crash_points.py``.
+
+``CRASH_POINT`` names the step; the kill fires at the first pass through it while the file named
+by ``CRASH_ARM`` exists (the test creates it just before the request it wants to crash):
+
+- ``staged``: the new bytes are written under ``.callfs/tmp``, not yet fsync'd nor renamed;
+- ``renamed``: the staged file was renamed to its blob key, not yet fsync'd;
+- ``published``: the blob is fsync'd under its own key, the metadata not yet committed;
+- ``committed``: the metadata commit returned, the answer not yet sent.
+
+The product has no such hook: this wrapper patches it from outside, in this process only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from callfs.metadata import sqlite as sqlite_store
+from callfs.storage import localfs
+
+POINT = os.environ["CRASH_POINT"]
+ARM = os.environ["CRASH_ARM"]
+
+
+def _reached(point: str) -> None:
+    if point == POINT and os.path.exists(ARM):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_stage = localfs.LocalFSBackend.stage
+_publish = localfs._Staged.publish
+_rename = os.rename
+_create = sqlite_store.SqliteMetadataStore.create
+_update = sqlite_store.SqliteMetadataStore.update
+
+
+async def stage(self: Any, key: str, chunks: Any) -> Any:
+    staged = await _stage(self, key, chunks)
+    _reached("staged")
+    return staged
+
+
+async def publish(self: Any) -> None:
+    await _publish(self)
+    _reached("published")
+
+
+def rename(src: Any, dst: Any, *, src_dir_fd: Any = None, dst_dir_fd: Any = None) -> None:
+    _rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    if src_dir_fd is not None:  # the publish rename, out of .callfs/tmp
+        _reached("renamed")
+
+
+async def create(self: Any, *args: Any, **kwargs: Any) -> Any:
+    out = await _create(self, *args, **kwargs)
+    _reached("committed")
+    return out
+
+
+async def update(self: Any, *args: Any, **kwargs: Any) -> Any:
+    out = await _update(self, *args, **kwargs)
+    _reached("committed")
+    return out
+
+
+localfs.LocalFSBackend.stage = stage  # type: ignore[method-assign]
+localfs._Staged.publish = publish  # type: ignore[method-assign]
+os.rename = rename  # type: ignore[assignment]
+sqlite_store.SqliteMetadataStore.create = create  # type: ignore[method-assign]
+sqlite_store.SqliteMetadataStore.update = update  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    from callfs.cli import main
+
+    main(sys.argv[1:])
