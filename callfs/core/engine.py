@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from callfs.auth.policy import check_delete, check_read, check_write
 from callfs.core.peer import PeerClient
+from callfs.core.tee import store_with_copy
 from callfs.erasure.service import ErasureService, Profile, placement
 from callfs.errors import (
     AlreadyExists,
@@ -173,6 +174,9 @@ class Engine:
         self._backends = dict(backends)
         self.settings = settings
         self._clock = clock
+        #: Blob keys whose replica copy was written while the body streamed (``_stage``), not yet
+        #: committed: ``_replicate`` then has nothing to copy.
+        self._copied: set[str] = set()
 
     # ---- helpers -------------------------------------------------------------------------
     def _count(self, operation: str, backend_type: str) -> None:
@@ -420,7 +424,18 @@ class Engine:
                 await staged.discard()
                 raise
             return staged
-        return await _store_blob(self.backend(kind), new_blob_key(), chunks)
+        key = new_blob_key()
+        replica = self._replica_for(kind) if self.settings.require_replica_success else None
+        if replica is None:
+            return await _store_blob(self.backend(kind), key, chunks)
+        # The replica is copied before the request returns anyway: write it from the body as it
+        # arrives, beside the primary, instead of re-reading the primary after the commit.
+        staged, copied = await store_with_copy(
+            self.backend(kind), key, replica, replica_key(key), chunks
+        )
+        if copied:
+            self._copied.add(key)
+        return staged
 
     async def _commit(self, kind: str, blob_key: str, command: Awaitable[T]) -> T:
         """Run the conditional command that makes an entry name the new blob ``blob_key``.
@@ -432,8 +447,15 @@ class Engine:
             return await command
         except _DEFINITE:
             await self._drop_blob(kind, blob_key)
+            if blob_key in self._copied:
+                self._copied.discard(blob_key)
+                try:
+                    await self._delete_replica(blob_key)
+                except (CallFSError, OSError):
+                    log.warning("could not remove a replica copy; the orphan sweep retries it")
             raise
         except BaseException:
+            self._copied.discard(blob_key)  # a replica copy made meanwhile: the sweep decides too
             log.warning("a metadata commit failed ambiguously; the orphan sweep will decide")
             raise
 
@@ -700,6 +722,9 @@ class Engine:
         if not self._replicated(stored):
             return
         assert stored.blob_key is not None
+        if stored.blob_key in self._copied:
+            self._copied.discard(stored.blob_key)
+            return  # copied while the body streamed (``_stage``)
         if not self.settings.require_replica_success:
             arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
             await self._enqueue(REPLICA_PUT, stored.blob_key, arg)

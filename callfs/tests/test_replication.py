@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from moto.server import ThreadedMotoServer
 
 from callfs.daemon import Node
-from callfs.errors import ConfigError
+from callfs.errors import ConfigError, ParentNotDirectory
 from callfs.tests import s3server
 from callfs.tests.functional.conftest import auth, make_config
 
@@ -219,3 +220,52 @@ async def test_s3_failing_mid_upload(tmp_path: Path, aiohttp_client: Any) -> Non
     finally:
         await node.stop()
         server.stop()
+
+
+async def test_required_replica_is_written_from_the_body(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """``require_replica_success``: the copy is made while the body streams, not by re-reading
+    the primary after the commit; a commit refused for sure removes the copy with the blob."""
+    bucket = s3server.make_bucket()
+    node = Node(make_config(tmp_path, **replica_env(bucket, s3server.endpoint(), True)))
+    node.build()
+    await node.start_components()
+    try:
+        client = await aiohttp_client(node.app)
+        assert node.engine is not None
+        local = node.engine.backend("localfs")
+        reads: list[str] = []
+        real_open = local.open_read
+
+        async def counted(key: str, offset: int = 0, length: int | None = None) -> Any:
+            reads.append(key)
+            return await real_open(key, offset, length)
+
+        local.open_read = counted  # type: ignore[method-assign]
+        body = bytes(range(256)) * (12 * 1024 + 7)  # ~3 MiB, several chunks
+        resp = await client.put("/v1/files/big.bin", data=io.BytesIO(body), headers=auth())
+        assert resp.status == 201, await resp.text()
+        assert reads == []  # the primary was never read back
+        assert keys(bucket) == {await copy_key(node, "/big.bin"): body}
+        # an update replaces the copy; the old version's copy goes with its blob
+        resp = await client.put("/v1/files/big.bin", data=b"v2", headers=auth())
+        assert resp.status == 200
+        assert reads == []
+        assert keys(bucket) == {await copy_key(node, "/big.bin"): b"v2"}
+        # a commit refused for sure after the body was stored (the parent became a file
+        # meanwhile): the blob and its copy are both removed
+        assert node.meta is not None
+        real_create = node.meta.create
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise ParentNotDirectory()
+
+        node.meta.create = refused  # type: ignore[method-assign]
+        resp = await client.put("/v1/files/new.bin", data=b"never named", headers=auth())
+        node.meta.create = real_create  # type: ignore[method-assign]
+        assert resp.status == 409, await resp.text()
+        assert b"never named" not in keys(bucket).values()
+        assert len(keys(bucket)) == 1
+    finally:
+        await node.stop()
