@@ -34,7 +34,7 @@ from callfs.cluster.raft import RaftNode, RaftSettings
 from callfs.cluster.service import RaftService, raft_password
 from callfs.concurrency import shutdown_pools
 from callfs.config import Config, ServerConfig
-from callfs.core.background import Periodic
+from callfs.core.background import Periodic, one_node_at_a_time
 from callfs.core.engine import ORPHAN_GRACE, Engine, EngineSettings
 from callfs.core.fsck import Fsck
 from callfs.core.maintenance import FIRST_PASS, ErasureMaintenance
@@ -424,7 +424,6 @@ class Node:
             erasure=erasure,
         )
         if erasure is not None:
-            raft_node = self.raft.node if self.raft is not None else None
             peers = self.peers
 
             def peer_ids() -> list[str]:
@@ -438,8 +437,6 @@ class Node:
                 peers,
                 peer_ids,
                 self.metrics,
-                self.locks,
-                is_coordinator=raft_node.is_leader if raft_node is not None else None,
             )
         nodes, cluster = self.peers, self.raft
         self.fsck = Fsck(
@@ -491,6 +488,7 @@ class Node:
         assert self.engine is not None and self.links is not None and self.queue is not None
         engine, fsck = self.engine, self.fsck
         assert fsck is not None
+        coordinator = self.raft.node.is_leader if self.raft is not None else None
         components: list[Lifecycle] = [
             self.peers,  # first: a Raft follower forwards through it from its first command
             self.meta,
@@ -501,7 +499,13 @@ class Node:
             WorkQueueWorker(
                 engine, self.queue, self.cfg.instance_discovery.instance_id, self.metrics
             ),
-            Periodic("link-sweep", SWEEP_INTERVAL, self.links.sweep),
+            # Chores over the shared metadata run on one node at a time; the orphan sweep is each
+            # node's own disk, so every node runs it.
+            Periodic(
+                "link-sweep",
+                SWEEP_INTERVAL,
+                one_node_at_a_time("link-sweep", self.links.sweep, self.locks, coordinator),
+            ),
             Periodic(
                 "orphan-sweep",
                 ORPHAN_SWEEP_INTERVAL,
@@ -523,7 +527,9 @@ class Node:
                 Periodic(
                     "erasure-repair",
                     interval,
-                    self.maintenance.automatic_pass,
+                    one_node_at_a_time(
+                        "erasure-repair", self.maintenance.automatic_pass, self.locks, coordinator
+                    ),
                     first_delay=min(FIRST_PASS, interval),
                 )
             )

@@ -1,7 +1,8 @@
 """Erasure maintenance of a node: ``callfs erasure repair [PATH]`` and the automatic pass.
 
-The automatic pass runs on one node of the cluster at a time (the Raft leader, or the holder of
-the ``erasure-repair`` lock with a shared store), walks every erasure-coded file, throttled, and
+The automatic pass runs on one node of the cluster at a time (the daemon gates it with
+``core.background.one_node_at_a_time``: the Raft leader, or the holder of the ``erasure-repair``
+lock with a shared store), walks every erasure-coded file, throttled, and
 rebuilds what a lost node or a damaged disk took (``erasure/repair.py``). ``/metrics`` shows the
 degraded files it found, its backlog and the shards it rebuilt.
 """
@@ -18,7 +19,6 @@ from callfs.core.peer import PeerClient
 from callfs.erasure.repair import Repairer, RepairReport
 from callfs.erasure.service import ErasureService
 from callfs.errors import BadRequest, CallFSError, InsufficientShards, NotFound
-from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import BackendType, Entry, ErasureLayout
@@ -41,16 +41,12 @@ class ErasureMaintenance:
         peers: PeerClient,
         peer_ids: Callable[[], Sequence[str]],
         metrics: Metrics | None = None,
-        locks: LockManager | None = None,
-        is_coordinator: Callable[[], bool] | None = None,
     ) -> None:
         self._meta = meta
         self._service = service
         self._peers = peers
         self._peer_ids = peer_ids
         self._metrics = metrics
-        self._locks = locks
-        self._is_coordinator = is_coordinator
         self.repairer = Repairer(service, self.live_nodes, self._save)
         self._running = asyncio.Lock()
 
@@ -140,17 +136,6 @@ class ErasureMaintenance:
             await self._meta.delete_erasure(fixed.upload_id)
 
     async def automatic_pass(self) -> None:
-        """One throttled pass, on the cluster's coordinator only."""
-        if self._is_coordinator is not None:
-            if not self._is_coordinator():
-                return
-            await self.repair(pause=PASS_PAUSE)
-            return
-        if self._locks is None:
-            await self.repair(pause=PASS_PAUSE)
-            return
-        try:
-            async with self._locks.hold("erasure-repair", 0.1):
-                await self.repair(pause=PASS_PAUSE)
-        except CallFSError:
-            return  # another node runs the pass
+        """One throttled pass (the daemon runs it on one node of the cluster at a time:
+        ``core.background.one_node_at_a_time``)."""
+        await self.repair(pause=PASS_PAUSE)
