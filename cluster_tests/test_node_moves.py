@@ -153,12 +153,19 @@ async def test_file_and_directory_moves(cluster: dict[str, ClusterNode], tmp_pat
             path = f"/tree/sub{i % 2}/f{i}.txt"
             contents[path] = os.urandom(1000 + i)
             await put(s, (a, b, c)[i % 3], path, contents[path])
+        dirs = ["/tree", "/tree/sub0", "/tree/sub1"]
+        elsewhere = [d for d in dirs if await owner(s, a, d) != "node-a"]
+        assert elsewhere  # parents made by node-b or node-c
         async with s.patch(
             f"{c.base}/v1/files/tree/", json={"name": "tree", "instance": "node-a"}, headers=H
         ) as r:
             assert r.status == 200, await r.text()
             report = await r.json()
         assert report["moved_files"] == 6 and report["skipped"] == 3 and report["failed"] == []
+        # the directories follow: their renames and deletes now go to node-a
+        assert report["moved_dirs"] == len(elsewhere)
+        for d in dirs:
+            assert await owner(s, b, d) == "node-a"
         assert report["moved_bytes"] == sum(
             len(v) for i, v in enumerate(contents.values()) if i % 3
         )

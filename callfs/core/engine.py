@@ -139,11 +139,14 @@ class TreeMove:
     moved_bytes: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    #: Directories of the tree (itself included) now naming the target as their owner node.
+    moved_dirs: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
             "moved_files": self.moved_files,
             "moved_bytes": self.moved_bytes,
+            "moved_dirs": self.moved_dirs,
             "skipped": self.skipped,
             "failed": self.failed,
         }
@@ -987,7 +990,9 @@ class Engine:
 
     async def relocate_tree(self, who: Identity, path: CanonicalPath, target: str) -> TreeMove:
         """PATCH ``{"instance": ...}`` on a directory: every localfs file below it moves to
-        ``target``, each with its own placement switch (``relocate``). Permission is checked for
+        ``target``, each with its own placement switch (``relocate``), then the directory and
+        those below it name ``target`` as their owner node (metadata only, one conditional switch
+        each, as a drain re-tags them). Permission is checked for
         the whole tree first (nothing moves if a file may not be moved); an unreachable target
         changes nothing. Files already there, S3 and erasure-coded files are skipped; a file
         that fails is reported and the others still move (re-running continues)."""
@@ -996,12 +1001,14 @@ class Engine:
         directory = check_delete(who, await self._meta.get(path.path))
         if not directory.is_dir:
             raise BadRequest("path is not a directory")
-        files = [e for e in await self._meta.list_tree(directory.path, 1 << 30) if not e.is_dir]
+        entries = await self._meta.list_tree(directory.path, 1 << 30)
+        files = [e for e in entries if not e.is_dir]
         for entry in files:
             check_delete(who, entry)
         if target != self.settings.instance_id and not await self._peer_client().alive(target):
             raise PeerUnavailable("target node unreachable")
         report = TreeMove()
+        tree = [directory, *(e for e in entries if e.is_dir)]
         for entry in files:
             if entry.backend_type is not BackendType.LOCALFS or entry.instance_id == target:
                 report.skipped += 1
@@ -1017,6 +1024,21 @@ class Engine:
                 continue
             report.moved_files += 1
             report.moved_bytes += entry.size
+        for entry in tree:  # then the directories: renames and deletes of them go to the target
+            if entry.instance_id == target:
+                continue
+            retag = Placement(entry.backend_type, target, None, 0)
+            try:
+                await self._meta.move(
+                    entry.path, entry.path, expected_version=entry.version, placement=retag
+                )
+            except NotFound:
+                continue  # deleted meanwhile
+            except CallFSError as exc:  # changed meanwhile: re-running the PATCH re-tags it
+                log.warning("could not re-tag %s to %s: %s", entry.path, target, exc.message)
+                report.failed.append(entry.path + "/")
+                continue
+            report.moved_dirs += 1
         return report
 
 

@@ -129,6 +129,7 @@ async def test_patch_instance_checks_and_a_target_down(
         "path": "/d",
         "moved_files": 0,
         "moved_bytes": 0,
+        "moved_dirs": 0,
         "skipped": 1,
         "failed": [],
     }
