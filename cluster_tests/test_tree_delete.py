@@ -208,3 +208,36 @@ async def test_tree_delete_with_another_users_file_is_refused(
             assert r.status == 204, await r.text()
         for path in contents:
             assert await status(s, b, path) == 404
+
+
+async def test_raft_tree_of_three_owners_deleted_through_one_node(tmp_path: Path) -> None:
+    """The same on a three-node Raft cluster (no external store): one ``delete_tree`` command
+    through the log, the top's owner frees its bytes, the others' sweeps theirs; fsck clean."""
+    from cluster_tests.raftlib import raft_cluster, wait_leader
+
+    nodes = raft_cluster(tmp_path, names=NAMES)
+    cluster = {node.name: node for node in nodes}
+    a, b, c = nodes
+    try:
+        for node in nodes:
+            node.start()
+        wait_leader(nodes)
+        async with aiohttp.ClientSession() as s:
+            contents = await make_tree(s, cluster, "/t")
+            held = {n: blobs(tmp_path, n) for n in NAMES}
+            assert {n: len(v) for n, v in held.items()} == {n: 2 for n in NAMES}
+            async with s.delete(f"{c.base}/v1/files/t?recursive=true", headers=ALICE) as r:
+                assert r.status == 204, await r.text()
+            for node in nodes:
+                assert await status(s, node, "/t/") == 404
+                for path in contents:
+                    assert await status(s, node, path) == 404
+            assert blobs(tmp_path, "node-a") == set()
+            assert (await fsck_counts(s, b))["orphan"] == 4
+            for node in (b, c):
+                await sweep(s, node)
+            assert {n: blobs(tmp_path, n) for n in NAMES} == {n: set() for n in NAMES}
+            assert sum((await fsck_counts(s, a)).values()) == 0
+    finally:
+        for node in nodes:
+            node.stop()
