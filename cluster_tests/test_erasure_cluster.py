@@ -272,8 +272,9 @@ def repair_cli(workdir: Path, node: ClusterNode, *args: str) -> dict[str, Any]:
 
 
 async def test_automatic_repair_restores_full_redundancy(tmp_path: Path) -> None:
-    """A node's data directory is wiped: the automatic pass rebuilds its shards there. Then a
-    node is lost for good: the pass rebuilds its shards on the survivors."""
+    """A node's data directory is wiped: the automatic pass rebuilds its shards (there, or on the
+    others if a pass ran while it was down). Then a node is lost for good: the pass rebuilds its
+    shards on the survivors."""
     nodes = raft_cluster(tmp_path)
     for node in nodes:
         node.config["erasure"] = {**ERASURE, "repair_interval": "1s"}
@@ -294,11 +295,19 @@ async def test_automatic_repair_restores_full_redundancy(tmp_path: Path) -> None
             shutil.rmtree(tmp_path / "node-3" / "files")
             nodes[2].start()
             started = time.monotonic()
-            deadline = started + 120
-            while len(shards_on(tmp_path, "node-3")) < lost:
-                assert time.monotonic() < deadline, "automatic repair did not restore node-3"
+            deadline = started + 90
+            # Every file back to k+m intact shards. Usually on node-3 again; but a pass that ran
+            # while node-3 was down (killed, wiped, restarting: the interval is 1 s) found it
+            # unreachable and re-homed its shards to the others, which is right too.
+            names = ("node-1", "node-2", "node-3")
+            while sum(len(shards_on(tmp_path, n)) for n in names) < 3 * len(files):
+                assert time.monotonic() < deadline, "automatic repair did not restore the shards"
                 await asyncio.sleep(0.5)
-            print(f"rebuilt {lost} shards on a wiped node in {time.monotonic() - started:.1f}s")
+            back = len(shards_on(tmp_path, "node-3"))
+            print(
+                f"rebuilt {lost} shards of a wiped node in {time.monotonic() - started:.1f}s"
+                f" ({back} of them on that node again)"
+            )
             report = repair_cli(tmp_path, nodes[0])
             assert (report["healthy"], report["exit"]) == (10, 0), report
             # node-3 gone for good: its shards move to the survivors
