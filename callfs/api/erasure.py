@@ -21,7 +21,7 @@ from callfs.erasure.shards import SHA256_HEADER, hashed, shard_key
 from callfs.errors import BadRequest, InternalError, NotFound
 from callfs.model import BackendType, Entry, ErasureLayout
 from callfs.paths import parse_body_path, parse_request_path
-from callfs.storage.base import StorageBackend
+from callfs.storage.base import StorageBackend, publish_or_discard
 
 SHARDS_PREFIX = "/v1/shards/"
 INTERNAL_PREFIX = "/v1/internal/shards/"
@@ -193,8 +193,8 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     if request.method == "PUT":
         digest = hashlib.sha256()
         try:
-            staged = await backend.stage(key, hashed(request.content.iter_chunked(_CHUNK), digest))
-            await staged.publish()
+            body = hashed(request.content.iter_chunked(_CHUNK), digest)
+            await publish_or_discard(await backend.stage(key, body))
         except (BadRequest, ConnectionError):
             return _text(400, "body read error")
         except Exception:

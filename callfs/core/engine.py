@@ -67,6 +67,7 @@ from callfs.storage.base import (
     StorageBackend,
     is_blob_key,
     new_blob_key,
+    publish_or_discard,
 )
 
 log = logging.getLogger(__name__)
@@ -419,14 +420,9 @@ class Engine:
         A ``LocalFile`` body (a finished resumable upload) goes through ``stage_file``: localfs
         takes the file itself, no copy."""
         if isinstance(chunks, LocalFile):
-            backend = self.backend(kind)
-            staged = await backend.stage_file(new_blob_key(), chunks.path)
-            try:
-                await staged.publish()
-            except BaseException:
-                await staged.discard()
-                raise
-            return staged
+            return await publish_or_discard(
+                await self.backend(kind).stage_file(new_blob_key(), chunks.path)
+            )
         key = new_blob_key()
         replica = self._replica_for(kind) if self.settings.require_replica_success else None
         if replica is None:
@@ -988,6 +984,15 @@ class Engine:
                 owner = exc.instance_id
         await self._peer_client().relocate(owner, entry.path, target, entry.size)
 
+    async def retag_directory(self, entry: Entry, target: str) -> None:
+        """The directory record ``entry`` names ``target`` as its owner node from now on:
+        metadata only, one conditional placement switch. ``NotFound`` if it was deleted
+        meanwhile; a ``CallFSError`` (a version conflict) if it changed."""
+        retag = Placement(entry.backend_type, target, None, 0)
+        await self._meta.move(
+            entry.path, entry.path, expected_version=entry.version, placement=retag
+        )
+
     async def relocate_tree(self, who: Identity, path: CanonicalPath, target: str) -> TreeMove:
         """PATCH ``{"instance": ...}`` on a directory: every localfs file below it moves to
         ``target``, each with its own placement switch (``relocate``), then the directory and
@@ -1027,11 +1032,8 @@ class Engine:
         for entry in tree:  # then the directories: renames and deletes of them go to the target
             if entry.instance_id == target:
                 continue
-            retag = Placement(entry.backend_type, target, None, 0)
             try:
-                await self._meta.move(
-                    entry.path, entry.path, expected_version=entry.version, placement=retag
-                )
+                await self.retag_directory(entry, target)
             except NotFound:
                 continue  # deleted meanwhile
             except CallFSError as exc:  # changed meanwhile: re-running the PATCH re-tags it
@@ -1047,13 +1049,7 @@ async def _store_blob(
 ) -> StagedObject:
     """Stream ``chunks`` into ``backend`` under ``key`` and publish it (durable and readable);
     the staged object is discarded if publishing fails."""
-    staged = await backend.stage(key, chunks)
-    try:
-        await staged.publish()
-    except BaseException:
-        await staged.discard()
-        raise
-    return staged
+    return await publish_or_discard(await backend.stage(key, chunks))
 
 
 async def _copy_into(backend: StorageBackend, key: str, stream: ByteStream) -> int:

@@ -34,7 +34,7 @@ from callfs.errors import AlreadyExists, BadRequest, CallFSError, LockTimeout, N
 from callfs.locks.base import LockManager
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
-from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, Identity, Placement
+from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, Identity
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +349,8 @@ class NodeMoves:
         for entry in entries:
             if not entry.is_dir or entry.instance_id != node:
                 continue
-            retag = Placement(entry.backend_type, target, None, 0)
             try:
-                await self._meta.move(
-                    entry.path, entry.path, expected_version=entry.version, placement=retag
-                )
+                await self._engine.retag_directory(entry, target)
             except NotFound:
                 continue  # deleted meanwhile
             except CallFSError as exc:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from callfs.errors import CallFSError, NotFound
-from callfs.storage.base import StagedObject, StorageBackend
+from callfs.storage.base import StagedObject, StorageBackend, publish_or_discard
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,7 @@ class _Side:
             yield chunk
 
     async def _store(self) -> StagedObject:
-        staged = await self.backend.stage(self.key, self._chunks())
-        try:
-            await staged.publish()
-        except BaseException:
-            await staged.discard()
-            raise
-        return staged
+        return await publish_or_discard(await self.backend.stage(self.key, self._chunks()))
 
     async def send(self, chunk: bytes | None) -> bool:
         """Queue ``chunk`` (None: the end); False if the side already stopped (failed)."""

@@ -18,7 +18,7 @@ import aiohttp
 
 from callfs.concurrency import run_cpu
 from callfs.errors import CallFSError, NotFound, PeerUnavailable
-from callfs.storage.base import ByteStream, Chunk, StorageBackend
+from callfs.storage.base import ByteStream, Chunk, StorageBackend, publish_or_discard
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,8 @@ class ShardIO:
         by the holder as it stored the bytes, so each node hashes only the shards it keeps."""
         if holder == self.instance_id:
             digest = hashlib.sha256()
-            staged = await self.local.stage(shard_key(upload_id, index), hashed(chunks, digest))
-            try:
-                await staged.publish()
-            except BaseException:
-                await staged.discard()
-                raise
+            key = shard_key(upload_id, index)
+            await publish_or_discard(await self.local.stage(key, hashed(chunks, digest)))
             return digest.hexdigest()
         assert self.peers is not None
         url = self._url(holder, upload_id, index)

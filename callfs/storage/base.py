@@ -127,11 +127,12 @@ def is_replica_key(key: str) -> bool:
 
 
 class StagedObject(Protocol):
-    """Bytes written and made durable (fsync'd / uploaded) but not yet readable under their key.
+    """Bytes written but not yet readable under their key (localfs makes them durable at
+    ``publish``, in the same fsync as the rename; S3 has them uploaded as parts).
 
     Exactly one of ``publish`` or ``discard`` must be called. ``publish`` makes the bytes durable
-    and readable under ``key`` (rename + directory fsync / multipart complete); it never touches
-    any other key. ``discard`` removes the staged bytes and never raises.
+    and readable under ``key`` (rename + fsyncs / multipart complete); it never touches any other
+    key. ``discard`` removes the staged bytes and never raises.
     """
 
     key: str
@@ -140,6 +141,16 @@ class StagedObject(Protocol):
     async def publish(self) -> None: ...
 
     async def discard(self) -> None: ...
+
+
+async def publish_or_discard(staged: StagedObject) -> StagedObject:
+    """``staged.publish()``; if it fails, the staged bytes are discarded and the error raised."""
+    try:
+        await staged.publish()
+    except BaseException:
+        await staged.discard()
+        raise
+    return staged
 
 
 class StorageBackend(Protocol):
