@@ -136,8 +136,8 @@ class Codec:
         """``encode_parts`` on the CPU pool; do not mutate ``stripe`` while the parts are used."""
         return await run_cpu(self.encode_parts, stripe)
 
-    def unframe(self, framed: bytes | memoryview) -> bytes | None:
-        """The block inside ``framed`` if its tag matches, else None."""
+    def unframe(self, framed: Buffer) -> memoryview | None:
+        """The block inside ``framed`` if its tag matches (a view of it, no copy), else None."""
         view = memoryview(framed).cast("B")
         tag_len = self.tag_len
         if view.nbytes <= tag_len:
@@ -145,9 +145,9 @@ class Codec:
         block = view[:-tag_len]
         if not hmac.compare_digest(self._tag(block), view[-tag_len:]):
             return None
-        return bytes(block)
+        return block
 
-    def decode_stripe(self, blocks: dict[int, bytes]) -> bytes:
+    def decode_stripe(self, blocks: dict[int, Buffer]) -> bytes:
         """Rebuild the k*B stripe from >= k verified raw blocks keyed by shard index."""
         k = self.data_shards
         if self._fast_path(blocks):
@@ -156,17 +156,17 @@ class Codec:
         primary = self._decoder.decode(tuple(blocks[i] for i in nums), nums)
         return b"".join(primary)
 
-    async def decode(self, blocks: dict[int, bytes]) -> bytes:
+    async def decode(self, blocks: dict[int, Buffer]) -> bytes:
         """``decode_stripe``; on the CPU pool unless every data block is present."""
         if self._fast_path(blocks):
             return self.decode_stripe(blocks)
         return await run_cpu(self.decode_stripe, blocks)
 
-    def _fast_path(self, blocks: dict[int, bytes]) -> bool:
+    def _fast_path(self, blocks: dict[int, Buffer]) -> bool:
         bsize = self.block_size
         return all(len(blocks.get(i, b"")) == bsize for i in range(self.data_shards))
 
-    def _pick(self, blocks: dict[int, bytes]) -> tuple[int, ...]:
+    def _pick(self, blocks: dict[int, Buffer]) -> tuple[int, ...]:
         """k usable shard indices, data blocks first (zfec then only rebuilds the missing ones)."""
         total = self.data_shards + self.parity_shards
         usable = sorted(

@@ -27,7 +27,7 @@ from typing import Any
 
 from callfs.concurrency import run_cpu
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, Buffer, Codec
-from callfs.erasure.shards import ShardIO, read_exactly
+from callfs.erasure.shards import Pending, ShardIO, read_exactly
 from callfs.errors import (
     BadRequest,
     CallFSError,
@@ -252,7 +252,7 @@ class _StripeReader:
         self._io = io
         self._layout = layout
         self._codec = codec
-        self._open: dict[int, tuple[ByteStream, AsyncIterator[bytes], bytearray]] = {}
+        self._open: dict[int, tuple[ByteStream, AsyncIterator[bytes], Pending]] = {}
         self._bad: set[int] = set()
         self._last = 0
 
@@ -278,7 +278,7 @@ class _StripeReader:
             )
             self._bad.add(index)
             return False
-        self._open[index] = (stream, aiter(stream), bytearray())
+        self._open[index] = (stream, aiter(stream), Pending())
         return True
 
     async def start(self, first: int, last: int, exclude: set[int] | None = None) -> None:
@@ -298,10 +298,11 @@ class _StripeReader:
             if await self._open_one(index, first):
                 missing -= 1
 
-    async def _block(self, index: int) -> bytes | None:
-        stream, it, buf = self._open[index]
+    async def _block(self, index: int) -> Buffer | None:
+        stream, it, pending = self._open[index]
+        framed: Buffer
         try:
-            framed = await read_exactly(it, buf, self._codec.framed_block)
+            framed = await read_exactly(it, pending, self._codec.framed_block)
         except (CallFSError, OSError):
             framed = b""
         codec = self._codec
@@ -325,7 +326,7 @@ class _StripeReader:
 
     async def stripe(self, number: int) -> bytes:
         k = self._codec.data_shards
-        got: dict[int, bytes] = {}
+        got: dict[int, Buffer] = {}
         while len(got) < k:
             active = [i for i in self._open if i not in got]
             if not active:

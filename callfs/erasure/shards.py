@@ -185,13 +185,29 @@ class ShardIO:
             log.warning("could not delete shard %d on %s: %s", index, holder, type(exc).__name__)
 
 
-async def read_exactly(it: AsyncIterator[bytes], buf: bytearray, n: int) -> bytes:
-    """``n`` bytes from ``it`` (``buf`` keeps what was read beyond them); fewer only at the end."""
-    while len(buf) < n:
+class Pending:
+    """What a shard stream delivered beyond the blocks read so far (``read_exactly``)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[Chunk] = []
+        self.size = 0
+
+
+async def read_exactly(it: AsyncIterator[bytes], pending: Pending, n: int) -> memoryview:
+    """``n`` bytes from ``it`` (``pending`` keeps what was read beyond them); fewer only at the
+    end. One copy at most (the chunks joined), none when one chunk holds them: a view."""
+    while pending.size < n:
         try:
-            buf += await anext(it)
+            chunk = await anext(it)
         except StopAsyncIteration:
             break
-    out = bytes(buf[:n])
-    del buf[:n]
-    return out
+        pending.parts.append(chunk)
+        pending.size += len(chunk)
+    parts = pending.parts
+    joined = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
+    rest = joined[n:]
+    pending.parts = [rest] if rest.nbytes else []
+    pending.size = rest.nbytes
+    return joined[:n]
