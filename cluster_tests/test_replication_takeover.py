@@ -164,11 +164,16 @@ async def test_queue_taken_over_within_seconds_when_the_holder_dies(
     # frozen rather than stopped (it could not start again while S3 is frozen)
     os.kill(c.proc.pid, signal.SIGSTOP)
     os.kill(moto.pid, signal.SIGSTOP)  # every replica copy stalls from here
+    assert a.proc is not None
+    # node-a is frozen while the files go in: its idle poll (every 2 s) would otherwise claim
+    # the items queued so far mid-way and stall on the first, leaving later ones unclaimed
+    os.kill(a.proc.pid, signal.SIGSTOP)
     try:
         async with aiohttp.ClientSession() as s:
             for path, body in contents.items():
                 async with s.put(f"{b.base}/v1/files{path}", data=io.BytesIO(body), headers=H) as r:
                     assert r.status == 201, await r.text()
+        os.kill(a.proc.pid, signal.SIGCONT)
         # node-b's worker claims the first item and stalls; node-a's idle poll claims the others
         # and stalls on its first copy
         deadline = time.monotonic() + 20
@@ -228,8 +233,9 @@ async def test_queue_taken_over_within_seconds_when_the_holder_dies(
         assert all(current[i] == o for i, o in owners.items() if i not in a_ids), items
     finally:
         os.kill(moto.pid, signal.SIGCONT)
-        if c.proc.poll() is None:
-            os.kill(c.proc.pid, signal.SIGCONT)
+        for node in (a, c):
+            if node.proc is not None and node.proc.poll() is None:
+                os.kill(node.proc.pid, signal.SIGCONT)
 
     deadline = time.monotonic() + 60
     while await queue(dsn):
