@@ -319,10 +319,14 @@ async def bench_sqlite(workdir: Path, seconds: float, clients: int) -> dict[str,
     return out
 
 
-async def bench_raft(workdir: Path, seconds: float, clients: int) -> dict[str, Any]:
+async def bench_raft(
+    workdir: Path, seconds: float, clients: int, snapshot_threshold: int = 0
+) -> dict[str, Any]:
     nodes = raft_cluster(workdir / "raft")
     for n in nodes:
         configure(n)
+        if snapshot_threshold:  # else the contract's default (256 entries)
+            n.config["raft"]["snapshot_threshold"] = snapshot_threshold
     out: dict[str, Any] = {}
     try:
         for n in nodes:
@@ -428,6 +432,12 @@ async def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--workdir", default="", help="default: a new directory under /tmp/bench")
     ap.add_argument("--keep", action="store_true", help="keep the servers' data and logs")
+    ap.add_argument(
+        "--snapshot-threshold",
+        type=int,
+        default=0,
+        help="raft.snapshot_threshold of the Raft nodes (default: the config default, 256)",
+    )
     args = ap.parse_args()
     workdir = Path(args.workdir or f"/tmp/bench/raft-{time.strftime('%Y%m%d-%H%M%S')}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -435,7 +445,7 @@ async def main() -> None:
     try:
         sq = await bench_sqlite(workdir, args.seconds, args.clients)
         print(f"sqlite done; {load()}", flush=True)
-        rf = await bench_raft(workdir, args.seconds, args.clients)
+        rf = await bench_raft(workdir, args.seconds, args.clients, args.snapshot_threshold)
         print(f"raft done; {load()}", flush=True)
         report(sq, rf, args)
     finally:
