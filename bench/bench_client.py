@@ -2,7 +2,8 @@
 subprocess (http, SQLite, localfs, local locks), each next to a reference measured in the same run:
 
 1. ``callfs put`` of 256 MiB through tus with the client's default chunk size (64 MiB PATCHes)
-   vs a plain PUT of the same file by curl (goal: >= 0.8x);
+   vs a plain PUT of the same file by curl (goal: >= 0.8x), and vs the same command's plain PUT
+   (``--no-resumable``: the same start-up, so the ratio is what tus itself costs);
 2. ``callfs sync`` of 1,000 x 4 KiB files up (``-j 8``, the default) vs the server's PUT rate at
    the same concurrency, measured with ``curl --parallel --parallel-max 8`` PUTting 1,000 new
    4 KiB files (goal: >= 0.8x); the way down is printed too (vs ``curl --parallel`` GETs);
@@ -227,12 +228,17 @@ def main() -> None:
                     partial(run, curl("-o", "/dev/null", "-H", "Expect:", "-T", str(big), dst)),
                 ),
                 ("put_cli", cli("put", str(big), f"/up/cli-{r}.bin", "--json")),
+                (
+                    "put_cli_plain",
+                    cli("put", "--no-resumable", str(big), f"/up/cli-plain-{r}.bin", "--json"),
+                ),
                 ("put_sdk_tus", partial(sdk.upload_file, big, f"/up/sdk-{r}.bin")),
                 ("put_sdk_plain", partial(sdk.upload, f"/up/plain-{r}.bin", big, resumable=False)),
             ]
             # each upload starts with no dirty pages left by the one before (the server fsyncs),
             # and the order rotates so that none is always first or last
-            for name, fn in uploads[r % 4 :] + uploads[: r % 4]:
+            turn = r % len(uploads)
+            for name, fn in uploads[turn:] + uploads[:turn]:
                 os.sync()
                 value = measure(name, fn)
                 if name == "put_cli":
@@ -242,7 +248,8 @@ def main() -> None:
                     assert value.resumable  # type: ignore[attr-defined]
             print(
                 f"  run {r + 1}: curl PUT {last('put_curl'):.2f} s, callfs put (tus) "
-                f"{last('put_cli'):.2f} s, SDK tus {last('put_sdk_tus'):.2f} s, "
+                f"{last('put_cli'):.2f} s, callfs put --no-resumable "
+                f"{last('put_cli_plain'):.2f} s, SDK tus {last('put_sdk_tus'):.2f} s, "
                 f"SDK plain PUT {last('put_sdk_plain'):.2f} s (load {load()})"
             )
         load_put = load()
@@ -360,6 +367,13 @@ def main() -> None:
             "tus upload 256 MiB, `callfs put` command vs curl PUT",
             "put_cli",
             "put_curl",
+            0.8,
+            load_put,
+        ),
+        (
+            "tus upload 256 MiB, `callfs put` vs `callfs put --no-resumable` (same start-up)",
+            "put_cli",
+            "put_cli_plain",
             0.8,
             load_put,
         ),
