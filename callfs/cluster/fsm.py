@@ -221,6 +221,7 @@ class StateMachine:
         try:
             dst = sqlite3.connect(work)
             try:
+                dst.execute("PRAGMA synchronous=OFF")  # a scratch copy: ``out`` is what is fsync'd
                 rconn.backup(dst)
                 dst.execute("PRAGMA journal_mode=DELETE")
                 dst.execute("CREATE TABLE _raftsnap (id INTEGER PRIMARY KEY, data BLOB)")
@@ -232,14 +233,16 @@ class StateMachine:
             with contextlib.suppress(sqlite3.Error):
                 rconn.rollback()
             rconn.close()
+        # one pass: the database goes out behind a placeholder header while it is hashed, then
+        # the header is written in place
         digest = hashlib.sha256()
-        with open(work, "rb") as f:
-            for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
-                digest.update(chunk)
         with open(work, "rb") as src, open(out, "wb") as dst_file:
-            dst_file.write(SNAPSHOT_MAGIC + digest.digest())
+            dst_file.write(SNAPSHOT_MAGIC + bytes(_HASH_LEN))
             for chunk in iter(lambda: src.read(_COPY_CHUNK), b""):
+                digest.update(chunk)
                 dst_file.write(chunk)
+            dst_file.seek(0)
+            dst_file.write(SNAPSHOT_MAGIC + digest.digest())
             dst_file.flush()
             os.fsync(dst_file.fileno())
         remove_db(work)

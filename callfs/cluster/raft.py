@@ -238,6 +238,10 @@ class _Replica(SyncObjConsumer):  # type: ignore[misc]
         return self._fsm.apply(payload)
 
 
+#: Nice value of the snapshot copy thread.
+_SNAPSHOT_NICE = 10
+
+
 class _Snapshots:
     """pysyncobj's serializer hooks: copy the pinned database in a thread, report via the
     checker, keep ``retain`` older snapshots."""
@@ -261,6 +265,10 @@ class _Snapshots:
         self._state = SERIALIZER_STATE.SERIALIZING
 
         def copy() -> None:
+            # Background work: below the threads that serve requests when the cores are busy
+            # (Linux sets a thread's nice value by its thread id).
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _SNAPSHOT_NICE)
             try:
                 self._rotate(final)
                 StateMachine.write_snapshot(rconn, data, final)
