@@ -11,13 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from callfs.client import commands as client_commands
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+F = TypeVar("F", bound=Callable[..., Any])
 JOIN_TIMEOUT = 15.0
 
 
@@ -644,16 +645,24 @@ def _run_job(base: str, secret: str, kind: str, body: dict[str, Any], wait: bool
         )
 
 
+def _throttled_job(command: F) -> F:
+    """``--parallel``, ``--rate`` and ``--no-wait`` of a background move job (drain, rebalance),
+    in that order in the help."""
+    command = click.option("--no-wait", is_flag=True, help="start the job and return")(command)
+    command = click.option(
+        "--rate", default=0.0, type=click.FloatRange(min=0), help="MB/s at most (0: no limit)"
+    )(command)
+    return click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64))(
+        command
+    )
+
+
 @cluster.command("drain", context_settings=CONTEXT)
 @click.argument("node")
 @click.option("--config", "-c", "config_path", default=None)
 @click.option("--url", default="", help="API base URL of the node that runs the job")
 @click.option("--internal-secret", default="")
-@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option(
-    "--rate", default=0.0, type=click.FloatRange(min=0), help="MB/s at most (0: no limit)"
-)
-@click.option("--no-wait", is_flag=True, help="start the job and return")
+@_throttled_job
 @click.pass_context
 def cluster_drain(
     ctx: click.Context,
@@ -686,11 +695,7 @@ def cluster_drain(
     type=click.FloatRange(0, 1, max_open=True),
     help="stop when every node holds the mean bytes within this fraction",
 )
-@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option(
-    "--rate", default=0.0, type=click.FloatRange(min=0), help="MB/s at most (0: no limit)"
-)
-@click.option("--no-wait", is_flag=True, help="start the job and return")
+@_throttled_job
 @click.pass_context
 def cluster_rebalance(
     ctx: click.Context,

@@ -1,4 +1,5 @@
-"""Hops off the event loop: blocking I/O to a thread pool, CPU work to a CPU pool."""
+"""Hops off the event loop: blocking I/O to a thread pool, CPU work to a CPU pool; and handing
+items to a consumer task through a bounded queue."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -49,3 +50,17 @@ def shutdown_pools() -> None:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
     _io_pool = _cpu_pool = None
+
+
+async def put_unless_done(queue: asyncio.Queue[T], item: T, consumer: asyncio.Future[Any]) -> bool:
+    """Put ``item`` into the bounded ``queue`` that ``consumer`` drains; False, without putting
+    it, once ``consumer`` has ended (failed or returned) instead of waiting for room forever."""
+    if consumer.done():
+        return False
+    put = asyncio.ensure_future(queue.put(item))
+    pending: set[asyncio.Future[Any]] = {put, consumer}
+    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    if put in done:
+        return True
+    put.cancel()
+    return False

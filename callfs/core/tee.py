@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
 
+from callfs.concurrency import put_unless_done
 from callfs.errors import CallFSError, NotFound
 from callfs.storage.base import StagedObject, StorageBackend, publish_or_discard
 
@@ -42,15 +42,7 @@ class _Side:
 
     async def send(self, chunk: bytes | None) -> bool:
         """Queue ``chunk`` (None: the end); False if the side already stopped (failed)."""
-        if self.task.done():
-            return False
-        put = asyncio.ensure_future(self._queue.put(chunk))
-        pending: set[asyncio.Future[Any]] = {put, self.task}
-        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if put in done:
-            return True
-        put.cancel()
-        return False
+        return await put_unless_done(self._queue, chunk, self.task)
 
     async def stop(self) -> None:
         self.task.cancel()

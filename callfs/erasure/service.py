@@ -23,9 +23,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from callfs.concurrency import run_cpu
+from callfs.concurrency import put_unless_done, run_cpu
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, Buffer, Codec
 from callfs.erasure.shards import Pending, ShardIO, read_exactly
 from callfs.errors import (
@@ -92,11 +91,7 @@ class _Writer:
     async def send(self, block: tuple[Buffer, bytes] | None) -> None:
         if block is not None:
             self.size += len(block[0]) + len(block[1])
-        put = asyncio.ensure_future(self._queue.put(block))
-        pending: set[asyncio.Future[Any]] = {put, self.task}
-        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if put not in done:
-            put.cancel()
+        if not await put_unless_done(self._queue, block, self.task):
             # the writer ended before taking the block: it failed (or returned early)
             self.task.result()
             raise InternalError("a shard writer stopped early")
