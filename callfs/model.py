@@ -143,6 +143,9 @@ class ErasureLayout:
     #: Tag after every block in the shards (``erasure/codec.py`` FRAMES; "sha256" in layouts
     #: written before the tag was kept).
     frame: str = "sha256"
+    #: The last stripe's blocks are cut to its bytes (``erasure/codec.py``); False in layouts
+    #: written before, whose last stripe is zero-padded to whole blocks.
+    tail: bool = False
 
 
 @dataclass(frozen=True, slots=True)

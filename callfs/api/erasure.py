@@ -26,7 +26,6 @@ from callfs.storage.base import StorageBackend, publish_or_discard
 SHARDS_PREFIX = "/v1/shards/"
 INTERNAL_PREFIX = "/v1/internal/shards/"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-_CHUNK = 256 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     if request.method == "PUT":
         digest = hashlib.sha256()
         try:
-            body = hashed(request.content.iter_chunked(_CHUNK), digest)
+            body = hashed(request.content.iter_any(), digest)  # as received: no joins
             await publish_or_discard(await backend.stage(key, body))
         except (BadRequest, ConnectionError):
             return _text(400, "body read error")

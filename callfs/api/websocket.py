@@ -100,7 +100,8 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
             for start in range(0, len(chunk), FRAME):
                 try:
                     async with asyncio.timeout(state.write_timeout):
-                        await ws.send_bytes(chunk[start : start + FRAME])
+                        frame = chunk[start : start + FRAME]
+                        await ws.send_bytes(frame if isinstance(frame, bytes) else bytes(frame))
                 except TimeoutError:
                     cut_off(request)  # §2: the client stopped reading
                     return

@@ -62,6 +62,7 @@ from callfs.paths import CanonicalPath
 from callfs.storage.base import (
     REPLICA_PREFIX,
     ByteStream,
+    Chunk,
     LocalFile,
     StagedObject,
     StorageBackend,
@@ -1045,7 +1046,7 @@ class Engine:
 
 
 async def _store_blob(
-    backend: StorageBackend, key: str, chunks: AsyncIterable[bytes]
+    backend: StorageBackend, key: str, chunks: AsyncIterable[Chunk]
 ) -> StagedObject:
     """Stream ``chunks`` into ``backend`` under ``key`` and publish it (durable and readable);
     the staged object is discarded if publishing fails."""
@@ -1062,6 +1063,6 @@ async def _copy_into(backend: StorageBackend, key: str, stream: ByteStream) -> i
     return staged.size
 
 
-async def _iterate(stream: ByteStream) -> AsyncIterable[bytes]:
+async def _iterate(stream: ByteStream) -> AsyncIterable[Chunk]:
     async for chunk in stream:
         yield chunk

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 import aiohttp
 
 from callfs.errors import CallFSError, NotFound, PeerUnavailable
+from callfs.storage.base import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class PeerClient:
         raise PeerUnavailable(f"owner node answered {status}: {detail!r}")
 
     # ---- moves between nodes (issue 14) ------------------------------------------------------
-    async def push_blob(self, instance_id: str, chunks: AsyncIterable[bytes], size: int) -> str:
+    async def push_blob(self, instance_id: str, chunks: AsyncIterable[Chunk], size: int) -> str:
         """Stream a file's bytes to the node ``instance_id``, which stores them durably under a
         NEW blob key of its own (``POST /v1/internal/blobs``) and returns the key. No entry names
         that blob yet: if the caller never commits it, the target's orphan sweep removes it."""

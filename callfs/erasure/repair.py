@@ -88,9 +88,7 @@ class Repairer:
         if len(layout.shards) - len(bad) < layout.data_shards:
             raise InsufficientShards()
         targets = await self._targets(layout, bad)
-        codec = self.service.codec(
-            layout.data_shards, layout.parity_shards, layout.block_size, layout.frame
-        )
+        codec = self.service.layout_codec(layout)
         writers = {i: _Writer(self.service.io, targets[i], layout.upload_id, i) for i in bad}
         reader = _StripeReader(self.service.io, layout, codec)
         stripes = codec.stripes(layout.original_size)

@@ -25,8 +25,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from callfs.concurrency import put_unless_done, run_cpu
-from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, Buffer, Codec
-from callfs.erasure.shards import Pending, ShardIO, read_exactly
+from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, LEGACY_BLOCK, Buffer, Codec
+from callfs.erasure.shards import Pending, ShardIO, read_parts
 from callfs.errors import (
     BadRequest,
     CallFSError,
@@ -103,11 +103,21 @@ class ErasureService:
         self.io = io
         self._block = block_size
 
-    def codec(
-        self, data_shards: int, parity_shards: int, block_size: int = 0, frame: str = DEFAULT_FRAME
-    ) -> Codec:
-        """The codec of new uploads, or (``block_size``, ``frame`` of a layout) of stored ones."""
-        return Codec(data_shards, parity_shards, block_size or self._block or DEFAULT_BLOCK, frame)
+    def codec(self, data_shards: int, parity_shards: int) -> Codec:
+        """The codec of new uploads."""
+        block = self._block or DEFAULT_BLOCK
+        return Codec(data_shards, parity_shards, block, DEFAULT_FRAME, tail=True)
+
+    @staticmethod
+    def layout_codec(layout: ErasureLayout) -> Codec:
+        """The codec ``layout`` was written with."""
+        return Codec(
+            layout.data_shards,
+            layout.parity_shards,
+            layout.block_size or LEGACY_BLOCK,
+            layout.frame,
+            tail=layout.tail,
+        )
 
     # ---- upload --------------------------------------------------------------------------------
     async def store(
@@ -184,6 +194,7 @@ class ErasureService:
             shards=shards,
             block_size=codec.block_size,
             frame=codec.frame,
+            tail=codec.tail,
         )
 
     @staticmethod
@@ -221,16 +232,14 @@ class ErasureService:
     # ---- read --------------------------------------------------------------------------------
     async def open(self, layout: ErasureLayout, offset: int, length: int) -> ByteStream:
         """``[offset, offset+length)`` of the file (length already clamped to its size)."""
-        codec = self.codec(
-            layout.data_shards, layout.parity_shards, layout.block_size, layout.frame
-        )
+        codec = self.layout_codec(layout)
         reader = _StripeReader(self.io, layout, codec)
         if length <= 0:
             return _ErasureStream(reader, range(0), 0, 0, 0)
         first, last = codec.stripe_range(offset, length)
         await reader.start(first, last)
         try:
-            first_stripe = await reader.stripe(first)  # decides 503 before any byte is sent
+            first_stripe = await reader.stripe_parts(first)  # 503 decided before any byte is sent
         except BaseException:
             await reader.aclose()
             raise
@@ -247,7 +256,7 @@ class _StripeReader:
         self._io = io
         self._layout = layout
         self._codec = codec
-        self._open: dict[int, tuple[ByteStream, AsyncIterator[bytes], Pending]] = {}
+        self._open: dict[int, tuple[ByteStream, AsyncIterator[Buffer], Pending]] = {}
         self._bad: set[int] = set()
         self._last = 0
 
@@ -256,9 +265,10 @@ class _StripeReader:
 
     async def _open_one(self, index: int, stripe: int) -> bool:
         info = self._holder(index)
-        fb = self._codec.framed_block
-        start = stripe * fb
-        length = (self._last - stripe + 1) * fb
+        size = self._layout.original_size
+        start = self._codec.block_span(stripe, size)[0]
+        end = sum(self._codec.block_span(self._last, size))
+        length = end - start
         try:
             stream = await self._io.open(
                 info.instance_id, self._layout.upload_id, index, start, length
@@ -293,20 +303,23 @@ class _StripeReader:
             if await self._open_one(index, first):
                 missing -= 1
 
-    async def _block(self, index: int) -> Buffer | None:
+    async def _block(self, index: int, number: int) -> list[memoryview] | None:
+        """Stripe ``number``'s block of shard ``index``, verified, as views of the pieces it
+        arrived in (no copy); None if it is missing, short or corrupt."""
         stream, it, pending = self._open[index]
-        framed: Buffer
+        framed: list[memoryview]
+        length = self._codec.block_span(number, self._layout.original_size)[1]
         try:
-            framed = await read_exactly(it, pending, self._codec.framed_block)
+            framed = await read_parts(it, pending, length)
         except (CallFSError, OSError):
-            framed = b""
+            framed = []
         codec = self._codec
         if not framed:
             block = None
         elif codec.frame == "xxh3":  # tens of GB/s: a thread hop would cost more than the check
-            block = codec.unframe(framed)
+            block = codec.unframe_parts(framed)
         else:
-            block = await run_cpu(codec.unframe, framed)
+            block = await run_cpu(codec.unframe_parts, framed)
         if block is None:
             log.warning(
                 "erasure shard %d of %s is short or corrupt; using another shard",
@@ -320,8 +333,14 @@ class _StripeReader:
         return block
 
     async def stripe(self, number: int) -> bytes:
+        """Stripe ``number`` in one buffer (k blocks, the tail's zero padding included)."""
+        return b"".join(await self.stripe_parts(number))
+
+    async def stripe_parts(self, number: int) -> list[Buffer]:
+        """Stripe ``number`` as pieces in order (views of what the holders sent when every data
+        block is intact)."""
         k = self._codec.data_shards
-        got: dict[int, Buffer] = {}
+        got: dict[int, list[memoryview]] = {}
         while len(got) < k:
             active = [i for i in self._open if i not in got]
             if not active:
@@ -336,13 +355,15 @@ class _StripeReader:
                 need = k - len(got)
                 await asyncio.gather(*(self._open_one(i, number) for i in candidates[:need]))
                 continue
-            blocks = await asyncio.gather(*(self._block(i) for i in active))
+            blocks = await asyncio.gather(*(self._block(i, number) for i in active))
             for i, block in zip(active, blocks, strict=True):
                 if block is not None:
                     got[i] = block
         if len(got) > k:
             got = dict(sorted(got.items())[:k])
-        return await self._codec.decode(got)
+        return await self._codec.decode(
+            got, self._codec.block_len(number, self._layout.original_size)
+        )
 
     async def aclose(self) -> None:
         opened, self._open = self._open, {}
@@ -361,30 +382,34 @@ class _ErasureStream:
         offset: int,
         length: int,
         first: int,
-        first_stripe: bytes = b"",
+        first_stripe: list[Buffer] | None = None,
     ) -> None:
         self._reader = reader
         self._rest = rest
         self._offset = offset
         self.length = length
         self._first = first
-        self._first_stripe = first_stripe
+        self._first_stripe = first_stripe or []
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[Buffer]:
         if self.length <= 0:
             return
         size = self._reader._codec.stripe_size
-        end = self._offset + self.length
+        start, end = self._offset, self._offset + self.length
         numbers = [self._first, *self._rest]
-        data = self._first_stripe
+        pieces = self._first_stripe
         for i, number in enumerate(numbers):
             if i:
-                data = await self._reader.stripe(number)
-            base = number * size
-            lo = max(self._offset - base, 0)
-            hi = min(end - base, len(data))
-            if hi > lo:
-                yield data[lo:hi]
+                pieces = await self._reader.stripe_parts(number)
+            pos = number * size  # file offset of the piece
+            for piece in pieces:
+                n = len(piece)
+                lo, hi = max(start - pos, 0), min(end - pos, n)
+                if hi > lo:
+                    yield piece if (lo, hi) == (0, n) else memoryview(piece)[lo:hi]
+                pos += n
+                if pos >= end:
+                    return
 
     async def aclose(self) -> None:
         await self._reader.aclose()

@@ -77,7 +77,7 @@ class _PeerShardStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._response.content.iter_chunked(_CHUNK):
+            async for chunk in self._response.content.iter_any():  # as received: no joins
                 yield chunk
         except _PEER_ERRORS as exc:
             raise PeerUnavailable("shard holder failed mid-transfer") from exc
@@ -186,28 +186,41 @@ class ShardIO:
 
 
 class Pending:
-    """What a shard stream delivered beyond the blocks read so far (``read_exactly``)."""
+    """What a shard stream delivered beyond the blocks read so far (``read_parts``)."""
 
     __slots__ = ("parts", "size")
 
     def __init__(self) -> None:
-        self.parts: list[Chunk] = []
+        self.parts: list[memoryview] = []
         self.size = 0
 
 
-async def read_exactly(it: AsyncIterator[bytes], pending: Pending, n: int) -> memoryview:
-    """``n`` bytes from ``it`` (``pending`` keeps what was read beyond them); fewer only at the
-    end. One copy at most (the chunks joined), none when one chunk holds them: a view."""
+async def read_parts(it: AsyncIterator[Chunk], pending: Pending, n: int) -> list[memoryview]:
+    """``n`` bytes from ``it`` as views of the chunks that carried them (no copy); fewer only at
+    the end. ``pending`` keeps what was read beyond them."""
+    parts = pending.parts
     while pending.size < n:
         try:
             chunk = await anext(it)
         except StopAsyncIteration:
             break
-        pending.parts.append(chunk)
-        pending.size += len(chunk)
-    parts = pending.parts
-    joined = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
-    rest = joined[n:]
-    pending.parts = [rest] if rest.nbytes else []
-    pending.size = rest.nbytes
-    return joined[:n]
+        if chunk:
+            parts.append(memoryview(chunk).cast("B"))
+            pending.size += len(chunk)
+    out: list[memoryview] = []
+    need = n
+    used = 0
+    for part in parts:
+        if not need:
+            break
+        if part.nbytes <= need:
+            out.append(part)
+            need -= part.nbytes
+            used += 1
+        else:
+            out.append(part[:need])
+            parts[used] = part[need:]
+            need = 0
+    del parts[:used]
+    pending.size -= n - need
+    return out

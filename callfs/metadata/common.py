@@ -356,6 +356,7 @@ def pack_layout(layout: ErasureLayout) -> bytes:
         ],
         "block_size": layout.block_size,
         "frame": layout.frame,
+        "tail": layout.tail,
     }
     packed: bytes = msgpack.packb(data, use_bin_type=True)
     return packed
@@ -373,4 +374,5 @@ def unpack_layout(blob: bytes) -> ErasureLayout:
         shards=tuple(ShardInfo(*s) for s in data["shards"]),
         block_size=data.get("block_size", 0),
         frame=data.get("frame", "sha256"),
+        tail=data.get("tail", False),
     )

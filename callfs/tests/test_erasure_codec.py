@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 import xxhash
@@ -31,38 +32,63 @@ def _encode_file(codec: Codec, data: bytes) -> list[bytes]:
     view = memoryview(data)
     for s in range(codec.stripes(len(data))):
         stripe = view[s * codec.stripe_size : (s + 1) * codec.stripe_size]
+        offset, length = codec.block_span(s, len(data))
         for shard, framed in zip(shards, codec.encode_stripe(stripe), strict=True):
-            assert len(framed) == codec.framed_block
+            assert len(shard) == offset
+            assert len(framed) == length
             shard += framed
     return [bytes(s) for s in shards]
 
 
 def _decode_file(codec: Codec, shards: dict[int, bytes], size: int) -> bytes:
     out = bytearray()
-    fb = codec.framed_block
     for s in range(codec.stripes(size)):
+        offset, length = codec.block_span(s, size)
         blocks = {}
         for i, shard in shards.items():
-            block = codec.unframe(shard[s * fb : (s + 1) * fb])
+            block = codec.unframe(shard[offset : offset + length])
             assert block is not None
             blocks[i] = block
-        out += codec.decode_stripe(blocks)
+        out += codec.decode_stripe(blocks, codec.block_len(s, size))
     return bytes(out[:size])
 
 
 @pytest.mark.parametrize(("k", "m"), PROFILES)
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("frame", sorted(FRAMES))
-def test_every_k_subset_round_trips(k: int, m: int, block: int, frame: str) -> None:
-    codec = Codec(k, m, block, frame)
+@pytest.mark.parametrize("tail", [False, True])
+def test_every_k_subset_round_trips(k: int, m: int, block: int, frame: str, tail: bool) -> None:
+    codec = Codec(k, m, block, frame, tail=tail)
+    tag = FRAMES[frame][0]
     for size in _sizes(codec):
         data = _data(size)
         shards = _encode_file(codec, data)
         assert all(len(s) == codec.shard_size(size) for s in shards)
-        assert codec.shard_size(size) == codec.stripes(size) * (block + FRAMES[frame][0])
+        if not tail:
+            assert codec.shard_size(size) == codec.stripes(size) * (block + tag)
+        elif size:
+            last = size - (codec.stripes(size) - 1) * codec.stripe_size
+            expected = (codec.stripes(size) - 1) * (block + tag) + -(-last // k) + tag
+            assert codec.shard_size(size) == expected
         for subset in itertools.combinations(range(k + m), k):
             got = _decode_file(codec, {i: shards[i] for i in subset}, size)
-            assert got == data, (k, m, block, size, subset)
+            assert got == data, (k, m, block, size, subset, tail)
+
+
+def test_a_tail_layout_stores_a_small_file_at_its_size() -> None:
+    """4+2 with 1 MiB blocks: a 10-byte file is six 3-byte blocks (+ tags), not six MiB; the
+    padded layout it replaced stored whole blocks."""
+    tail, padded = Codec(4, 2, DEFAULT_BLOCK, tail=True), Codec(4, 2, DEFAULT_BLOCK)
+    assert tail.shard_size(10) == 3 + tail.tag_len
+    assert padded.shard_size(10) == DEFAULT_BLOCK + padded.tag_len
+    assert tail.block_len(0, 10) == 3
+    assert tail.shard_size(tail.stripe_size) == padded.shard_size(tail.stripe_size)
+    assert tail.shard_size(tail.stripe_size + 1) == DEFAULT_BLOCK + 1 + 2 * tail.tag_len
+    framed = tail.encode_stripe(b"0123456789")
+    assert [len(f) for f in framed] == [3 + tail.tag_len] * 6
+    blocks = {i: tail.unframe(framed[i]) for i in (1, 3, 4, 5)}
+    got = tail.decode_stripe({i: b for i, b in blocks.items() if b is not None}, 3)
+    assert got == b"0123456789" + bytes(2)
 
 
 @pytest.mark.parametrize(("k", "m"), PROFILES)
@@ -223,24 +249,27 @@ def test_stripes_and_shard_size() -> None:
 
 
 async def test_async_round_trip_real_block() -> None:
-    """256 KiB blocks, 4+2, through the CPU pool: fast path and two lost data shards."""
-    codec = Codec(4, 2)
-    assert codec.block_size == 256 * 1024
+    """1 MiB blocks, 4+2, short tail, through the CPU pool: fast path and two lost data
+    shards."""
+    codec = Codec(4, 2, tail=True)
+    assert codec.block_size == 1024 * 1024
     data = _data(2 * codec.stripe_size + 12_345)
     out_fast, out_slow = bytearray(), bytearray()
     for s in range(codec.stripes(len(data))):
         stripe = data[s * codec.stripe_size : (s + 1) * codec.stripe_size]
         framed = [b"".join(part) for part in await codec.encode(memoryview(stripe))]
-        assert [len(f) for f in framed] == [codec.framed_block] * 6
+        assert [len(f) for f in framed] == [codec.block_span(s, len(data))[1]] * 6
         blocks = {i: codec.unframe(f) for i, f in enumerate(framed)}
         assert all(b is not None for b in blocks.values())
         raw: dict[int, bytes] = {i: b for i, b in blocks.items() if b is not None}
-        out_fast += await codec.decode(raw)
-        out_slow += await codec.decode({i: raw[i] for i in (0, 3, 4, 5)})
+        block = codec.block_len(s, len(data))
+        out_fast += b"".join(await codec.decode({i: [b] for i, b in raw.items()}, block))
+        slow = {i: [raw[i]] for i in (0, 3, 4, 5)}
+        out_slow += b"".join(await codec.decode(slow, block))
     assert bytes(out_fast[: len(data)]) == data
     assert bytes(out_slow[: len(data)]) == data
     with pytest.raises(ValueError):
-        await codec.decode({0: raw[0], 5: raw[5]})
+        await codec.decode({0: [raw[0]], 5: [raw[5]]})
 
 
 async def test_shared_coder_is_thread_safe() -> None:
@@ -250,9 +279,9 @@ async def test_shared_coder_is_thread_safe() -> None:
     want = [codec.encode_stripe(s) for s in stripes]
     got = await asyncio.gather(*(codec.encode(s) for s in stripes))
     assert [[b"".join(part) for part in parts] for parts in got] == want
-    lost = [{i: codec.unframe(f[i]) or b"" for i in (2, 3, 4, 5)} for f in want]
+    lost = [{i: [codec.unframe(f[i]) or memoryview(b"")] for i in (2, 3, 4, 5)} for f in want]
     rebuilt = await asyncio.gather(*(codec.decode(b) for b in lost))
-    assert list(rebuilt) == stripes
+    assert [b"".join(parts) for parts in rebuilt] == stripes
 
 
 def test_stored_layouts_keep_their_frame_and_old_ones_read_as_sha256() -> None:
@@ -262,8 +291,62 @@ def test_stored_layouts_keep_their_frame_and_old_ones_read_as_sha256() -> None:
     from callfs.model import ErasureLayout, ShardInfo
 
     shard = ShardInfo(0, "n1", "localfs", ".erasure/u/0", 80, "ab" * 32)
-    layout = ErasureLayout("u", 10, 1, 1, 80, "u", (shard,), 64, "xxh3")
+    layout = ErasureLayout("u", 10, 1, 1, 80, "u", (shard,), 64, "xxh3", tail=True)
     assert unpack_layout(pack_layout(layout)) == layout
     old = msgpack.unpackb(pack_layout(layout), raw=False)
-    del old["frame"]
+    del old["frame"], old["tail"]
     assert unpack_layout(msgpack.packb(old, use_bin_type=True)).frame == "sha256"
+    assert unpack_layout(msgpack.packb(old, use_bin_type=True)).tail is False
+
+
+@pytest.mark.parametrize("frame", sorted(FRAMES))
+def test_unframe_parts_at_every_split(frame: str) -> None:
+    """A framed block that arrived in pieces (split anywhere, the tag included) is verified and
+    returned as views of the pieces; a flipped bit in any piece is refused."""
+    codec = Codec(2, 1, 40, frame)
+    framed = codec.encode_stripe(_data(80))[2]
+    block = framed[:40]
+    rnd = random.Random(SEED)
+    for cut in range(len(framed) + 1):
+        for pieces in ([framed[:cut], framed[cut:]], _split(framed, rnd)):
+            got = codec.unframe_parts(pieces)
+            assert got is not None and b"".join(got) == block
+            for i, piece in enumerate(pieces):
+                if piece:
+                    bad = list(pieces)
+                    flipped = bytearray(piece)
+                    flipped[rnd.randrange(len(piece))] ^= 0x10
+                    bad[i] = bytes(flipped)
+                    assert codec.unframe_parts(bad) is None
+    assert codec.unframe_parts([framed[:-1]]) is None
+    assert codec.unframe_parts([b"", framed[: codec.tag_len]]) is None
+
+
+def _split(data: bytes, rnd: random.Random) -> list[bytes]:
+    cuts = sorted(rnd.sample(range(len(data) + 1), 3))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+async def test_read_parts_cuts_a_stream_into_exact_blocks() -> None:
+    """Blocks of any lengths come out of a stream of any chunking, byte-exact, without joins;
+    the last one is short when the stream ends."""
+    from callfs.erasure.shards import Pending, read_parts
+
+    data = _data(10_000)
+    rnd = random.Random(SEED)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        pos = 0
+        while pos < len(data):
+            n = rnd.randrange(1, 700)
+            yield data[pos : pos + n]
+            pos += n
+
+    it, pending, pos = chunks(), Pending(), 0
+    while pos < len(data):
+        n = rnd.randrange(1, 1500)
+        parts = await read_parts(it, pending, n)
+        assert b"".join(parts) == data[pos : pos + n]
+        assert all(isinstance(p, memoryview) for p in parts)
+        pos += n
+    assert await read_parts(it, pending, 10) == []

@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
+from callfs.erasure.codec import DEFAULT_BLOCK
 from callfs.tests.functional.conftest import INTERNAL, auth
 
 E = {**auth(), "X-CallFS-Erasure": "true"}
@@ -35,7 +36,9 @@ def shard_files(tmp_path: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-SIZES = [0, 1, 100, 512 * 1024 - 1, 512 * 1024, 512 * 1024 + 1, 3 * 512 * 1024 + 12345]
+#: Bytes per stripe of the 2+1 profile these tests use.
+STRIPE = 2 * DEFAULT_BLOCK
+SIZES = [0, 1, 100, STRIPE - 1, STRIPE, STRIPE + 1, 3 * STRIPE + 12345]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -136,7 +139,7 @@ async def test_put_re_encodes_and_delete_removes_every_shard(
 async def test_a_corrupt_or_missing_shard_never_gives_wrong_bytes(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    data = os.urandom(2 * 512 * 1024 + 777)
+    data = os.urandom(2 * STRIPE + 777)
     assert (await client.post("/v1/files/c.bin", data=io.BytesIO(data), headers=E)).status == 201
     shards = shard_files(tmp_path)
     # flip one byte in the middle of shard 0 (a data shard): reads rebuild from the others
@@ -203,7 +206,7 @@ async def test_disabled_node_ignores_the_flag(tmp_path: Path, aiohttp_client: An
 async def test_repair_rebuilds_missing_and_corrupt_shards(
     client: TestClient[Any, Any], node: Node, tmp_path: Path
 ) -> None:
-    data = os.urandom(3 * 512 * 1024 + 99)
+    data = os.urandom(3 * STRIPE + 99)
     assert (await client.post("/v1/files/r/a.bin", data=io.BytesIO(data), headers=E)).status == 201
     assert (await client.post("/v1/files/r/b.bin", data=b"small", headers=E)).status == 201
     bearer = {"Authorization": f"Bearer {INTERNAL}"}
@@ -253,13 +256,15 @@ async def test_repair_rebuilds_missing_and_corrupt_shards(
 async def test_legacy_sha256_framed_files_still_read_and_repair(
     client: TestClient[Any, Any], node: Node, tmp_path: Path
 ) -> None:
-    """Layouts written before the XXH3 frame (no ``frame`` kept: SHA-256 after every block) read
-    byte-exact, ranges included, and repair rebuilds them in their own frame."""
+    """Layouts written before the XXH3 frame, the short tail and the recorded block size (no
+    ``frame``, ``tail``, ``block_size`` kept: 256 KiB blocks, SHA-256 after every block, the last
+    stripe padded) read byte-exact, ranges included, and repair rebuilds them in their own
+    frame."""
     from dataclasses import replace
 
-    from callfs.erasure.codec import Codec
+    from callfs.erasure.codec import LEGACY_BLOCK, Codec
 
-    data = os.urandom(2 * 512 * 1024 + 4321)
+    data = os.urandom(2 * STRIPE + 4321)
     assert (await client.post("/v1/files/old.bin", data=io.BytesIO(data), headers=E)).status == 201
     assert node.meta is not None
     entry = await node.meta.get("/old.bin")
@@ -267,7 +272,7 @@ async def test_legacy_sha256_framed_files_still_read_and_repair(
     layout = await node.meta.get_erasure(entry.blob_key)
     assert layout is not None and layout.frame == "xxh3"
     # rewrite the shards as the old code did, and the layout as it stored it
-    legacy = Codec(2, 1, layout.block_size, "sha256")
+    legacy = Codec(2, 1, LEGACY_BLOCK, "sha256")
     shards = [bytearray() for _ in range(3)]
     for s in range(legacy.stripes(len(data))):
         stripe = data[s * legacy.stripe_size : (s + 1) * legacy.stripe_size]
@@ -279,6 +284,8 @@ async def test_legacy_sha256_framed_files_still_read_and_repair(
     old = replace(
         layout,
         frame="sha256",
+        tail=False,
+        block_size=0,
         shard_size=legacy.shard_size(len(data)),
         shards=tuple(
             replace(s, size=len(raw), checksum=hashlib.sha256(raw).hexdigest())
