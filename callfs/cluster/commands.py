@@ -1,9 +1,14 @@
 """The Raft log's command format: versioned, deterministic, plain msgpack.
 
-A command is ``[VERSION, request_id, now, name, args]``. The proposer stamps ``request_id`` (so a
+A command is ``[level, request_id, now, name, args]``. The proposer stamps ``request_id`` (so a
 retry after "maybe applied" is answered from the state machine's memory, never applied twice) and
-``now`` (the only clock ``apply`` may use). Arguments and results are plain lists and scalars: a
-log written by this version stays readable whatever Python objects look like later.
+``now`` (the only clock ``apply`` may use). ``level`` is the command level that introduced
+``name`` (``SINCE``): a replica of a lower ``LEVEL`` cannot apply it as the others do, so it stops
+serving (``StateMachine.broken``) rather than drift from them, and a proposer sends such a command
+only once every member has announced that level (``RaftService.supports``): during a rolling
+upgrade new commands wait until the last node runs the new version. Arguments and results are
+plain lists and scalars: a log written by this version stays readable whatever Python objects
+look like later.
 
 A result is ``[True, value]`` or ``[False, [error class name, message]]``: the error a store
 command raises on a single node is the error every replica computes, and the one the caller gets.
@@ -22,7 +27,15 @@ from callfs.metadata.common import entry_from_row, entry_to_row
 from callfs.metadata.sqlite_ops import link_from_row, link_to_row
 from callfs.model import BackendType, Entry, Link, NewParents, Placement, WorkItem
 
-VERSION = 1
+#: The command level this build applies. Adding a command (or changing what one does) raises
+#: it, and the command goes into ``SINCE`` with the new level.
+LEVEL = 1
+#: Command name -> the level that introduced it (absent: 1, the first set).
+SINCE: dict[str, int] = {}
+
+
+def level_of(name: str) -> int:
+    return SINCE.get(name, 1)
 
 
 def pack(value: Any) -> bytes:
@@ -35,7 +48,7 @@ def unpack(data: bytes) -> Any:
 
 
 def command(request_id: str, now: float, name: str, args: list[Any]) -> bytes:
-    return pack([VERSION, request_id, now, name, args])
+    return pack([level_of(name), request_id, now, name, args])
 
 
 # ---- plain forms of the records a command carries ---------------------------------------------

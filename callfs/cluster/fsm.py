@@ -49,21 +49,40 @@ CREATE TABLE IF NOT EXISTS raft_requests (
 );
 CREATE INDEX IF NOT EXISTS raft_requests_at ON raft_requests (at);
 CREATE TABLE IF NOT EXISTS raft_members (
-    node_id TEXT PRIMARY KEY, raft_addr TEXT NOT NULL, api_endpoint TEXT NOT NULL
+    node_id TEXT PRIMARY KEY, raft_addr TEXT NOT NULL, api_endpoint TEXT NOT NULL,
+    level INTEGER NOT NULL DEFAULT 1
 )
 """
+
+
+def _raft_tables(conn: sqlite3.Connection) -> None:
+    conn.executescript(_RAFT_TABLES)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(raft_members)")}
+    if "level" not in columns:  # a database from before members announced their level
+        conn.execute("ALTER TABLE raft_members ADD COLUMN level INTEGER NOT NULL DEFAULT 1")
+
+
+class NewerCommand(Exception):
+    """A command of a higher level than this build applies (see ``commands.LEVEL``)."""
+
 
 Handler = Callable[[sqlite3.Connection, list[Any], float], Any]
 
 
 def _member_put(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
-    node_id, raft_addr, endpoint = a
+    """``[node_id, raft_addr, api_endpoint, level]``; without ``level`` (a join, recorded by the
+    leader before the node announced itself) the member counts as level 1 until it does."""
+    node_id, raft_addr, endpoint = a[:3]
+    level = a[3] if len(a) > 3 else 1
+    if not isinstance(level, int) or isinstance(level, bool) or level < 1:
+        raise ValueError(f"bad member level {level!r}")
     conn.execute(
         "DELETE FROM raft_members WHERE raft_addr = ? AND node_id != ?", (raft_addr, node_id)
     )
     conn.execute(
-        "INSERT OR REPLACE INTO raft_members (node_id, raft_addr, api_endpoint) VALUES (?, ?, ?)",
-        (node_id, raft_addr, endpoint),
+        "INSERT OR REPLACE INTO raft_members (node_id, raft_addr, api_endpoint, level)"
+        " VALUES (?, ?, ?, ?)",
+        (node_id, raft_addr, endpoint, level),
     )
 
 
@@ -134,7 +153,7 @@ class StateMachine:
     def _open(self) -> None:
         conn = ops.connect(self.path, synchronous="OFF")
         ops.migrate(conn)
-        conn.executescript(_RAFT_TABLES)
+        _raft_tables(conn)
         self._conn = conn
 
     def close(self) -> None:
@@ -167,13 +186,21 @@ class StateMachine:
         """One command inside the entry's transaction. A refusal is a result (its savepoint
         rolled back); only a database failure raises (the caller marks the replica broken)."""
         try:
-            _version, request_id, now, name, args = C.unpack(payload)
-            if name != BATCH:
+            level, request_id, now, name, args = C.unpack(payload)
+            newer = isinstance(level, int) and level > C.LEVEL
+            if newer:
+                pass
+            elif name != BATCH:
                 handler = HANDLERS[name]
             elif depth > 1 or not all(isinstance(p, bytes) for p in args):
                 raise ValueError("bad batch")
-        except Exception:  # a command this version cannot read: refused, the same everywhere
+        except Exception:  # a command no version can read: refused, the same everywhere
             return C.failed(InternalError("unreadable raft command"))
+        if newer:  # the others apply it; answering anything here would make this replica drift
+            raise NewerCommand(
+                f"command {name!r} needs command level {level}, this node applies {C.LEVEL}:"
+                " upgrade it"
+            )
         if request_id:
             row = conn.execute(
                 "SELECT result FROM raft_requests WHERE id = ?", (request_id,)
@@ -282,7 +309,7 @@ class StateMachine:
             src.close()
             remove_db(work)
         assert self._conn is not None
-        self._conn.executescript(_RAFT_TABLES)
+        _raft_tables(self._conn)
         # the copy went through the WAL: fold it back so the node does not hold it twice on disk
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.members_version += 1

@@ -87,7 +87,7 @@ class RaftService:
         self._fetcher: asyncio.Future[None] | None = None
         self._pending: collections.deque[tuple[bytes, asyncio.Future[bytes]]] = collections.deque()
         self._flights = 0
-        self._members_cache: tuple[int, dict[str, tuple[str, str]]] | None = None
+        self._members_cache: tuple[int, dict[str, tuple[str, str]], dict[str, int]] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.commit_seconds: list[float] = []
         self.on_commit: Callable[[float], None] | None = None
@@ -108,7 +108,8 @@ class RaftService:
         while True:
             try:
                 await self.execute(
-                    "member_put", [self.node_id, self.node.settings.bind_addr, self.api_endpoint]
+                    "member_put",
+                    [self.node_id, self.node.settings.bind_addr, self.api_endpoint, C.LEVEL],
                 )
                 return
             except Unavailable:
@@ -116,8 +117,24 @@ class RaftService:
 
     # ---- writes ------------------------------------------------------------------------------
     async def execute(self, name: str, args: list[Any]) -> Any:
-        """Commit one command and return its result (or raise its error)."""
+        """Commit one command and return its result (or raise its error). A command some member
+        could not apply yet (``supports``) is refused before it reaches the log."""
+        if not self.supports(name):
+            raise Unavailable(
+                f"metadata command {name!r} waits for every raft node to run command level"
+                f" {C.level_of(name)} (cluster level {self.cluster_level()}): finish the upgrade"
+            )
         return C.result(await self.submit(C.command(uuid.uuid4().hex, time.time(), name, args)))
+
+    def cluster_level(self) -> int:
+        """The highest command level every voter has announced (a voter that has not: 1)."""
+        levels = self._member_levels()
+        return min((levels.get(node_id, 1) for node_id in self.members()), default=1)
+
+    def supports(self, name: str) -> bool:
+        """Whether every member applies command ``name`` (always true for level-1 commands)."""
+        level = C.level_of(name)
+        return level <= 1 or level <= self.cluster_level()
 
     async def submit(self, payload: bytes) -> bytes:
         """Commit one encoded command; its encoded result. Concurrent commands share log
@@ -339,21 +356,29 @@ class RaftService:
 
     def _member_rows(self) -> dict[str, tuple[str, str]]:
         """The replicated member table, read again only when a command changed it."""
+        return self._member_table()[0]
+
+    def _member_levels(self) -> dict[str, int]:
+        return self._member_table()[1]
+
+    def _member_table(self) -> tuple[dict[str, tuple[str, str]], dict[str, int]]:
         version = self.node.fsm.members_version
         if self._members_cache is not None and self._members_cache[0] == version:
-            return self._members_cache[1]
+            return self._members_cache[1], self._members_cache[2]
         rows: dict[str, tuple[str, str]] = {}
+        levels: dict[str, int] = {}
         inline = self._readers.inline
         if inline is not None:
             try:
                 found = inline.execute(
-                    "SELECT node_id, raft_addr, api_endpoint FROM raft_members"
+                    "SELECT node_id, raft_addr, api_endpoint, level FROM raft_members"
                 ).fetchall()
             except sqlite3.Error:
-                return rows  # not cached: asked again next time
-            rows = {n: (a, e.rstrip("/")) for n, a, e in found}
-            self._members_cache = (version, rows)
-        return rows
+                return rows, levels  # not cached: asked again next time
+            rows = {n: (a, e.rstrip("/")) for n, a, e, _l in found}
+            levels = {n: int(lv) for n, _a, _e, lv in found}
+            self._members_cache = (version, rows, levels)
+        return rows, levels
 
     def node_of(self, raft_addr: str) -> str | None:
         for node_id, (addr, _endpoint) in self.members().items():
@@ -417,8 +442,11 @@ class RaftService:
         status = self.node.status()
         status["node_id"] = self.node_id
         status["leader_id"] = self.leader_id()
+        levels = self._member_levels()
         status["nodes"] = {
-            node_id: {"raft_addr": addr, "api_endpoint": endpoint}
+            node_id: {"raft_addr": addr, "api_endpoint": endpoint, "level": levels.get(node_id, 1)}
             for node_id, (addr, endpoint) in sorted(self.members().items())
         }
+        status["command_level"] = C.LEVEL
+        status["cluster_level"] = self.cluster_level()
         return status

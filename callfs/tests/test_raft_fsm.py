@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sqlite3
 import struct
 import time
 import zlib
@@ -131,5 +132,95 @@ async def test_the_raft_port_refuses_unauthenticated_pickles(tmp_path: Path) -> 
             s.sendall(struct.pack("i", len(frame)) + frame)
             time.sleep(0.5)
         assert not marker.exists()
+    finally:
+        await store.close()
+
+
+def test_a_command_of_a_newer_level_stops_the_replica_instead_of_drifting(
+    tmp_path: Path,
+) -> None:
+    """A node that meets a command above its command level (a newer node's, mid-upgrade) cannot
+    apply it as the others do: it stops serving (``broken``) and says to upgrade it, where a
+    refusal as a result would leave it silently different from them."""
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    future = C.pack([C.LEVEL + 1, "r1", 1.0, "create", [C.entry_out(entry("/x")), None]])
+    with pytest.raises(InternalError):
+        C.result(fsm.apply(future))
+    assert fsm.broken is not None and "upgrade" in fsm.broken
+    reader = sqlite3.connect(fsm.path)
+    assert reader.execute("SELECT count(*) FROM entries WHERE path = '/x'").fetchone() == (0,)
+    # inside a batch too: the whole entry is rolled back
+    again = StateMachine(str(tmp_path / "again.sqlite3"))
+    again.open_fresh()
+    batch = C.command("", 1.0, "batch", [create("r2", "/y"), future])
+    with pytest.raises(InternalError):
+        C.result(again.apply(batch))
+    assert again.broken is not None
+    assert sqlite3.connect(again.path).execute(
+        "SELECT count(*) FROM entries WHERE path = '/y'"
+    ).fetchone() == (0,)
+    reader.close()
+    for m in (fsm, again):
+        m.close()
+
+
+def test_members_announce_their_level_and_old_tables_gain_the_column(tmp_path: Path) -> None:
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    C.result(fsm.apply(C.command("m1", 1.0, "member_put", ["n1", "h:1", "http://h:2", 3])))
+    C.result(fsm.apply(C.command("m2", 1.0, "member_put", ["n2", "h:3", "http://h:4"])))
+    with pytest.raises(InternalError):
+        C.result(fsm.apply(C.command("m3", 1.0, "member_put", ["n3", "h:5", "http://h:6", 0])))
+    rows = sqlite3.connect(fsm.path).execute(
+        "SELECT node_id, level FROM raft_members ORDER BY node_id"
+    )
+    assert rows.fetchall() == [("n1", 3), ("n2", 1)]  # a join records no level: 1 until it says
+    # a snapshot of a database from before the column: restored, members count as level 1
+    conn = sqlite3.connect(fsm.path)
+    conn.executescript(
+        "DROP TABLE raft_members; CREATE TABLE raft_members (node_id TEXT PRIMARY KEY,"
+        " raft_addr TEXT NOT NULL, api_endpoint TEXT NOT NULL);"
+        " INSERT INTO raft_members VALUES ('n1', 'h:1', 'http://h:2');"
+    )
+    conn.close()
+    snap = str(tmp_path / "raft.snapshot")
+    StateMachine.write_snapshot(fsm.pin(), b"raft-data", snap)
+    other = StateMachine(str(tmp_path / "other.sqlite3"))
+    other.open_fresh()
+    other.restore(snap)
+    got = sqlite3.connect(other.path).execute("SELECT node_id, level FROM raft_members")
+    assert got.fetchall() == [("n1", 1)]
+    for m in (fsm, other):
+        m.close()
+
+
+async def test_a_command_waits_until_every_member_applies_its_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proposer refuses a command some member could not apply (503, nothing in the log);
+    once every member has announced the level, it goes through."""
+    from callfs.errors import Unavailable
+
+    store = one_node_raft_store(tmp_path / "raft", free_port())
+    await store.start()
+    try:
+        service = store.service
+        await service.register()
+        assert service.cluster_level() == C.LEVEL
+        assert service.status()["nodes"]["node-1"]["level"] == C.LEVEL
+        monkeypatch.setitem(C.SINCE, "noop", C.LEVEL + 1)
+        assert not service.supports("noop")
+        applied = service.node.fsm.applied
+        with pytest.raises(Unavailable, match="upgrade"):
+            await service.execute("noop", [])
+        assert service.node.fsm.applied == applied
+        # this node is upgraded (it applies the new level) and announces it
+        monkeypatch.setattr(C, "LEVEL", C.LEVEL + 1)
+        await service.register()
+        assert service.cluster_level() == C.LEVEL
+        assert service.supports("noop")
+        assert await service.execute("noop", []) is None
+        assert service.node.fsm.broken is None
     finally:
         await store.close()
