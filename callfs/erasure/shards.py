@@ -55,19 +55,30 @@ def _update(digest: hashlib._Hash, chunks: list[Chunk]) -> None:
 
 async def hashed(chunks: AsyncIterable[Chunk], digest: hashlib._Hash) -> AsyncIterator[Chunk]:
     """``chunks`` unchanged, fed to ``digest`` on the CPU pool a MiB at a time (SHA-256 releases
-    the GIL); the digest is complete once the iteration ends. Chunks must not change after they
-    are yielded."""
+    the GIL) while the next MiB streams on: one batch is hashed at a time, in order. The digest
+    is complete once the iteration ends. Chunks must not change after they are yielded."""
     pending: list[Chunk] = []
     size = 0
-    async for chunk in chunks:
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= _HASH_BATCH:
+    running: asyncio.Future[None] | None = None
+    try:
+        async for chunk in chunks:
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _HASH_BATCH:
+                if running is not None:
+                    await running
+                running = asyncio.ensure_future(run_cpu(_update, digest, pending))
+                pending, size = [], 0
+            yield chunk
+        if running is not None:
+            await running
+            running = None
+        if pending:
             await run_cpu(_update, digest, pending)
-            pending, size = [], 0
-        yield chunk
-    if pending:
-        await run_cpu(_update, digest, pending)
+    finally:
+        if running is not None and not running.done():
+            # the consumer stopped early: the digest is dropped, only wait for the thread
+            await asyncio.wait([running])
 
 
 class _PeerShardStream:
