@@ -58,7 +58,7 @@ def http_rows(text: str, conns: list[str]) -> list[Row]:
 
 
 def ws_rows(text: str) -> list[Row]:
-    m = re.search(r"\| download \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
+    m = re.search(r"\| download[^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text)
     if not m:
         return [("WebSocket download vs HTTP GET", "not measured (see ws.txt)", ">= 0.7x", "n/a")]
     ratio = float(m.group(3))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -96,15 +98,17 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"failed to open file")
         return
     try:
-        async for chunk in stream:
-            for start in range(0, len(chunk), FRAME):
-                try:
-                    async with asyncio.timeout(state.write_timeout):
-                        frame = chunk[start : start + FRAME]
-                        await ws.send_bytes(frame if isinstance(frame, bytes) else bytes(frame))
-                except TimeoutError:
-                    cut_off(request)  # §2: the client stopped reading
-                    return
+        with _corked(request):
+            async for chunk in stream:
+                view = memoryview(chunk)
+                for start in range(0, len(view), FRAME):
+                    try:
+                        async with asyncio.timeout(state.write_timeout):
+                            # aiohttp takes any bytes-like payload (its annotation says bytes)
+                            await ws.send_bytes(view[start : start + FRAME])  # type: ignore[arg-type]
+                    except TimeoutError:
+                        cut_off(request)  # §2: the client stopped reading
+                        return
     except (CallFSError, OSError):
         log.warning("websocket download of a file failed mid-way", exc_info=True)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file read failed")
@@ -112,6 +116,28 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
     finally:
         await stream.aclose()
     await ws.close(code=WSCloseCode.OK, message=b"download complete")
+
+
+@contextlib.contextmanager
+def _corked(request: web.Request) -> Iterator[None]:
+    """TCP_CORK on the connection while a download streams (Linux): aiohttp sends each frame's
+    header and payload in two writes, and on a TCP_NODELAY socket the 4-byte header left as a
+    packet of its own, which the client then read and parsed alone."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None:
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)  # sends what is held back
 
 
 async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) -> None:
