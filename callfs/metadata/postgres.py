@@ -102,6 +102,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX work_queue_due ON work_queue (lease_until, id);
     """,
+    # A legacy key is the namespace path itself, slash included: without it a file at the root
+    # named like a blob key (32 hex digits, an MD5 name for instance) was looked for in the blob
+    # area instead of at its path. New keys never equal their path minus the slash.
+    """
+    UPDATE entries SET blob_key = path WHERE type = 'file' AND blob_key = substr(path, 2);
+    """,
 )
 _MIGRATION_LOCK = 0x43414C4C46  # "CALLF": serialises migrations of nodes starting together
 _PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, 14))

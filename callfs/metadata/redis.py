@@ -183,7 +183,7 @@ def _decode(path: str, raw: dict[Any, Any] | list[Any]) -> Entry:
     kind = EntryType(h["t"])
     blob = h.get("k")
     if blob is None and kind is EntryType.FILE:
-        blob = path[1:]  # written before blob keys: the bytes are at the namespace path
+        blob = path  # written before blob keys: the bytes are at the namespace path
     blob = blob or None
     return Entry(
         path=path,
@@ -212,7 +212,7 @@ def _row(path: str, fields: Sequence[Any]) -> Entry | None:
         return None
     kind = _TYPES.get(t) or EntryType(t)
     if k is False:  # written before blob keys: a file's bytes are at the namespace path
-        k = path[1:] if kind is EntryType.FILE else None
+        k = path if kind is EntryType.FILE else None
     return Entry(
         path,
         kind,

@@ -242,3 +242,40 @@ async def test_start_makes_wider_internal_directories_private(tmp_path: Path) ->
     await b.close()
     for rel in ("", "tmp", "blobs", "replica"):
         assert (internal / rel).stat().st_mode & 0o777 == 0o700, rel
+
+
+async def test_a_root_file_named_like_a_blob_key_is_read_at_its_path(tmp_path: Path) -> None:
+    """Before blob keys, a file's bytes sat at its namespace path and the stores kept that path
+    minus the slash as its key: a root file named with 32 hex digits (an MD5 name) then looked
+    like a blob key and was looked for in the blob area. The SQLite/PostgreSQL migration (and
+    the Redis decoder) now give legacy keys with their slash, which the backends read in place;
+    the migration leaves new keys alone."""
+    import sqlite3
+
+    from callfs.metadata import sqlite_ops as ops
+    from callfs.model import BackendType, Entry, EntryType
+
+    name = "d41d8cd98f00b204e9800998ecf8427e"
+    db = sqlite3.connect(tmp_path / "old.sqlite3", isolation_level=None)
+    for number, ddl in enumerate(ops.MIGRATIONS[:-1], start=1):  # a database of the last version
+        db.executescript(ddl)
+        db.execute(f"PRAGMA user_version = {number}")
+    fresh = new_blob_key()
+    for path, key in ((f"/{name}", name), ("/x.txt", "x.txt"), ("/n.bin", fresh)):
+        entry = Entry(path, EntryType.FILE, 6, "alice", 1, BackendType.LOCALFS, "n1", blob_key=key)
+        ops.apply_plan(db, ops.plan_create(entry, None, {"/": ops.ROOT})[0])
+    assert ops.migrate(db) == [len(ops.MIGRATIONS)]
+    keys = dict(db.execute("SELECT path, blob_key FROM entries WHERE type = 'file'").fetchall())
+    assert keys == {f"/{name}": f"/{name}", "/x.txt": "/x.txt", "/n.bin": fresh}
+    db.close()
+
+    backend = LocalFSBackend(str(tmp_path / "root"))
+    await backend.start()
+    try:
+        (tmp_path / "root" / name).write_bytes(b"legacy")
+        assert await _read(backend, f"/{name}") == b"legacy"
+        assert await backend.stat(name) is None  # the same digits as a blob key: another file
+        await backend.delete(f"/{name}")
+        assert not (tmp_path / "root" / name).exists()
+    finally:
+        await backend.close()

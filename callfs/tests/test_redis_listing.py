@@ -100,7 +100,7 @@ async def test_list_children_matches_per_entry_decoding(store: RedisMetadataStor
     assert got == want
     assert [e.name for e in got[:2]] == ["f-old", "f00001é"]  # files first, the dangling skipped
     old = got[0]
-    assert old.path == OLD and old.blob_key == "big/f-old"  # written before blob keys
+    assert old.path == OLD and old.blob_key == "/big/f-old"  # written before blob keys
     assert got[-1].is_dir and got[-1].blob_key is None
     assert any(e.instance_id is None for e in got) and any(e.instance_id for e in got)
     assert any(e.erasure_coded for e in got)
