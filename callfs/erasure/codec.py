@@ -187,7 +187,7 @@ class Codec:
 
     def unframe_parts(self, framed: Sequence[Buffer]) -> list[memoryview] | None:
         """``unframe`` of a framed block that arrived in pieces: the block as views of them (no
-        copy; one empty view for an empty block), or None if its tag does not match."""
+        copy), or None if its tag does not match or there is no block before the tag."""
         views = [memoryview(p).cast("B") for p in framed]
         size = sum(v.nbytes for v in views)
         if size <= self.tag_len:

@@ -66,19 +66,21 @@ async def hashed(chunks: AsyncIterable[Chunk], digest: hashlib._Hash) -> AsyncIt
             size += len(chunk)
             if size >= _HASH_BATCH:
                 if running is not None:
-                    await running
+                    await asyncio.shield(running)  # cancelled here: the thread is waited for below
                 running = asyncio.ensure_future(run_cpu(_update, digest, pending))
                 pending, size = [], 0
             yield chunk
         if running is not None:
-            await running
+            await asyncio.shield(running)
             running = None
         if pending:
             await run_cpu(_update, digest, pending)
     finally:
-        if running is not None and not running.done():
+        if running is not None:
             # the consumer stopped early: the digest is dropped, only wait for the thread
             await asyncio.wait([running])
+            if not running.cancelled():
+                running.exception()  # retrieved: nobody wants this digest any more
 
 
 class _PeerShardStream:

@@ -90,3 +90,38 @@ async def test_hashed_passes_chunks_through_and_completes_the_digest() -> None:
     out = [bytes(c) async for c in hashed(_chunks(data, 333_333), digest)]
     assert b"".join(out) == data
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_hashed_stopped_early_waits_for_its_thread_and_leaves_no_stray_error() -> None:
+    """A consumer that stops mid-stream leaves no hashing job behind, and a hashing job that
+    failed is never reported as an exception nobody retrieved."""
+    import asyncio
+    import gc
+
+    class Failing:
+        def update(self, _data: object) -> None:
+            raise ValueError("boom")
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[object] = []
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    data = os.urandom(5 << 20)
+    try:
+        for digest in (hashlib.sha256(), Failing()):
+            # stop after the first MiB went to the pool, before anyone awaited it
+            it = hashed(_chunks(data, 300_000), digest)  # type: ignore[arg-type]
+            got = 0
+            async for chunk in it:
+                got += len(chunk)
+                if got > 1 << 20:
+                    break
+            await it.aclose()
+        # read to the end: the failure reaches the consumer
+        with pytest.raises(ValueError, match="boom"):
+            async for _ in hashed(_chunks(data, 300_000), Failing()):  # type: ignore[arg-type]
+                pass
+        gc.collect()
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
