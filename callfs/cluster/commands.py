@@ -3,12 +3,15 @@
 A command is ``[level, request_id, now, name, args]``. The proposer stamps ``request_id`` (so a
 retry after "maybe applied" is answered from the state machine's memory, never applied twice) and
 ``now`` (the only clock ``apply`` may use). ``level`` is the command level that introduced
-``name`` (``SINCE``): a replica of a lower ``LEVEL`` cannot apply it as the others do, so it stops
-serving (``StateMachine.broken``) rather than drift from them, and a proposer sends such a command
-only once every member has announced that level (``RaftService.supports``): during a rolling
-upgrade new commands wait until the last node runs the new version. Arguments and results are
-plain lists and scalars: a log written by this version stays readable whatever Python objects
-look like later.
+``name`` (``SINCE``). Every node announces the level it applies (``member_level``, kept in the
+replicated member table). A proposer sends a command above level 1 only once every voter has
+announced that level (``RaftService.supports``), and ``apply`` refuses it, the same way on every
+replica, while the member table records a lower level; a replica whose build is below a command
+the group accepted anyway stops the node (``StateMachine.on_newer_command``) rather than drift.
+So during a rolling upgrade new commands wait until the last node runs the new version. Builds
+from before levels ignore the field: the mechanism protects upgrades that start from a build
+with levels. Arguments and results are plain lists and scalars: a log written by this version
+stays readable whatever Python objects look like later.
 
 A result is ``[True, value]`` or ``[False, [error class name, message]]``: the error a store
 command raises on a single node is the error every replica computes, and the one the caller gets.

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from callfs.cluster import commands as C
-from callfs.errors import CallFSError, InternalError
+from callfs.errors import CallFSError, InternalError, NotFound, Unavailable
 from callfs.metadata import sqlite_ops as ops
 from callfs.metadata.sqlite import op_error
 
@@ -66,24 +66,54 @@ class NewerCommand(Exception):
     """A command of a higher level than this build applies (see ``commands.LEVEL``)."""
 
 
+#: Exit status of a node that met a command it cannot apply (EX_SOFTWARE).
+EXIT_NEWER_COMMAND = 70
+
+
+def _exit_for_upgrade(message: str) -> None:
+    """Stop the node: it cannot apply the log as the others do. Kept running, it would go on
+    applying later entries on top of a state that lacks one, snapshot that state and, as
+    leader, answer from it. The journal is durable; a restart replays the log from the last
+    snapshot and stops here again until the node runs a version that knows the command."""
+    log.critical("%s; stopping this node", message)
+    logging.shutdown()
+    os._exit(EXIT_NEWER_COMMAND)
+
+
 Handler = Callable[[sqlite3.Connection, list[Any], float], Any]
 
 
 def _member_put(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
-    """``[node_id, raft_addr, api_endpoint, level]``; without ``level`` (a join, recorded by the
-    leader before the node announced itself) the member counts as level 1 until it does."""
-    node_id, raft_addr, endpoint = a[:3]
-    level = a[3] if len(a) > 3 else 1
-    if not isinstance(level, int) or isinstance(level, bool) or level < 1:
-        raise ValueError(f"bad member level {level!r}")
+    """``[node_id, raft_addr, api_endpoint]``: the member counts as level 1 until it announces
+    more (``member_level``), also after a re-join."""
+    node_id, raft_addr, endpoint = a
     conn.execute(
         "DELETE FROM raft_members WHERE raft_addr = ? AND node_id != ?", (raft_addr, node_id)
     )
     conn.execute(
-        "INSERT OR REPLACE INTO raft_members (node_id, raft_addr, api_endpoint, level)"
-        " VALUES (?, ?, ?, ?)",
-        (node_id, raft_addr, endpoint, level),
+        "INSERT OR REPLACE INTO raft_members (node_id, raft_addr, api_endpoint) VALUES (?, ?, ?)",
+        (node_id, raft_addr, endpoint),
     )
+
+
+def _member_level(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
+    """``[node_id, level]``: the command level the node applies. A command of its own, so
+    builds from before levels (which refuse it as unknown, harmlessly: they keep no levels) still
+    apply ``member_put`` like everyone else."""
+    node_id, level = a
+    if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level < 1 << 31:
+        raise ValueError(f"bad member level {level!r}")
+    found = conn.execute(
+        "UPDATE raft_members SET level = ? WHERE node_id = ?", (level, node_id)
+    ).rowcount
+    if not found:
+        raise NotFound(f"no raft member {node_id!r}")
+
+
+def cluster_level(conn: sqlite3.Connection) -> int:
+    """The lowest level the member table records (1 when it is empty)."""
+    row = conn.execute("SELECT min(level) FROM raft_members").fetchone()
+    return int(row[0]) if row and row[0] is not None else 1
 
 
 def _member_remove(conn: sqlite3.Connection, a: list[Any], _now: float) -> None:
@@ -116,6 +146,7 @@ HANDLERS: dict[str, Handler] = {
     "wq_ack": lambda c, a, _: ops.wq_ack(c, a[0], a[1]),
     "wq_retry": lambda c, a, _: ops.wq_retry(c, a[0], a[1], a[2]),
     "member_put": _member_put,
+    "member_level": _member_level,
     "member_remove": _member_remove,
     "noop": lambda c, a, _: None,
 }
@@ -140,6 +171,9 @@ class StateMachine:
         self.applied = 0
         #: Bumped when the member table changes (readers cache it per version).
         self.members_version = 0
+        #: Called (tick thread) with the reason when the log holds a command above this build's
+        #: level that the group accepted: the node must stop (tests record instead).
+        self.on_newer_command: Callable[[str], None] = _exit_for_upgrade
 
     # ---- lifecycle -------------------------------------------------------------------------
     def open_fresh(self) -> None:
@@ -174,6 +208,12 @@ class StateMachine:
             conn.execute("COMMIT")
             self.applied += 1
             return out
+        except NewerCommand as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.broken = str(exc)
+            self.on_newer_command(str(exc))
+            return C.failed(InternalError("metadata replica failed"))
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -196,7 +236,13 @@ class StateMachine:
                 raise ValueError("bad batch")
         except Exception:  # a command no version can read: refused, the same everywhere
             return C.failed(InternalError("unreadable raft command"))
-        if newer:  # the others apply it; answering anything here would make this replica drift
+        if isinstance(level, int) and level > 1 and level > cluster_level(conn):
+            # Decided from the replicated member table, so every replica that knows levels
+            # refuses it alike (a proposer checks first; this covers a stale proposer's view).
+            return C.failed(
+                Unavailable(f"command {name!r} waits for every raft node to apply level {level}")
+            )
+        if newer:  # the group accepted it: answering anything here would make this replica drift
             raise NewerCommand(
                 f"command {name!r} needs command level {level}, this node applies {C.LEVEL}:"
                 " upgrade it"

@@ -259,6 +259,13 @@ class _Snapshots:
         # Tick thread. pysyncobj renames tmp_file as soon as this returns: we never create it (the
         # rename fails and is ignored), so a good older snapshot is never replaced by a partial.
         final = tmp_file[: -len(".tmp")]
+        if self._fsm.broken:
+            # A replica that failed to apply an entry holds a state the others do not: saved as a
+            # snapshot, a restart would take it for good (and a leader would send it).
+            log.warning("raft snapshot refused: %s", self._fsm.broken)
+            self.failed += 1
+            self._state = SERIALIZER_STATE.FAILED
+            return
         started = time.perf_counter()
         rconn = self._fsm.pin()
         data = pickle.dumps(raft_data)

@@ -108,12 +108,15 @@ class RaftService:
         while True:
             try:
                 await self.execute(
-                    "member_put",
-                    [self.node_id, self.node.settings.bind_addr, self.api_endpoint, C.LEVEL],
+                    "member_put", [self.node_id, self.node.settings.bind_addr, self.api_endpoint]
                 )
-                return
+                break
             except Unavailable:
                 await asyncio.sleep(1.0)
+        try:
+            await self.execute("member_level", [self.node_id, C.LEVEL])
+        except CallFSError as exc:  # a leader of a version before levels: told next time
+            log.info("raft command level not announced yet: %s", exc.message)
 
     # ---- writes ------------------------------------------------------------------------------
     async def execute(self, name: str, args: list[Any]) -> Any:
@@ -127,9 +130,16 @@ class RaftService:
         return C.result(await self.submit(C.command(uuid.uuid4().hex, time.time(), name, args)))
 
     def cluster_level(self) -> int:
-        """The highest command level every voter has announced (a voter that has not: 1)."""
-        levels = self._member_levels()
-        return min((levels.get(node_id, 1) for node_id in self.members()), default=1)
+        """The highest command level every voter has announced; a voter with no member row or
+        no announcement yet (just joined, or of a version before levels) counts as 1."""
+        rows, levels = self._member_table()
+        by_addr = {addr: levels.get(node_id, 1) for node_id, (addr, _e) in rows.items()}
+        try:
+            voters = set(self.node.members())
+        except NotApplied:
+            voters = set(by_addr)
+        voters.add(self.node.settings.bind_addr)
+        return min(by_addr.get(addr, 1) for addr in voters)
 
     def supports(self, name: str) -> bool:
         """Whether every member applies command ``name`` (always true for level-1 commands)."""

@@ -18,7 +18,7 @@ import pytest
 from callfs.cluster import commands as C
 from callfs.cluster.fsm import StateMachine
 from callfs.cluster.raft import check_internals
-from callfs.errors import AlreadyExists, InternalError
+from callfs.errors import AlreadyExists, CallFSError, InternalError
 from callfs.model import BackendType, Entry, EntryType
 from callfs.tests.raftnode import one_node_raft_store
 from callfs.tests.services import free_port
@@ -136,47 +136,74 @@ async def test_the_raft_port_refuses_unauthenticated_pickles(tmp_path: Path) -> 
         await store.close()
 
 
-def test_a_command_of_a_newer_level_stops_the_replica_instead_of_drifting(
+def test_a_command_of_a_newer_level_stops_the_node_instead_of_drifting(
     tmp_path: Path,
 ) -> None:
-    """A node that meets a command above its command level (a newer node's, mid-upgrade) cannot
-    apply it as the others do: it stops serving (``broken``) and says to upgrade it, where a
-    refusal as a result would leave it silently different from them."""
+    """A replica that meets a command above its build's level which the group accepted (every
+    member announced it) cannot apply it as the others do: the node stops (here: recorded) and
+    nothing of the entry is applied, also inside a batch; a broken replica takes no snapshot."""
+    from callfs.cluster.raft import _Snapshots
+
+    stops: list[str] = []
     fsm = StateMachine(str(tmp_path / "state.sqlite3"))
     fsm.open_fresh()
+    fsm.on_newer_command = stops.append
+    for i, level in enumerate((C.LEVEL + 1, C.LEVEL + 1)):
+        C.result(fsm.apply(C.command(f"m{i}", 1.0, "member_put", [f"n{i}", f"h:{i}", "http://h"])))
+        C.result(fsm.apply(C.command(f"l{i}", 1.0, "member_level", [f"n{i}", level])))
     future = C.pack([C.LEVEL + 1, "r1", 1.0, "create", [C.entry_out(entry("/x")), None]])
     with pytest.raises(InternalError):
         C.result(fsm.apply(future))
-    assert fsm.broken is not None and "upgrade" in fsm.broken
-    reader = sqlite3.connect(fsm.path)
-    assert reader.execute("SELECT count(*) FROM entries WHERE path = '/x'").fetchone() == (0,)
-    # inside a batch too: the whole entry is rolled back
-    again = StateMachine(str(tmp_path / "again.sqlite3"))
-    again.open_fresh()
+    assert len(stops) == 1 and "upgrade" in stops[0]
+    assert fsm.broken is not None
     batch = C.command("", 1.0, "batch", [create("r2", "/y"), future])
     with pytest.raises(InternalError):
-        C.result(again.apply(batch))
-    assert again.broken is not None
-    assert sqlite3.connect(again.path).execute(
-        "SELECT count(*) FROM entries WHERE path = '/y'"
-    ).fetchone() == (0,)
+        C.result(fsm.apply(batch))
+    reader = sqlite3.connect(fsm.path)
+    found = reader.execute("SELECT count(*) FROM entries WHERE path IN ('/x', '/y')").fetchone()
+    assert found == (0,)
+    snaps = _Snapshots(fsm, 1)
+    snaps.serialize(str(tmp_path / "raft.snapshot.tmp"), b"raft-data")
+    assert snaps.check() == 3 and snaps.failed == 1  # SERIALIZER_STATE.FAILED
+    assert not (tmp_path / "raft.snapshot").exists()
     reader.close()
-    for m in (fsm, again):
-        m.close()
+    fsm.close()
 
 
-def test_members_announce_their_level_and_old_tables_gain_the_column(tmp_path: Path) -> None:
+def test_the_member_table_holds_back_commands_above_its_lowest_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``apply`` refuses a command above the lowest level the member table records, the same
+    on every replica (a result, not a stop), and applies it once every member announced it."""
+    from callfs.errors import Unavailable
+
+    monkeypatch.setattr(C, "LEVEL", C.LEVEL + 1)
+    monkeypatch.setitem(C.SINCE, "noop", C.LEVEL)
+    stops: list[str] = []
     fsm = StateMachine(str(tmp_path / "state.sqlite3"))
     fsm.open_fresh()
-    C.result(fsm.apply(C.command("m1", 1.0, "member_put", ["n1", "h:1", "http://h:2", 3])))
-    C.result(fsm.apply(C.command("m2", 1.0, "member_put", ["n2", "h:3", "http://h:4"])))
-    with pytest.raises(InternalError):
-        C.result(fsm.apply(C.command("m3", 1.0, "member_put", ["n3", "h:5", "http://h:6", 0])))
-    rows = sqlite3.connect(fsm.path).execute(
-        "SELECT node_id, level FROM raft_members ORDER BY node_id"
-    )
-    assert rows.fetchall() == [("n1", 3), ("n2", 1)]  # a join records no level: 1 until it says
-    # a snapshot of a database from before the column: restored, members count as level 1
+    fsm.on_newer_command = stops.append
+    for i in range(2):
+        C.result(fsm.apply(C.command(f"m{i}", 1.0, "member_put", [f"n{i}", f"h:{i}", "http://h"])))
+    C.result(fsm.apply(C.command("l0", 1.0, "member_level", ["n0", C.LEVEL])))
+    with pytest.raises(Unavailable, match="waits for every raft node"):
+        C.result(fsm.apply(C.command("x1", 1.0, "noop", [])))
+    C.result(fsm.apply(C.command("l1", 1.0, "member_level", ["n1", C.LEVEL])))
+    assert C.result(fsm.apply(C.command("x2", 1.0, "noop", []))) is None
+    # a re-registration (member_put) counts the node as level 1 again until it announces
+    C.result(fsm.apply(C.command("m9", 1.0, "member_put", ["n1", "h:1", "http://h"])))
+    with pytest.raises(Unavailable):
+        C.result(fsm.apply(C.command("x3", 1.0, "noop", [])))
+    for bad in (["n1", 0], ["n1", True], ["n1", "2"], ["nobody", 2]):
+        with pytest.raises(CallFSError):
+            C.result(fsm.apply(C.command(f"b{bad}", 1.0, "member_level", bad)))
+    assert stops == [] and fsm.broken is None
+    fsm.close()
+
+
+def test_members_tables_from_before_levels_gain_the_column(tmp_path: Path) -> None:
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
     conn = sqlite3.connect(fsm.path)
     conn.executescript(
         "DROP TABLE raft_members; CREATE TABLE raft_members (node_id TEXT PRIMARY KEY,"
