@@ -227,12 +227,10 @@ class StateMachine:
         rolled back); only a database failure raises (the caller marks the replica broken)."""
         try:
             level, request_id, now, name, args = C.unpack(payload)
-            newer = isinstance(level, int) and level > C.LEVEL
-            if newer:
-                pass
-            elif name != BATCH:
+            newer = isinstance(level, int) and level > C.LEVEL  # its name may be unknown here
+            if not newer and name != BATCH:
                 handler = HANDLERS[name]
-            elif depth > 1 or not all(isinstance(p, bytes) for p in args):
+            elif not newer and (depth > 1 or not all(isinstance(p, bytes) for p in args)):
                 raise ValueError("bad batch")
         except Exception:  # a command no version can read: refused, the same everywhere
             return C.failed(InternalError("unreadable raft command"))
