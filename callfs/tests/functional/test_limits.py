@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -259,6 +260,49 @@ async def test_download_to_a_stalled_reader_is_cut_off(
         # the server gave up: only what sat in the socket buffers arrived
         assert received < size // 2
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1
+
+
+async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path) -> None:
+    """``server.write_timeout`` bounds a stall, not a slow transfer (§2): a reader taking 32 KiB
+    every 0.2 s gets the whole sendfile download with a 0.5 s timeout. On Linux the kernel
+    watches the progress (TCP_USER_TIMEOUT, one sendfile for the whole range): it must count
+    every acknowledged byte as progress and never cut such a reader."""
+    from callfs.api import files
+
+    if sys.platform == "linux":
+        assert files._TCP_USER_TIMEOUT is not None  # the path taken here
+    size = MiB
+    async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="500ms") as (node, port):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(
+                f"http://127.0.0.1:{port}/v1/files/slow.bin", data=big_body(size), headers=auth()
+            ) as r,
+        ):
+            assert r.status == 201
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        received = 0
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            request = (
+                f"GET /v1/files/slow.bin HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {ALICE_KEY}\r\nConnection: close\r\n\r\n"
+            )
+            await loop.sock_sendall(sock, request.encode())
+            async with asyncio.timeout(60):
+                while True:
+                    data = await loop.sock_recv(sock, 32 * 1024)
+                    if not data:
+                        break
+                    received += len(data)
+                    await asyncio.sleep(0.2 * len(data) / (32 * 1024))
+        finally:
+            sock.close()
+        assert received > size  # the headers and every byte of the body
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
 
 async def test_remote_owned_download_to_a_stalled_reader_is_cut_off(tmp_path: Path) -> None:
