@@ -7,8 +7,10 @@ import base64
 import functools
 import json
 import logging
+import platform
 import re
 import socket
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
@@ -46,7 +48,21 @@ _SENDFILE_MIN = 256 * 1024
 #: 1 MiB +5 %, 256 KiB +35 %, 64 KiB +125 % over one sendfile; a 1 MiB GET at 16 connections
 #: served 1,024-1,075 requests/s in 256 KiB slices and 1,583-1,815 in one call.
 _SENDFILE_SLICE = 256 * 1024
-_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+
+def _zero_window_user_timeout() -> int | None:
+    """The TCP_USER_TIMEOUT option where it also cuts a peer that keeps acknowledging zero-window
+    probes, a reader that stopped reading (Linux 5.11 and later), else None."""
+    option: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None or sys.platform != "linux":
+        return None
+    numbers = re.match(r"(\d+)\.(\d+)", platform.release())
+    if numbers is None or (int(numbers[1]), int(numbers[2])) < (5, 11):
+        return None
+    return option
+
+
+_TCP_USER_TIMEOUT = _zero_window_user_timeout()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -402,10 +418,10 @@ async def _sendfile(
 
 
 def _kernel_stall_guard(sock: socket.socket | None, seconds: float) -> bool:
-    """Linux: have the kernel abort the connection once sent bytes stay unacknowledged for
+    """Linux 5.11+: have the kernel abort the connection once sent bytes stay unacknowledged for
     ``seconds`` (TCP_USER_TIMEOUT; a reader that stopped reading is probed through its zero
-    window and cut the same way, kernel 5.11+), so one sendfile covers the whole range and a slow
-    reader that keeps taking bytes is never cut. 0 restores the default. True if it is set."""
+    window and cut the same way), so one sendfile covers the whole range and a slow reader that
+    keeps taking bytes is never cut. 0 restores the default. True if it is set."""
     if _TCP_USER_TIMEOUT is None or sock is None:
         return False
     try:
