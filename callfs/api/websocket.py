@@ -97,25 +97,63 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
     except CallFSError:
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"failed to open file")
         return
+    watch = _StallWatch(request, state.write_timeout)
     try:
         with _corked(request):
             async for chunk in stream:
                 view = memoryview(chunk)
+                watch.sending()
                 for start in range(0, len(view), FRAME):
-                    try:
-                        async with asyncio.timeout(state.write_timeout):
-                            # aiohttp takes any bytes-like payload (its annotation says bytes)
-                            await ws.send_bytes(view[start : start + FRAME])  # type: ignore[arg-type]
-                    except TimeoutError:
-                        cut_off(request)  # §2: the client stopped reading
-                        return
+                    # aiohttp takes any bytes-like payload (its annotation says bytes)
+                    await ws.send_bytes(view[start : start + FRAME])  # type: ignore[arg-type]
+                    watch.progress()
+                watch.reading()
     except (CallFSError, OSError):
+        if watch.fired:
+            return  # §2: the client stopped reading; cut off and counted
         log.warning("websocket download of a file failed mid-way", exc_info=True)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file read failed")
         return
     finally:
+        watch.close()
         await stream.aclose()
     await ws.close(code=WSCloseCode.OK, message=b"download complete")
+
+
+class _StallWatch:
+    """§2 for a WebSocket download: the connection is cut off once no frame has gone out for
+    ``stall`` seconds while there is one to send (checked every eighth of it, so within 1.125 x;
+    the file's own reads are not the client's stall). A timer per frame cost a fifth of the
+    download's speed (1,150-1,394 MB/s with, 1,449-1,710 without)."""
+
+    def __init__(self, request: web.Request, stall: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._request = request
+        self._stall = stall
+        self._last = self._loop.time()
+        self._sending = False
+        self.fired = False
+        self._timer = self._loop.call_later(stall / 8, self._check)
+
+    def sending(self) -> None:
+        self._sending = True
+        self._last = self._loop.time()
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def reading(self) -> None:
+        self._sending = False
+
+    def _check(self) -> None:
+        if self._sending and self._loop.time() - self._last >= self._stall:
+            self.fired = True
+            cut_off(self._request)  # the pending send fails: the download loop ends
+            return
+        self._timer = self._loop.call_later(self._stall / 8, self._check)
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 @contextlib.contextmanager
