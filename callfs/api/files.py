@@ -24,6 +24,7 @@ from callfs.api.errors import dumps, json_response
 from callfs.api.limits import cut_off
 from callfs.api.proxy import BODY_READ, forward
 from callfs.api.ranges import parse_range
+from callfs.api.sockets import tcp_option
 from callfs.api.state import CONTINUE_PENDING, IDENTITY, api_state, identity
 from callfs.core.engine import MoveRequest
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
@@ -42,7 +43,7 @@ OCTET = "application/octet-stream"
 MAX_PATCH_BODY = 1 << 20
 #: Ranges below this go out with ``write``; larger local files use sendfile (zero-copy).
 _SENDFILE_MIN = 256 * 1024
-#: Without the kernel's stall guard (``_kernel_stall_guard``), sendfile goes out in slices of this
+#: Without the kernel's stall guard (``_TCP_USER_TIMEOUT``), sendfile goes out in slices of this
 #: size, each of which must leave within ``write_timeout`` (§2): progress is seen per slice, so a
 #: reader must take 256 KiB per write_timeout (8.7 KB/s at 30 s). Slices cost: loopback, 200 MB:
 #: 1 MiB +5 %, 256 KiB +35 %, 64 KiB +125 % over one sendfile; a 1 MiB GET at 16 connections
@@ -394,16 +395,19 @@ async def _sendfile(
     cancelled ``loop.sendfile`` leaves the stream mid-way, so the connection goes too."""
     loop = asyncio.get_running_loop()
     stall = api_state(request).write_timeout
+    # Linux 5.11+: the kernel aborts the connection once sent bytes stay unacknowledged for
+    # write_timeout (TCP_USER_TIMEOUT; a reader that stopped reading is probed through its zero
+    # window and cut the same way), so one sendfile covers the whole range and a slow reader that
+    # keeps taking bytes is never cut.
     sock = transport.get_extra_info("socket")
-    if _kernel_stall_guard(sock, stall):
-        try:
-            await loop.sendfile(transport, fileobj, offset, count)
-        except TimeoutError:  # ETIMEDOUT: the kernel gave up on the reader
-            cut_off(request)
-            return False
-        finally:
-            _kernel_stall_guard(sock, 0)
-        return True
+    with tcp_option(sock, _TCP_USER_TIMEOUT, round(stall * 1000)) as watched:
+        if watched:
+            try:
+                await loop.sendfile(transport, fileobj, offset, count)
+            except TimeoutError:  # ETIMEDOUT: the kernel gave up on the reader
+                cut_off(request)
+                return False
+            return True
     end = offset + count
     while offset < end:
         size = min(_SENDFILE_SLICE, end - offset)
@@ -414,20 +418,6 @@ async def _sendfile(
             cut_off(request)
             return False
         offset += size
-    return True
-
-
-def _kernel_stall_guard(sock: socket.socket | None, seconds: float) -> bool:
-    """Linux 5.11+: have the kernel abort the connection once sent bytes stay unacknowledged for
-    ``seconds`` (TCP_USER_TIMEOUT; a reader that stopped reading is probed through its zero
-    window and cut the same way), so one sendfile covers the whole range and a slow reader that
-    keeps taking bytes is never cut. 0 restores the default. True if it is set."""
-    if _TCP_USER_TIMEOUT is None or sock is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, round(seconds * 1000))
-    except OSError:
-        return False
     return True
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.files import request_path
 from callfs.api.limits import cut_off
+from callfs.api.sockets import tcp_option
 from callfs.api.state import api_state, identity
 from callfs.errors import (
     AlreadyExists,
@@ -99,7 +99,11 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         return
     watch = _StallWatch(request, state.write_timeout)
     try:
-        with _corked(request):
+        # TCP_CORK while the file streams (Linux): aiohttp sends each frame's header and payload in
+        # two writes, and on a TCP_NODELAY socket the 4-byte header left as a packet of its own,
+        # which the client then read and parsed alone.
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        with tcp_option(sock, getattr(socket, "TCP_CORK", None), 1):
             async for chunk in stream:
                 view = memoryview(chunk)
                 watch.sending()
@@ -154,28 +158,6 @@ class _StallWatch:
 
     def close(self) -> None:
         self._timer.cancel()
-
-
-@contextlib.contextmanager
-def _corked(request: web.Request) -> Iterator[None]:
-    """TCP_CORK on the connection while a download streams (Linux): aiohttp sends each frame's
-    header and payload in two writes, and on a TCP_NODELAY socket the 4-byte header left as a
-    packet of its own, which the client then read and parsed alone."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    cork = getattr(socket, "TCP_CORK", None)
-    if sock is None or cork is None:
-        yield
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)  # sends what is held back
 
 
 async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) -> None:

@@ -204,21 +204,53 @@ async def test_total_connection_cap(tmp_path: Path) -> None:
 
 
 # ---- stalled readers -----------------------------------------------------------------------------
+async def put_big(port: int, name: str, size: int) -> None:
+    """Store ``size`` bytes at ``/<name>`` through the node's HTTP listener."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"http://127.0.0.1:{port}/v1/files/{name}", data=big_body(size), headers=auth()
+        ) as r,
+    ):
+        assert r.status == 201
+
+
+def get_request(name: str, close: bool = False) -> str:
+    """A raw GET of ``/<name>`` as alice."""
+    last = "Connection: close\r\n" if close else ""
+    return (
+        f"GET /v1/files/{name} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {ALICE_KEY}\r\n{last}\r\n"
+    )
+
+
+async def tiny_window_socket(port: int, request: str) -> socket.socket:
+    """A non-blocking client socket with a 4 KiB receive buffer that has sent ``request``: what
+    the server can push ahead of the reader is small."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request.encode())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def stalled_download(
     port: int, request: str, stall: float, server: web.Server | None = None
 ) -> int:
     """Send ``request`` from a socket with a tiny receive buffer, read nothing for ``stall``
     seconds, then read fast to the end: how many bytes arrived before the server hung up.
     Its connection to ``server`` must be gone before the client reads (the fd is released)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
     loop = asyncio.get_running_loop()
     received = 0
     earlier = set() if server is None else set(server.connections)
+    sock = await tiny_window_socket(port, request)
     try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, request.encode())
         await asyncio.sleep(stall)
         if server is not None:
             assert set(server.connections) <= earlier
@@ -244,18 +276,8 @@ async def test_download_to_a_stalled_reader_is_cut_off(
         monkeypatch.setattr("callfs.api.files._SENDFILE_MIN", 1 << 62)
     size = 64 * MiB
     async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="1s") as (node, port):
-        async with (
-            aiohttp.ClientSession() as session,
-            session.put(
-                f"http://127.0.0.1:{port}/v1/files/big.bin", data=big_body(size), headers=auth()
-            ) as r,
-        ):
-            assert r.status == 201
-        request = (
-            f"GET /v1/files/big.bin HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
-        )
-        received = await stalled_download(port, request, 3.5, node_server(node))
+        await put_big(port, "big.bin", size)
+        received = await stalled_download(port, get_request("big.bin"), 3.5, node_server(node))
         # the server gave up: only what sat in the socket buffers arrived
         assert received < size // 2
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1
@@ -268,25 +290,11 @@ async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path)
     every acknowledged byte as progress and never cut such a reader."""
     size = MiB
     async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="500ms") as (node, port):
-        async with (
-            aiohttp.ClientSession() as session,
-            session.put(
-                f"http://127.0.0.1:{port}/v1/files/slow.bin", data=big_body(size), headers=auth()
-            ) as r,
-        ):
-            assert r.status == 201
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
+        await put_big(port, "slow.bin", size)
         loop = asyncio.get_running_loop()
         received = 0
+        sock = await tiny_window_socket(port, get_request("slow.bin", close=True))
         try:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            request = (
-                f"GET /v1/files/slow.bin HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {ALICE_KEY}\r\nConnection: close\r\n\r\n"
-            )
-            await loop.sock_sendall(sock, request.encode())
             async with asyncio.timeout(60):
                 while True:
                     data = await loop.sock_recv(sock, 32 * 1024)
@@ -335,20 +343,10 @@ async def test_remote_owned_download_to_a_stalled_reader_is_cut_off(tmp_path: Pa
     try:
         await node_b.start()
         try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.put(
-                    f"http://127.0.0.1:{port_a}/v1/files/big.bin",
-                    data=big_body(size),
-                    headers=auth(),
-                ) as r,
-            ):
-                assert r.status == 201
-            request = (
-                f"GET /v1/files/big.bin HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+            await put_big(port_a, "big.bin", size)
+            received = await stalled_download(
+                port_b, get_request("big.bin"), 3.5, node_server(node_b)
             )
-            received = await stalled_download(port_b, request, 3.5, node_server(node_b))
             assert received < size // 2
             assert sample(node_b, "callfs_connections_timed_out_total", reason="write_stall") == 1
         finally:
