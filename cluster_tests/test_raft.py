@@ -250,6 +250,60 @@ def test_frozen_leader_does_not_split_the_brain(cluster: list[ClusterNode]) -> N
         assert listing(node, "/frozen") == expected, node.name
 
 
+def test_followers_turn_to_the_new_leader_instead_of_waiting_on_a_frozen_one(
+    tmp_path: Path,
+) -> None:
+    """Reads and writes a follower sent to the leader just before it froze are asked again of
+    the new leader once it is elected: they do not wait out ``raft.forward_timeout`` (30 s
+    here, far above an election)."""
+    import signal
+
+    nodes = raft_cluster(tmp_path)
+    for node in nodes:
+        node.config["raft"]["apply_timeout"] = "30s"
+        node.config["raft"]["forward_timeout"] = "30s"
+    try:
+        for node in nodes:
+            node.start()
+        leader = wait_leader(nodes)
+        others = [n for n in nodes if n is not leader]
+        assert put(others[0], "/thaw/seed", b"seed") == 201
+        assert get(others[1], "/thaw/seed") == (200, b"seed")
+        assert leader.proc is not None
+
+        def timed(
+            node: ClusterNode, method: str, path: str, body: bytes | None
+        ) -> tuple[int, bytes, float]:
+            started = time.monotonic()
+            status, raw = call(node, method, path, body, timeout=60)
+            return status, raw, time.monotonic() - started
+
+        leader.proc.send_signal(signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                jobs = [
+                    pool.submit(timed, node, "GET", "/v1/files/thaw/seed", None)
+                    for node in others
+                    for _ in range(2)
+                ] + [
+                    pool.submit(timed, node, "PUT", f"/v1/files/thaw/{node.name}-{i}", b"%d" % i)
+                    for node in others
+                    for i in range(2)
+                ]
+                results = [job.result() for job in jobs]
+            new_leader = wait_leader(others, timeout=15)
+        finally:
+            leader.proc.send_signal(signal.SIGCONT)
+        assert [r[0] for r in results] == [200] * 4 + [201] * 4, results
+        assert [r[1] for r in results[:4]] == [b"seed"] * 4
+        # an election takes a few seconds at most; 30 s would mean a wait on the frozen leader
+        assert max(r[2] for r in results) < 12.0, results
+        assert len(listing(new_leader, "/thaw")) == 5
+    finally:
+        for node in nodes:
+            node.stop()
+
+
 def test_no_quorum_answers_503_quickly_and_recovers(cluster: list[ClusterNode]) -> None:
     leader = wait_leader(cluster)
     assert put(leader, "/q/before", b"before") == 201

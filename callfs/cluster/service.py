@@ -39,6 +39,8 @@ T = TypeVar("T")
 APPLY_PATH = "/v1/internal/raft/metadata/apply"
 MSGPACK = "application/x-msgpack"
 _RETRY_PAUSE = 0.05
+#: How often a follower waiting on the leader's read index checks whether the leader changed.
+_LEADER_WATCH = 0.05
 #: Group commit: log entries in flight at once, commands and bytes per entry (pysyncobj's
 #: chunked path for entries over 64 KB is unreliable: LIBRARIES.md §1.13 trap 7).
 _MAX_FLIGHTS = 4
@@ -53,6 +55,12 @@ def raft_password(internal_secret: str) -> str:
     return hmac.new(
         internal_secret.encode(), b"callfs-raft-transport-v1", hashlib.sha256
     ).hexdigest()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 class RaftService:
@@ -215,7 +223,7 @@ class RaftService:
                 if self.node.is_leader():
                     data = await self.node.propose(payload, remaining)
                 else:
-                    data = await self._forward({"op": "apply", "cmd": payload}, remaining)
+                    data = await self._ask_leader({"op": "apply", "cmd": payload}, remaining)
                 break
             except (NotApplied, OutcomeUnknown, Unavailable) as exc:
                 why = exc.message if isinstance(exc, CallFSError) else str(exc)
@@ -245,6 +253,27 @@ class RaftService:
         except (TimeoutError, Unavailable) as exc:
             return 503, C.pack({"error": str(exc) or "commit timed out", "applied": None})
         return 200, C.pack({"result": data})
+
+    async def _ask_leader(self, request: dict[str, Any], wait: float) -> Any:
+        """``_forward``, abandoned with ``Unavailable`` as soon as another node is known to lead
+        (the one asked is frozen, partitioned or deposed), so callers retry on the new leader
+        at once instead of waiting out ``raft.forward_timeout``. A command abandoned this way
+        may still apply: retries carry the same request id, which the state machine answers
+        from memory."""
+        leader = self.node.leader_addr()
+        ask = asyncio.ensure_future(self._forward(request, wait))
+        try:
+            while True:
+                done, _ = await asyncio.wait((ask,), timeout=_LEADER_WATCH)
+                if done:
+                    return ask.result()
+                now = self.node.leader_addr()
+                if now is not None and now != leader:
+                    raise Unavailable("the raft leader changed")
+        finally:
+            if not ask.done():
+                ask.cancel()
+                ask.add_done_callback(_retrieve)
 
     async def _forward(self, request: dict[str, Any], wait: float) -> Any:
         """POST ``request`` to the leader; the decoded answer's payload. ``Unavailable`` when
@@ -321,7 +350,7 @@ class RaftService:
             while self._next_index is not None:
                 future, self._next_index = self._next_index, None
                 try:
-                    index = await self._forward({"op": "read_index"}, self.apply_timeout)
+                    index = await self._ask_leader({"op": "read_index"}, self.apply_timeout)
                 except Exception as exc:
                     if not future.done():
                         future.set_exception(
