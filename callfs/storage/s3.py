@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 PARTS_IN_FLIGHT = 2
+#: Multipart uploads carry a CRC32 per part (what boto3's own upload_file sends): the store checks
+#: each part as it arrives and the object's checksum is composed from the parts' at completion,
+#: where an upload without one makes S3-compatible stores (moto, for one) checksum the whole
+#: object again at CompleteMultipartUpload.
+CHECKSUM = "CRC32"
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
@@ -263,25 +268,33 @@ class S3Backend:
 
     async def stage(self, blob: str, chunks: AsyncIterable[Chunk]) -> _Staged:
         key = key_of(blob)
-        buf = bytearray()
+        # The body is kept as the pieces it arrived in (bytes: immutable, so held without a
+        # copy; other buffers are copied, their producer may reuse them) and joined once per
+        # part: one copy per byte instead of three.
+        pieces: list[bytes | memoryview] = []
+        held = 0
         size = 0
         upload: dict[str, Any] = {}
         in_flight: set[asyncio.Task[None]] = set()
         try:
             async for chunk in chunks:
-                buf += chunk
                 size += len(chunk)
-                while len(buf) >= self.part_size:
+                view = memoryview(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                while len(view) >= self.part_size - held:
+                    take = self.part_size - held
+                    pieces.append(view[:take])
+                    view = view[take:]
+                    part = b"".join(pieces)
+                    pieces, held = [], 0
                     if not upload:
                         created = await self._call(
                             self.client.create_multipart_upload,
                             Bucket=self.bucket,
                             Key=key,
+                            ChecksumAlgorithm=CHECKSUM,
                             **self._extra,
                         )
                         upload = {"id": created["UploadId"], "parts": [], "next": 1}
-                    part = bytes(buf[: self.part_size])
-                    del buf[: self.part_size]
                     # Up to PARTS_IN_FLIGHT parts go up at once: memory stays bounded by
                     # (PARTS_IN_FLIGHT + 1) x part_size while the link is kept busy.
                     if len(in_flight) >= PARTS_IN_FLIGHT:
@@ -293,6 +306,11 @@ class S3Backend:
                     number = upload["next"]
                     upload["next"] += 1
                     in_flight.add(asyncio.create_task(self._upload_part(key, upload, number, part)))
+                if view:
+                    pieces.append(view)
+                    held += len(view)
+            buf = b"".join(pieces)
+            pieces = []
             if upload:
                 if buf:
                     last = self._upload_part(key, upload, upload["next"], bytes(buf))
@@ -303,7 +321,7 @@ class S3Backend:
                 in_flight = set()
                 upload["parts"].sort(key=lambda p: p["PartNumber"])
                 return _Staged(self, blob, key, size, None, upload)
-            return _Staged(self, blob, key, size, bytes(buf), {})
+            return _Staged(self, blob, key, size, buf, {})
         except BaseException:
             for task in in_flight:
                 task.cancel()
@@ -322,8 +340,12 @@ class S3Backend:
             UploadId=upload["id"],
             PartNumber=number,
             Body=data,
+            ChecksumAlgorithm=CHECKSUM,
         )
-        upload["parts"].append({"ETag": done["ETag"], "PartNumber": number})
+        part = {"ETag": done["ETag"], "PartNumber": number}
+        if done.get("ChecksumCRC32"):
+            part["ChecksumCRC32"] = done["ChecksumCRC32"]
+        upload["parts"].append(part)
 
     # ---- reads -----------------------------------------------------------------------------
     async def open_read(self, blob: str, offset: int = 0, length: int | None = None) -> S3Stream:
