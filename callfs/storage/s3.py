@@ -50,7 +50,11 @@ from callfs.storage.base import (
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024 * 1024
+#: Reads from S3 start at FIRST_READ bytes (a quick first byte) and grow fourfold per read up
+#: to READ_CHUNK: each read is one thread hop, and 4 MiB reads cost half the CPU of 1 MiB
+#: reads and measured 0.78-0.86x of boto3 direct on a 256 MiB GET, against 0.66-0.70x.
+FIRST_READ = 256 * 1024
+READ_CHUNK = 4 * 1024 * 1024
 PARTS_IN_FLIGHT = 2
 #: Multipart uploads carry a CRC32 per part (what boto3's own upload_file sends): the store checks
 #: each part as it arrives and the object's checksum is composed from the parts' at completion,
@@ -114,14 +118,16 @@ class S3Stream:
         if self._body is None:
             return
         remaining = self.length
+        size = FIRST_READ
         while remaining > 0:
             try:
-                chunk: bytes = await run_blocking(self._body.read, min(READ_CHUNK, remaining))
+                chunk: bytes = await run_blocking(self._body.read, min(size, remaining))
             except (BotoCoreError, ClientError, OSError) as exc:
                 raise translate(exc) from exc
             if not chunk:
                 return
             remaining -= len(chunk)
+            size = min(size * 4, READ_CHUNK)
             yield chunk
 
     async def aclose(self) -> None:
