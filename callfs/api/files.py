@@ -7,11 +7,13 @@ import base64
 import functools
 import json
 import logging
+import os
 import platform
 import re
 import socket
 import sys
 import time
+from asyncio.exceptions import SendfileNotAvailableError
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
@@ -402,11 +404,25 @@ async def _sendfile(
     sock = transport.get_extra_info("socket")
     with tcp_option(sock, _TCP_USER_TIMEOUT, round(stall * 1000)) as watched:
         if watched:
+            sent = _sendfile_now(loop, transport, sock, fileobj, offset, count)
+            if sent == count:
+                return True
+            started = time.monotonic()
             try:
-                await loop.sendfile(transport, fileobj, offset, count)
+                await loop.sendfile(
+                    transport, fileobj, offset + sent, count - sent, fallback=sent == 0
+                )
             except TimeoutError:  # ETIMEDOUT: the kernel gave up on the reader
                 cut_off(request)
                 return False
+            except SendfileNotAvailableError:
+                # asyncio reports a sendfile that fails before its first byte so (it would fall
+                # back to write(), which is why it is off here: sendfile just worked). No byte
+                # left during the whole call: a stall, if it lasted write_timeout; a reset else.
+                if time.monotonic() - started >= stall:
+                    cut_off(request)
+                    return False
+                raise ConnectionResetError("the client went away during sendfile") from None
             return True
     end = offset + count
     while offset < end:
@@ -419,6 +435,28 @@ async def _sendfile(
             return False
         offset += size
     return True
+
+
+def _sendfile_now(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.Transport,
+    sock: Any,
+    fileobj: Any,
+    offset: int,
+    count: int,
+) -> int:
+    """One sendfile call straight from the handler, for what the socket buffer takes now (all of
+    it, mostly, up to a few MiB): the bytes sent. ``loop.sendfile`` costs a future, a pause and
+    resume of reading and a seek even when one call does it all (GET 1 MiB, 16 connections:
+    2,173-2,320 -> 2,553-2,714 requests/s). Only on asyncio's selector loops, whose
+    ``loop.sendfile`` takes over for the rest, and only with nothing of the transport's own
+    still queued."""
+    if not isinstance(loop, asyncio.SelectorEventLoop) or transport.get_write_buffer_size():
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), fileobj.fileno(), offset, count)
+    except BlockingIOError:
+        return 0
 
 
 async def head_file(request: web.Request) -> web.StreamResponse:

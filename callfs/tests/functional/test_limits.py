@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -281,6 +282,33 @@ async def test_download_to_a_stalled_reader_is_cut_off(
         # the server gave up: only what sat in the socket buffers arrived
         assert received < size // 2
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1
+
+
+async def test_a_reader_that_resets_mid_sendfile_is_no_stall_and_the_node_serves_on(
+    tmp_path: Path,
+) -> None:
+    """The first sendfile call fills the socket buffer; the reader then resets the connection
+    while the rest waits: that is a client gone away, not a write stall, and the next download
+    is served whole."""
+    size = 64 * MiB
+    async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="5s") as (node, port):
+        await put_big(port, "big.bin", size)
+        sock = await tiny_window_socket(port, get_request("big.bin"))
+        loop = asyncio.get_running_loop()
+        assert await loop.sock_recv(sock, 4096)
+        await asyncio.sleep(0.3)  # the server is now waiting for the socket to drain
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        await asyncio.sleep(0.5)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/v1/files/big.bin", headers=auth()) as r,
+        ):
+            got = 0
+            async for chunk in r.content.iter_any():
+                got += len(chunk)
+        assert r.status == 200 and got == size
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
 
 async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path) -> None:
