@@ -404,10 +404,10 @@ async def _sendfile(
     sock = transport.get_extra_info("socket")
     with tcp_option(sock, _TCP_USER_TIMEOUT, round(stall * 1000)) as watched:
         if watched:
+            started = time.monotonic()
             sent = _sendfile_now(loop, transport, sock, fileobj, offset, count)
             if sent == count:
                 return True
-            started = time.monotonic()
             try:
                 await loop.sendfile(
                     transport, fileobj, offset + sent, count - sent, fallback=sent == 0
