@@ -433,7 +433,9 @@ class LocalFSBackend:
     def _open_blocking(self, key: str, offset: int, length: int | None) -> LocalFileStream:
         parent, name = self._open_parent_blocking(key)
         try:
-            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW, dir_fd=parent)
+            # O_NONBLOCK: a FIFO or device planted under the root must not hold the loop in
+            # open() (it is refused below); a regular file's reads ignore the flag.
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
         except OSError as exc:
             _raise_for_component(exc, name, parent)
         finally:

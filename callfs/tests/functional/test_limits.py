@@ -336,6 +336,36 @@ async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path)
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
 
+async def test_a_slow_reader_of_big_streamed_chunks_is_never_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamed path (TLS, S3, uvloop) with 4 MiB chunks, as S3 reads come: a reader taking
+    about 1 MB/s with a 2 s write_timeout gets every byte. Each chunk goes out in slices with
+    a timer of their own; a whole 4 MiB chunk would need about 4 s. (The timeout leaves room for
+    the kernel's send buffer: the socket turns writable again only once a good part of what it
+    queued has drained.)"""
+    monkeypatch.setattr("callfs.api.files._SENDFILE_MIN", 1 << 62)
+    monkeypatch.setattr("callfs.storage.localfs.READ_CHUNK", 4 * MiB)
+    size = 6 * MiB
+    async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="2s") as (node, port):
+        await put_big(port, "slow.bin", size)
+        loop = asyncio.get_running_loop()
+        received = 0
+        sock = await tiny_window_socket(port, get_request("slow.bin", close=True))
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    data = await loop.sock_recv(sock, 64 * 1024)
+                    if not data:
+                        break
+                    received += len(data)
+                    await asyncio.sleep(0.05 * len(data) / (64 * 1024))
+        finally:
+            sock.close()
+        assert received > size
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
+
+
 async def test_remote_owned_download_to_a_stalled_reader_is_cut_off(tmp_path: Path) -> None:
     """Node b streams a file that node a owns (one shared metadata store) to a client that
     stalls: b's chunked write path gives up too."""
