@@ -279,3 +279,13 @@ async def test_a_root_file_named_like_a_blob_key_is_read_at_its_path(tmp_path: P
         assert not (tmp_path / "root" / name).exists()
     finally:
         await backend.close()
+
+
+async def test_a_fifo_under_the_root_is_refused_without_blocking(
+    backend: LocalFSBackend, tmp_path: Path
+) -> None:
+    """Opens run on the event loop: a FIFO with no writer must not hold them (O_NONBLOCK)."""
+    (tmp_path / "root" / "legacy").mkdir()
+    os.mkfifo(tmp_path / "root" / "legacy" / "pipe")
+    with pytest.raises(NotFound):
+        await _read(backend, "legacy/pipe")
