@@ -311,6 +311,25 @@ async def test_a_reader_that_resets_mid_sendfile_is_no_stall_and_the_node_serves
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
 
+async def read_slowly(port: int, name: str, step: int, pause: float) -> int:
+    """GET ``/<name>`` from a tiny-window socket at ``step`` bytes per ``pause`` seconds, to the
+    end or until the server hangs up: the bytes received, headers included."""
+    loop = asyncio.get_running_loop()
+    received = 0
+    sock = await tiny_window_socket(port, get_request(name, close=True))
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                data = await loop.sock_recv(sock, step)
+                if not data:
+                    break
+                received += len(data)
+                await asyncio.sleep(pause * len(data) / step)
+    finally:
+        sock.close()
+    return received
+
+
 async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path) -> None:
     """``server.write_timeout`` bounds a stall, not a slow transfer (§2): a reader taking 32 KiB
     every 0.2 s gets the whole sendfile download with a 0.5 s timeout. On Linux the kernel
@@ -319,19 +338,7 @@ async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path)
     size = MiB
     async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="500ms") as (node, port):
         await put_big(port, "slow.bin", size)
-        loop = asyncio.get_running_loop()
-        received = 0
-        sock = await tiny_window_socket(port, get_request("slow.bin", close=True))
-        try:
-            async with asyncio.timeout(60):
-                while True:
-                    data = await loop.sock_recv(sock, 32 * 1024)
-                    if not data:
-                        break
-                    received += len(data)
-                    await asyncio.sleep(0.2 * len(data) / (32 * 1024))
-        finally:
-            sock.close()
+        received = await read_slowly(port, "slow.bin", 32 * 1024, 0.2)
         assert received > size  # the headers and every byte of the body
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
@@ -349,19 +356,7 @@ async def test_a_slow_reader_of_big_streamed_chunks_is_never_cut_off(
     size = 6 * MiB
     async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="2s") as (node, port):
         await put_big(port, "slow.bin", size)
-        loop = asyncio.get_running_loop()
-        received = 0
-        sock = await tiny_window_socket(port, get_request("slow.bin", close=True))
-        try:
-            async with asyncio.timeout(60):
-                while True:
-                    data = await loop.sock_recv(sock, 64 * 1024)
-                    if not data:
-                        break
-                    received += len(data)
-                    await asyncio.sleep(0.05 * len(data) / (64 * 1024))
-        finally:
-            sock.close()
+        received = await read_slowly(port, "slow.bin", 64 * 1024, 0.05)
         assert received > size
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
