@@ -371,6 +371,12 @@ async def send_stream(
                 return sresp
             except NotImplementedError:
                 pass  # a loop without sendfile (uvloop): stream it instead
+            except ConnectionError:
+                # The client went away mid-download: nothing left to answer, and no error of
+                # ours to log.
+                if request.transport is not None:
+                    request.transport.abort()
+                return sresp
         stall = api_state(request).write_timeout
         try:
             async for chunk in stream:
