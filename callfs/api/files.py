@@ -372,10 +372,7 @@ async def send_stream(
             except NotImplementedError:
                 pass  # a loop without sendfile (uvloop): stream it instead
             except ConnectionError:
-                # The client went away mid-download: nothing left to answer, and no error of
-                # ours to log.
-                if request.transport is not None:
-                    request.transport.abort()
+                _hang_up(request)  # the client went away: nothing to answer, nothing to log
                 return sresp
         stall = api_state(request).write_timeout
         try:
@@ -390,16 +387,26 @@ async def send_stream(
                     except TimeoutError:
                         cut_off(request)
                         return sresp
+        except ConnectionError:
+            _hang_up(request)  # the client went away: not a stall, not a failure of ours
+            return sresp
         except (CallFSError, OSError) as exc:
             # The status line is out: the only honest answer left is a short body (the client
             # sees the connection close before Content-Length bytes), never a wrong one.
             log.warning("a download failed mid-stream: %s; cutting the connection", exc)
-            cut_off(request)
+            _hang_up(request)
             return sresp
         await sresp.write_eof()
         return sresp
     finally:
         await stream.aclose()
+
+
+def _hang_up(request: web.Request) -> None:
+    """End a response mid-body: abort, as the client cannot be given a whole one (not a
+    ``write_stall``: that is ``cut_off``, for a client that stopped reading)."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _slices(chunk: bytes | bytearray | memoryview) -> Sequence[bytes | bytearray | memoryview]:
