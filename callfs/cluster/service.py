@@ -39,7 +39,8 @@ T = TypeVar("T")
 APPLY_PATH = "/v1/internal/raft/metadata/apply"
 MSGPACK = "application/x-msgpack"
 _RETRY_PAUSE = 0.05
-#: How often a follower waiting on the leader's read index checks whether the leader changed.
+#: How often a follower waiting on the leader (a read index, a forwarded command) checks whether
+#: another node has become leader meanwhile.
 _LEADER_WATCH = 0.05
 #: Group commit: log entries in flight at once, commands and bytes per entry (pysyncobj's
 #: chunked path for entries over 64 KB is unreliable: LIBRARIES.md §1.13 trap 7).
