@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import re
+import select
 import socket
 import sys
 import time
@@ -374,6 +375,10 @@ async def send_stream(
             except ConnectionError:
                 _hang_up(request)  # the client went away: nothing to answer, nothing to log
                 return sresp
+            except OSError as exc:  # the disk failed under sendfile (EIO): the status line is out
+                log.warning("a download failed mid-stream: %s; cutting the connection", exc)
+                _hang_up(request)
+                return sresp
         stall = api_state(request).write_timeout
         try:
             async for chunk in stream:
@@ -449,7 +454,9 @@ async def _sendfile(
                 if time.monotonic() - started >= stall:
                     cut_off(request)
                     return False
-                raise ConnectionResetError("the client went away during sendfile") from None
+                if _hung_up(sock):
+                    raise ConnectionResetError("the client went away during sendfile") from None
+                raise OSError("sendfile failed mid-download (the file could not be read)") from None
             return True
     end = offset + count
     while offset < end:
@@ -462,6 +469,15 @@ async def _sendfile(
             return False
         offset += size
     return True
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` reset or closed the connection (what else makes sendfile
+    fail on a connection that is not stalled is the file: a disk error)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    events = poller.poll(0)
+    return bool(events and events[0][1] & (select.POLLERR | select.POLLHUP))
 
 
 def _sendfile_now(

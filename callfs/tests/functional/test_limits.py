@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -295,6 +296,7 @@ async def test_a_reader_that_resets_mid_download_is_no_stall_and_the_node_serves
     if path == "write":  # the path of TLS, S3 and uvloop: chunks through aiohttp's writer
         monkeypatch.setattr("callfs.api.files._SENDFILE_MIN", 1 << 62)
     size = 64 * MiB
+    caplog.set_level(logging.WARNING)  # whatever an earlier test left the root logger at
     async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="5s") as (node, port):
         await put_big(port, "big.bin", size)
         sock = await tiny_window_socket(port, get_request("big.bin"))
@@ -314,6 +316,47 @@ async def test_a_reader_that_resets_mid_download_is_no_stall_and_the_node_serves
         assert r.status == 200 and got == size
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("after", [0, MiB])
+async def test_a_disk_error_during_sendfile_cuts_the_download_short_and_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """EIO from sendfile once the status line is out, at the first call (the handler's own) or
+    after ``after`` bytes went out (asyncio's calls): the client gets a short body (never a
+    second response inside the first), the node logs one warning, no error with a traceback and
+    no write stall, and serves the next download whole."""
+    size = 64 * MiB
+    real = os.sendfile
+    failing = {"on": False}
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        if not failing["on"]:
+            return real(out_fd, in_fd, offset, count)
+        if offset is not None and offset < after:  # this part of the file still reads
+            return real(out_fd, in_fd, offset, min(count, after - offset))
+        raise OSError(errno.EIO, "Input/output error")
+
+    caplog.set_level(logging.WARNING)
+    async with live_node(tmp_path) as (node, port):
+        await put_big(port, "big.bin", size)
+        monkeypatch.setattr(os, "sendfile", sendfile)
+        failing["on"] = True
+        url = f"http://127.0.0.1:{port}/v1/files/big.bin"
+        got = 0
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with session.get(url, headers=auth()) as r:
+                    assert r.status == 200
+                    async for chunk in r.content.iter_any():
+                        got += len(chunk)
+            assert after <= got < size
+            failing["on"] = False
+            async with session.get(url, headers=auth()) as r:
+                assert r.status == 200 and len(await r.read()) == size
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "failed mid-stream" in caplog.text
 
 
 async def read_slowly(port: int, name: str, step: int, pause: float) -> int:
