@@ -31,8 +31,9 @@ from callfs.metadata.sqlite_ops import link_from_row, link_to_row
 from callfs.model import BackendType, Entry, Link, NewParents, Placement, WorkItem
 
 #: The command level this build applies. Adding a command (or changing what one does) raises
-#: it, and the command goes into ``SINCE`` with the new level.
-LEVEL = 1
+#: it, and the command goes into ``SINCE`` with the new level. Level 2 adds no command: it says
+#: the node reads version-2 (incremental) snapshots (``fsm.SNAPSHOT2_LEVEL``).
+LEVEL = 2
 #: Command name -> the level that introduced it (absent: 1, the first set).
 SINCE: dict[str, int] = {}
 

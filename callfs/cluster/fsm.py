@@ -24,7 +24,10 @@ import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from callfs.cluster import commands as C
@@ -39,9 +42,23 @@ log = logging.getLogger(__name__)
 #: proposers, and keep the table (which every snapshot carries) small.
 REQUEST_MEMORY = 600.0
 
+#: A snapshot: ``SNAPSHOT_MAGIC | sha256(db) | db``, the whole database (version 1).
 SNAPSHOT_MAGIC = b"CFSRAFT1"
+#: An incremental snapshot (version 2): ``SNAPSHOT_MAGIC2 | len(db) | sha256(db) | db`` followed
+#: by delta records ``DELTA_MAGIC | len(body) | sha256(body) | body``, each body
+#: ``msgpack([raft data, [log payload, ...]])``: the commands applied since the record before,
+#: replayed in order on restore. Snapshotting appends one record (its cost follows the writes, not
+#: the size of the namespace); the whole database is copied again only once replaying the records
+#: would take longer than that copy (``cluster/raft.py`` ``_Snapshots``).
+SNAPSHOT_MAGIC2 = b"CFSRAFT2"
+DELTA_MAGIC = b"CFSD"
 _HASH_LEN = 32
+_LEN = struct.Struct(">Q")
+_DELTA_HEAD = struct.Struct(">4sI32s")
 _COPY_CHUNK = 1 << 20
+#: The command level from which a node reads version-2 snapshots: one is written only once every
+#: member has announced it (``cluster_level``), so a node of an earlier build never gets one.
+SNAPSHOT2_LEVEL = 2
 
 _RAFT_TABLES = """
 CREATE TABLE IF NOT EXISTS raft_requests (
@@ -152,6 +169,21 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What ``StateMachine.restore`` installed."""
+
+    #: pysyncobj's data of the last record (or of the database itself when there is none).
+    raft_data: bytes
+    version: int
+    #: Where the next delta record goes (version 2): the end of the last intact one.
+    end: int
+    #: Seconds copying the database took, and replaying the records.
+    copy_seconds: float
+    replay_seconds: float
+    records: int
+
+
 def remove_db(path: str) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
@@ -169,6 +201,9 @@ class StateMachine:
         #: replica no longer matches the others and must not serve reads.
         self.broken: str | None = None
         self.applied = 0
+        #: The log payloads applied since the last snapshot point, each with the seconds its
+        #: ``apply`` took: the delta of the next incremental snapshot (tick thread only).
+        self.since: list[tuple[bytes, float]] = []
         #: Bumped when the member table changes (readers cache it per version).
         self.members_version = 0
         #: Called (tick thread) with the reason when the log holds a command above this build's
@@ -182,6 +217,7 @@ class StateMachine:
         self.close()
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         remove_db(self.path)
+        self.since = []
         self._open()
 
     def _open(self) -> None:
@@ -202,11 +238,13 @@ class StateMachine:
         conn = self._conn
         if conn is None:
             return C.failed(InternalError("state machine is closed"))
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             out = self._run(conn, payload, 0)
             conn.execute("COMMIT")
             self.applied += 1
+            self.since.append((payload, time.perf_counter() - started))
             return out
         except NewerCommand as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -282,10 +320,17 @@ class StateMachine:
         rconn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return rconn
 
+    def level(self) -> int:
+        """The lowest command level the member table records (tick thread)."""
+        return 1 if self._conn is None else cluster_level(self._conn)
+
     @staticmethod
-    def write_snapshot(rconn: sqlite3.Connection, raft_data: bytes, final: str) -> None:
+    def write_snapshot(
+        rconn: sqlite3.Connection, raft_data: bytes, final: str, version: int = 2
+    ) -> int:
         """Copy the pinned state plus ``raft_data`` to ``final`` (fsync'd, atomic), in any
-        thread."""
+        thread, as a snapshot of ``version`` 1 or 2 (which delta records may follow); the size
+        of the file."""
         work = final + ".db.tmp"
         out = final + ".tmp"
         remove_db(work)
@@ -308,34 +353,64 @@ class StateMachine:
         # the header is written in place
         digest = hashlib.sha256()
         with open(work, "rb") as src, open(out, "wb") as dst_file:
-            dst_file.write(SNAPSHOT_MAGIC + bytes(_HASH_LEN))
+            size = os.fstat(src.fileno()).st_size
+            head = SNAPSHOT_MAGIC if version == 1 else SNAPSHOT_MAGIC2 + _LEN.pack(size)
+            dst_file.write(head + bytes(_HASH_LEN))
             for chunk in iter(lambda: src.read(_COPY_CHUNK), b""):
                 digest.update(chunk)
                 dst_file.write(chunk)
             dst_file.seek(0)
-            dst_file.write(SNAPSHOT_MAGIC + digest.digest())
+            dst_file.write(head + digest.digest())
             dst_file.flush()
             os.fsync(dst_file.fileno())
+            total = len(head) + _HASH_LEN + size
         remove_db(work)
         os.replace(out, final)
         fsync_dir(final)
+        return total
 
-    def restore(self, snapshot: str) -> bytes:
-        """Rebuild the live database from a snapshot file; return its Raft data. A snapshot that
-        fails its checksum raises (never half-loaded)."""
+    @staticmethod
+    def append_delta(fd: int, offset: int, raft_data: bytes, payloads: Sequence[bytes]) -> int:
+        """Write one delta record at ``offset`` of the version-2 snapshot open as ``fd`` (what
+        lies beyond, a record torn by a crash, is cut first), fsync'd; the new end."""
+        body = C.pack([raft_data, list(payloads)])
+        record = _DELTA_HEAD.pack(DELTA_MAGIC, len(body), hashlib.sha256(body).digest()) + body
+        os.ftruncate(fd, offset)
+        view = memoryview(record)
+        pos = 0
+        while pos < len(record):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+        os.fsync(fd)
+        return offset + len(record)
+
+    def restore(self, snapshot: str) -> Restored:
+        """Rebuild the live database from a snapshot file (its database, then its delta
+        records replayed in order, up to the first torn or damaged one); return what it held. A
+        snapshot whose database fails its checksum raises (never half-loaded)."""
+        started = time.perf_counter()
         with open(snapshot, "rb") as f:
-            head = f.read(len(SNAPSHOT_MAGIC) + _HASH_LEN)
-            if len(head) != len(SNAPSHOT_MAGIC) + _HASH_LEN or not head.startswith(SNAPSHOT_MAGIC):
+            magic = f.read(len(SNAPSHOT_MAGIC))
+            if magic == SNAPSHOT_MAGIC:
+                version, left = 1, -1
+            elif magic == SNAPSHOT_MAGIC2:
+                version, left = 2, _LEN.unpack(f.read(_LEN.size).rjust(_LEN.size, b"\0"))[0]
+            else:
                 raise ValueError(f"{snapshot} is not a CallFS raft snapshot")
-            want = head[len(SNAPSHOT_MAGIC) :]
+            want = f.read(_HASH_LEN)
             digest = hashlib.sha256()
             work = self.path + ".restore"
             remove_db(work)
             with open(work, "wb") as out:
-                for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
+                while left:
+                    chunk = f.read(_COPY_CHUNK if left < 0 else min(_COPY_CHUNK, left))
+                    if not chunk:
+                        break
                     digest.update(chunk)
                     out.write(chunk)
-        if digest.digest() != want:
+                    if left > 0:
+                        left -= len(chunk)
+            base_end = f.tell()
+        if len(want) != _HASH_LEN or digest.digest() != want or left > 0:
             remove_db(work)
             raise ValueError(f"{snapshot} failed its checksum (incomplete transfer?)")
         src = sqlite3.connect(work)
@@ -356,9 +431,55 @@ class StateMachine:
         _raft_tables(self._conn)
         # the copy went through the WAL: fold it back so the node does not hold it twice on disk
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        copied = time.perf_counter()
+        raft_data, end, records = bytes(row[0]), base_end, 0
+        if version == 2:
+            raft_data, end, records = self._replay(snapshot, base_end, raft_data)
         self.members_version += 1
         self.broken = None
-        return bytes(row[0])
+        self.since = []
+        return Restored(
+            raft_data,
+            version,
+            end,
+            copied - started,
+            time.perf_counter() - copied,
+            records,
+        )
+
+    def _replay(self, snapshot: str, pos: int, raft_data: bytes) -> tuple[bytes, int, int]:
+        """Apply the delta records of ``snapshot`` from ``pos``, each in one transaction, up to
+        the first torn or damaged one (a crash while appending it: its snapshot never counted);
+        the last record's Raft data, where the intact records end, and how many there were."""
+        conn = self._conn
+        assert conn is not None
+        records = 0
+        with open(snapshot, "rb") as f:
+            f.seek(pos)
+            while True:
+                head = f.read(_DELTA_HEAD.size)
+                if len(head) < _DELTA_HEAD.size:
+                    break
+                magic, size, want = _DELTA_HEAD.unpack(head)
+                body = f.read(size) if magic == DELTA_MAGIC else b""
+                if magic != DELTA_MAGIC or len(body) < size:
+                    break
+                if hashlib.sha256(body).digest() != want:
+                    break
+                data, payloads = C.unpack(body)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for payload in payloads:
+                        self._run(conn, payload, 0)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                raft_data = data
+                pos += len(head) + size
+                records += 1
+        return raft_data, pos, records
 
 
 def fsync_dir(path: str) -> None:

@@ -33,6 +33,11 @@ class RaftCollector(Collector):
             ("callfs_raft_applied_index", "applied_index", "Highest log index applied here."),
             ("callfs_raft_log_entries", "log_len", "Entries in the log since the snapshot."),
             ("callfs_raft_snapshots_total", "snapshots_taken", "Snapshots taken by this node."),
+            (
+                "callfs_raft_snapshot_copies_total",
+                "snapshot_copies",
+                "Snapshots that copied the whole database (the others appended the commands).",
+            ),
             ("callfs_raft_journal_syncs_total", "journal_syncs", "Group fsyncs of the log."),
         ):
             gauge = GaugeMetricFamily(name, doc)

@@ -39,7 +39,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.transport import TCPTransport
 
-from callfs.cluster.fsm import StateMachine, fsync_dir
+from callfs.cluster.fsm import SNAPSHOT2_LEVEL, StateMachine, fsync_dir
 from callfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -240,20 +240,48 @@ class _Replica(SyncObjConsumer):  # type: ignore[misc]
 
 #: Nice value of the snapshot copy thread.
 _SNAPSHOT_NICE = 10
+#: pysyncobj's Serializer keeps the snapshot transfers in progress here (open files it reads).
+_TRANSMISSIONS_ATTR = "_Serializer__transmissions"
+_SERIALIZER_ATTR = "_SyncObj__serializer"
+#: Delta records are appended while replaying them would take less than the last copy of the
+#: database took, or less than this (seconds of ``apply``): a small database is not copied at
+#: every snapshot either, and a restart replays at most about this much more.
+_REPLAY_FLOOR = 0.5
 
 
 class _Snapshots:
-    """pysyncobj's serializer hooks: copy the pinned database in a thread, report via the
-    checker, keep ``retain`` older snapshots."""
+    """pysyncobj's serializer hooks. A snapshot is a version-2 file (``fsm.py``): a copy of the
+    database followed by delta records. Taking one appends a record of the commands applied
+    since the last (fsync'd, in a thread); the database is copied again (in a thread, the copy
+    pinned by a read transaction while ``apply`` goes on) only when replaying the records would
+    take longer than that copy took (or ``_REPLAY_FLOOR``), so snapshot work follows the write
+    rate instead of the namespace's size, and a restart or a fresh node replays at most about
+    one copy's worth. The result is reported through the checker; ``retain`` older copies are
+    kept."""
 
     def __init__(self, fsm: StateMachine, retain: int) -> None:
         self._fsm = fsm
         self._retain = max(1, retain)
         self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        #: Snapshots taken; of them, those that copied the database (the others appended).
         self.taken = 0
+        self.copies = 0
         self.failed = 0
         self.last_seconds = 0.0
         self.restore_error: str | None = None
+        #: Whether pysyncobj is sending the snapshot file to a node (set by ``RaftNode``): a
+        #: record must not be appended under a reader that would send half of it.
+        self.transmitting: Callable[[], bool] = lambda: False
+        # What the snapshot file on disk holds (tick thread): its version, where the next record
+        # goes, the seconds its records take to replay and its database took to copy. ``_file``
+        # is bumped whenever another file replaces it (a snapshot installed from the leader).
+        self._file = 0
+        self._version = 0
+        self._end = 0
+        self._replay = 0.0
+        self._copy = 0.0
+        #: Run by ``check`` on success, on the tick thread (the file it describes, its update).
+        self._done: tuple[int, Callable[[], None]] | None = None
 
     def serialize(self, tmp_file: str, raft_data: Any) -> None:
         # Tick thread. pysyncobj renames tmp_file as soon as this returns: we never create it (the
@@ -267,27 +295,82 @@ class _Snapshots:
             self._state = SERIALIZER_STATE.FAILED
             return
         started = time.perf_counter()
-        rconn = self._fsm.pin()
         data = pickle.dumps(raft_data)
-        self._state = SERIALIZER_STATE.SERIALIZING
+        since = self._fsm.since
+        count = len(since)
+        cost = sum(seconds for _payload, seconds in since)
+        fd = self._open_for_append(final, cost)
+        work: Callable[[], Callable[[], None]]
+        if fd is not None:
+            payloads = [payload for payload, _seconds in since]
+            offset = self._end
 
-        def copy() -> None:
+            def work() -> Callable[[], None]:
+                try:
+                    end = StateMachine.append_delta(fd, offset, data, payloads)
+                finally:
+                    os.close(fd)
+
+                def appended() -> None:
+                    del self._fsm.since[:count]
+                    self._end = end
+                    self._replay += cost
+                    self.taken += 1
+
+                return appended
+        else:
+            version = 2 if self._fsm.level() >= SNAPSHOT2_LEVEL else 1
+            rconn = self._fsm.pin()
+
+            def work() -> Callable[[], None]:
+                self._rotate(final)
+                end = StateMachine.write_snapshot(rconn, data, final, version)
+                seconds = time.perf_counter() - started
+
+                def copied() -> None:
+                    del self._fsm.since[:count]
+                    self._version, self._end, self._replay, self._copy = version, end, 0.0, seconds
+                    self.taken += 1
+                    self.copies += 1
+
+                return copied
+
+        self._state = SERIALIZER_STATE.SERIALIZING
+        file = self._file
+
+        def run() -> None:
             # Background work: below the threads that serve requests when the cores are busy
             # (Linux sets a thread's nice value by its thread id).
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _SNAPSHOT_NICE)
             try:
-                self._rotate(final)
-                StateMachine.write_snapshot(rconn, data, final)
-                self.taken += 1
-                self.last_seconds = time.perf_counter() - started
-                self._state = SERIALIZER_STATE.SUCCESS
+                after = work()
             except Exception:
                 log.exception("raft snapshot failed")
                 self.failed += 1
                 self._state = SERIALIZER_STATE.FAILED
+                return
+            self.last_seconds = time.perf_counter() - started
+            self._done = (file, after)
+            self._state = SERIALIZER_STATE.SUCCESS
 
-        threading.Thread(target=copy, name="callfs-raft-snapshot", daemon=True).start()
+        threading.Thread(target=run, name="callfs-raft-snapshot", daemon=True).start()
+
+    def _open_for_append(self, final: str, cost: float) -> int | None:
+        """The snapshot file, open for a delta record, when one should be appended rather than
+        the database copied again: a version-2 file this node knows the end of, nobody reading
+        it for a transfer, every member able to read it, and its records plus this one quicker
+        to replay than the copy was."""
+        if self._version != 2 or self._end <= 0 or self.transmitting():
+            return None
+        if self._replay + cost > max(self._copy, _REPLAY_FLOOR):
+            return None
+        if self._fsm.level() < SNAPSHOT2_LEVEL:
+            return None
+        try:
+            return os.open(final, os.O_WRONLY)
+        except OSError:
+            return None
 
     def _rotate(self, final: str) -> None:
         for i in range(self._retain - 1, 0, -1):
@@ -299,13 +382,18 @@ class _Snapshots:
     def check(self) -> int:
         state = self._state
         if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+            done, self._done = self._done, None
+            if state == SERIALIZER_STATE.SUCCESS and done is not None and done[0] == self._file:
+                done[1]()  # else a snapshot from the leader replaced the file meanwhile
             self._state = SERIALIZER_STATE.NOT_SERIALIZING
         return int(state)
 
     def deserialize(self, file_name: str) -> Any:
         """Tick thread: install a snapshot (our own at start, or one the leader sent)."""
+        self._file += 1
+        self._version = 0
         try:
-            data = self._fsm.restore(file_name)
+            restored = self._fsm.restore(file_name)
         except Exception as exc:
             # pysyncobj would only log this and report success to the leader: make it loud, drop
             # the bad file (a restart then fetches a fresh snapshot) and stop serving reads.
@@ -316,7 +404,9 @@ class _Snapshots:
                 os.remove(file_name)
             raise
         self.restore_error = None
-        return pickle.loads(data)  # noqa: S301 (our own snapshot, checksummed; see docs/security.md)
+        self._version, self._end = restored.version, restored.end
+        self._replay, self._copy = restored.replay_seconds, restored.copy_seconds
+        return pickle.loads(restored.raft_data)  # noqa: S301 (our own snapshot, checksummed; see docs/security.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +491,10 @@ class RaftNode:
         for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, "_poller"):
             if not hasattr(self._sync, attr):
                 raise RuntimeError(f"pysyncobj internals changed: SyncObj.{attr} missing")
+        serializer = getattr(self._sync, _SERIALIZER_ATTR, None)
+        if not isinstance(getattr(serializer, _TRANSMISSIONS_ATTR, None), dict):
+            raise RuntimeError("pysyncobj internals changed: Serializer transmissions missing")
+        self._snapshots.transmitting = lambda: bool(getattr(serializer, _TRANSMISSIONS_ATTR))
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()
@@ -559,6 +653,7 @@ class RaftNode:
             ),
             "snapshots_taken": self._snapshots.taken,
             "snapshots_failed": self._snapshots.failed,
+            "snapshot_copies": self._snapshots.copies,
             "snapshot_seconds": self._snapshots.last_seconds,
             "journal_syncs": journal.syncs if journal else 0,
             "broken": self.fsm.broken,

@@ -101,7 +101,7 @@ def test_snapshot_round_trip_and_a_damaged_snapshot_is_refused(tmp_path: Path) -
     StateMachine.write_snapshot(fsm.pin(), b"raft-data", snap)
     other = StateMachine(str(tmp_path / "other.sqlite3"))
     other.open_fresh()
-    assert other.restore(snap) == b"raft-data"
+    assert other.restore(snap).raft_data == b"raft-data"
     reader = __import__("sqlite3").connect(other.path)
     assert reader.execute("SELECT count(*) FROM entries").fetchone()[0] == 51  # + the root
     # one chunk missing in the middle (what a cut transfer looks like) -> refused, nothing loaded
@@ -134,6 +134,149 @@ async def test_the_raft_port_refuses_unauthenticated_pickles(tmp_path: Path) -> 
         assert not marker.exists()
     finally:
         await store.close()
+
+
+def members_at(fsm: StateMachine, level: int) -> None:
+    for i in range(2):
+        C.result(fsm.apply(C.command(f"m{i}", 1.0, "member_put", [f"n{i}", f"h:{i}", "http://h"])))
+        C.result(fsm.apply(C.command(f"l{i}", 1.0, "member_level", [f"n{i}", level])))
+
+
+def state_of(fsm: StateMachine) -> list[object]:
+    conn = sqlite3.connect(fsm.path)
+    try:
+        return [
+            conn.execute("SELECT * FROM entries ORDER BY path").fetchall(),
+            conn.execute("SELECT id, result FROM raft_requests ORDER BY id").fetchall(),
+            conn.execute("SELECT * FROM raft_members ORDER BY node_id").fetchall(),
+        ]
+    finally:
+        conn.close()
+
+
+def snapshot(snaps: object, final: Path, raft_data: object) -> None:
+    """One snapshot through the serializer hooks, as pysyncobj takes it; waits for it."""
+    from callfs.cluster.raft import _Snapshots
+
+    assert isinstance(snaps, _Snapshots)
+    snaps.serialize(str(final) + ".tmp", raft_data)
+    deadline = time.monotonic() + 30
+    while (state := snaps.check()) == 1:  # SERIALIZER_STATE.SERIALIZING
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert state == 2, state  # SUCCESS
+
+
+def test_incremental_snapshots_append_commands_and_replay_them_exactly(tmp_path: Path) -> None:
+    """Once every member reads them, a snapshot appends the commands applied since the last one
+    (the database is copied again only when replaying would cost more than a copy): restored
+    elsewhere, the records replay to the same state and the last record's Raft data; a record
+    torn by a crash counts as never taken, and the next one is written over it."""
+    from callfs.cluster.raft import _Snapshots
+
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    members_at(fsm, 2)
+    final = tmp_path / "raft.snapshot"
+    snaps = _Snapshots(fsm, 2)
+    for i in range(30):
+        fsm.apply(create(f"a{i}", f"/a{i}"))
+    snapshot(snaps, final, ("raft", 1))
+    assert (snaps.taken, snaps.copies) == (1, 1) and fsm.since == []
+    base = final.stat().st_size
+    assert final.read_bytes()[:8] == b"CFSRAFT2"
+
+    snaps._copy = 3600.0  # a copy this slow: appending is always cheaper
+    for i in range(10):
+        fsm.apply(create(f"b{i}", f"/b{i}"))
+    C.result(fsm.apply(C.command("d1", 1001.0, "delete", ["/a3", None])))
+    snapshot(snaps, final, ("raft", 2))
+    first_end = final.stat().st_size
+    after_first = state_of(fsm)
+    for i in range(5):
+        fsm.apply(create(f"c{i}", f"/c{i}"))
+    fsm.apply(create("b0", "/b0"))  # a retry: answered from memory, replayed alike
+    snapshot(snaps, final, ("raft", 3))
+    assert (snaps.taken, snaps.copies) == (3, 1)
+    assert base < first_end < final.stat().st_size < base + 64 * 1024  # records, not copies
+    # the base copy is untouched by appends: the retained older copy is still the first one
+    assert not (tmp_path / "raft.snapshot.1").exists()
+
+    other = StateMachine(str(tmp_path / "other.sqlite3"))
+    other.open_fresh()
+    restored = other.restore(str(final))
+    assert pickle.loads(restored.raft_data) == ("raft", 3)
+    assert (restored.version, restored.records, restored.end) == (2, 2, final.stat().st_size)
+    assert state_of(other) == state_of(fsm)
+
+    # a crash while the last record was written: the snapshot before it is what restores
+    data = final.read_bytes()
+    final.write_bytes(data[:-7])
+    torn = StateMachine(str(tmp_path / "torn.sqlite3"))
+    torn.open_fresh()
+    restored = torn.restore(str(final))
+    assert pickle.loads(restored.raft_data) == ("raft", 2)
+    assert (restored.records, restored.end) == (1, first_end)
+    assert state_of(torn) == after_first
+    # the node goes on from there: its next record replaces the torn one
+    resumed = _Snapshots(torn, 2)
+    assert pickle.loads(pickle.dumps(resumed.deserialize(str(final)))) == ("raft", 2)
+    for i in range(5):
+        torn.apply(create(f"c{i}", f"/c{i}"))
+    torn.apply(create("b0", "/b0"))
+    resumed._copy = 3600.0
+    snapshot(resumed, final, ("raft", 3))
+    assert resumed.copies == 0 and final.stat().st_size == len(data)
+    again = StateMachine(str(tmp_path / "again.sqlite3"))
+    again.open_fresh()
+    assert pickle.loads(again.restore(str(final)).raft_data) == ("raft", 3)
+    assert state_of(again) == state_of(fsm)
+    for m in (fsm, other, torn, again):
+        m.close()
+
+
+def test_a_snapshot_copies_the_database_when_an_append_would_not_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is copied again (a new file: what a transfer reads stays whole) when the
+    records would take longer to replay than a copy, while a snapshot is being sent to a node,
+    and in a group where a member does not read version 2 yet (then as version 1)."""
+    from callfs.cluster.raft import _Snapshots
+
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    members_at(fsm, 2)
+    final = tmp_path / "raft.snapshot"
+    snaps = _Snapshots(fsm, 2)
+    snapshot(snaps, final, ("raft", 1))
+    assert snaps.copies == 1
+    # replaying would cost more than the copy took (and more than the floor)
+    monkeypatch.setattr("callfs.cluster.raft._REPLAY_FLOOR", 0.0)
+    snaps._copy = 0.0
+    fsm.apply(create("x1", "/x1"))
+    snapshot(snaps, final, ("raft", 2))
+    assert snaps.copies == 2
+    # cheap to replay, but a transfer is reading the file
+    snaps._copy = 3600.0
+    snaps.transmitting = lambda: True
+    inode = final.stat().st_ino
+    fsm.apply(create("x2", "/x2"))
+    snapshot(snaps, final, ("raft", 3))
+    assert snaps.copies == 3 and final.stat().st_ino != inode
+    assert (tmp_path / "raft.snapshot.1").stat().st_ino == inode  # the retained older copy
+    snaps.transmitting = lambda: False
+    # a member of an earlier build joins the table: version 1, whole copies only
+    C.result(fsm.apply(C.command("l1", 2.0, "member_level", ["n1", 1])))
+    snapshot(snaps, final, ("raft", 4))
+    fsm.apply(create("x3", "/x3"))
+    snapshot(snaps, final, ("raft", 5))
+    assert snaps.copies == 5 and final.read_bytes()[:8] == b"CFSRAFT1"
+    other = StateMachine(str(tmp_path / "other.sqlite3"))
+    other.open_fresh()
+    assert pickle.loads(other.restore(str(final)).raft_data) == ("raft", 5)
+    assert state_of(other) == state_of(fsm)
+    for m in (fsm, other):
+        m.close()
 
 
 def test_a_command_of_a_newer_level_stops_the_node_instead_of_drifting(
