@@ -56,6 +56,10 @@ _HASH_LEN = 32
 _LEN = struct.Struct(">Q")
 _DELTA_HEAD = struct.Struct(">4sI32s")
 _COPY_CHUNK = 1 << 20
+#: A database copy is written to ``<snapshot>`` + this, then renamed (never pysyncobj's own
+#: ``.tmp``, which it renames over the snapshot whenever one is taken, nor ``.1.tmp``, where it
+#: receives one).
+COPY_SUFFIX = ".copy.tmp"
 #: The command level from which a node reads version-2 snapshots: one is written only once every
 #: member has announced it (``cluster_level``), so a node of an earlier build never gets one.
 SNAPSHOT2_LEVEL = 2
@@ -244,7 +248,8 @@ class StateMachine:
             out = self._run(conn, payload, 0)
             conn.execute("COMMIT")
             self.applied += 1
-            self.since.append((payload, time.perf_counter() - started))
+            if self.broken is None:  # a broken replica takes no snapshot
+                self.since.append((payload, time.perf_counter() - started))
             return out
         except NewerCommand as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -320,20 +325,46 @@ class StateMachine:
         rconn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return rconn
 
-    def level(self) -> int:
-        """The lowest command level the member table records (tick thread)."""
-        return 1 if self._conn is None else cluster_level(self._conn)
+    def level(self, voters: Sequence[str] | None = None) -> int:
+        """The lowest command level of the group (tick thread): of every voter in ``voters``
+        (Raft addresses; one with no member row yet, just joined, counts as 1), or of the member
+        table's rows without it."""
+        if self._conn is None:
+            return 1
+        if voters is None:
+            return cluster_level(self._conn)
+        rows = dict(self._conn.execute("SELECT raft_addr, level FROM raft_members").fetchall())
+        return min((int(rows.get(addr, 1)) for addr in voters), default=1)
 
     @staticmethod
     def write_snapshot(
         rconn: sqlite3.Connection, raft_data: bytes, final: str, version: int = 2
     ) -> int:
-        """Copy the pinned state plus ``raft_data`` to ``final`` (fsync'd, atomic), in any
-        thread, as a snapshot of ``version`` 1 or 2 (which delta records may follow); the size
-        of the file."""
-        work = final + ".db.tmp"
-        out = final + ".tmp"
+        """``copy_snapshot`` to a scratch file, then put it in place as ``final``."""
+        out = final + COPY_SUFFIX
+        size = StateMachine.copy_snapshot(rconn, raft_data, out, version)
+        publish(out, final)
+        return size
+
+    @staticmethod
+    def copy_snapshot(rconn: sqlite3.Connection, raft_data: bytes, out: str, version: int) -> int:
+        """Copy the pinned state plus ``raft_data`` to ``out`` (fsync'd; removed if the copy
+        fails), in any thread, as a snapshot of ``version`` 1 or 2 (which delta records may
+        follow); the size of the file."""
+        work = out + ".db"
         remove_db(work)
+        try:
+            return StateMachine._copy(rconn, raft_data, work, out, version)
+        except BaseException:
+            remove_db(work)
+            with contextlib.suppress(OSError):
+                os.remove(out)
+            raise
+
+    @staticmethod
+    def _copy(
+        rconn: sqlite3.Connection, raft_data: bytes, work: str, out: str, version: int
+    ) -> int:
         try:
             dst = sqlite3.connect(work)
             try:
@@ -365,15 +396,13 @@ class StateMachine:
             os.fsync(dst_file.fileno())
             total = len(head) + _HASH_LEN + size
         remove_db(work)
-        os.replace(out, final)
-        fsync_dir(final)
         return total
 
     @staticmethod
     def append_delta(fd: int, offset: int, raft_data: bytes, payloads: Sequence[bytes]) -> int:
         """Write one delta record at ``offset`` of the version-2 snapshot open as ``fd`` (what
         lies beyond, a record torn by a crash, is cut first), fsync'd; the new end."""
-        body = C.pack([raft_data, list(payloads)])
+        body = C.pack([offset, raft_data, list(payloads)])
         record = _DELTA_HEAD.pack(DELTA_MAGIC, len(body), hashlib.sha256(body).digest()) + body
         os.ftruncate(fd, offset)
         view = memoryview(record)
@@ -455,6 +484,7 @@ class StateMachine:
         assert conn is not None
         records = 0
         with open(snapshot, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             f.seek(pos)
             while True:
                 head = f.read(_DELTA_HEAD.size)
@@ -463,10 +493,15 @@ class StateMachine:
                 magic, size, want = _DELTA_HEAD.unpack(head)
                 body = f.read(size) if magic == DELTA_MAGIC else b""
                 if magic != DELTA_MAGIC or len(body) < size:
-                    break
+                    break  # torn: the last record, cut by a crash while it was written
                 if hashlib.sha256(body).digest() != want:
+                    if pos + len(head) + size < file_size:
+                        # records are cut before one is appended, so only the last can be torn
+                        raise ValueError(f"{snapshot}: delta record at {pos} is damaged")
                     break
-                data, payloads = C.unpack(body)
+                at, data, payloads = C.unpack(body)
+                if at != pos:  # a record from elsewhere in the file: a transfer lost bytes
+                    raise ValueError(f"{snapshot}: delta record at {pos} says it was at {at}")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for payload in payloads:
@@ -480,6 +515,12 @@ class StateMachine:
                 pos += len(head) + size
                 records += 1
         return raft_data, pos, records
+
+
+def publish(out: str, final: str) -> None:
+    """Put the fsync'd file ``out`` in place as ``final``, durably."""
+    os.replace(out, final)
+    fsync_dir(final)
 
 
 def fsync_dir(path: str) -> None:

@@ -39,7 +39,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.transport import TCPTransport
 
-from callfs.cluster.fsm import SNAPSHOT2_LEVEL, StateMachine, fsync_dir
+from callfs.cluster.fsm import COPY_SUFFIX, SNAPSHOT2_LEVEL, StateMachine, fsync_dir, publish
 from callfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,9 @@ class _Snapshots:
         #: Whether pysyncobj is sending the snapshot file to a node (set by ``RaftNode``): a
         #: record must not be appended under a reader that would send half of it.
         self.transmitting: Callable[[], bool] = lambda: False
+        #: The Raft addresses of the voters (set by ``RaftNode``; None: the member table's rows).
+        self.voters: Callable[[], list[str] | None] = lambda: None
+        self._copy_path = ""
         # What the snapshot file on disk holds (tick thread): its version, where the next record
         # goes, the seconds its records take to replay and its database took to copy. ``_file``
         # is bumped whenever another file replaces it (a snapshot installed from the leader).
@@ -284,9 +287,12 @@ class _Snapshots:
         self._done: tuple[int, Callable[[], None]] | None = None
 
     def serialize(self, tmp_file: str, raft_data: Any) -> None:
-        # Tick thread. pysyncobj renames tmp_file as soon as this returns: we never create it (the
-        # rename fails and is ignored), so a good older snapshot is never replaced by a partial.
+        # Tick thread. pysyncobj renames tmp_file over the snapshot as soon as this returns: none
+        # must exist then (a leftover of an older build's crash would replace a good snapshot).
+        # The rename fails and is ignored; the work is put in place by ``check``.
         final = tmp_file[: -len(".tmp")]
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_file)
         if self._fsm.broken:
             # A replica that failed to apply an entry holds a state the others do not: saved as a
             # snapshot, a restart would take it for good (and a leader would send it).
@@ -311,7 +317,7 @@ class _Snapshots:
                 finally:
                     os.close(fd)
 
-                def appended() -> None:
+                def appended() -> None:  # the record is on disk: only the bookkeeping
                     del self._fsm.since[:count]
                     self._end = end
                     self._replay += cost
@@ -319,15 +325,20 @@ class _Snapshots:
 
                 return appended
         else:
-            version = 2 if self._fsm.level() >= SNAPSHOT2_LEVEL else 1
+            version = 2 if self._level() >= SNAPSHOT2_LEVEL else 1
             rconn = self._fsm.pin()
+            out = self._copy_path = final + COPY_SUFFIX
 
             def work() -> Callable[[], None]:
-                self._rotate(final)
-                end = StateMachine.write_snapshot(rconn, data, final, version)
+                end = StateMachine.copy_snapshot(rconn, data, out, version)
                 seconds = time.perf_counter() - started
 
                 def copied() -> None:
+                    # Put in place here, on the tick thread: pysyncobj installs a snapshot from
+                    # the leader on this thread too, and a copy finishing after that must not
+                    # replace it (``check`` drops a copy once another file came).
+                    self._rotate(final)
+                    publish(out, final)
                     del self._fsm.since[:count]
                     self._version, self._end, self._replay, self._copy = version, end, 0.0, seconds
                     self.taken += 1
@@ -365,27 +376,43 @@ class _Snapshots:
             return None
         if self._replay + cost > max(self._copy, _REPLAY_FLOOR):
             return None
-        if self._fsm.level() < SNAPSHOT2_LEVEL:
+        if self._level() < SNAPSHOT2_LEVEL:
             return None
         try:
             return os.open(final, os.O_WRONLY)
         except OSError:
             return None
 
+    def _level(self) -> int:
+        return self._fsm.level(self.voters())
+
     def _rotate(self, final: str) -> None:
         for i in range(self._retain - 1, 0, -1):
             older = final if i == 1 else f"{final}.{i - 1}"
             if os.path.exists(older):
-                os.link(older, f"{final}.{i}.tmp")
-                os.replace(f"{final}.{i}.tmp", f"{final}.{i}")
+                # not ``.<i>.tmp``: ``.1.tmp`` is where pysyncobj receives a snapshot
+                os.link(older, f"{final}.{i}.retain.tmp")
+                os.replace(f"{final}.{i}.retain.tmp", f"{final}.{i}")
 
     def check(self) -> int:
+        """Tick thread: the state of the snapshot under way; a finished one takes effect here."""
         state = self._state
         if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
             done, self._done = self._done, None
-            if state == SERIALIZER_STATE.SUCCESS and done is not None and done[0] == self._file:
-                done[1]()  # else a snapshot from the leader replaced the file meanwhile
             self._state = SERIALIZER_STATE.NOT_SERIALIZING
+            if state == SERIALIZER_STATE.SUCCESS and done is not None:
+                if done[0] != self._file:
+                    # a snapshot from the leader was installed meanwhile: it is newer, and this
+                    # work describes (or would replace) a file that is gone
+                    with contextlib.suppress(OSError):
+                        os.remove(self._copy_path)
+                    return int(SERIALIZER_STATE.FAILED)
+                try:
+                    done[1]()
+                except OSError:
+                    log.exception("raft snapshot could not be put in place")
+                    self.failed += 1
+                    return int(SERIALIZER_STATE.FAILED)
         return int(state)
 
     def deserialize(self, file_name: str) -> Any:
@@ -495,6 +522,7 @@ class RaftNode:
         if not isinstance(getattr(serializer, _TRANSMISSIONS_ATTR, None), dict):
             raise RuntimeError("pysyncobj internals changed: Serializer transmissions missing")
         self._snapshots.transmitting = lambda: bool(getattr(serializer, _TRANSMISSIONS_ATTR))
+        self._snapshots.voters = self.members
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()
