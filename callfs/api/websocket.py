@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -105,12 +108,8 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         sock = request.transport.get_extra_info("socket") if request.transport else None
         with tcp_option(sock, getattr(socket, "TCP_CORK", None), 1):
             async for chunk in stream:
-                view = memoryview(chunk)
                 watch.sending()
-                for start in range(0, len(view), FRAME):
-                    # aiohttp takes any bytes-like payload (its annotation says bytes)
-                    await ws.send_bytes(view[start : start + FRAME])  # type: ignore[arg-type]
-                    watch.progress()
+                await _send_frames(request, sock, memoryview(chunk).cast("B"))
                 watch.reading()
     except (CallFSError, OSError):
         if watch.fired:
@@ -122,6 +121,58 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         watch.close()
         await stream.aclose()
     await ws.close(code=WSCloseCode.OK, message=b"download complete")
+
+
+def _header(size: int) -> bytes:
+    """The header of a final, unmasked binary frame (a server's) of ``size`` bytes."""
+    if size < 126:
+        return struct.pack("!BB", 0x82, size)
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
+_FULL = _header(FRAME)
+#: Buffers one ``writev`` takes (Linux's IOV_MAX); the rest goes through the transport.
+_IOV_MAX = 1024
+
+
+def _frames(view: memoryview) -> list[bytes | memoryview]:
+    """``view`` as binary messages of at most FRAME bytes: headers and payloads, in order."""
+    out: list[bytes | memoryview] = []
+    for start in range(0, len(view), FRAME):
+        piece = view[start : start + FRAME]
+        out += (_FULL if len(piece) == FRAME else _header(len(piece)), piece)
+    return out
+
+
+async def _send_frames(request: web.Request, sock: Any, view: memoryview) -> None:
+    """Send ``view`` as frames: all of a chunk's frames in one ``writev`` when nothing is
+    queued (the frames' headers and payloads as they are, no copy), what the socket did not take
+    through the transport; then wait while the transport is over its high-water mark. aiohttp's
+    ``send_bytes`` costs two writes per 64 KiB frame (header, payload) and a coroutine: a 1 MiB
+    chunk took 32 send calls, now one (the web socket's own writer sends the close frame after,
+    in order, through the same transport)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    pieces = _frames(view)
+    if (
+        sock is not None
+        and isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
+        and not transport.get_write_buffer_size()
+    ):
+        try:
+            sent = os.writev(sock.fileno(), pieces[:_IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        while pieces and sent >= len(pieces[0]):
+            sent -= len(pieces.pop(0))
+        if pieces and sent:
+            pieces[0] = memoryview(pieces[0])[sent:]
+    if pieces:
+        transport.write(b"".join(pieces))
+    await request.writer.drain()
 
 
 class _StallWatch:

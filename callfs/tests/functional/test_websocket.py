@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,25 @@ async def test_upload_then_download(client: Client, node: Node) -> None:
         received += msg.data
     assert bytes(received) == blob
     assert ws.close_code == 1000
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 65535, 65536, 65537, 2 * 65536 + 100, 3 << 20])
+async def test_download_messages_are_whole_64_kib_pieces_in_order(
+    client: Client, size: int
+) -> None:
+    """Every message but the last carries 65536 bytes (each header form: 7-bit, 16-bit and
+    64-bit lengths), in order; several 1 MiB reads go out as one batch of frames each."""
+    blob = os.urandom(size)
+    r = await client.put("/v1/files/sizes.bin", data=io.BytesIO(blob), headers=auth())
+    assert r.status in (200, 201)
+    ws = await client.ws_connect("/v1/files/ws/sizes.bin", headers=auth())
+    sizes, received = [], bytearray()
+    async for msg in ws:
+        assert msg.type == WSMsgType.BINARY
+        sizes.append(len(msg.data))
+        received += msg.data
+    assert bytes(received) == blob and ws.close_code == 1000
+    assert sizes == [65536] * (size // 65536) + ([size % 65536] if size % 65536 else [])
 
 
 async def test_upload_replaces_and_close_frame_commits(client: Client) -> None:
