@@ -102,9 +102,9 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         return
     watch = _StallWatch(request, state.write_timeout)
     try:
-        # TCP_CORK while the file streams (Linux): aiohttp sends each frame's header and payload in
-        # two writes, and on a TCP_NODELAY socket the 4-byte header left as a packet of its own,
-        # which the client then read and parsed alone.
+        # TCP_CORK while the file streams (Linux): what the socket did not take goes out through
+        # the transport in later writes; corked, no write leaves as a short packet of its own
+        # (on a TCP_NODELAY socket a lone frame header did, and the client parsed it alone).
         sock = request.transport.get_extra_info("socket") if request.transport else None
         with tcp_option(sock, getattr(socket, "TCP_CORK", None), 1):
             async for chunk in stream:

@@ -274,6 +274,8 @@ class _Snapshots:
         self.transmitting: Callable[[], bool] = lambda: False
         #: The Raft addresses of the voters (set by ``RaftNode``; None: the member table's rows).
         self.voters: Callable[[], list[str] | None] = lambda: None
+        #: The node's durable log (set by ``RaftNode``).
+        self.journal: Callable[[], _DurableJournal | None] = lambda: None
         self._copy_path = ""
         # What the snapshot file on disk holds (tick thread): its version, where the next record
         # goes, the seconds its records take to replay and its database took to copy. ``_file``
@@ -433,7 +435,28 @@ class _Snapshots:
         self.restore_error = None
         self._version, self._end = restored.version, restored.end
         self._replay, self._copy = restored.replay_seconds, restored.copy_seconds
-        return pickle.loads(restored.raft_data)  # noqa: S301 (our own snapshot, checksummed; see docs/security.md)
+        data = pickle.loads(restored.raft_data)  # noqa: S301 (our own snapshot, checksummed; see docs/security.md)
+        self._align_log(data)
+        return data
+
+    def _align_log(self, data: Any) -> None:
+        """Start the log at the snapshot when it holds the snapshot's last two entries.
+        pysyncobj keeps a log only if its first two entries are the snapshot's and clears it
+        otherwise; after a crash between a snapshot and the log compaction that follows it, the
+        log still starts earlier, and clearing it would drop entries after the snapshot that this
+        node had acknowledged (on disk, counted towards their majority)."""
+        journal = self.journal()
+        if journal is None:
+            return
+        try:
+            last, before = data[0], data[1]
+            n = len(journal)
+            at = before[1] - journal[0][1] if n else -1
+            if 0 < at < n - 1 and journal[at] == before and journal[at + 1] == last:
+                journal.deleteEntriesTo(at)
+                journal.sync()
+        except (TypeError, IndexError, KeyError, AttributeError):
+            return  # not the shape pysyncobj writes: leave the log to pysyncobj
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,6 +546,7 @@ class RaftNode:
             raise RuntimeError("pysyncobj internals changed: Serializer transmissions missing")
         self._snapshots.transmitting = lambda: bool(getattr(serializer, _TRANSMISSIONS_ATTR))
         self._snapshots.voters = self.members
+        self._snapshots.journal = lambda: self._journal
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()

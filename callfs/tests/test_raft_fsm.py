@@ -4,6 +4,7 @@ library internals the durable log relies on are still there."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import socket
@@ -505,5 +506,50 @@ async def test_a_command_waits_until_every_member_applies_its_level(
         assert service.supports("noop")
         assert await service.execute("noop", []) is None
         assert service.node.fsm.broken is None
+    finally:
+        await store.close()
+
+
+async def test_a_crash_after_a_snapshot_before_the_log_is_compacted_loses_no_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is on disk, the node dies before pysyncobj compacts its log: at restart the
+    log's first entries are not the snapshot's, and pysyncobj would clear the log, dropping the
+    acknowledged entries after the snapshot. The node trims the log to the snapshot instead and
+    replays what follows."""
+    from callfs.cluster.raft import _Snapshots
+
+    data = tmp_path / "raft"
+    slow = {"snapshot_threshold": 1 << 20, "snapshot_interval": 3600.0}
+    real_check = _Snapshots.check
+
+    def unheard(self: _Snapshots) -> int:  # the snapshot takes effect; pysyncobj never hears
+        state = real_check(self)
+        return 1 if state == 2 else state  # SUCCESS -> SERIALIZING
+
+    monkeypatch.setattr(_Snapshots, "check", unheard)  # before pysyncobj binds it
+    port = free_port()  # the group's one member, by its address: the same after the restart
+    store = one_node_raft_store(data, port, **slow)
+    await store.start()
+    try:
+        for i in range(20):
+            await store.create(entry(f"/a{i}"))
+        node = store.service.node
+        node.force_snapshot()
+        deadline = time.monotonic() + 30
+        while node.status()["snapshots_taken"] < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        for i in range(10):
+            await store.create(entry(f"/b{i}"))  # acknowledged: in the fsync'd log only
+        assert node.status()["log_len"] > 30  # not compacted
+    finally:
+        await store.close()
+    monkeypatch.setattr(_Snapshots, "check", real_check)
+    store = one_node_raft_store(data, port, **slow)
+    await store.start()
+    try:
+        for path in ("/a0", "/a19", "/b0", "/b9"):
+            assert await store.get(path) is not None, path
     finally:
         await store.close()
