@@ -105,11 +105,17 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         # TCP_CORK while the file streams (Linux): what the socket did not take goes out through
         # the transport in later writes; corked, no write leaves as a short packet of its own
         # (on a TCP_NODELAY socket a lone frame header did, and the client parsed it alone).
-        sock = request.transport.get_extra_info("socket") if request.transport else None
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport else None
+        # Over TLS the socket under the transport carries ciphertext: frames go through the
+        # transport there, never straight to the socket.
+        tls = transport is not None and transport.get_extra_info("sslcontext") is not None
         with tcp_option(sock, getattr(socket, "TCP_CORK", None), 1):
             async for chunk in stream:
                 watch.sending()
-                await _send_frames(request, sock, memoryview(chunk).cast("B"))
+                _send_frames(request, None if tls else sock, memoryview(chunk).cast("B"))
+                watch.progress()
+                await request.writer.drain()
                 watch.reading()
     except (CallFSError, OSError):
         if watch.fired:
@@ -146,13 +152,13 @@ def _frames(view: memoryview) -> list[bytes | memoryview]:
     return out
 
 
-async def _send_frames(request: web.Request, sock: Any, view: memoryview) -> None:
-    """Send ``view`` as frames: all of a chunk's frames in one ``writev`` when nothing is
-    queued (the frames' headers and payloads as they are, no copy), what the socket did not take
-    through the transport; then wait while the transport is over its high-water mark. aiohttp's
-    ``send_bytes`` costs two writes per 64 KiB frame (header, payload) and a coroutine: a 1 MiB
-    chunk took 32 send calls, now one (the web socket's own writer sends the close frame after,
-    in order, through the same transport)."""
+def _send_frames(request: web.Request, sock: Any, view: memoryview) -> None:
+    """Send ``view`` as frames: all of a chunk's frames in one ``writev`` on ``sock`` (a plain
+    TCP socket, or None) when nothing is queued (the frames' headers and payloads as they are,
+    no copy), what the socket did not take through the transport. The caller then waits for the
+    transport to drain. aiohttp's ``send_bytes`` costs two writes per 64 KiB frame (header,
+    payload) and a coroutine: a 1 MiB chunk took 32 send calls, now one (the web socket's own
+    writer sends the close frame after, in order, through the same transport)."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
@@ -172,14 +178,15 @@ async def _send_frames(request: web.Request, sock: Any, view: memoryview) -> Non
             pieces[0] = memoryview(pieces[0])[sent:]
     if pieces:
         transport.write(b"".join(pieces))
-    await request.writer.drain()
 
 
 class _StallWatch:
-    """§2 for a WebSocket download: the connection is cut off once no frame has gone out for
-    ``stall`` seconds while there is one to send (checked every eighth of it, so within 1.125 x;
-    the file's own reads are not the client's stall). A timer per frame cost a fifth of the
-    download's speed (1,150-1,394 MB/s with, 1,449-1,710 without)."""
+    """§2 for a WebSocket download: the connection is cut off once no byte has left for the
+    client for ``stall`` seconds while there is some to send (checked every eighth of it, so
+    within 1.125 x; the file's own reads are not the client's stall). Progress is a write, or
+    the transport's queue getting shorter between two checks: a chunk's frames are queued at
+    once, and a slow reader that keeps taking bytes is never cut off. A timer per frame cost a
+    fifth of the download's speed (1,150-1,394 MB/s with, 1,449-1,710 without)."""
 
     def __init__(self, request: web.Request, stall: float) -> None:
         self._loop = asyncio.get_running_loop()
@@ -187,20 +194,30 @@ class _StallWatch:
         self._stall = stall
         self._last = self._loop.time()
         self._sending = False
+        self._queued = 0
         self.fired = False
         self._timer = self._loop.call_later(stall / 8, self._check)
 
     def sending(self) -> None:
         self._sending = True
-        self._last = self._loop.time()
+        self.progress()
 
     def progress(self) -> None:
         self._last = self._loop.time()
+        self._queued = self._queue()
 
     def reading(self) -> None:
         self._sending = False
 
+    def _queue(self) -> int:
+        transport = self._request.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def _check(self) -> None:
+        queued = self._queue()
+        if queued < self._queued:  # bytes left for the client since the last look
+            self._last = self._loop.time()
+        self._queued = queued
         if self._sending and self._loop.time() - self._last >= self._stall:
             self.fired = True
             cut_off(self._request)  # the pending send fails: the download loop ends

@@ -506,6 +506,8 @@ class RaftNode:
         self.fsm.open_fresh()
         self._replica = _Replica(self.fsm)
         journal = os.path.join(s.data_dir, "raft.journal")
+        # Before SyncObj(): its tick thread may load the snapshot before the constructor returns.
+        self._snapshots.journal = lambda: _JOURNALS.get(os.path.abspath(journal))
         conf = SyncObjConf(
             password=s.password,
             autoTick=True,
@@ -546,7 +548,6 @@ class RaftNode:
             raise RuntimeError("pysyncobj internals changed: Serializer transmissions missing")
         self._snapshots.transmitting = lambda: bool(getattr(serializer, _TRANSMISSIONS_ATTR))
         self._snapshots.voters = self.members
-        self._snapshots.journal = lambda: self._journal
         self._journal = _JOURNALS.get(os.path.abspath(journal))
         self._sync.addOnTickCallback(self._tick)
         self._sync.waitBinded()

@@ -101,6 +101,10 @@ async def test_https_hsts_alt_svc_and_wss(
         await ws.send_str("EOF")
         msgs = [m async for m in ws]
         assert [m.data for m in msgs] == ["ok:8"]
+        # a download over wss: frames go through TLS, never straight to the socket
+        ws = await s.ws_connect(f"wss://127.0.0.1:{port}/v1/files/ws/tls/blob.bin", headers=H)
+        got = b"".join([m.data async for m in ws])
+        assert got == blob and ws.close_code == 1000
     # an untrusted client is refused
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.ClientConnectorCertificateError):

@@ -359,15 +359,18 @@ async def test_a_disk_error_during_sendfile_cuts_the_download_short_and_quietly(
     assert "failed mid-stream" in caplog.text
 
 
-async def read_slowly(port: int, name: str, step: int, pause: float) -> int:
-    """GET ``/<name>`` from a tiny-window socket at ``step`` bytes per ``pause`` seconds, to the
-    end or until the server hangs up: the bytes received, headers included."""
+async def read_slowly(
+    port: int, name: str, step: int, pause: float, request: str = "", enough: int = 1 << 62
+) -> int:
+    """GET ``/<name>`` (or send ``request``) from a tiny-window socket at ``step`` bytes per
+    ``pause`` seconds, to the end, until the server hangs up or ``enough`` bytes came: the bytes
+    received, headers included."""
     loop = asyncio.get_running_loop()
     received = 0
-    sock = await tiny_window_socket(port, get_request(name, close=True))
+    sock = await tiny_window_socket(port, request or get_request(name, close=True))
     try:
         async with asyncio.timeout(60):
-            while True:
+            while received < enough:
                 data = await loop.sock_recv(sock, step)
                 if not data:
                     break
@@ -388,6 +391,26 @@ async def test_a_slow_reader_that_keeps_reading_is_never_cut_off(tmp_path: Path)
         await put_big(port, "slow.bin", size)
         received = await read_slowly(port, "slow.bin", 32 * 1024, 0.2)
         assert received > size  # the headers and every byte of the body
+        assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
+
+
+async def test_a_slow_websocket_reader_that_keeps_reading_is_never_cut_off(
+    tmp_path: Path,
+) -> None:
+    """A chunk's frames (1 MiB) are queued at once; the reader takes 64 KiB every 0.2 s with a
+    0.5 s write_timeout. The bytes leaving the queue are its progress: it gets every frame."""
+    size = MiB
+    request = (
+        "GET /v1/files/ws/slow.bin HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+    )
+    async with live_node(tmp_path, CALLFS_SERVER__WRITE_TIMEOUT="500ms") as (node, port):
+        await put_big(port, "slow.bin", size)
+        # the 101's headers, sixteen 64 KiB frames with 10-byte headers, then the close frame
+        received = await read_slowly(port, "", 64 * 1024, 0.2, request, size + 16 * 10 + 200)
+        assert received > size + 16 * 10
         assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 0
 
 

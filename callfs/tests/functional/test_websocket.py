@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from pathlib import Path
@@ -154,3 +155,36 @@ async def test_handshake_refusals(client: Client) -> None:
     # other methods on ws/... reach the file handlers
     resp = await client.put("/v1/files/ws/file.txt", data=b"w", headers=auth())
     assert resp.status == 201
+
+
+async def test_the_stall_watch_counts_a_shrinking_queue_as_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk's frames are queued at once: while the transport's queue keeps shrinking the
+    reader is slow, not stalled; once it stops shrinking for write_timeout, it is cut off."""
+    from callfs.api import websocket
+
+    cut: list[object] = []
+    monkeypatch.setattr(websocket, "cut_off", cut.append)
+
+    class Transport:
+        queued = 4 * MiB
+
+        def get_write_buffer_size(self) -> int:
+            return self.queued
+
+    class Request:
+        transport = Transport()
+
+    request = Request()
+    watch = websocket._StallWatch(request, 0.2)  # type: ignore[arg-type]
+    try:
+        watch.sending()
+        for _ in range(12):  # 0.6 s, three times write_timeout, 64 KiB every 0.05 s
+            await asyncio.sleep(0.05)
+            request.transport.queued -= 64 * 1024
+        assert cut == [] and not watch.fired
+        await asyncio.sleep(0.4)  # nothing leaves any more
+        assert cut == [request] and watch.fired
+    finally:
+        watch.close()
