@@ -111,6 +111,18 @@ def test_log_secrets_cover_every_configured_secret(tmp_path: Path) -> None:
 
 
 def test_formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        _formats_and_levels(capsys)
+    finally:
+        # as found: a root logger left at ERROR with no handler would silence every later
+        # test's warnings (and make "nothing was logged" assertions pass without looking)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def _formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("debug", "console", secrets=["top-secret-value-123"])
     logging.getLogger("callfs.x").info("hello top-secret-value-123", extra={"status": 200})
     err = capsys.readouterr().err
@@ -126,4 +138,3 @@ def test_formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:
     assert isinstance(logging.getLogger().handlers[0].formatter, JsonFormatter)
     configure_logging("error", "text")
     assert isinstance(logging.getLogger().handlers[0].formatter, ConsoleFormatter)
-    logging.getLogger().handlers.clear()
