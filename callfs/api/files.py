@@ -27,7 +27,7 @@ from callfs.api.errors import dumps, json_response
 from callfs.api.limits import cut_off
 from callfs.api.proxy import BODY_READ, forward
 from callfs.api.ranges import parse_range
-from callfs.api.sockets import tcp_option
+from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import CONTINUE_PENDING, IDENTITY, api_state, identity
 from callfs.core.engine import MoveRequest
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
@@ -437,7 +437,7 @@ async def _sendfile(
     with tcp_option(sock, _TCP_USER_TIMEOUT, round(stall * 1000)) as watched:
         if watched:
             started = time.monotonic()
-            sent = _sendfile_now(loop, transport, sock, fileobj, offset, count)
+            sent = _sendfile_now(transport, fileobj, offset, count)
             if sent == count:
                 return True
             try:
@@ -454,7 +454,7 @@ async def _sendfile(
                 if time.monotonic() - started >= stall:
                     cut_off(request)
                     return False
-                if _hung_up(sock):
+                if _peer_closed(sock):
                     raise ConnectionResetError("the client went away during sendfile") from None
                 raise OSError("sendfile failed mid-download (the file could not be read)") from None
             return True
@@ -471,7 +471,7 @@ async def _sendfile(
     return True
 
 
-def _hung_up(sock: socket.socket) -> bool:
+def _peer_closed(sock: socket.socket) -> bool:
     """Whether the peer of ``sock`` reset or closed the connection (what else makes sendfile
     fail on a connection that is not stalled is the file: a disk error)."""
     poller = select.poll()
@@ -480,21 +480,15 @@ def _hung_up(sock: socket.socket) -> bool:
     return bool(events and events[0][1] & (select.POLLERR | select.POLLHUP))
 
 
-def _sendfile_now(
-    loop: asyncio.AbstractEventLoop,
-    transport: asyncio.Transport,
-    sock: Any,
-    fileobj: Any,
-    offset: int,
-    count: int,
-) -> int:
+def _sendfile_now(transport: asyncio.Transport, fileobj: Any, offset: int, count: int) -> int:
     """One sendfile call straight from the handler, for what the socket buffer takes now (all of
     it, mostly, up to a few MiB): the bytes sent. ``loop.sendfile`` costs a future, a pause and
     resume of reading and a seek even when one call does it all (GET 1 MiB, 16 connections:
     2,173-2,320 -> 2,553-2,714 requests/s). Only on asyncio's selector loops, whose
     ``loop.sendfile`` takes over for the rest, and only with nothing of the transport's own
-    still queued."""
-    if not isinstance(loop, asyncio.SelectorEventLoop) or transport.get_write_buffer_size():
+    still queued (``direct_socket``)."""
+    sock = direct_socket(transport)
+    if sock is None:
         return 0
     try:
         return os.sendfile(sock.fileno(), fileobj.fileno(), offset, count)

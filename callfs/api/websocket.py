@@ -8,13 +8,12 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.files import request_path
 from callfs.api.limits import cut_off
-from callfs.api.sockets import tcp_option
+from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import api_state, identity
 from callfs.errors import (
     AlreadyExists,
@@ -105,15 +104,11 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         # TCP_CORK while the file streams (Linux): what the socket did not take goes out through
         # the transport in later writes; corked, no write leaves as a short packet of its own
         # (on a TCP_NODELAY socket a lone frame header did, and the client parsed it alone).
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport else None
-        # Over TLS the socket under the transport carries ciphertext: frames go through the
-        # transport there, never straight to the socket.
-        tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+        sock = request.transport.get_extra_info("socket") if request.transport else None
         with tcp_option(sock, getattr(socket, "TCP_CORK", None), 1):
             async for chunk in stream:
                 watch.sending()
-                _send_frames(request, None if tls else sock, memoryview(chunk).cast("B"))
+                _send_frames(request, memoryview(chunk).cast("B"))
                 watch.progress()
                 await request.writer.drain()
                 watch.reading()
@@ -152,22 +147,20 @@ def _frames(view: memoryview) -> list[bytes | memoryview]:
     return out
 
 
-def _send_frames(request: web.Request, sock: Any, view: memoryview) -> None:
-    """Send ``view`` as frames: all of a chunk's frames in one ``writev`` on ``sock`` (a plain
-    TCP socket, or None) when nothing is queued (the frames' headers and payloads as they are,
-    no copy), what the socket did not take through the transport. The caller then waits for the
-    transport to drain. aiohttp's ``send_bytes`` costs two writes per 64 KiB frame (header,
-    payload) and a coroutine: a 1 MiB chunk took 32 send calls, now one (the web socket's own
-    writer sends the close frame after, in order, through the same transport)."""
+def _send_frames(request: web.Request, view: memoryview) -> None:
+    """Send ``view`` as frames: all of a chunk's frames in one ``writev`` on the socket when it
+    may be written directly (``direct_socket``: not over TLS, nothing queued; the frames'
+    headers and payloads as they are, no copy), what it did not take through the transport. The
+    caller then waits for the transport to drain. aiohttp's ``send_bytes`` costs two writes per
+    64 KiB frame (header, payload) and a coroutine: a 1 MiB chunk took 32 send calls, now one
+    (the web socket's own writer sends the close frame after, in order, through the same
+    transport)."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
     pieces = _frames(view)
-    if (
-        sock is not None
-        and isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
-        and not transport.get_write_buffer_size()
-    ):
+    sock = direct_socket(transport)
+    if sock is not None:
         try:
             sent = os.writev(sock.fileno(), pieces[:_IOV_MAX])
         except (BlockingIOError, InterruptedError):

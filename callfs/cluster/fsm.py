@@ -337,16 +337,6 @@ class StateMachine:
         return min((int(rows.get(addr, 1)) for addr in voters), default=1)
 
     @staticmethod
-    def write_snapshot(
-        rconn: sqlite3.Connection, raft_data: bytes, final: str, version: int = 2
-    ) -> int:
-        """``copy_snapshot`` to a scratch file, then put it in place as ``final``."""
-        out = final + COPY_SUFFIX
-        size = StateMachine.copy_snapshot(rconn, raft_data, out, version)
-        publish(out, final)
-        return size
-
-    @staticmethod
     def copy_snapshot(rconn: sqlite3.Connection, raft_data: bytes, out: str, version: int) -> int:
         """Copy the pinned state plus ``raft_data`` to ``out`` (fsync'd; removed if the copy
         fails), in any thread, as a snapshot of ``version`` 1 or 2 (which delta records may

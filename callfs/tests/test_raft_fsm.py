@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from callfs.cluster import commands as C
-from callfs.cluster.fsm import StateMachine
+from callfs.cluster.fsm import COPY_SUFFIX, StateMachine, publish
 from callfs.cluster.raft import check_internals
 from callfs.errors import AlreadyExists, CallFSError, InternalError
 from callfs.model import BackendType, Entry, EntryType
@@ -29,6 +29,13 @@ def entry(path: str) -> Entry:
     return Entry(
         path, EntryType.FILE, 3, "alice", 100, BackendType.LOCALFS, "n1", blob_key="k" * 32
     )
+
+
+def write_snapshot(rconn: sqlite3.Connection, raft_data: bytes, final: str) -> None:
+    """A whole-database snapshot at ``final``, as the snapshot hook writes one."""
+    out = final + COPY_SUFFIX
+    StateMachine.copy_snapshot(rconn, raft_data, out, 2)
+    publish(out, final)
 
 
 def create(req: str, path: str) -> bytes:
@@ -99,7 +106,7 @@ def test_snapshot_round_trip_and_a_damaged_snapshot_is_refused(tmp_path: Path) -
     for i in range(50):
         fsm.apply(create(f"r{i}", f"/f{i}"))
     snap = str(tmp_path / "raft.snapshot")
-    StateMachine.write_snapshot(fsm.pin(), b"raft-data", snap)
+    write_snapshot(fsm.pin(), b"raft-data", snap)
     other = StateMachine(str(tmp_path / "other.sqlite3"))
     other.open_fresh()
     assert other.restore(snap).raft_data == b"raft-data"
@@ -325,7 +332,7 @@ def test_snapshot_files_survive_leftovers_installs_and_damage(tmp_path: Path) ->
     for i in range(20):
         leader.apply(create(f"L{i}", f"/L{i}"))
     sent = tmp_path / "from-leader"
-    StateMachine.write_snapshot(leader.pin(), pickle.dumps(("leader", 99)), str(sent))
+    write_snapshot(leader.pin(), pickle.dumps(("leader", 99)), str(sent))
     snaps._copy = 0.0
     fsm.apply(create("y2", "/y2"))
     snaps.serialize(str(final) + ".tmp", ("raft", 3))
@@ -469,7 +476,7 @@ def test_members_tables_from_before_levels_gain_the_column(tmp_path: Path) -> No
     )
     conn.close()
     snap = str(tmp_path / "raft.snapshot")
-    StateMachine.write_snapshot(fsm.pin(), b"raft-data", snap)
+    write_snapshot(fsm.pin(), b"raft-data", snap)
     other = StateMachine(str(tmp_path / "other.sqlite3"))
     other.open_fresh()
     other.restore(snap)
