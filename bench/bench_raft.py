@@ -89,6 +89,8 @@ class Phase:
     wall: float = 0.0
     load: str = ""
     cpu: dict[str, float] = field(default_factory=dict)
+    #: Latencies of the successful requests by the node they went to (when more than one).
+    by_node: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -107,8 +109,10 @@ async def run_phase(
     clients: int,
     op: Callable[[aiohttp.ClientSession, int, int], Any],
     session: aiohttp.ClientSession,
+    node_of: Callable[[int], str] | None = None,
 ) -> Phase:
-    """``clients`` loops calling ``op(session, client, i)`` -> HTTP status for ``seconds``."""
+    """``clients`` loops calling ``op(session, client, i)`` -> HTTP status for ``seconds``;
+    ``node_of(client)`` names the node a client talks to, for latencies per node."""
     out = Phase()
     stop = time.perf_counter() + seconds
 
@@ -122,7 +126,10 @@ async def run_phase(
                 status = type(exc).__name__
             if status in (200, 201):
                 out.ok += 1
-                out.lat.append(time.perf_counter() - t)
+                took = time.perf_counter() - t
+                out.lat.append(took)
+                if node_of is not None:
+                    out.by_node.setdefault(node_of(k), []).append(took)
             else:
                 out.errors[str(status)] = out.errors.get(str(status), 0) + 1
             i += 1
@@ -171,7 +178,9 @@ async def creates(
             created.append(path)
         return status
 
-    phase = await run_phase(seconds, clients, op, session)
+    phase = await run_phase(
+        seconds, clients, op, session, node_of=lambda k: f"node-{k % len(bases) + 1}"
+    )
     return phase, created
 
 
@@ -373,6 +382,13 @@ def report(sq: dict[str, Any], rf: dict[str, Any], args: argparse.Namespace) -> 
     print("|---|---|---|---:|")
     ratio = rf["create"].rate / sq["create"].rate if sq["create"].rate else float("nan")
     print(f"| POST 4 KiB (create) | {sq['create'].line()} | {rf['create'].line()} | {ratio:.2f}x |")
+    if len(rf["create"].by_node) > 1:
+        per_node = ", ".join(
+            f"{k}{' (leader)' if k == rf['leader'] else ''}"
+            f" p50 {pct(v, 0.5):.1f} p99 {pct(v, 0.99):.1f}"
+            for k, v in sorted(rf["create"].by_node.items())
+        )
+        print(f"| create latency by the node a client talks to, ms | | {per_node} | |")
     print(f"| HEAD (stat), single node / follower | {sq['stat'].line()} | {rf['stat'].line()} | |")
     print(f"| HEAD (stat) on the leader | | {rf['stat_leader'].line()} | |")
 
