@@ -582,10 +582,14 @@ class RaftNode:
         self._wake_r, self._wake_w = r, w
 
     def _drain(self, descr: int, _event: int) -> None:
-        self._woken = False  # before reading: a wake from now on writes again
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(descr, 4096):
                 pass
+        # After reading, not before: a byte written once the flag was down could be read here,
+        # leaving the flag up over an empty pipe, and no wake would ever write again (prompt
+        # replication silently off: every new entry waited for the next tick). A wake that
+        # finds the flag still up now is covered by the tick that follows this poll.
+        self._woken = False
 
     def _wake(self) -> None:
         """Make the tick thread's poll return now (any thread). One byte until the tick thread
