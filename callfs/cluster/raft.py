@@ -50,6 +50,8 @@ _NOOP_ATTR = "_SyncObj__noopIDx"
 #: When the leader next sends append_entries, and its last log index (private; ``_tick``).
 _NEXT_SEND = "_SyncObj__newAppendEntriesTime"
 _LAST_INDEX = "_SyncObj__getCurrentLogIndex"
+#: The leader's next log index to send to each follower (private; ``_DurableTransport``).
+_NEXT_INDEX = "_SyncObj__raftNextIndex"
 
 #: pysyncobj fail reasons that mean "this command was not applied": retry it anywhere.
 NOT_APPLIED = frozenset(
@@ -100,6 +102,7 @@ def check_internals() -> None:
         (pjournal.MetaStorer, "storeMeta"),
         (pjournal.MetaStorer, "getMeta"),
         (pjournal.MetaStorer, "getPath"),
+        (TCPTransport, "_onMessageReceived"),
     ):
         if not hasattr(owner, name):
             missing.append(f"{owner.__name__}.{name}")
@@ -203,6 +206,32 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
         journal_file = syncObj.conf.journalFile
         self._journal = _JOURNALS.get(os.path.abspath(journal_file)) if journal_file else None
         super().__init__(syncObj, selfNode, otherNodes)
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        """Keep the leader's next index for a follower from going backwards on an
+        acknowledgement. pysyncobj 0.3.17 sets it to the acknowledged index + 1 even when later
+        entries are already on their way (prompt replication keeps several in flight), so the
+        next message resends them with an older previous index, and the follower, which
+        truncates its log after that index unconditionally, drops entries it had acknowledged
+        (logged as CRITICAL "truncating already-applied log entries") and writes them again:
+        wasted work, and for a moment a follower counted in a majority without the entries.
+        Messages arrive in order on one connection, so entries below the index already sent
+        reach the follower unless the connection drops, which the follower reports by failing
+        the next append (``reset``), the path left untouched here."""
+        next_index = getattr(self._syncObj, _NEXT_INDEX, None)  # checked in RaftNode.start
+        before = next_index.get(node) if next_index is not None else None
+        super()._onMessageReceived(node, message)
+        if (
+            next_index is not None
+            and before is not None
+            and isinstance(message, dict)
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+        ):
+            after = next_index.get(node)
+            if after is not None and after < before:
+                next_index[node] = before
 
     def send(self, node: Any, message: Any) -> Any:
         journal = self._journal
@@ -540,7 +569,7 @@ class RaftNode:
             consumers=[self._replica],
             transportClass=_DurableTransport,
         )
-        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, "_poller"):
+        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, _NEXT_INDEX, "_poller"):
             if not hasattr(self._sync, attr):
                 raise RuntimeError(f"pysyncobj internals changed: SyncObj.{attr} missing")
         serializer = getattr(self._sync, _SERIALIZER_ATTR, None)

@@ -608,3 +608,73 @@ def test_a_wake_during_the_drain_does_not_switch_later_wakes_off(
             if fd is not None:
                 os.close(fd)
 
+
+async def test_pipelined_appends_never_make_a_follower_truncate_what_it_acknowledged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three nodes in this process, many commands in flight on the leader: acknowledgements
+    overtaken by later sends must not move the leader's next index back (pysyncobj then resends
+    entries and the follower truncates what it had acknowledged, logging CRITICAL)."""
+    import logging
+    import uuid
+
+    from callfs.cluster.raft import _DurableTransport
+
+    ports = [free_port() for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [
+        RaftNode(
+            RaftSettings(
+                node_id=f"n{i}",
+                bind_addr=addrs[i],
+                peers=tuple(a for a in addrs if a != addrs[i]),
+                data_dir=str(tmp_path / f"n{i}"),
+                password="x",
+                election_min=0.3,
+                election_max=0.6,
+                leader_fallback=1.0,
+            )
+        )
+        for i in range(3)
+    ]
+    caplog.set_level(logging.WARNING)
+    resent: list[int] = []
+    for node in nodes:
+        node.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(n.is_leader() and n.leader_ready() for n in nodes):
+            assert time.monotonic() < deadline, "no leader"
+            await asyncio.sleep(0.05)
+        leader = next(n for n in nodes if n.is_leader())
+        transport = leader.sync._SyncObj__transport
+        assert isinstance(transport, _DurableTransport)
+        send = transport.send
+        highest: dict[object, int] = {}
+
+        def counting_send(node: object, message: object) -> object:
+            entries = message.get("entries") if isinstance(message, dict) else None
+            if entries:
+                if entries[0][1] <= highest.get(node, 0):
+                    resent.append(entries[0][1])
+                highest[node] = max(highest.get(node, 0), entries[-1][1])
+            return send(node, message)
+
+        transport.send = counting_send
+
+        async def writer() -> None:
+            for _ in range(200):
+                payload = C.command(uuid.uuid4().hex, time.time(), "noop", [])
+                await leader.propose(payload, 10.0)
+
+        await asyncio.gather(*(writer() for _ in range(16)))
+        target = leader.commit_index
+        while any(n.last_applied < target for n in nodes):
+            assert time.monotonic() < deadline + 30, "followers did not catch up"
+            await asyncio.sleep(0.05)
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
+    truncations = [r for r in caplog.records if "truncating" in r.getMessage()]
+    assert not truncations, truncations[0].getMessage()
+    assert not resent, f"{len(resent)} entries sent again to a follower that had them"
