@@ -205,6 +205,8 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         journal_file = syncObj.conf.journalFile
         self._journal = _JOURNALS.get(os.path.abspath(journal_file)) if journal_file else None
+        #: Acknowledgements that would have moved a next index back (``_onMessageReceived``).
+        self.index_restores = 0
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
@@ -232,6 +234,7 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
             after = next_index.get(node)
             if after is not None and after < before:
                 next_index[node] = before
+                self.index_restores += 1
 
     def send(self, node: Any, message: Any) -> Any:
         journal = self._journal
