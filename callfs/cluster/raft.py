@@ -525,6 +525,7 @@ class RaftNode:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self._woken = False
+        self._wake_lock = threading.Lock()
         self._sent: tuple[int, int] = (0, 0)
         self.on_state_changed: Callable[[int, int], None] | None = None
 
@@ -626,11 +627,14 @@ class RaftNode:
     def _wake(self) -> None:
         """Make the tick thread's poll return now (any thread). One byte until the tick thread
         drains it: a pipe write per commit cost the leader ~3% of its time."""
-        w = self._wake_w
-        if w is not None and not self._woken:
-            self._woken = True
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(w, b"!")
+        if self._woken or self._wake_w is None:
+            return
+        with self._wake_lock:  # stop() closes the pipe under it: never a write to a reused fd
+            w = self._wake_w
+            if w is not None:
+                self._woken = True
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(w, b"!")
 
     def _state_changed(self, old: int, new: int) -> None:
         if self.on_state_changed is not None:
@@ -641,12 +645,13 @@ class RaftNode:
         self._sync = None
         if sync is not None:
             sync.destroy_synchronous()
-        fds = (self._wake_r, self._wake_w)
-        self._wake_r = self._wake_w = None  # before closing: a late wake must not hit a reused fd
-        for fd in fds:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        with self._wake_lock:
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = None
+            for fd in fds:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         self.fsm.close()
 
     @property
