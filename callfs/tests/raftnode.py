@@ -17,8 +17,15 @@ def _no_session() -> aiohttp.ClientSession:
     raise RuntimeError("a one-node group never forwards")
 
 
-#: A one-node group elects itself after one election timeout: keep it short in tests.
-FAST = {"election_min": 0.1, "election_max": 0.2, "leader_fallback": 0.3}
+#: A one-node group elects itself after one election timeout: keep it short in tests (pysyncobj
+#: wants the election timeout over three heartbeats, so the heartbeat is shortened too).
+FAST = {
+    "election_min": 0.1,
+    "election_max": 0.2,
+    "leader_fallback": 0.3,
+    "heartbeat": 0.02,
+    "tick": 0.005,
+}
 
 
 def one_node_raft_store(data_dir: Path, port: int, **settings: float) -> RaftMetadataStore:
