@@ -38,6 +38,11 @@ class RaftCollector(Collector):
                 "snapshot_copies",
                 "Snapshots that copied the whole database (the others appended the commands).",
             ),
+            (
+                "callfs_raft_snapshot_transfers_dropped_total",
+                "snapshot_transfers_dropped",
+                "Snapshot transfers no leader would finish (a deposed leader's), dropped.",
+            ),
             ("callfs_raft_journal_syncs_total", "journal_syncs", "Group fsyncs of the log."),
         ):
             gauge = GaugeMetricFamily(name, doc)

@@ -681,3 +681,69 @@ async def test_pipelined_appends_never_make_a_follower_truncate_what_it_acknowle
     # Not vacuous: acknowledgements were overtaken by later sends (entries were in flight).
     assert transport.index_restores > 0
     assert not resent, f"{len(resent)} entries sent again to a follower that had them"
+
+
+async def test_a_snapshot_transfer_no_leader_will_finish_is_dropped(tmp_path: Path) -> None:
+    """pysyncobj ends a snapshot transfer only from the leader's send loop: one under way when
+    the leader stepped down (or to a node since removed) would stay open for good, holding its
+    file and making every later snapshot a full database copy. Each node drops those at its next
+    tick, and only those: a leader's transfer to a member goes on."""
+    from pysyncobj.node import TCPNode
+
+    ports = [free_port() for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [
+        RaftNode(
+            RaftSettings(
+                node_id=f"n{i}",
+                bind_addr=addrs[i],
+                peers=tuple(a for a in addrs if a != addrs[i]),
+                data_dir=str(tmp_path / f"n{i}"),
+                password="x",
+                election_min=1.0,
+                election_max=2.0,
+                leader_fallback=2.0,
+            )
+        )
+        for i in range(3)
+    ]
+    for node in nodes:
+        node.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not any(n.is_leader() and n.leader_ready() for n in nodes):
+            assert time.monotonic() < deadline, "no leader"
+            await asyncio.sleep(0.05)
+        leader = next(n for n in nodes if n.is_leader())
+        follower = next(n for n in nodes if n is not leader)
+        snapshot = tmp_path / "old-snapshot"
+        snapshot.write_bytes(b"x" * 1000)
+
+        def transfer() -> dict[str, object]:
+            return {"transmitted": 100, "file": open(snapshot, "rb")}
+
+        def transfers(node: RaftNode) -> dict[object, dict[str, object]]:
+            serializer = getattr(node.sync, raft_module._SERIALIZER_ATTR)
+            found = getattr(serializer, raft_module._TRANSMISSIONS_ATTR)
+            assert isinstance(found, dict)
+            return found
+
+        member = next(iter(leader.sync.otherNodes))
+        gone = TCPNode("127.0.0.1:1")
+        stuck, kept, removed = transfer(), transfer(), transfer()
+        transfers(follower)[member] = stuck  # what a deposed leader is left with
+        transfers(leader)[member] = kept
+        transfers(leader)[gone] = removed
+        assert follower._snapshots.transmitting() and leader._snapshots.transmitting()
+        deadline = time.monotonic() + 5
+        while transfers(follower) or gone in transfers(leader):
+            assert time.monotonic() < deadline, "a stale transfer was never dropped"
+            await asyncio.sleep(0.02)
+        assert stuck["file"].closed and removed["file"].closed  # type: ignore[union-attr]
+        assert not follower._snapshots.transmitting()
+        assert transfers(leader).get(member) is kept and not kept["file"].closed  # type: ignore[union-attr]
+        assert follower.transmissions_dropped == 1 and leader.transmissions_dropped == 1
+        transfers(leader).pop(member)["file"].close()  # type: ignore[union-attr]
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
