@@ -41,7 +41,7 @@ class RaftCollector(Collector):
             (
                 "callfs_raft_snapshot_transfers_dropped_total",
                 "snapshot_transfers_dropped",
-                "Snapshot transfers no leader would finish (a deposed leader's), dropped.",
+                "Snapshot transfers dropped: a deposed leader's, or to a removed node.",
             ),
             ("callfs_raft_journal_syncs_total", "journal_syncs", "Group fsyncs of the log."),
         ):

@@ -624,11 +624,12 @@ class RaftNode:
         snapshot file stays open (its disk space with it) and ``_Snapshots`` keeps seeing a
         transfer, so every later snapshot copies the whole database instead of appending a
         record (at 1 M entries, a 450 MB copy per snapshot). Drop those."""
+        nodes = list(transmissions)  # one C-level copy: no Python code runs while it iterates
         if sync._isLeader():
             members = sync.otherNodes | sync.readonlyNodes
-            stale = [node for node in transmissions if node not in members]
+            stale = [node for node in nodes if node not in members]
         else:
-            stale = list(transmissions)
+            stale = nodes
         for node in stale:
             transfer = transmissions.pop(node, None)
             fileobj = transfer.get("file") if isinstance(transfer, dict) else None
