@@ -8,10 +8,8 @@ succeeds.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,72 +250,3 @@ async def test_orphan_sweep_keeps_every_referenced_blob(client: Client, node: No
     for i in range(1, 5):
         assert await body_of(client, f"s/{i}.bin") == NEW
     assert await body_of(client, "s/0.bin") == OLD
-
-
-class SlowLookups:
-    """Holds every ``get`` of the store until ``release`` is set (a Raft follower's read barrier
-    waiting on the leader), then fails it when ``fail`` is set."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.release = asyncio.Event()
-        self.fail = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def get(self, path: str) -> Any:
-        await self.release.wait()
-        if self.fail:
-            raise Unavailable("injected: no raft leader")
-        return await self._inner.get(path)
-
-
-@pytest.mark.parametrize("refusal", ["exists", "unavailable"])
-@pytest.mark.parametrize("timing", ["staged first", "body still streaming"])
-async def test_a_refused_create_check_leaves_no_bytes(
-    client: Client, node: Node, refusal: str, timing: str
-) -> None:
-    """A POST stages its body while its lookup runs (engine ``_stage_while``). When the lookup
-    then refuses (409, or 503 without a leader), whatever was staged is gone at once, whether
-    the body had been stored or was still streaming, without waiting for the orphan sweep."""
-    assert (await client.post("/v1/files/d/taken.bin", data=OLD, headers=auth())).status == 201
-    engine = node.engine
-    assert engine is not None
-    slow = SlowLookups(engine._meta)
-    slow.fail = refusal == "unavailable"
-    engine._meta = slow  # type: ignore[assignment]
-    streaming = asyncio.Event()
-
-    async def body() -> Any:
-        yield NEW
-        streaming.set()
-        if timing == "body still streaming":
-            await asyncio.Event().wait()  # never ends: only a cancel stops the staging
-        yield NEW
-
-    path = "d/taken.bin" if refusal == "exists" else "d/new.bin"
-    post = asyncio.ensure_future(client.post(f"/v1/files/{path}", data=body(), headers=auth()))
-    await asyncio.wait_for(streaming.wait(), 5)
-    if timing == "staged first":  # let the blob be stored and published before refusing
-        for _ in range(200):
-            if await unreferenced_files_of(node, slow):
-                break
-            await asyncio.sleep(0.01)
-        assert await unreferenced_files_of(node, slow), "the body was never staged"
-    slow.release.set()
-    resp = await asyncio.wait_for(post, 10)
-    assert resp.status == (409 if refusal == "exists" else 503), await resp.text()
-    engine._meta = slow._inner
-    assert await unreferenced_files(node) == []
-    assert await body_of(client, "d/taken.bin") == OLD
-    assert await body_of(client, "d/new.bin") is None
-
-
-async def unreferenced_files_of(node: Node, slow: SlowLookups) -> list[Path]:
-    """``unreferenced_files`` while the engine's store is held (it reads the real store)."""
-    assert node.meta is not None
-    root = Path(node.cfg.backend.localfs_root_path) / ".callfs" / "blobs"
-    found = [p for p in root.rglob("*") if p.is_file()]
-    live = await slow._inner.blobs_referenced([p.name for p in found])
-    return [p for p in found if p.name not in live]
