@@ -4,6 +4,7 @@ items to a consumer task through a bounded queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import os
@@ -35,6 +36,27 @@ async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) ->
     ctx = contextvars.copy_context()
     call = functools.partial(ctx.run, fn, *args, **kwargs)
     return await loop.run_in_executor(_pools()[0], call)
+
+
+async def run_to_end(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``run_blocking`` for a step that its caller cleans up after: when the caller is cancelled
+    meanwhile, the cancel waits until ``fn`` has ended in its thread (its result is dropped)
+    before it propagates. The cleanup then sees everything ``fn`` did (a file it created, a
+    rename it made) and never closes a file ``fn`` is still writing (whose descriptor number
+    another open could take before ``fn``'s next write reaches the kernel)."""
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    future = loop.run_in_executor(_pools()[0], call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
+                await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved: the caller's cancel is what propagates
+        raise
 
 
 async def run_cpu(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import IO, NoReturn
 
-from callfs.concurrency import run_blocking
+from callfs.concurrency import run_blocking, run_to_end
 from callfs.errors import BadRequest, InsufficientStorage, NotFound, UnsafePath
 from callfs.storage.base import (
     AREA_BLOBS,
@@ -146,15 +146,26 @@ class _Staged:
         self._tmp = tmp  # a name in .callfs/tmp
         self._target = target  # the key's components from the root
         self.size = size
+        #: ``publish`` renamed the file to a name that did not exist, and its caller was
+        #: cancelled before it learned so: ``discard`` removes that name.
+        self._created = False
 
     async def publish(self) -> None:
+        def run() -> None:
+            self._created = self._backend._publish_blocking(self._tmp, self._target) is True
+
         try:
-            await run_blocking(self._backend._publish_blocking, self._tmp, self._target)
+            await run_to_end(run)
         except OSError as exc:
             _raise_if_no_space(exc)
             raise
+        self._created = False  # published, and the caller knows: it is the caller's now
 
     async def discard(self) -> None:
+        if self._created:
+            self._created = False
+            await run_blocking(self._backend._delete_blocking, self.key)
+            return
         await run_blocking(self._backend._discard_blocking, self._tmp)
 
 
@@ -276,8 +287,20 @@ class LocalFSBackend:
         pending: list[Chunk] = []
         pending_size = 0
         size = 0
-        fileobj: IO[bytes] | None = None
+        opened: list[IO[bytes]] = []  # the staged file, once a write hop created it
+
+        def write(parts: list[Chunk]) -> None:
+            fileobj = self._write_blocking(opened[0] if opened else None, tmp, target, parts, True)
+            if not opened:
+                opened.append(fileobj)
+
+        def finish(parts: list[Chunk]) -> None:
+            self._finish_blocking(opened[0] if opened else None, tmp, target, parts)
+
         try:
+            # Each hop runs to its end even if this task is cancelled meanwhile (a client that
+            # went away): the cleanup below never races a write that is creating or writing
+            # the file.
             async for chunk in chunks:
                 if not chunk:
                     continue
@@ -285,15 +308,13 @@ class LocalFSBackend:
                 pending_size += len(chunk)
                 size += len(chunk)
                 if pending_size >= WRITE_BATCH:
-                    fileobj = await run_blocking(
-                        self._write_blocking, fileobj, tmp, target, pending, True
-                    )
+                    await run_to_end(write, pending)
                     pending = []
                     pending_size = 0
-            await run_blocking(self._finish_blocking, fileobj, tmp, target, pending)
+            await run_to_end(finish, pending)
         except BaseException as exc:
-            if fileobj is not None and not fileobj.closed:
-                fileobj.close()
+            if opened and not opened[0].closed:
+                opened[0].close()
             await run_blocking(self._discard_blocking, tmp)
             if isinstance(exc, OSError):
                 _raise_if_no_space(exc)
@@ -309,11 +330,14 @@ class LocalFSBackend:
         target = _key_path(key)
         tmp = f"{os.urandom(12).hex()}.part"
         try:
-            size = await run_blocking(self._link_blocking, source, tmp, target)
+            size = await run_to_end(self._link_blocking, source, tmp, target)
         except OSError as exc:
             if exc.errno not in _NO_LINK:
                 raise
             return await self.stage(key, LocalFile(source))
+        except BaseException:  # cancelled: the link, if made, goes now rather than at the sweep
+            await run_blocking(self._discard_blocking, tmp)
+            raise
         return _Staged(self, key, tmp, target, size)
 
     def _link_blocking(self, source: str, tmp: str, target: tuple[str, ...]) -> int:
@@ -385,7 +409,7 @@ class LocalFSBackend:
         with contextlib.suppress(NotFound):
             os.close(self._open_dir_blocking(target[:-1]))
 
-    def _publish_blocking(self, tmp: str, target: tuple[str, ...]) -> None:
+    def _publish_blocking(self, tmp: str, target: tuple[str, ...]) -> bool:
         """Make the staged file durable and rename it from ``.callfs/tmp`` into the target's
         directory, both reached by the walk (missing fan-out directories made 0700, each fsync'd
         into its parent), then fsync that directory. Nothing is ever renamed out of or into a
@@ -399,7 +423,7 @@ class LocalFSBackend:
         commits metadata naming the key, a crash leaves at most an orphan there (removed by the
         orphan sweep), never a visible partial file. A name that exists (an overwrite) is fsync'd
         before the rename, so a power cut leaves the old bytes or the new, never neither. A
-        failed fsync removes the renamed file and raises."""
+        failed fsync removes the renamed file and raises. Returns whether the name is new."""
         mode = PRIVATE_DIR_MODE if target[0] == INTERNAL_DIR else LEGACY_DIR_MODE
         tmp_dir = self._open_dir_blocking(_TMP_PARTS)
         made: list[int] = []  # parents of fan-out directories made now: fsync'd after the file
@@ -431,6 +455,7 @@ class LocalFSBackend:
                 for made_in in made:
                     os.fsync(made_in)
                 os.fsync(parent)
+                return found is None
             finally:
                 os.close(parent)
         finally:

@@ -1,0 +1,134 @@
+"""A localfs write cancelled mid-way (a client that went away) waits for the step running in its
+thread before cleaning up: no temporary file is created after the cleanup ran, no file is closed
+while a thread writes to it, and a publish whose caller gave up leaves no new name behind."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callfs.storage.base import new_blob_key, publish_or_discard
+from callfs.storage.localfs import WRITE_BATCH, LocalFSBackend
+
+MIB = WRITE_BATCH
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for at in range(0, len(data), 64 * 1024):
+        yield data[at : at + 64 * 1024]
+        await asyncio.sleep(0)
+
+
+def _files(root: Path, area: str) -> list[Path]:
+    top = root / ".callfs" / area
+    return [p for p in top.rglob("*") if p.is_file()] if top.exists() else []
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[LocalFSBackend]:
+    b = LocalFSBackend(str(tmp_path))
+    await b.start()
+    yield b
+    await b.close()
+
+
+class _SlowStep:
+    """Wraps a localfs blocking step. Its ``hop``-th call sleeps ``before`` seconds, runs the
+    real step, then sleeps ``after`` seconds; ``ready`` is set when the thread starts sleeping
+    (before the real step with ``before``, after it otherwise), ``done`` when the call ends.
+    Records what the real step raised."""
+
+    def __init__(self, real: Any, hop: int, before: float = 0.0, after: float = 0.0) -> None:
+        self.real, self.hop, self.before, self.after = real, hop, before, after
+        self.calls = 0
+        self.ready = threading.Event()
+        self.done = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls != self.hop:
+            return self.real(*args)
+        try:
+            if self.before:
+                self.ready.set()
+                time.sleep(self.before)
+            try:
+                result = self.real(*args)
+            except BaseException as exc:
+                self.errors.append(exc)
+                raise
+            if not self.before:
+                self.ready.set()
+            time.sleep(self.after)
+            return result
+        finally:
+            self.done.set()
+
+
+async def _cancel_when(task: asyncio.Future[Any], step: _SlowStep) -> None:
+    """Cancel ``task`` while ``step`` sleeps in its thread; return once that thread has ended
+    too (what it does after the cancel counts)."""
+    assert await asyncio.to_thread(step.ready.wait, 5), "the step never ran"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(step.done.wait, 5)
+
+
+@pytest.mark.parametrize("hop", [1, 2], ids=["the hop that creates the file", "a later hop"])
+async def test_a_cancelled_stage_waits_for_its_write_and_leaves_no_file(
+    backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hop: int
+) -> None:
+    step = _SlowStep(backend._write_blocking, hop, before=0.3)
+    monkeypatch.setattr(backend, "_write_blocking", step)
+    task = asyncio.ensure_future(backend.stage(new_blob_key(), _chunks(b"w" * (4 * MIB))))
+    await _cancel_when(task, step)
+    assert step.errors == [], "a write ran into a file closed under it"
+    assert _files(tmp_path, "tmp") == []
+
+
+async def test_a_publish_whose_caller_gave_up_leaves_no_blob(
+    backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_blob_key()
+    staged = await backend.stage(key, _chunks(b"p" * (2 * MIB)))
+    step = _SlowStep(backend._publish_blocking, 1, after=0.3)  # renamed and fsync'd, then slow
+    monkeypatch.setattr(backend, "_publish_blocking", step)
+    await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
+    assert step.errors == []
+    assert await backend.stat(key) is None
+    assert _files(tmp_path, "tmp") == [] and _files(tmp_path, "blobs") == []
+
+
+async def test_an_interrupted_publish_over_an_existing_name_keeps_the_name(
+    backend: LocalFSBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that existed before (a replica copied again) is never removed by the discard."""
+    key = new_blob_key()
+    await publish_or_discard(await backend.stage(key, _chunks(b"1" * MIB)))
+    staged = await backend.stage(key, _chunks(b"2" * MIB))
+    step = _SlowStep(backend._publish_blocking, 1, after=0.3)
+    monkeypatch.setattr(backend, "_publish_blocking", step)
+    await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
+    found = await backend.stat(key)
+    assert found is not None and found.size == MIB
+
+
+async def test_a_cancelled_link_of_a_finished_upload_leaves_no_file(
+    backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "upload.bin"
+    source.write_bytes(b"u" * 1000)
+    step = _SlowStep(backend._link_blocking, 1, before=0.3)
+    monkeypatch.setattr(backend, "_link_blocking", step)
+    task = asyncio.ensure_future(backend.stage_file(new_blob_key(), str(source)))
+    await _cancel_when(task, step)
+    assert _files(tmp_path, "tmp") == []
+    assert source.read_bytes() == b"u" * 1000
