@@ -81,6 +81,12 @@ async def store_with_copy(
     try:
         await copy.task
     except asyncio.CancelledError:
+        # The caller gave up (a client that went away) with the primary published: nothing will
+        # name it, so neither copy stays for the orphan sweep.
+        await copy.stop()
+        await _remove(primary, key)
+        if copy.task.done() and not copy.task.cancelled() and copy.task.exception() is None:
+            await _remove(replica, replica_key)
         raise
     except Exception as exc:  # the copy never fails the primary: it is retried after the commit
         log.warning("replica copy during the upload failed (%s); copying after the commit", exc)
@@ -93,4 +99,4 @@ async def _remove(backend: StorageBackend, key: str) -> None:
         try:
             await backend.delete(key)
         except (CallFSError, OSError):
-            log.warning("could not remove a replica copy; the orphan sweep retries it")
+            log.warning("could not remove an unreferenced copy; the orphan sweep retries it")

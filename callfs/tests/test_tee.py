@@ -105,3 +105,39 @@ async def test_a_failing_primary_or_body_leaves_nothing(
     for backend in (a, b):
         root = Path(backend._configured_root)
         assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+async def test_a_cancel_while_the_replica_finishes_leaves_nothing(
+    two: tuple[LocalFSBackend, LocalFSBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The primary is published and the caller (its client gone) is cancelled while the replica
+    copy still publishes: nothing names either copy, so neither stays for the orphan sweep."""
+    import asyncio
+    import threading
+    import time
+
+    a, b = two
+    key = new_blob_key()
+    publishing = threading.Event()
+    real = b._publish_blocking
+
+    def slow_publish(*args: Any) -> Any:
+        publishing.set()
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(b, "_publish_blocking", slow_publish)
+    task = asyncio.ensure_future(store_with_copy(a, key, b, "r/" + key, body()))
+    assert await asyncio.to_thread(publishing.wait, 5)
+    for _ in range(100):  # the primary is published (the replica's publish is still asleep)
+        if await a.stat(key) is not None:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # and its publish has returned: the caller waits on the replica
+    assert await a.stat(key) is not None and not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for backend in (a, b):
+        root = Path(backend._configured_root)
+        assert [p for p in root.rglob("*") if p.is_file()] == []
