@@ -75,8 +75,11 @@ async def store_with_copy(
     except BaseException:
         await main.stop()
         await copy.stop()
-        if copy.task.done() and not copy.task.cancelled() and copy.task.exception() is None:
-            await _remove(replica, replica_key)
+        if main.task.done() and not main.task.cancelled() and main.task.exception() is None:
+            await _remove(primary, key)  # published before the stop reached it
+        # The replica key is this upload's own (``key`` is new): whatever stands under it
+        # (a finished copy, a publish interrupted after its rename) is unwanted now.
+        await _remove(replica, replica_key)
         raise
     try:
         await copy.task
@@ -85,8 +88,7 @@ async def store_with_copy(
         # name it, so neither copy stays for the orphan sweep.
         await copy.stop()
         await _remove(primary, key)
-        if copy.task.done() and not copy.task.cancelled() and copy.task.exception() is None:
-            await _remove(replica, replica_key)
+        await _remove(replica, replica_key)
         raise
     except Exception as exc:  # the copy never fails the primary: it is retried after the commit
         log.warning("replica copy during the upload failed (%s); copying after the commit", exc)

@@ -146,13 +146,16 @@ class _Staged:
         self._tmp = tmp  # a name in .callfs/tmp
         self._target = target  # the key's components from the root
         self.size = size
-        #: ``publish`` renamed the file to a name that did not exist, and its caller was
-        #: cancelled before it learned so: ``discard`` removes that name.
+        #: ``publish`` renamed the file to a new blob key (``new_blob_key``: only this object
+        #: ever publishes it), and its caller was cancelled before it learned so: ``discard``
+        #: removes it. A replica or shard key can be written again by another attempt, and a
+        #: replica copied for a committed entry is wanted: those names are never removed here.
         self._created = False
 
     async def publish(self) -> None:
         def run() -> None:
-            self._created = self._backend._publish_blocking(self._tmp, self._target) is True
+            created = self._backend._publish_blocking(self._tmp, self._target) is True
+            self._created = created and is_blob_key(self.key)
 
         try:
             await run_to_end(run)
@@ -164,7 +167,12 @@ class _Staged:
     async def discard(self) -> None:
         if self._created:
             self._created = False
-            await run_blocking(self._backend._delete_blocking, self.key)
+            try:  # like the temp file's removal, never raises: the orphan sweep is the fallback
+                await run_blocking(self._backend._delete_blocking, self.key)
+            except NotFound:
+                pass
+            except (UnsafePath, OSError):
+                log.warning("could not remove an abandoned blob; the orphan sweep will")
             return
         await run_blocking(self._backend._discard_blocking, self._tmp)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from callfs.core.engine import replica_key
 from callfs.storage.base import new_blob_key, publish_or_discard
 from callfs.storage.localfs import WRITE_BATCH, LocalFSBackend
 
@@ -39,54 +39,59 @@ async def backend(tmp_path: Path) -> AsyncIterator[LocalFSBackend]:
 
 
 class _SlowStep:
-    """Wraps a localfs blocking step. Its ``hop``-th call sleeps ``before`` seconds, runs the
-    real step, then sleeps ``after`` seconds; ``ready`` is set when the thread starts sleeping
-    (before the real step with ``before``, after it otherwise), ``done`` when the call ends.
-    Records what the real step raised."""
+    """Wraps a localfs blocking step. Its ``hop``-th call holds its thread until ``release`` is
+    set: before running the real step (``hold="before"``) or after it (``"after"``). ``ready``
+    is set when the thread starts holding, ``done`` when the call ends. Records what the real
+    step raised."""
 
-    def __init__(self, real: Any, hop: int, before: float = 0.0, after: float = 0.0) -> None:
-        self.real, self.hop, self.before, self.after = real, hop, before, after
+    def __init__(self, real: Any, hop: int, hold: str) -> None:
+        self.real, self.hop, self.hold = real, hop, hold
         self.calls = 0
         self.ready = threading.Event()
+        self.release = threading.Event()
         self.done = threading.Event()
         self.errors: list[BaseException] = []
+
+    def _wait(self) -> None:
+        self.ready.set()
+        self.release.wait(10)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls != self.hop:
             return self.real(*args)
         try:
-            if self.before:
-                self.ready.set()
-                time.sleep(self.before)
+            if self.hold == "before":
+                self._wait()
             try:
                 result = self.real(*args)
             except BaseException as exc:
                 self.errors.append(exc)
                 raise
-            if not self.before:
-                self.ready.set()
-            time.sleep(self.after)
+            if self.hold == "after":
+                self._wait()
             return result
         finally:
             self.done.set()
 
 
 async def _cancel_when(task: asyncio.Future[Any], step: _SlowStep) -> None:
-    """Cancel ``task`` while ``step`` sleeps in its thread; return once that thread has ended
-    too (what it does after the cancel counts)."""
-    assert await asyncio.to_thread(step.ready.wait, 5), "the step never ran"
+    """Cancel ``task`` while ``step`` holds its thread, then let the thread go on; return once
+    the task and that thread have both ended (what the thread does after the cancel counts)."""
+    assert await asyncio.to_thread(step.ready.wait, 10), "the step never ran"
     task.cancel()
+    await asyncio.sleep(0.05)  # the old code's cleanup ran here, beside the held thread
+    step.release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await asyncio.to_thread(step.done.wait, 5)
+    assert await asyncio.to_thread(step.done.wait, 10)
 
 
 @pytest.mark.parametrize("hop", [1, 2], ids=["the hop that creates the file", "a later hop"])
 async def test_a_cancelled_stage_waits_for_its_write_and_leaves_no_file(
     backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hop: int
 ) -> None:
-    step = _SlowStep(backend._write_blocking, hop, before=0.3)
+    step = _SlowStep(backend._write_blocking, hop, "before")
     monkeypatch.setattr(backend, "_write_blocking", step)
     task = asyncio.ensure_future(backend.stage(new_blob_key(), _chunks(b"w" * (4 * MIB))))
     await _cancel_when(task, step)
@@ -99,7 +104,7 @@ async def test_a_publish_whose_caller_gave_up_leaves_no_blob(
 ) -> None:
     key = new_blob_key()
     staged = await backend.stage(key, _chunks(b"p" * (2 * MIB)))
-    step = _SlowStep(backend._publish_blocking, 1, after=0.3)  # renamed and fsync'd, then slow
+    step = _SlowStep(backend._publish_blocking, 1, "after")  # renamed and fsync'd, then held
     monkeypatch.setattr(backend, "_publish_blocking", step)
     await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
     assert step.errors == []
@@ -114,7 +119,7 @@ async def test_an_interrupted_publish_over_an_existing_name_keeps_the_name(
     key = new_blob_key()
     await publish_or_discard(await backend.stage(key, _chunks(b"1" * MIB)))
     staged = await backend.stage(key, _chunks(b"2" * MIB))
-    step = _SlowStep(backend._publish_blocking, 1, after=0.3)
+    step = _SlowStep(backend._publish_blocking, 1, "after")
     monkeypatch.setattr(backend, "_publish_blocking", step)
     await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
     found = await backend.stat(key)
@@ -126,9 +131,40 @@ async def test_a_cancelled_link_of_a_finished_upload_leaves_no_file(
 ) -> None:
     source = tmp_path / "upload.bin"
     source.write_bytes(b"u" * 1000)
-    step = _SlowStep(backend._link_blocking, 1, before=0.3)
+    step = _SlowStep(backend._link_blocking, 1, "before")
     monkeypatch.setattr(backend, "_link_blocking", step)
     task = asyncio.ensure_future(backend.stage_file(new_blob_key(), str(source)))
     await _cancel_when(task, step)
     assert _files(tmp_path, "tmp") == []
     assert source.read_bytes() == b"u" * 1000
+
+
+async def test_a_replica_key_published_for_a_caller_that_gave_up_is_kept(
+    backend: LocalFSBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica (and shard) keys are written again by other attempts, and a replica copied for a
+    committed entry is wanted: only fresh blob keys are removed by the discard."""
+    key = replica_key(new_blob_key())
+    staged = await backend.stage(key, _chunks(b"r" * MIB))
+    step = _SlowStep(backend._publish_blocking, 1, "after")
+    monkeypatch.setattr(backend, "_publish_blocking", step)
+    await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
+    found = await backend.stat(key)
+    assert found is not None and found.size == MIB
+
+
+async def test_the_discard_never_replaces_the_cancel(
+    backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name the interrupted publish created is gone already when the discard comes: the
+    caller still sees its cancel, not the discard's NotFound."""
+    key = new_blob_key()
+    staged = await backend.stage(key, _chunks(b"g" * MIB))
+    step = _SlowStep(backend._publish_blocking, 1, "after")
+    monkeypatch.setattr(backend, "_publish_blocking", step)
+    task = asyncio.ensure_future(publish_or_discard(staged))
+    assert await asyncio.to_thread(step.ready.wait, 10)
+    for blob in _files(tmp_path, "blobs"):
+        blob.unlink()
+    await _cancel_when(task, step)
+    assert await backend.stat(key) is None

@@ -114,28 +114,32 @@ async def test_a_cancel_while_the_replica_finishes_leaves_nothing(
     copy still publishes: nothing names either copy, so neither stays for the orphan sweep."""
     import asyncio
     import threading
-    import time
 
     a, b = two
     key = new_blob_key()
-    publishing = threading.Event()
-    real = b._publish_blocking
+    publishing, release, primary_done = threading.Event(), threading.Event(), threading.Event()
+    real_b, real_a = b._publish_blocking, a._publish_blocking
 
-    def slow_publish(*args: Any) -> Any:
+    def held_publish(*args: Any) -> Any:
         publishing.set()
-        time.sleep(0.3)
-        return real(*args)
+        release.wait(10)
+        return real_b(*args)
 
-    monkeypatch.setattr(b, "_publish_blocking", slow_publish)
+    def primary_publish(*args: Any) -> Any:
+        try:
+            return real_a(*args)
+        finally:
+            primary_done.set()
+
+    monkeypatch.setattr(b, "_publish_blocking", held_publish)
+    monkeypatch.setattr(a, "_publish_blocking", primary_publish)
     task = asyncio.ensure_future(store_with_copy(a, key, b, "r/" + key, body()))
-    assert await asyncio.to_thread(publishing.wait, 5)
-    for _ in range(100):  # the primary is published (the replica's publish is still asleep)
-        if await a.stat(key) is not None:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)  # and its publish has returned: the caller waits on the replica
+    assert await asyncio.to_thread(publishing.wait, 10)
+    assert await asyncio.to_thread(primary_done.wait, 10)
+    await asyncio.sleep(0.05)  # the primary's task ends: the caller now waits on the replica
     assert await a.stat(key) is not None and not task.done()
     task.cancel()
+    release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     for backend in (a, b):
