@@ -8,7 +8,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
@@ -38,25 +38,27 @@ async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) ->
     return await loop.run_in_executor(_pools()[0], call)
 
 
-async def run_to_end(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """``run_blocking`` for a step that its caller cleans up after: when the caller is cancelled
-    meanwhile, the cancel waits until ``fn`` has ended in its thread (its result is dropped)
-    before it propagates. The cleanup then sees everything ``fn`` did (a file it created, a
-    rename it made) and never closes a file ``fn`` is still writing (whose descriptor number
-    another open could take before ``fn``'s next write reaches the kernel)."""
-    loop = asyncio.get_running_loop()
-    ctx = contextvars.copy_context()
-    call = functools.partial(ctx.run, fn, *args, **kwargs)
-    future = loop.run_in_executor(_pools()[0], call)
+async def to_end(step: Awaitable[T]) -> T:
+    """Await ``step`` (as a task) so that a cancel of the caller does not stop it: the cancel
+    waits until ``step`` has ended (its result is dropped), then propagates. For a step whose
+    caller cleans up after it: the cleanup then sees everything the step did (a file it created,
+    a rename it made) and never closes a descriptor the step is still writing to (whose number
+    another open could take before the step's next write reaches the kernel)."""
+    task = asyncio.ensure_future(step)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
-        while not future.done():
+        while not task.done():
             with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
-                await asyncio.wait({future})
-        if not future.cancelled():
-            future.exception()  # retrieved: the caller's cancel is what propagates
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's cancel is what propagates
         raise
+
+
+async def run_to_end(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``run_blocking`` through ``to_end``: a cancel waits for the call to end in its thread."""
+    return await to_end(run_blocking(fn, *args, **kwargs))
 
 
 async def run_cpu(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

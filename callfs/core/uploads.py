@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from callfs.auth.policy import check_write
-from callfs.concurrency import run_blocking
+from callfs.concurrency import run_blocking, run_to_end, to_end
 from callfs.core.engine import Engine, ErasureRequest
 from callfs.errors import (
     AlreadyExists,
@@ -332,12 +332,12 @@ class UploadService:
                     pending_size += len(chunk)
                     if pending_size >= _WRITE_BATCH:
                         writing = True
-                        await run_blocking(_write_blocking, fd, pending, hasher)
+                        await run_to_end(_write_blocking, fd, pending, hasher)
                         writing = False
                         written += pending_size
                         pending, pending_size = [], 0
                 writing = True
-                await run_blocking(_write_blocking, fd, pending, hasher)
+                await run_to_end(_write_blocking, fd, pending, hasher)
                 writing = False
                 written += pending_size
                 pending, pending_size = [], 0
@@ -347,17 +347,19 @@ class UploadService:
                 if checksum is None and not writing and written + pending_size:
                     # keep what arrived: the client resumes from the offset HEAD reports
                     saved = replace(upload, offset=upload.offset + written + pending_size)
-                    await asyncio.shield(self._keep(token, fd, pending, saved))
+                    await to_end(self._keep(token, fd, pending, saved))
                 raise
             if hasher is not None and checksum is not None and hasher.digest() != checksum.digest:
                 raise ChecksumMismatch()
             saved = replace(
                 upload, offset=upload.offset + written, expires=self._clock() + self.expiry
             )
-            await asyncio.shield(self._acknowledge(token, fd, saved))
+            await to_end(self._acknowledge(token, fd, saved))
             return saved
         finally:
-            os.close(fd)  # a close is no I/O wait (fsync happened above)
+            # After every step on ``fd`` ended (``to_end``): never under a write or fsync still
+            # running in a thread. A close is no I/O wait (fsync happened above).
+            os.close(fd)
 
     async def _keep(self, token: str, fd: int, pending: list[bytes], upload: Upload) -> None:
         await run_blocking(_write_blocking, fd, pending, None)

@@ -10,6 +10,7 @@ import hashlib
 import io
 import itertools
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from callfs.core import uploads as uploads_module
 from callfs.daemon import Node
+from callfs.model import Identity
 from callfs.tests.functional.conftest import ALICE_KEY, BOB_KEY, INTERNAL, auth, make_config
 
 Client = TestClient[Any, Any]
@@ -479,3 +482,41 @@ async def test_an_unreadable_upload_is_404_and_swept_after_the_expiry(
     os.utime(staged, (old, old))
     assert await node.uploads.sweep() == 1
     assert staged_dirs(node) == []
+
+
+async def test_a_cancelled_patch_closes_its_file_only_after_the_write_thread(
+    client: Client, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH cancelled while a write runs in its thread (server shutdown, a timeout) closes the
+    upload's descriptor only once that write has ended: a descriptor closed under it could be
+    reused by another open before its next ``os.write``, which would then land in that file."""
+    assert node.uploads is not None
+    url = await create(client, "/cancelled.bin", 3 * 1024 * 1024)
+    upload_id = url.rsplit("/", 1)[1]
+    real = uploads_module._write_blocking
+    ready, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def held_write(fd: int, parts: list[bytes], hasher: Any) -> None:
+        ready.set()
+        release.wait(10)
+        try:
+            real(fd, parts, hasher)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    monkeypatch.setattr(uploads_module, "_write_blocking", held_write)
+
+    async def body() -> Any:
+        for _ in range(2):  # two write batches: the first one is held
+            yield b"c" * (1024 * 1024)
+
+    task = asyncio.ensure_future(node.uploads.append(Identity("alice"), upload_id, 0, body()))
+    assert await asyncio.to_thread(ready.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)  # the old code closed the descriptor here
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert errors == [], "a write ran on a descriptor closed under it"
