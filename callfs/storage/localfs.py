@@ -31,7 +31,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import IO, NoReturn
 
 from callfs.concurrency import run_blocking, run_to_end
@@ -61,7 +61,7 @@ REPLICA_DIR = os.path.join(INTERNAL_DIR, "replica")
 WRITE_BATCH = 1 << 20
 
 
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux (or a libc without it)
