@@ -38,11 +38,12 @@ async def run_blocking(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) ->
     return await loop.run_in_executor(_pools()[0], call)
 
 
-async def to_end(step: Awaitable[T]) -> T:
+async def to_end(step: Awaitable[T], abandoned: Callable[[T], object] | None = None) -> T:
     """Await ``step`` (as a task) so that a cancel of the caller does not stop it: the cancel
-    waits until ``step`` has ended (its result is dropped), then propagates. For a step whose
-    caller cleans up after it: the cleanup then sees everything the step did (a file it created,
-    a rename it made) and never closes a descriptor the step is still writing to (whose number
+    waits until ``step`` has ended, then propagates; a result it still produced goes to
+    ``abandoned`` (a descriptor it opened, to close), or is dropped. For a step whose caller
+    cleans up after it: the cleanup then sees everything the step did (a file it created, a
+    rename it made) and never closes a descriptor the step is still writing to (whose number
     another open could take before the step's next write reaches the kernel)."""
     task = asyncio.ensure_future(step)
     try:
@@ -51,8 +52,9 @@ async def to_end(step: Awaitable[T]) -> T:
         while not task.done():
             with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
                 await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller's cancel is what propagates
+        if not task.cancelled() and task.exception() is None and abandoned is not None:
+            with contextlib.suppress(OSError):  # the caller's cancel is what propagates
+                abandoned(task.result())
         raise
 
 

@@ -316,7 +316,9 @@ class UploadService:
     ) -> Upload:
         room = upload.length - upload.offset
         hasher = hashlib.new(CHECKSUM_ALGORITHMS[checksum.algorithm]) if checksum else None
-        fd = await run_blocking(self._open_data_blocking, token, upload.offset)
+        fd = await to_end(
+            run_blocking(self._open_data_blocking, token, upload.offset), abandoned=os.close
+        )
         written = 0
         writing = False  # a failed write leaves the file position unknown: nothing is kept
         try:

@@ -520,3 +520,45 @@ async def test_a_cancelled_patch_closes_its_file_only_after_the_write_thread(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert errors == [], "a write ran on a descriptor closed under it"
+
+
+async def test_a_patch_cancelled_while_it_opens_the_upload_closes_what_it_opened(
+    client: Client, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert node.uploads is not None
+    url = await create(client, "/opening.bin", 1024)
+    upload_id = url.rsplit("/", 1)[1]
+    real = node.uploads._open_data_blocking
+    ready, release, done = threading.Event(), threading.Event(), threading.Event()
+    opened: list[tuple[int, str]] = []
+
+    def held_open(token: str, offset: int) -> int:
+        ready.set()
+        release.wait(10)
+        try:
+            fd = real(token, offset)
+            opened.append((fd, os.readlink(f"/proc/self/fd/{fd}")))
+            return fd
+        finally:
+            done.set()
+
+    monkeypatch.setattr(node.uploads, "_open_data_blocking", held_open)
+
+    async def body() -> Any:
+        yield b"o" * 1024
+
+    task = asyncio.ensure_future(node.uploads.append(Identity("alice"), upload_id, 0, body()))
+    assert await asyncio.to_thread(ready.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(done.wait, 10)
+    await asyncio.sleep(0.05)  # the old code dropped the descriptor here, open
+    [(fd, path)] = opened
+    try:
+        still = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        still = None
+    assert still != path, "the upload's descriptor leaked"
