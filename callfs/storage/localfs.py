@@ -170,7 +170,7 @@ class _Staged:
             try:  # like the temp file's removal, never raises: the orphan sweep is the fallback
                 await run_blocking(self._backend._delete_blocking, self.key)
             except NotFound:
-                pass
+                return  # gone already
             except (UnsafePath, OSError):
                 log.warning("could not remove an abandoned blob; the orphan sweep will")
             return

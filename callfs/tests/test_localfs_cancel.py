@@ -112,12 +112,18 @@ async def test_a_publish_whose_caller_gave_up_leaves_no_blob(
     assert _files(tmp_path, "tmp") == [] and _files(tmp_path, "blobs") == []
 
 
-async def test_an_interrupted_publish_over_an_existing_name_keeps_the_name(
-    backend: LocalFSBackend, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("case", ["existing name", "replica key"])
+async def test_an_interrupted_publish_keeps_a_name_others_may_want(
+    backend: LocalFSBackend, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """A name that existed before (a replica copied again) is never removed by the discard."""
-    key = new_blob_key()
-    await publish_or_discard(await backend.stage(key, _chunks(b"1" * MIB)))
+    """Only a fresh blob key that the interrupted publish created is removed by the discard: not
+    a name that existed before, nor a replica (or shard) key, which other attempts write again
+    and which a committed entry may want."""
+    if case == "existing name":
+        key = new_blob_key()
+        await publish_or_discard(await backend.stage(key, _chunks(b"1" * MIB)))
+    else:
+        key = replica_key(new_blob_key())
     staged = await backend.stage(key, _chunks(b"2" * MIB))
     step = _SlowStep(backend._publish_blocking, 1, "after")
     monkeypatch.setattr(backend, "_publish_blocking", step)
@@ -137,20 +143,6 @@ async def test_a_cancelled_link_of_a_finished_upload_leaves_no_file(
     await _cancel_when(task, step)
     assert _files(tmp_path, "tmp") == []
     assert source.read_bytes() == b"u" * 1000
-
-
-async def test_a_replica_key_published_for_a_caller_that_gave_up_is_kept(
-    backend: LocalFSBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Replica (and shard) keys are written again by other attempts, and a replica copied for a
-    committed entry is wanted: only fresh blob keys are removed by the discard."""
-    key = replica_key(new_blob_key())
-    staged = await backend.stage(key, _chunks(b"r" * MIB))
-    step = _SlowStep(backend._publish_blocking, 1, "after")
-    monkeypatch.setattr(backend, "_publish_blocking", step)
-    await _cancel_when(asyncio.ensure_future(publish_or_discard(staged)), step)
-    found = await backend.stat(key)
-    assert found is not None and found.size == MIB
 
 
 async def test_the_discard_never_replaces_the_cancel(

@@ -609,6 +609,35 @@ def test_a_wake_during_the_drain_does_not_switch_later_wakes_off(
                 os.close(fd)
 
 
+def _three_nodes(tmp_path: Path, election: float) -> list[RaftNode]:
+    """Three Raft nodes in this process (not started), election timeouts from ``election`` to
+    twice that."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    return [
+        RaftNode(
+            RaftSettings(
+                node_id=f"n{i}",
+                bind_addr=addrs[i],
+                peers=tuple(a for a in addrs if a != addrs[i]),
+                data_dir=str(tmp_path / f"n{i}"),
+                password="x",
+                election_min=election,
+                election_max=2 * election,
+                leader_fallback=2 * election,
+            )
+        )
+        for i in range(3)
+    ]
+
+
+async def _ready_leader(nodes: list[RaftNode], within: float = 15.0) -> RaftNode:
+    deadline = time.monotonic() + within
+    while not any(n.is_leader() and n.leader_ready() for n in nodes):
+        assert time.monotonic() < deadline, "no leader"
+        await asyncio.sleep(0.05)
+    return next(n for n in nodes if n.is_leader() and n.leader_ready())
+
+
 async def test_pipelined_appends_never_make_a_follower_truncate_what_it_acknowledged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -620,34 +649,15 @@ async def test_pipelined_appends_never_make_a_follower_truncate_what_it_acknowle
 
     from callfs.cluster.raft import _DurableTransport
 
-    ports = [free_port() for _ in range(3)]
-    addrs = [f"127.0.0.1:{p}" for p in ports]
-    nodes = [
-        RaftNode(
-            RaftSettings(
-                node_id=f"n{i}",
-                bind_addr=addrs[i],
-                peers=tuple(a for a in addrs if a != addrs[i]),
-                data_dir=str(tmp_path / f"n{i}"),
-                password="x",
-                # long: a leader change under this load would fail the writers, not the check
-                election_min=2.0,
-                election_max=4.0,
-                leader_fallback=4.0,
-            )
-        )
-        for i in range(3)
-    ]
+    # long election timeouts: a leader change under this load would fail the writers, not the check
+    nodes = _three_nodes(tmp_path, election=2.0)
     caplog.set_level(logging.WARNING)
     resent: list[int] = []
     for node in nodes:
         node.start()
     try:
         deadline = time.monotonic() + 15
-        while not any(n.is_leader() and n.leader_ready() for n in nodes):
-            assert time.monotonic() < deadline, "no leader"
-            await asyncio.sleep(0.05)
-        leader = next(n for n in nodes if n.is_leader() and n.leader_ready())
+        leader = await _ready_leader(nodes)
         transport = leader.sync._SyncObj__transport
         assert isinstance(transport, _DurableTransport)
         send = transport.send
@@ -690,31 +700,11 @@ async def test_a_snapshot_transfer_no_leader_will_finish_is_dropped(tmp_path: Pa
     tick, and only those: a leader's transfer to a member goes on."""
     from pysyncobj.node import TCPNode
 
-    ports = [free_port() for _ in range(3)]
-    addrs = [f"127.0.0.1:{p}" for p in ports]
-    nodes = [
-        RaftNode(
-            RaftSettings(
-                node_id=f"n{i}",
-                bind_addr=addrs[i],
-                peers=tuple(a for a in addrs if a != addrs[i]),
-                data_dir=str(tmp_path / f"n{i}"),
-                password="x",
-                election_min=1.0,
-                election_max=2.0,
-                leader_fallback=2.0,
-            )
-        )
-        for i in range(3)
-    ]
+    nodes = _three_nodes(tmp_path, election=1.0)
     for node in nodes:
         node.start()
     try:
-        deadline = time.monotonic() + 15
-        while not any(n.is_leader() and n.leader_ready() for n in nodes):
-            assert time.monotonic() < deadline, "no leader"
-            await asyncio.sleep(0.05)
-        leader = next(n for n in nodes if n.is_leader())
+        leader = await _ready_leader(nodes)
         follower = next(n for n in nodes if n is not leader)
         snapshot = tmp_path / "old-snapshot"
         snapshot.write_bytes(b"x" * 1000)
