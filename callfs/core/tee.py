@@ -60,6 +60,17 @@ async def store_with_copy(
     ``replica_key`` on ``replica``. Returns the primary's staged object (published) and whether
     the replica copy is complete and durable too. Raises what the primary raised."""
     main, copy = _Side(primary, key), _Side(replica, replica_key)
+
+    async def abandon() -> None:
+        """Stop both sides and remove what they stored: the primary if it got published (the
+        stop came too late), and whatever stands under the replica key, which is this upload's
+        own (``key`` is new): a finished copy, or a publish interrupted after its rename."""
+        await main.stop()
+        await copy.stop()
+        if main.task.done() and not main.task.cancelled() and main.task.exception() is None:
+            await _remove(primary, key)
+        await _remove(replica, replica_key)
+
     copying = True
     try:
         async for chunk in chunks:
@@ -73,22 +84,14 @@ async def store_with_copy(
                 await copy.send(None)
         staged = await main.task
     except BaseException:
-        await main.stop()
-        await copy.stop()
-        if main.task.done() and not main.task.cancelled() and main.task.exception() is None:
-            await _remove(primary, key)  # published before the stop reached it
-        # The replica key is this upload's own (``key`` is new): whatever stands under it
-        # (a finished copy, a publish interrupted after its rename) is unwanted now.
-        await _remove(replica, replica_key)
+        await abandon()
         raise
     try:
         await copy.task
     except asyncio.CancelledError:
-        # The caller gave up (a client that went away) with the primary published: nothing will
-        # name it, so neither copy stays for the orphan sweep.
-        await copy.stop()
-        await _remove(primary, key)
-        await _remove(replica, replica_key)
+        # The caller was cancelled (a shutdown, a failing erasure or replicated write around
+        # it) with the primary published: nothing will name either copy.
+        await abandon()
         raise
     except Exception as exc:  # the copy never fails the primary: it is retried after the commit
         log.warning("replica copy during the upload failed (%s); copying after the commit", exc)

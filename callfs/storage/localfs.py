@@ -306,9 +306,9 @@ class LocalFSBackend:
             self._finish_blocking(opened[0] if opened else None, tmp, target, parts)
 
         try:
-            # Each hop runs to its end even if this task is cancelled meanwhile (a client that
-            # went away): the cleanup below never races a write that is creating or writing
-            # the file.
+            # Each hop runs to its end even if this task is cancelled meanwhile (a shutdown, a
+            # failing erasure upload stopping its other shard writers): the cleanup below never
+            # races a write that is creating or writing the file.
             async for chunk in chunks:
                 if not chunk:
                     continue
