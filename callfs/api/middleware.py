@@ -17,8 +17,9 @@ from callfs.api.state import (
     IDENTITY,
     REQUEST_ID,
     api_state,
+    bridge_of,
     client_ip,
-    through_h3_bridge,
+    tls_of,
 )
 from callfs.errors import BadRequest, CallFSError
 from callfs.log import request_id_var
@@ -78,11 +79,10 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if is_internal(request):
         return
     state = api_state(request)
-    bridged = through_h3_bridge(state, request)
-    set_security_headers(response, request.secure or bridged)  # is_tls(request)
+    set_security_headers(response, tls_of(state, request))
     headers = response.headers
     alt_svc = state.alt_svc
-    if alt_svc and not bridged:
+    if alt_svc and bridge_of(state, request) != "h3":
         headers["Alt-Svc"] = alt_svc
     rid = request.get(REQUEST_ID)
     if isinstance(rid, str):

@@ -26,7 +26,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler
 
 from callfs.api.errors import error_body, status_and_code
 from callfs.api.middleware import new_request_id, set_security_headers
-from callfs.api.state import STATE, ApiState, through_h3_bridge
+from callfs.api.state import STATE, ApiState, tls_of
 from callfs.errors import BadRequest, InternalError
 
 _STATE = web.RequestKey("callfs_refused_state", ApiState)
@@ -45,7 +45,7 @@ class _RefusedRequest(web.Request):
             response.body = body
             response.headers[hdrs.CONTENT_TYPE] = "application/json"
             response.headers[hdrs.CONTENT_LENGTH] = str(len(body))
-        tls = self.secure or through_h3_bridge(self[_STATE], self)
+        tls = tls_of(self[_STATE], self)
         set_security_headers(response, tls)
         response.headers["X-Request-ID"] = new_request_id()
         response.force_close()

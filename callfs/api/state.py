@@ -27,6 +27,9 @@ class ApiState:
     peers: PeerClient
     #: The private unix socket the HTTP/3 relay talks to (its requests came over TLS), if any.
     h3_socket: str | None = None
+    #: The private unix socket this node's other worker processes relay requests to
+    #: (``callfs.workers``); set on the primary process only.
+    worker_socket: str | None = None
     #: ``Alt-Svc`` value advertised on TCP responses when QUIC is on.
     alt_svc: str | None = None
     #: §2: the longest stall allowed while reading a body / writing a response (not a total limit).
@@ -52,24 +55,50 @@ def identity(request: web.Request) -> Identity:
     return request[IDENTITY]
 
 
+#: Set by a relay (HTTP/3, or another worker process of this node) on its private socket only:
+#: the client's address, and whether its connection was TLS. Never trusted from anywhere else.
+BRIDGE_CLIENT_HEADER = "X-CallFS-H3-Client"
+BRIDGE_TLS_HEADER = "X-CallFS-Relay-TLS"
+
+
+def bridge_of(state: ApiState, request: web.BaseRequest) -> str | None:
+    """``"h3"`` or ``"worker"`` when the request came over that relay's private socket, else
+    None (a client's own TCP connection). Works for a request that has no route yet."""
+    if request.transport is None or (state.h3_socket is None and state.worker_socket is None):
+        return None
+    sockname = request.transport.get_extra_info("sockname")
+    if not isinstance(sockname, str) or not sockname:
+        return None
+    if sockname == state.h3_socket:
+        return "h3"
+    if sockname == state.worker_socket:
+        return "worker"
+    return None
+
+
 def from_h3_bridge(request: web.Request) -> bool:
     """True when the request arrived through the HTTP/3 relay's private socket."""
-    return through_h3_bridge(api_state(request), request)
+    return bridge_of(api_state(request), request) == "h3"
 
 
 def through_h3_bridge(state: ApiState, request: web.BaseRequest) -> bool:
     """``from_h3_bridge`` for a request that has no route (and so no app) to ask."""
-    if state.h3_socket is None or request.transport is None:
-        return False
-    return bool(request.transport.get_extra_info("sockname") == state.h3_socket)
+    return bridge_of(state, request) == "h3"
+
+
+def tls_of(state: ApiState, request: web.BaseRequest) -> bool:
+    """Whether the client's own connection is TLS: HTTP/3 always is; a request relayed by
+    another worker carries its connection's answer."""
+    bridge = bridge_of(state, request)
+    if bridge is None:
+        return request.secure
+    return bridge == "h3" or request.headers.get(BRIDGE_TLS_HEADER) == "1"
 
 
 def client_ip(request: web.Request) -> str:
     """The host part of the TCP peer address (§15); forwarding headers are ignored, except the
-    relay's own header on its private socket."""
-    if from_h3_bridge(request):
-        from callfs.api.http3 import BRIDGE_CLIENT_HEADER
-
+    relays' own header on their private sockets."""
+    if bridge_of(api_state(request), request) is not None:
         return request.headers.get(BRIDGE_CLIENT_HEADER, "")
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if isinstance(peer, tuple) and peer:
@@ -78,4 +107,4 @@ def client_ip(request: web.Request) -> str:
 
 
 def is_tls(request: web.Request) -> bool:
-    return request.secure or from_h3_bridge(request)
+    return tls_of(api_state(request), request)
