@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -12,8 +13,12 @@ from prometheus_client import (
 from prometheus_client import Counter as _Counter
 from prometheus_client import Histogram as _Histogram
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 
 class _CachedLabels:
@@ -193,5 +198,64 @@ class Metrics:
             registry=reg,
         )
 
+        self.worker_processes = Gauge(
+            "callfs_worker_processes",
+            "Processes serving this node (server.workers), as of this scrape.",
+            registry=reg,
+        )
+        self.worker_processes.set(1)  # each process counts itself; a node's sum is its total
+        self.worker_restarts = Counter(
+            "callfs_worker_restarts_total",
+            "Worker processes started again after they died.",
+            registry=reg,
+        )
+        #: Set on a primary with workers: adds their expositions to its own (``merge_expositions``).
+        self.gather: Callable[[bytes], Awaitable[bytes]] | None = None
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def node_exposition(self) -> bytes:
+        """What ``/metrics`` serves: this process's metrics, or its node's on a primary."""
+        own = self.exposition()
+        return own if self.gather is None else await self.gather(own)
+
+
+#: Families that describe one process (memory, CPU, GC): a node's are its primary process's.
+_PER_PROCESS = ("process_", "python_")
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(own: bytes, others: Iterable[bytes]) -> bytes:
+    """One node's metrics from its processes' expositions (``server.workers``): ``own`` is the
+    primary's. Samples with the same name and labels are added up (counters, histogram buckets,
+    sums and counts, and gauges such as held locks, which are per process); ``_created`` keeps the
+    earliest time; the process and Python runtime families are the primary's alone."""
+    families: dict[str, Metric] = {}
+    merged: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], Sample]] = {}
+    for index, text in enumerate([own, *others]):
+        for family in text_string_to_metric_families(text.decode()):
+            if index and family.name.startswith(_PER_PROCESS):
+                continue
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+            samples = merged.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, frozenset(sample.labels.items()))
+                seen = samples.get(key)
+                if seen is None:
+                    samples[key] = sample
+                elif sample.name.endswith("_created"):
+                    samples[key] = seen._replace(value=min(seen.value, sample.value))
+                else:
+                    samples[key] = seen._replace(value=seen.value + sample.value)
+    for name, family in families.items():
+        family.samples = list(merged[name].values())
+    return generate_latest(_Families(list(families.values())))

@@ -23,7 +23,7 @@ def metrics_handler(metrics: Metrics) -> Handler:
 
     async def serve(request: web.Request) -> web.StreamResponse:
         return web.Response(
-            body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=await metrics.node_exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     return serve
