@@ -27,7 +27,8 @@ from callfs.api import uploads as uploads_api
 from callfs.api.app import build_app
 from callfs.api.health import metrics_handler
 from callfs.api.limits import ConnectionCaps, ConnectionGuard, GuardedAppRunner
-from callfs.api.state import STATE, ApiState
+from callfs.api.relay import WAKE_PATH, PrimaryRelay
+from callfs.api.state import STATE, ApiState, bridge_of
 from callfs.auth.keys import Authenticator
 from callfs.cluster import metrics as raft_metrics
 from callfs.cluster.raft import RaftNode, RaftSettings
@@ -57,6 +58,15 @@ from callfs.metrics import Metrics
 from callfs.storage.base import StorageBackend
 from callfs.storage.instrumented import InstrumentedBackend
 from callfs.tls import client_context, server_context
+from callfs.workers import (
+    WorkerPool,
+    WorkerSpec,
+    check_port_free,
+    primary_socket,
+    private_directory,
+    signal_ready,
+    watch_primary,
+)
 
 if TYPE_CHECKING:
     from callfs.api.http3 import Http3Server
@@ -359,10 +369,16 @@ class Node:
     maintenance: ErasureMaintenance | None = None
     fsck: Fsck | None = None
     uploads: UploadService | None = None
+    #: Set in a worker process of a node with ``server.workers`` > 1 (``callfs.workers``).
+    worker: WorkerSpec | None = None
+    #: A worker's relay to its primary; a primary's worker processes.
+    relay: PrimaryRelay | None = None
+    pool: WorkerPool | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
     _bridge_dir: str | None = None
+    _workers_dir: str | None = None
 
     def build(self) -> web.Application:
         """Construct every component (no I/O) and return the main application."""
@@ -460,7 +476,14 @@ class Node:
             read_timeout=cfg.server.read_timeout,
             write_timeout=cfg.server.write_timeout,
         )
-        self.app = build_app(state)
+        if self.worker is not None:
+            self.relay = PrimaryRelay(self.worker.primary_socket)
+            self.app = build_app(state, relay=self.relay.middleware)
+            self.engine.on_work_queued = self.relay.wake  # the primary runs the queue worker
+        else:
+            self.app = build_app(state)
+            if cfg.server.workers > 1:
+                self.app.router.add_post(WAKE_PATH, self._wake)
         if self.raft is not None:
             internal_raft.add_routes(self.app, self.raft)
         if self.shard_backend is not None:
@@ -479,12 +502,28 @@ class Node:
             uploads_api.add_routes(self.app, self.uploads)
         return self.app
 
+    async def _wake(self, request: web.Request) -> web.StreamResponse:
+        """A worker process queued work: the queue worker looks now, not at its next poll."""
+        assert self.engine is not None and self.app is not None
+        if bridge_of(self.app[STATE], request) != "worker":
+            raise web.HTTPNotFound()
+        if self.engine.on_work_queued is not None:
+            self.engine.on_work_queued()
+        return web.Response(status=204)
+
     async def start_components(self) -> None:
         """Start stores and backends (what the aiohttp test client needs before requests)."""
         if self.app is None:
             self.build()
         assert self.meta is not None and self.locks is not None
         assert self.peers is not None
+        if self.relay is not None:  # a worker process: requests only; the primary does the rest
+            assert self.queue is not None
+            parts: list[Lifecycle] = [self.peers, self.meta, self.queue, self.locks]
+            for part in [*parts, *self.backends.values(), self.relay]:
+                await part.start()
+                self._started.append(part)
+            return
         assert self.engine is not None and self.links is not None and self.queue is not None
         engine, fsck = self.engine, self.fsck
         assert fsck is not None
@@ -564,7 +603,21 @@ class Node:
         await main.setup()
         self._runners.append(main)
         host, port = split_listen_addr(cfg.server.listen_addr)
-        await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
+        shared = cfg.server.workers > 1
+        if self.worker is not None:
+            await web.TCPSite(
+                main, host, self.worker.port, ssl_context=ssl_ctx, reuse_port=True
+            ).start()
+            await self._start_worker_metrics()
+            return
+        if shared:
+            port = await check_port_free(host, port)
+            await self._start_relay_socket(main)
+            assert self._workers_dir is not None
+            self.pool = WorkerPool(cfg, self._workers_dir, port, SHUTDOWN_TIMEOUT, self.metrics)
+            self.metrics.gather = self.pool.exposition
+            await self.pool.start()
+        await web.TCPSite(main, host, port, ssl_context=ssl_ctx, reuse_port=shared or None).start()
         log_listening("https" if ssl_ctx else "http", main, "")
         if cfg.server.enable_quic:
             await self._start_http3(main)
@@ -577,6 +630,26 @@ class Node:
             mhost, mport = split_listen_addr(cfg.metrics.listen_addr)
             await web.TCPSite(runner, mhost, mport).start()
             log_listening("http", runner, " (metrics, GET /metrics only, no authentication)")
+
+    async def _start_relay_socket(self, main: web.AppRunner) -> None:
+        """The private socket worker processes relay to, in a private directory."""
+        self._workers_dir = private_directory()
+        path = primary_socket(self._workers_dir)
+        await web.UnixSite(main, path).start()
+        os.chmod(path, 0o600)
+        assert self.app is not None
+        self.app[STATE].worker_socket = path
+
+    async def _start_worker_metrics(self) -> None:
+        """A worker's own metrics, for its primary's ``/metrics`` (``WorkerPool.exposition``)."""
+        assert self.worker is not None
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler(self.metrics), allow_head=False)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.UnixSite(runner, self.worker.metrics_socket).start()
+        os.chmod(self.worker.metrics_socket, 0o600)
 
     async def _start_http3(self, main: web.AppRunner) -> None:
         """HTTP/3 relays to the same app over a private unix socket (see ``api/http3.py``)."""
@@ -599,6 +672,9 @@ class Node:
         )
 
     async def stop(self) -> None:
+        if self.pool is not None:  # first: the workers serve the same clients as this process
+            await self.pool.close()
+            self.pool = None
         if self._http3 is not None:
             await self._http3.stop()
             self._http3 = None
@@ -611,17 +687,23 @@ class Node:
             except Exception:
                 log.warning("error while closing %s", type(component).__name__, exc_info=True)
         self._started.clear()
-        if self._bridge_dir is not None:
-            shutil.rmtree(self._bridge_dir, ignore_errors=True)
-            self._bridge_dir = None
+        for attr in ("_bridge_dir", "_workers_dir"):
+            directory = getattr(self, attr)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                setattr(self, attr, None)
 
 
-async def serve(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
-    node = Node(resolve_external_url(cfg))
+async def serve(
+    cfg: Config, on_ready: Callable[[], None] | None = None, worker: WorkerSpec | None = None
+) -> None:
+    node = Node(cfg, worker=worker) if worker is not None else Node(resolve_external_url(cfg))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        watch_primary(loop, stop)
     try:
         await node.start()
         if on_ready is not None:
@@ -646,13 +728,15 @@ def log_secrets(cfg: Config) -> list[str]:
     ]
 
 
-def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> int:
+def run(
+    cfg: Config, on_ready: Callable[[], None] | None = None, worker: WorkerSpec | None = None
+) -> int:
     """Serve until SIGINT/SIGTERM; the process exit code (1 when start-up fails)."""
     from callfs.log import configure_logging
 
     configure_logging(cfg.log.level, cfg.log.format, secrets=log_secrets(cfg))
     try:
-        asyncio.run(serve(cfg, on_ready))
+        asyncio.run(serve(cfg, on_ready, worker))
     except (CallFSError, OSError) as exc:
         message = exc.message if isinstance(exc, CallFSError) else str(exc)
         log.error("start-up failed: %s", message)
@@ -663,3 +747,8 @@ def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> int:
     finally:
         shutdown_pools()
     return 0
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """A worker process of a primary (``python -m callfs.worker``, ``callfs.workers``)."""
+    return run(spec.cfg, on_ready=signal_ready, worker=spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from callfs.api import directories, files, health, links, openapi, protocol_errors, websocket
 from callfs.api import status as status_api
@@ -18,8 +19,10 @@ log = logging.getLogger(__name__)
 _CLIENT_MAX_SIZE = 1 << 20
 
 
-def build_app(state: ApiState) -> web.Application:
-    app = web.Application(middlewares=[pipeline], client_max_size=_CLIENT_MAX_SIZE)
+def build_app(state: ApiState, relay: Middleware | None = None) -> web.Application:
+    """``relay``: a worker process's hand-off to its primary (``api.relay``), run before all."""
+    middlewares = [pipeline] if relay is None else [relay, pipeline]
+    app = web.Application(middlewares=middlewares, client_max_size=_CLIENT_MAX_SIZE)
     app[STATE] = state
     app.on_response_prepare.append(on_response_prepare)
     protocol_errors.install(app)

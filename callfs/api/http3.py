@@ -23,19 +23,11 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent, StreamReset
 
+from callfs.api.relay import HOP_BY_HOP as _HOP_BY_HOP
+from callfs.api.state import BRIDGE_CLIENT_HEADER
+
 log = logging.getLogger(__name__)
 
-#: Set by the relay on the private socket only (see ``api.middleware``).
-BRIDGE_CLIENT_HEADER = "X-CallFS-H3-Client"
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-}
 #: Pause relaying a download while this much is queued for one QUIC stream (aioquic has no public
 #: send-buffer API; see ``_send_buffered``).
 _SEND_HIGH_WATER = 1 << 20

@@ -44,6 +44,7 @@ class ServerConfig:
     max_connections_per_ip: int = key(
         128, "open connections per client IP; more from that IP are closed at once"
     )
+    workers: int = key(1, "processes serving the main port, 1-64; 1 with raft (docs/workers.md)")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ def problems(cfg: Config) -> list[str]:
     return out
 
 
+#: ``server.workers``: processes that serve one node's main port (docs/workers.md).
+MAX_WORKERS = 64
+
+
 def _server(cfg: Config) -> Iterator[str]:
     s = cfg.server
     if not s.listen_addr:
@@ -62,6 +66,13 @@ def _server(cfg: Config) -> Iterator[str]:
     for name in ("max_connections", "max_connections_per_ip"):
         if getattr(s, name) <= 0:
             yield f"server.{name} must be > 0"
+    if not 1 <= s.workers <= MAX_WORKERS:
+        yield f"server.workers must be between 1 and {MAX_WORKERS} (got {s.workers})"
+    elif s.workers > 1 and cfg.metadata_store.type == "raft":
+        yield (
+            "server.workers must be 1 when metadata_store.type=raft: a Raft node keeps one "
+            "state machine in one process (docs/workers.md)"
+        )
 
 
 def _metadata_store(cfg: Config) -> Iterator[str]:

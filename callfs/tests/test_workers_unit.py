@@ -1,0 +1,172 @@
+"""``server.workers`` without processes: its validation, the routes a worker relays, the merge of
+the processes' metrics, the trusted relay headers and the spec a worker is handed."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from callfs.api.relay import relayed
+from callfs.api.state import BRIDGE_CLIENT_HEADER, BRIDGE_TLS_HEADER, bridge_of, tls_of
+from callfs.config.loader import ConfigProblems, load_config_report
+from callfs.metrics import Metrics, merge_expositions
+from callfs.workers import WorkerSpec, _pickle
+
+GOOD = {
+    "CALLFS_AUTH__API_KEYS": "k" * 16,
+    "CALLFS_AUTH__INTERNAL_PROXY_SECRET": "s" * 20,
+    "CALLFS_AUTH__SINGLE_USE_LINK_SECRET": "l" * 20,
+}
+
+
+def load(tmp_path: Path, env: dict[str, str]) -> Any:
+    return load_config_report(None, env={**GOOD, **env}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CALLFS_SERVER__WORKERS": "0"}, "server.workers must be between 1 and 64 (got 0)"),
+        ({"CALLFS_SERVER__WORKERS": "65"}, "server.workers must be between 1 and 64 (got 65)"),
+        (
+            {
+                "CALLFS_SERVER__WORKERS": "2",
+                "CALLFS_METADATA_STORE__TYPE": "raft",
+            },
+            "server.workers must be 1 when metadata_store.type=raft: a Raft node keeps one "
+            "state machine in one process (docs/workers.md)",
+        ),
+    ],
+)
+def test_workers_validation(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigProblems) as info:
+        load(tmp_path, env)
+    assert info.value.message == f"config validation failed: {message}"
+
+
+def test_workers_default_and_accepted_values(tmp_path: Path) -> None:
+    assert load(tmp_path, {}).config.server.workers == 1
+    sqlite = {"CALLFS_METADATA_STORE__TYPE": "sqlite", "CALLFS_SERVER__WORKERS": "4"}
+    assert load(tmp_path, sqlite).config.server.workers == 4
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/metrics",
+        "/v1/status",
+        "/v1/links/generate",
+        "/download/abc.def",
+        "/v1/uploads",
+        "/v1/uploads/abc.123",
+        "/v1/internal/fsck",
+        "/v1/internal/nodes/drain",
+        "/v1/internal/blobs",
+        "/v1/internal/erasure/repair",
+    ],
+)
+def test_per_process_state_routes_are_relayed(path: str) -> None:
+    assert relayed(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health",
+        "/v1/files/a",
+        "/v1/files/ws/a",
+        "/v1/directories/",
+        "/v1/shards/a/0",
+        "/v1/internal/shards/key/0",
+        "/openapi.json",
+        "/ui/",
+        "/v1/uploadsx",
+        "/metricsx",
+        "/v1/internal/workers/wake",  # for worker processes only, over the private socket
+    ],
+)
+def test_stateless_routes_are_served_by_every_worker(path: str) -> None:
+    assert not relayed(path)
+
+
+def _values(text: bytes) -> dict[str, float]:
+    out = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_merge_adds_samples_and_keeps_the_primary_process_figures() -> None:
+    primary, worker = Metrics(), Metrics()
+    primary.http_requests.labels("GET", "/health", "200").inc(3)
+    worker.http_requests.labels("GET", "/health", "200").inc(2)
+    worker.http_requests.labels("PUT", "/v1/files/*", "201").inc()
+    primary.http_duration.labels("GET", "/health").observe(0.002)
+    worker.http_duration.labels("GET", "/health").observe(0.2)
+    merged = _values(merge_expositions(primary.exposition(), [worker.exposition()]))
+    get = 'callfs_http_requests_total{method="GET",path="/health",status_code="200"}'
+    put = 'callfs_http_requests_total{method="PUT",path="/v1/files/*",status_code="201"}'
+    assert merged[get] == 5.0
+    assert merged[put] == 1.0
+    labels = 'method="GET",path="/health"'
+    assert merged[f"callfs_http_request_duration_seconds_count{{{labels}}}"] == 2.0
+    assert merged[f'callfs_http_request_duration_seconds_bucket{{le="0.005",{labels}}}'] == 1.0
+    assert merged[f'callfs_http_request_duration_seconds_bucket{{le="+Inf",{labels}}}'] == 2.0
+    assert merged["callfs_worker_processes"] == 2.0
+    own = _values(primary.exposition())
+    # one process's memory and start time, not a sum of them
+    assert merged["process_start_time_seconds"] == own["process_start_time_seconds"]
+    created = f"callfs_http_requests_created{{{get[len('callfs_http_requests_total') + 1 :]}"
+    assert merged[created] == min(own[created], _values(worker.exposition())[created])
+
+
+def test_merge_of_one_exposition_is_that_exposition() -> None:
+    metrics = Metrics()
+    metrics.http_requests.labels("GET", "/health", "200").inc()
+    assert merge_expositions(metrics.exposition(), []) == metrics.exposition()
+
+
+def _request(sockname: object, headers: dict[str, str] | None = None) -> web.Request:
+    class Transport:
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return {"sockname": sockname, "peername": ("10.0.0.9", 1234)}.get(name, default)
+
+    return make_mocked_request("GET", "/v1/files/a", headers=headers, transport=Transport())
+
+
+def test_relay_headers_are_trusted_on_the_worker_socket_only() -> None:
+    from callfs.api.state import ApiState
+
+    state: Any = ApiState.__new__(ApiState)
+    state.h3_socket, state.worker_socket = "/tmp/x/h3.sock", "/tmp/x/primary.sock"
+    claims = {BRIDGE_CLIENT_HEADER: "1.2.3.4", BRIDGE_TLS_HEADER: "1"}
+    from_tcp = _request(("127.0.0.1", 8443), claims)
+    assert bridge_of(state, from_tcp) is None
+    assert tls_of(state, from_tcp) is False
+    relayed_tls = _request("/tmp/x/primary.sock", claims)
+    assert bridge_of(state, relayed_tls) == "worker"
+    assert tls_of(state, relayed_tls) is True
+    plain = _request("/tmp/x/primary.sock", {BRIDGE_CLIENT_HEADER: "1.2.3.4"})
+    assert tls_of(state, plain) is False
+    h3 = _request("/tmp/x/h3.sock", {BRIDGE_TLS_HEADER: "0"})
+    assert bridge_of(state, h3) == "h3"
+    assert tls_of(state, h3) is True  # HTTP/3 is always TLS, whatever a header says
+
+
+def test_the_spec_round_trips_with_the_config_read_only_maps(tmp_path: Path) -> None:
+    cfg = load(tmp_path, {"CALLFS_AUTH__API_KEY_USERS__ALICE": "a" * 16}).config
+    spec = pickle.load(io.BytesIO(_pickle(WorkerSpec(cfg, 1, "/tmp/d", 8443))))
+    assert spec == WorkerSpec(cfg, 1, "/tmp/d", 8443)
+    assert spec.cfg.auth.api_key_users == {"alice": "a" * 16}
+    with pytest.raises(TypeError):
+        spec.cfg.auth.api_key_users["bob"] = "b" * 16  # still read-only
+    assert spec.primary_socket == "/tmp/d/primary.sock"
+    assert spec.metrics_socket == "/tmp/d/worker-1.sock"

@@ -1,0 +1,290 @@
+"""``server.workers``: one node served by several processes (docs/workers.md).
+
+The process ``callfs server`` starts is the node's *primary*: it runs everything a node runs
+(background jobs, the metrics listener, HTTP/3, rate-limit buckets, resumable uploads). With
+``server.workers: N`` it also starts N-1 *worker* processes (``python -m callfs.worker``). Each is
+a full request server over the same metadata store and disks, listening on the same port
+(``SO_REUSEPORT``: the kernel spreads connections over the processes), so requests use every
+core. Workers relay the few routes whose state is per process to the primary
+(``callfs.api.relay``) and run no background work.
+
+The primary hands each worker its resolved configuration on stdin, then keeps that pipe open:
+a worker whose stdin reaches end of file has lost its primary (even to kill -9) and stops. A
+worker that dies is started again; the primary stops its workers before it stops itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copyreg
+import io
+import logging
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+
+from callfs.config import Config
+from callfs.errors import ConfigError
+from callfs.metrics import Metrics, merge_expositions
+
+log = logging.getLogger(__name__)
+
+#: A worker not serving this long after it was started counts as failed.
+READY_TIMEOUT = 60.0
+#: Waits before a dead worker is started again: doubled per failure in a row, up to the last.
+_RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
+#: A worker that served this long before it died starts again after the shortest wait.
+_HEALTHY_RUN = 60.0
+#: A worker's metrics must arrive within this; a slow or dead one is left out of the sum.
+_SCRAPE_TIMEOUT = 2.0
+_READY = b"ready\n"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs from its primary (pickled onto the worker's stdin)."""
+
+    cfg: Config
+    index: int
+    #: The primary's private directory (mode 0700) of unix sockets.
+    directory: str
+    #: The main listener's port, as bound by the primary (the config may say 0).
+    port: int
+
+    @property
+    def primary_socket(self) -> str:
+        return primary_socket(self.directory)
+
+    @property
+    def metrics_socket(self) -> str:
+        return metrics_socket(self.directory, self.index)
+
+
+def primary_socket(directory: str) -> str:
+    return os.path.join(directory, "primary.sock")
+
+
+def metrics_socket(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.sock")
+
+
+def private_directory() -> str:
+    return tempfile.mkdtemp(prefix="callfs-workers-")  # mode 0700
+
+
+async def check_port_free(host: str | None, port: int) -> int:
+    """Bind and release the main address without ``SO_REUSEPORT``: the sockets that follow set
+    it, and would otherwise share the port silently with another server that did too (two
+    nodes on one port). Start-up fails here instead, as it would with one process (§2).
+    Returns the port (the one the system picked when ``port`` is 0)."""
+    loop = asyncio.get_running_loop()
+    probe = await loop.create_server(asyncio.Protocol, host, port)
+    bound = int(probe.sockets[0].getsockname()[1])
+    probe.close()
+    await probe.wait_closed()
+    return bound
+
+
+class WorkerPool:
+    """The primary's worker processes: started before it listens on the main port (so a node that
+    answers serves with every process), restarted when they die,
+        stopped (SIGTERM, then SIGKILL after ``stop_timeout``) before the primary stops."""
+
+    def __init__(
+        self, cfg: Config, directory: str, port: int, stop_timeout: float, metrics: Metrics
+    ) -> None:
+        self._cfg = cfg
+        self._metrics = metrics
+        self._directory = directory
+        self._port = port
+        self._stop_timeout = stop_timeout
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    @property
+    def count(self) -> int:
+        return self._cfg.server.workers
+
+    def pids(self) -> dict[int, int]:
+        """Worker index -> process id of the workers running now."""
+        return {i: p.pid for i, p in self._procs.items() if p.returncode is None}
+
+    async def start(self) -> None:
+        indexes = range(1, self.count)
+        results = await asyncio.gather(*(self._spawn(i) for i in indexes), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self.close()
+            raise failed[0]
+        self._watchers = [
+            asyncio.create_task(self._watch(i), name=f"callfs-worker-{i}") for i in indexes
+        ]
+        log.info("serving with %d processes (pids %s)", self.count, self._all_pids())
+
+    def _all_pids(self) -> str:
+        return ", ".join(str(p) for p in [os.getpid(), *self.pids().values()])
+
+    async def _spawn(self, index: int) -> None:
+        data = _pickle(WorkerSpec(self._cfg, index, self._directory, self._port))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callfs.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._procs[index] = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            await proc.stdin.drain()
+            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
+        except (OSError, TimeoutError):
+            line = b""
+        if line != _READY:
+            await _terminate(proc, 5.0)
+            raise ConfigError(
+                f"worker process {index} did not start (exit code {proc.returncode}); "
+                "its log lines above say why"
+            )
+
+    async def _watch(self, index: int) -> None:
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            proc = self._procs[index]
+            started = loop.time()
+            code = await proc.wait()
+            if self._closing:
+                return
+            if loop.time() - started >= _HEALTHY_RUN:
+                failures = 0
+            delay = _RESTART_DELAYS[min(failures, len(_RESTART_DELAYS) - 1)]
+            log.error(
+                "worker process %d (pid %d) exited with code %s; starting it again in %.0f s",
+                index, proc.pid, code, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            failures += 1
+            try:
+                await self._spawn(index)
+            except ConfigError as exc:  # its dead process is waited for at the top
+                log.error("%s", exc.message)
+                continue
+            self._metrics.worker_restarts.inc()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+        await asyncio.gather(*(_terminate(p, self._stop_timeout) for p in self._procs.values()))
+        self._procs.clear()
+
+    async def exposition(self, own: bytes) -> bytes:
+        """The node's metrics: the primary's ``own`` plus every running worker's."""
+        indexes = list(self.pids())
+        texts = await asyncio.gather(*(self._scrape(i) for i in indexes))
+        return merge_expositions(own, [t for t in texts if t is not None])
+
+    async def _scrape(self, index: int) -> bytes | None:
+        connector = aiohttp.UnixConnector(path=metrics_socket(self._directory, index))
+        timeout = aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.get("http://callfs-worker/metrics") as resp,
+            ):
+                resp.raise_for_status()
+                return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("metrics of worker process %d left out: %s", index, exc)
+            return None
+
+
+def _pickle(spec: WorkerSpec) -> bytes:
+    """``spec`` pickled; the config's read-only maps go as plain dicts and come back read-only."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer)
+    table = copyreg.dispatch_table.copy()
+    table[MappingProxyType] = lambda m: (_read_only, (dict(m),))
+    pickler.dispatch_table = table
+    pickler.dump(spec)
+    return buffer.getvalue()
+
+
+def _read_only(items: dict[str, Any]) -> MappingProxyType[str, Any]:
+    return MappingProxyType(items)
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()  # end of file: the worker stops even if the signal is lost
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+# ---- the worker's side ---------------------------------------------------------------------
+
+
+def read_spec() -> WorkerSpec:
+    """The spec the primary wrote on stdin (length, then pickle); the pipe stays open after.
+    Only the primary writes there: the pipe is the trust boundary (a worker is its child)."""
+    size = int.from_bytes(_read_exactly(8), "big")
+    spec = pickle.loads(_read_exactly(size))  # noqa: S301
+    if not isinstance(spec, WorkerSpec):
+        raise SystemExit("callfs.worker: no worker spec on stdin")
+    return spec
+
+
+def _read_exactly(size: int) -> bytes:
+    chunks: list[bytes] = []
+    while size:
+        chunk = os.read(0, size)
+        if not chunk:
+            raise SystemExit("callfs.worker: stdin closed before the worker spec was read")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def signal_ready() -> None:
+    """Tell the primary this worker serves; then stdout goes where stderr goes, so nothing can
+    block on a pipe nobody reads any more."""
+    os.write(1, _READY)
+    os.dup2(2, 1)
+
+
+def watch_primary(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when the primary's end of stdin closes (it stopped, or died)."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(0, 4096):
+                pass
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nothing to stop
+            loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=wait, name="callfs-primary-watch", daemon=True).start()

@@ -1,0 +1,313 @@
+"""``server.workers: 2`` on real processes (docs/workers.md): both processes take connections on
+the one port; the node's metrics, rate limits, links and resumable uploads stay one per node
+whichever process a connection lands on; concurrent writes of one path through both processes
+are decided without a shared lock; a worker killed with SIGKILL is started again; a primary
+killed with SIGKILL takes its worker with it; SIGTERM stops both; and no second server can join
+the port."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from cluster_tests.harness import (
+    API_KEY,
+    ClusterNode,
+    free_ports,
+    node_config,
+    private_pg_database,
+)
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def workers_node(tmp_path: Path, metadata: dict[str, Any], name: str = "node-w") -> ClusterNode:
+    (port,) = free_ports(1)
+    config = node_config(name, port, tmp_path, {}, metadata, {"type": "local"})
+    config["server"]["workers"] = 2
+    return ClusterNode(name, port, tmp_path, config)
+
+
+def worker_pids(node: ClusterNode) -> list[int]:
+    assert node.proc is not None
+    out = subprocess.run(
+        ["pgrep", "-P", str(node.proc.pid), "-f", "callfs.worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def established_by_pid(port: int, pids: list[int]) -> dict[int, int]:
+    """Established server-side connections on ``port`` held by each pid (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                if local_port == port and cols[3] == "01":  # ESTABLISHED
+                    inodes.add(cols[9])
+    counts = {}
+    for pid in pids:
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                held += 1
+        counts[pid] = held
+    return counts
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found is not None, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+@asynccontextmanager
+async def sessions(n: int) -> AsyncIterator[list[aiohttp.ClientSession]]:
+    """``n`` clients, each on connections of its own (closed after every request)."""
+    made = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), headers=AUTH)
+        for _ in range(n)
+    ]
+    try:
+        yield made
+    finally:
+        for s in made:
+            await s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    if request.param == "sqlite":
+        yield {"type": "sqlite", "sqlite_path": str(tmp_path / "meta.sqlite3")}
+        return
+    loop = asyncio.new_event_loop()
+    db = private_pg_database("workers")
+    try:
+        yield loop.run_until_complete(db.__aenter__())
+    finally:
+        loop.run_until_complete(db.__aexit__(None, None, None))
+        loop.close()
+
+
+async def test_two_processes_serve_one_node(tmp_path: Path, store: dict[str, Any]) -> None:
+    node = workers_node(tmp_path, store)
+    node.start()
+    try:
+        (worker,) = wait_for("the worker process", lambda: worker_pids(node))
+        assert node.proc is not None
+        base = node.base
+        body = os.urandom(4096)
+        async with sessions(1) as (s,), s.post(f"{base}/v1/files/w/a.bin", data=body) as r:
+            assert r.status == 201, await r.text()
+
+        # 32 keep-alive connections: the kernel spreads them over both processes.
+        conns = aiohttp.TCPConnector(limit=32, force_close=False)
+        async with aiohttp.ClientSession(connector=conns, headers=AUTH) as s:
+
+            async def get() -> bytes:
+                async with s.get(f"{base}/v1/files/w/a.bin") as r:
+                    assert r.status == 200
+                    return await r.read()
+
+            results = await asyncio.gather(*(get() for _ in range(32)))
+            held = established_by_pid(node.port, [node.proc.pid, worker])
+            results += await asyncio.gather(*(get() for _ in range(32)))
+        assert all(r == body for r in results)
+        assert sum(held.values()) >= 16, held
+        assert all(held.values()), f"a process took no connection: {held}"
+
+        # The node's metrics: every request counted once, whichever process served it.
+        async with sessions(1) as (s,), s.get(f"{base}/metrics") as r:
+            text = await r.text()
+        get_200 = 'callfs_http_requests_total{method="GET",path="/v1/files/*",status_code="200"}'
+        assert metric(text, get_200) == 64.0
+        assert metric(text, "callfs_worker_processes") == 2.0
+
+        # The primary's wake-up call is for its workers only: a client gets 404 from either.
+        async with sessions(8) as clients:
+            answers = await asyncio.gather(
+                *(c.post(f"{base}/v1/internal/workers/wake") for c in clients)
+            )
+            assert [r.status for r in answers] == [404] * 8
+            for r in answers:
+                r.release()
+
+        # §15, one set of buckets per node: two link generations at once, on two connections
+        # (so, often, two processes): one passes, one is limited (100/s, burst 1).
+        link_req = {"path": "/w/a.bin", "expiry_seconds": 60}
+        urls = []
+        async with sessions(2) as pair:
+            for _ in range(10):
+                answers = await asyncio.gather(
+                    *(s.post(f"{base}/v1/links/generate", json=link_req) for s in pair)
+                )
+                statuses = sorted(r.status for r in answers)
+                assert statuses == [201, 429], statuses
+                for r in answers:
+                    if r.status == 201:
+                        urls.append((await r.json())["url"])
+                    r.release()
+                await asyncio.sleep(0.05)
+            # Each link downloads exactly once, over any connection.
+            for url in urls[:3]:
+                first, second = await asyncio.gather(*(s.get(url) for s in pair))
+                got = sorted([first.status, second.status])
+                assert got == [200, 410], got
+                for r in (first, second):
+                    if r.status == 200:
+                        assert await r.read() == body
+                    r.release()
+                await asyncio.sleep(0.2)  # downloads: 10/s, burst 5
+
+            # A resumable upload continued over other connections (one appender per upload).
+            meta = "path " + base64.b64encode(b"/w/tus.bin").decode()
+            tus = {"Tus-Resumable": "1.0.0"}
+            async with pair[0].post(
+                f"{base}/v1/uploads",
+                headers={**tus, "Upload-Length": "8192", "Upload-Metadata": meta},
+            ) as r:
+                assert r.status == 201, await r.text()
+                location = r.headers["Location"]
+            for i, s in enumerate(pair):
+                headers = {
+                    **tus,
+                    "Upload-Offset": str(4096 * i),
+                    "Content-Type": "application/offset+octet-stream",
+                }
+                async with s.patch(base + location, data=body, headers=headers) as r:
+                    assert r.status == 204, await r.text()
+            async with pair[1].get(f"{base}/v1/files/w/tus.bin") as r:
+                assert await r.read() == body + body
+
+        # Concurrent PUTs of one path on 16 connections, no shared lock (dlm.type: local):
+        # the store's conditional commits decide, every PUT succeeds, the last one wins whole.
+        bodies = [bytes([i]) * 65536 for i in range(16)]
+        async with sessions(16) as clients:
+            answers = await asyncio.gather(
+                *(
+                    c.put(f"{base}/v1/files/w/race.bin", data=b)
+                    for c, b in zip(clients, bodies, strict=True)
+                )
+            )
+            assert sorted({r.status for r in answers}) <= [200, 201], [r.status for r in answers]
+            for r in answers:
+                r.release()
+            async with clients[0].get(f"{base}/v1/files/w/race.bin") as r:
+                assert await r.read() in bodies
+    finally:
+        node.stop()
+    assert node.proc is not None and node.proc.returncode == 0, node.logs()
+    wait_for("the worker to stop with its primary", lambda: not worker_pids(node), 5.0)
+
+
+def test_a_killed_worker_is_replaced_and_a_killed_primary_takes_its_workers(
+    tmp_path: Path,
+) -> None:
+    node = workers_node(tmp_path, {"type": "sqlite", "sqlite_path": str(tmp_path / "m.sqlite3")})
+    node.start()
+    try:
+        (first,) = wait_for("the worker process", lambda: worker_pids(node))
+        os.kill(first, signal.SIGKILL)
+        (second,) = wait_for(
+            "a new worker", lambda: [p for p in worker_pids(node) if p != first], 15.0
+        )
+        assert second != first
+        assert "worker process 1 (pid" in node.logs()
+
+        async def restarts() -> float:
+            async with sessions(8) as clients:
+                answers = await asyncio.gather(*(c.get(f"{node.base}/health") for c in clients))
+                assert [r.status for r in answers] == [200] * 8
+                for r in answers:
+                    r.release()
+                async with clients[0].get(f"{node.base}/metrics") as r:
+                    return metric(await r.text(), "callfs_worker_restarts_total")
+
+        # counted once the new worker serves
+        wait_for("the restart in /metrics", lambda: asyncio.run(restarts()) == 1.0)
+
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(timeout=10)
+        # The worker sees its primary's pipe close and stops: nothing serves the port after.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(second, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the worker outlived its primary")
+        with socket.socket() as probe:  # nothing listens (TIME_WAIT sockets may remain)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", node.port))
+            probe.listen()
+    finally:
+        node.stop()
+        for pid in worker_pids(node):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_server_cannot_join_the_port(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let any process of the same user share the port; the primary checks
+    the port is free first, so a second node (with workers or not) fails to start (§2)."""
+    node = workers_node(tmp_path, {"type": "sqlite", "sqlite_path": str(tmp_path / "a.sqlite3")})
+    node.start()
+    try:
+        for workers in (2, 1):
+            other = workers_node(
+                tmp_path / f"other{workers}",
+                {"type": "sqlite", "sqlite_path": str(tmp_path / f"b{workers}.sqlite3")},
+                name=f"other{workers}",
+            )
+            other.config["server"]["listen_addr"] = f"127.0.0.1:{node.port}"
+            other.config["server"]["workers"] = workers
+            other.workdir.mkdir(parents=True)
+            config = other.workdir / "other.yaml"
+            config.write_text(yaml.safe_dump(other.config))
+            done = subprocess.run(
+                [sys.executable, "-m", "callfs", "server", "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 1, done.stderr
+            assert "address already in use" in done.stderr
+    finally:
+        node.stop()
