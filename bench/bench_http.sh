@@ -18,6 +18,7 @@
 #              whether the server process really loaded uvloop
 #   FSYNC_FILES  files per fsync'd-create batch [1000] (3 batches before CallFS, 3 after the peers)
 #   KEEP_DATA  1 = keep CallFS's stored files and database under $OUT [0]
+#   WORKERS    CallFS's server.workers [1]; with more, RSS figures are the sum over the processes
 # Needs: bash $CALLFS_SHARED_BENCH/setup.sh once (wrk, nginx, rclone, curl). Fixtures are made with
 # $CALLFS_SHARED_BENCH/mkdata.sh when missing. Everything written goes under $OUT and $DATA (/tmp);
 # all traffic goes to 127.0.0.1; every load run and transfer is bounded in time.
@@ -33,6 +34,7 @@ PY=${PYTHON:-python3}
 LOOP=${LOOP:-asyncio}
 FSYNC_FILES=${FSYNC_FILES:-1000}
 KEEP_DATA=${KEEP_DATA:-0}
+WORKERS=${WORKERS:-1}
 KEY=bench-key-0123456789abcdef
 BASE=http://127.0.0.1:$PORT
 BIG_MAXTIME=300   # seconds, per 2 GiB transfer
@@ -85,6 +87,7 @@ server:
   protocol: http
   listen_addr: "127.0.0.1:$PORT"
   external_url: "http://127.0.0.1:$PORT"
+  workers: $WORKERS
 metrics:
   listen_addr: ""
 log:
@@ -127,7 +130,13 @@ stop_callfs() {
   wait "$SRV_PID" 2>/dev/null
   SRV_PID=""
 }
-kib() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$SRV_PID/status"; }
+kib() { # a /proc status field in KiB, summed over the server and its worker processes
+  local p t=0 v
+  for p in "$SRV_PID" $(pgrep -P "$SRV_PID" 2>/dev/null); do
+    v=$(awk -v k="$1" '$1 == k":" {print $2}' "/proc/$p/status" 2>/dev/null) && t=$(( t + ${v:-0} ))
+  done
+  echo "$t"
+}
 PEER_UP=""
 cleanup() {
   stop_callfs
@@ -137,7 +146,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-echo "== CallFS (loop: $LOOP)"
+echo "== CallFS (loop: $LOOP, server.workers: $WORKERS)"
 start_callfs bench
 echo "CallFS event loop in the server process: $(cat "$OUT/callfs_loop.txt")"
 [ "$LOOP" = uvloop ] && [ "$(cat "$OUT/callfs_loop.txt")" != uvloop ] \
@@ -154,7 +163,7 @@ for _ in 1 2 3 4 5 6 7 8; do cat "$DATA/f256m.bin"; done > "$BIG"
 start_callfs rss2g
 RSS_START=$(kib VmRSS)
 ( peak=0; while kill -0 "$SRV_PID" 2>/dev/null; do
-    r=$(awk '$1 == "VmRSS:" {print $2}' "/proc/$SRV_PID/status" 2>/dev/null) || break
+    r=$(kib VmRSS) || break
     [ -n "$r" ] && [ "$r" -gt "$peak" ] && { peak=$r; echo "$peak" > "$OUT/rss_poll_kib.txt"; }
     sleep 0.05
   done ) &

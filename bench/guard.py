@@ -12,6 +12,8 @@ It runs, one after the other (the machine is shared: nothing else should run mea
 - ``bench_tls.py`` (HTTPS and HTTP/3 vs plain HTTP, 256 MiB).
 Each script's full output is kept under ``--out``; ``bench_tls.py`` also runs nginx over TLS and
 aioquic's example HTTP/3 server as the references of those two goals.
+``WORKERS=2`` (passed on to ``bench_http.sh``) serves CallFS from two processes
+(``server.workers``, docs/workers.md).
 Needs ``bash ../shared/bench/setup.sh`` once (wrk, nginx, rclone).
 """
 
