@@ -434,12 +434,41 @@ class S3Backend:
         cutoff = time.time() - older_than
         aborted = 0
         for upload in await self._uploads():
-            if upload["UploadId"] in self.writing:
+            key, upload_id = upload["Key"], upload["UploadId"]
+            if upload_id in self.writing:
                 continue  # ours, still being written, whatever S3 says of its age
-            if upload["Initiated"].timestamp() <= cutoff:
-                await self._abort(upload["Key"], upload["UploadId"])
-                aborted += 1
+            if upload["Initiated"].timestamp() > cutoff:
+                continue
+            # Another process's (a worker of this node, or another node on the bucket) may be
+            # under way for longer than the grace: what counts is when it last received a part.
+            last = await self._last_part_time(key, upload_id)
+            if last is not None and last > cutoff:
+                continue
+            await self._abort(key, upload_id)
+            aborted += 1
         return aborted
+
+    async def _last_part_time(self, key: str, upload_id: str) -> float | None:
+        """When the upload's newest part arrived (None: no part yet, or the upload is gone)."""
+        latest: float | None = None
+        marker = 0
+        while True:
+            try:
+                page = await self._call(
+                    self.client.list_parts,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumberMarker=marker,
+                )
+            except NotFound:
+                return latest
+            for part in page.get("Parts", []):
+                stamp = part["LastModified"].timestamp()
+                latest = stamp if latest is None else max(latest, stamp)
+            if not page.get("IsTruncated"):
+                return latest
+            marker = int(page["NextPartNumberMarker"])
 
     async def _uploads(self) -> list[dict[str, Any]]:
         """Unfinished multipart uploads under the server's prefixes (first page of each)."""

@@ -87,6 +87,30 @@ async def test_the_stale_upload_sweep_spares_uploads_still_being_written() -> No
         assert stale["UploadId"] and not backend.writing
 
 
+async def test_the_sweep_spares_another_process_upload_that_still_receives_parts() -> None:
+    """An upload of another process (a worker of this node, or another node on the bucket) is
+    not in this backend's ``writing`` set: the sweep looks at its newest part. One that received
+    a part within the grace is left alone however old it is; one whose parts all came before the
+    grace is aborted (moto dates every upload 2010, parts at their real time)."""
+    async with s3server.s3_backend(part_size=5 * MiB) as backend:
+        client = s3server.client()
+        busy = client.create_multipart_upload(Bucket=backend.bucket, Key=".callfs/blobs/busy")
+        client.upload_part(
+            Bucket=backend.bucket,
+            Key=".callfs/blobs/busy",
+            UploadId=busy["UploadId"],
+            PartNumber=1,
+            Body=b"x" * 5 * MiB,
+        )
+        idle = client.create_multipart_upload(Bucket=backend.bucket, Key=".callfs/blobs/idle")
+        assert await backend.sweep_temp(60.0) == 1  # the idle one: no part, started in 2010
+        left = client.list_multipart_uploads(Bucket=backend.bucket).get("Uploads", [])
+        assert [u["UploadId"] for u in left] == [busy["UploadId"]]
+        assert idle["UploadId"]
+        assert await backend.sweep_temp(-60.0) == 1  # its newest part is older than "now + 60 s"
+        assert client.list_multipart_uploads(Bucket=backend.bucket).get("Uploads", []) == []
+
+
 async def test_start_checks() -> None:
     missing = S3Backend(
         bucket="no-such-bucket-callfs",
