@@ -61,7 +61,7 @@ from callfs.tls import client_context, server_context
 from callfs.workers import (
     WorkerPool,
     WorkerSpec,
-    check_port_free,
+    listen_sockets,
     primary_socket,
     private_directory,
     signal_ready,
@@ -477,7 +477,7 @@ class Node:
             write_timeout=cfg.server.write_timeout,
         )
         if self.worker is not None:
-            self.relay = PrimaryRelay(self.worker.primary_socket)
+            self.relay = PrimaryRelay(self.worker.primary_socket, cfg.server.max_connections)
             self.app = build_app(state, relay=self.relay.middleware)
             self.engine.on_work_queued = self.relay.wake  # the primary runs the queue worker
         else:
@@ -605,19 +605,28 @@ class Node:
         host, port = split_listen_addr(cfg.server.listen_addr)
         shared = cfg.server.workers > 1
         if self.worker is not None:
-            await web.TCPSite(
-                main, host, self.worker.port, ssl_context=ssl_ctx, reuse_port=True
-            ).start()
+            for sock in listen_sockets(host, self.worker.port, check_free=False):
+                await web.SockSite(main, sock, ssl_context=ssl_ctx).start()
             await self._start_worker_metrics()
             return
         if shared:
-            port = await check_port_free(host, port)
+            # Bound (and checked free) now; accepted from once the workers serve too.
+            socks = listen_sockets(host, port, check_free=True)
             await self._start_relay_socket(main)
             assert self._workers_dir is not None
-            self.pool = WorkerPool(cfg, self._workers_dir, port, SHUTDOWN_TIMEOUT, self.metrics)
+            bound = int(socks[0].getsockname()[1])
+            self.pool = WorkerPool(cfg, self._workers_dir, bound, SHUTDOWN_TIMEOUT, self.metrics)
             self.metrics.gather = self.pool.exposition
-            await self.pool.start()
-        await web.TCPSite(main, host, port, ssl_context=ssl_ctx, reuse_port=shared or None).start()
+            try:
+                await self.pool.start()
+            except BaseException:
+                for sock in socks:
+                    sock.close()
+                raise
+            for sock in socks:
+                await web.SockSite(main, sock, ssl_context=ssl_ctx).start()
+        else:
+            await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
         log_listening("https" if ssl_ctx else "http", main, "")
         if cfg.server.enable_quic:
             await self._start_http3(main)
@@ -672,7 +681,12 @@ class Node:
         )
 
     async def stop(self) -> None:
-        if self.pool is not None:  # first: the workers serve the same clients as this process
+        if self.pool is not None:
+            # Stop taking connections at once, then let the workers finish theirs (they may
+            # still relay to this process's private socket) while this process finishes its own.
+            for site in list(self._runners[0].sites if self._runners else ()):
+                if isinstance(site, web.SockSite):
+                    await site.stop()
             await self.pool.close()
             self.pool = None
         if self._http3 is not None:
@@ -700,7 +714,9 @@ async def serve(
     node = Node(cfg, worker=worker) if worker is not None else Node(resolve_external_url(cfg))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # A worker leaves SIGINT (Ctrl-C reaches the whole process group) to its primary, which
+    # stops it with SIGTERM or by closing its pipe.
+    for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if worker is not None:
         watch_primary(loop, stop)

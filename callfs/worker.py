@@ -3,10 +3,14 @@ its primary process (``callfs.workers``), never by hand."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from callfs.daemon import run_worker
-from callfs.workers import read_spec
+# Before anything else: Ctrl-C reaches the whole process group; the primary stops its workers.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+from callfs.daemon import run_worker  # noqa: E402
+from callfs.workers import read_spec  # noqa: E402
 
 
 def main() -> None:

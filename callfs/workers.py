@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +48,8 @@ _HEALTHY_RUN = 60.0
 #: A worker's metrics must arrive within this; a slow or dead one is left out of the sum.
 _SCRAPE_TIMEOUT = 2.0
 _READY = b"ready\n"
+#: Listen backlog of the shared port's sockets (aiohttp's default).
+_BACKLOG = 128
 
 
 @dataclass(frozen=True)
@@ -81,17 +84,63 @@ def private_directory() -> str:
     return tempfile.mkdtemp(prefix="callfs-workers-")  # mode 0700
 
 
-async def check_port_free(host: str | None, port: int) -> int:
-    """Bind and release the main address without ``SO_REUSEPORT``: the sockets that follow set
-    it, and would otherwise share the port silently with another server that did too (two
-    nodes on one port). Start-up fails here instead, as it would with one process (§2).
-    Returns the port (the one the system picked when ``port`` is 0)."""
-    loop = asyncio.get_running_loop()
-    probe = await loop.create_server(asyncio.Protocol, host, port)
-    bound = int(probe.sockets[0].getsockname()[1])
-    probe.close()
-    await probe.wait_closed()
-    return bound
+def listen_sockets(host: str | None, port: int, *, check_free: bool) -> list[socket.socket]:
+    """Listening sockets with ``SO_REUSEPORT`` on every address of ``host`` (all interfaces when
+    None, as aiohttp binds them), all on one port (the system's pick when ``port`` is 0).
+
+    ``check_free`` (the primary): first bind each address without ``SO_REUSEPORT`` and release
+    it. The sockets that follow share the port with any other socket that set the option, so a
+    second server of the same user would otherwise join the port silently (two nodes on one
+    port); this way start-up fails with "address already in use", as with one process (§2).
+    Nothing runs between the check and the real binds (no await): a server that checks after
+    them finds the port taken."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if host is None else 0
+    )
+    addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+    if check_free:
+        for family, addr in addresses:
+            with _tcp_socket(family) as probe:
+                _bind(probe, _with_port(addr, port))
+                port = port or int(probe.getsockname()[1])
+    made: list[socket.socket] = []
+    try:
+        for family, addr in addresses:
+            sock = _tcp_socket(family)
+            made.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _bind(sock, _with_port(addr, port))
+            port = port or int(sock.getsockname()[1])
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
+
+
+def _tcp_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
+
+
+def _bind(sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    """Bind, failing with the address in the message (as asyncio's own servers do)."""
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(
+            exc.errno, f"error while attempting to bind on address {addr[:2]!r}: {reason}"
+        ) from exc
+
+
+def _with_port(addr: tuple[Any, ...], port: int) -> tuple[Any, ...]:
+    return (addr[0], port, *addr[2:])
 
 
 class WorkerPool:
@@ -183,15 +232,17 @@ class WorkerPool:
             except ConfigError as exc:  # its dead process is waited for at the top
                 log.error("%s", exc.message)
                 continue
+            except Exception:  # no process at all (out of file descriptors, memory...)
+                log.exception("could not start worker process %d; trying again", index)
+                await asyncio.sleep(_RESTART_DELAYS[-1])
+                continue
             self._metrics.worker_restarts.inc()
 
     async def close(self) -> None:
         self._closing = True
         for task in self._watchers:
             task.cancel()
-        for task in self._watchers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         self._watchers.clear()
         await asyncio.gather(*(_terminate(p, self._stop_timeout) for p in self._procs.values()))
         self._procs.clear()

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from yarl import URL
 
 from cluster_tests.harness import (
     API_KEY,
@@ -157,10 +158,14 @@ async def test_two_processes_serve_one_node(tmp_path: Path, store: dict[str, Any
         assert metric(text, get_200) == 64.0
         assert metric(text, "callfs_worker_processes") == 2.0
 
-        # The primary's wake-up call is for its workers only: a client gets 404 from either.
+        # The primary's wake-up call is for its workers only: a client gets 404 from either
+        # process, however the path is spelled.
         async with sessions(8) as clients:
             answers = await asyncio.gather(
-                *(c.post(f"{base}/v1/internal/workers/wake") for c in clients)
+                *(
+                    c.post(URL(f"{base}/v1/internal/workers/wak{e}", encoded=True))
+                    for c, e in zip(clients, ["e", "%65"] * 4, strict=True)
+                )
             )
             assert [r.status for r in answers] == [404] * 8
             for r in answers:
@@ -170,10 +175,14 @@ async def test_two_processes_serve_one_node(tmp_path: Path, store: dict[str, Any
         # (so, often, two processes): one passes, one is limited (100/s, burst 1).
         link_req = {"path": "/w/a.bin", "expiry_seconds": 60}
         urls = []
+        spellings = [f"{base}/v1/links/generate", f"{base}/v1/link%73/generate"]
         async with sessions(2) as pair:
             for _ in range(10):
                 answers = await asyncio.gather(
-                    *(s.post(f"{base}/v1/links/generate", json=link_req) for s in pair)
+                    *(
+                        s.post(URL(u, encoded=True), json=link_req)
+                        for s, u in zip(pair, spellings, strict=True)
+                    )
                 )
                 statuses = sorted(r.status for r in answers)
                 assert statuses == [201, 429], statuses

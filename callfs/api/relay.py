@@ -41,8 +41,20 @@ HOP_BY_HOP = frozenset(
 #: Request headers a relay must not pass on: hop-by-hop ones, ``Expect`` (the relay asks for
 #: ``100 Continue`` itself) and the relays' own trusted headers, which a client may not set.
 _DROPPED = HOP_BY_HOP | {"expect", BRIDGE_CLIENT_HEADER.lower(), BRIDGE_TLS_HEADER.lower()}
-_EXACT = frozenset({"/metrics", "/v1/status", "/v1/links/generate", "/v1/uploads"})
-_PREFIXES = ("/download/", "/v1/uploads/", "/v1/internal/")
+#: Route templates (aiohttp resource ``canonical``) relayed to the primary, besides the internal
+#: ones. Deciding on the matched route, not on the raw path, means that a path spelled with
+#: escapes (``/v1/link%73/generate``) is relayed exactly when the route it reaches is.
+_RELAYED = frozenset(
+    {
+        "/metrics",
+        "/v1/status",
+        "/v1/links/generate",
+        "/download/{token}",
+        "/v1/uploads",
+        "/v1/uploads/{upload_id}",
+    }
+)
+_INTERNAL = "/v1/internal/"
 #: Served by every worker: shard reads and writes only touch this node's disk.
 _LOCAL_INTERNAL = "/v1/internal/shards/"
 #: The primary's wake-up call for its work-queue worker (a worker process queued a copy).
@@ -50,28 +62,37 @@ WAKE_PATH = "/v1/internal/workers/wake"
 _CHUNK = 256 * 1024
 
 
-def relayed(raw_path: str) -> bool:
-    """Whether a worker process hands this request path to the primary process. Never the
-    primary's wake-up call: that is for worker processes, not for clients (404 from a worker)."""
-    if raw_path in _EXACT:
-        return True
-    if raw_path == WAKE_PATH:
+def relayed(route: str | None) -> bool:
+    """Whether a worker process hands a request that matched ``route`` (a resource's canonical
+    template; None for no route: a 404 or 405 the worker answers) to the primary. A worker has
+    no route for the primary's wake-up call, so a client never reaches that."""
+    if route is None:
         return False
-    return raw_path.startswith(_PREFIXES) and not raw_path.startswith(_LOCAL_INTERNAL)
+    if route in _RELAYED:
+        return True
+    return route.startswith(_INTERNAL) and not route.startswith(_LOCAL_INTERNAL)
+
+
+def route_of(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return None if resource is None else resource.canonical
 
 
 class PrimaryRelay:
     """The connection pool to the primary's private socket, and the middleware that uses it."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, max_connections: int) -> None:
         self._socket_path = socket_path
+        #: The primary does not cap connections on its private socket: the relay does, at the
+        #: cap one process has for its clients (``server.max_connections``).
+        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._wake_task: asyncio.Task[None] | None = None
         self._wake_again = False
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=self._socket_path, limit=0),
+            connector=aiohttp.UnixConnector(path=self._socket_path, limit=self._max_connections),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
             auto_decompress=False,
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
@@ -86,7 +107,7 @@ class PrimaryRelay:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not relayed(request.rel_url.raw_path):
+        if not relayed(route_of(request)):
             return await handler(request)
         return await self.forward(request)
 
@@ -116,6 +137,11 @@ class PrimaryRelay:
                 allow_redirects=False,
             )
         except aiohttp.ClientError as exc:
+            if request.transport is None or request.transport.is_closing():
+                log.debug("relayed request ended: the client went away (%s)", exc)
+                gone = error_response(400, "BAD_REQUEST", "the request ended early")
+                gone.force_close()  # nobody reads it: aiohttp drops the write quietly
+                return gone
             log.warning("relay to the primary process failed: %s", exc)
             return error_response(503, "UNAVAILABLE", "the node's primary process is not reachable")
         async with upstream:
@@ -127,8 +153,15 @@ class PrimaryRelay:
                 response.force_close()
             await response.prepare(request)
             if request.method != "HEAD":
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    await response.write(chunk)
+                try:
+                    async for chunk in upstream.content.iter_chunked(_CHUNK):
+                        await response.write(chunk)
+                except aiohttp.ClientError as exc:
+                    # The primary's answer broke off: the client sees the connection close
+                    # before the promised length (or the last chunk), never a short body as whole.
+                    log.warning("relayed response from the primary broke off: %s", exc)
+                    response.force_close()
+                    return response
             await response.write_eof()
             return response
 

@@ -3,6 +3,7 @@ the processes' metrics, the trusted relay headers and the spec a worker is hande
 
 from __future__ import annotations
 
+import asyncio
 import io
 import pickle
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from callfs.api.relay import relayed
+from callfs.api.relay import WAKE_PATH, relayed
 from callfs.api.state import BRIDGE_CLIENT_HEADER, BRIDGE_TLS_HEADER, bridge_of, tls_of
 from callfs.config.loader import ConfigProblems, load_config_report
 from callfs.metrics import Metrics, merge_expositions
@@ -57,42 +58,77 @@ def test_workers_default_and_accepted_values(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "path",
+    "route",
     [
         "/metrics",
         "/v1/status",
         "/v1/links/generate",
-        "/download/abc.def",
+        "/download/{token}",
         "/v1/uploads",
-        "/v1/uploads/abc.123",
+        "/v1/uploads/{upload_id}",
         "/v1/internal/fsck",
         "/v1/internal/nodes/drain",
         "/v1/internal/blobs",
+        "/v1/internal/blobs/{key}",
         "/v1/internal/erasure/repair",
     ],
 )
-def test_per_process_state_routes_are_relayed(path: str) -> None:
-    assert relayed(path)
+def test_per_process_state_routes_are_relayed(route: str) -> None:
+    assert relayed(route)
 
 
 @pytest.mark.parametrize(
-    "path",
+    "route",
     [
+        None,  # no route: the worker answers 404 or 405 itself
         "/health",
-        "/v1/files/a",
-        "/v1/files/ws/a",
-        "/v1/directories/",
-        "/v1/shards/a/0",
-        "/v1/internal/shards/key/0",
+        "/v1/files/{tail}",
+        "/v1/files/ws/{tail}",
+        "/v1/directories/{tail}",
+        "/v1/shards/{tail}",
+        "/v1/internal/shards/{tail}",
         "/openapi.json",
-        "/ui/",
-        "/v1/uploadsx",
-        "/metricsx",
-        "/v1/internal/workers/wake",  # for worker processes only, over the private socket
+        "/ui/{name}",
     ],
 )
-def test_stateless_routes_are_served_by_every_worker(path: str) -> None:
-    assert not relayed(path)
+def test_stateless_routes_are_served_by_every_worker(route: str | None) -> None:
+    assert not relayed(route)
+
+
+def test_the_worker_app_routes_escaped_paths_to_the_relay_decision(tmp_path: Path) -> None:
+    """The decision follows the matched route: ``/v1/link%73/generate`` is relayed like
+    ``/v1/links/generate``, and a worker has no route for the primary's wake-up call at all."""
+    from callfs.daemon import Node
+
+    cfg = load(
+        tmp_path,
+        {
+            "CALLFS_METADATA_STORE__TYPE": "sqlite",
+            "CALLFS_METADATA_STORE__SQLITE_PATH": str(tmp_path / "m.sqlite3"),
+            "CALLFS_BACKEND__LOCALFS_ROOT_PATH": str(tmp_path / "files"),
+            "CALLFS_SERVER__WORKERS": "2",
+            "CALLFS_DLM__TYPE": "local",
+        },
+    ).config
+    worker = Node(cfg, worker=WorkerSpec(cfg, 1, str(tmp_path), 8443)).build()
+    primary = Node(cfg).build()
+
+    async def route(app: web.Application, method: str, raw: str) -> str | None:
+        request = make_mocked_request(method, raw, app=app)
+        match = await app.router.resolve(request)
+        resource = match.route.resource
+        return None if resource is None else resource.canonical
+
+    async def check() -> None:
+        escaped = await route(worker, "POST", "/v1/link%73/generate")
+        assert relayed(escaped)
+        assert relayed(await route(worker, "GET", "/downloa%64/abc"))
+        assert relayed(await route(worker, "PATCH", "/v1/upload%73/abc"))
+        assert not relayed(await route(worker, "GET", "/v1/file%73/a"))
+        assert await route(worker, "POST", "/v1/internal/workers/wak%65") is None
+        assert await route(primary, "POST", "/v1/internal/workers/wak%65") == WAKE_PATH
+
+    asyncio.run(check())
 
 
 def _values(text: bytes) -> dict[str, float]:
