@@ -332,7 +332,15 @@ def summary(cfg: Config) -> list[str]:
         locks = f"local (this process only: one node), wait up to {d.lock_timeout:g}s"
     tls = s.protocol == "https" or (s.protocol == "auto" and bool(s.cert_file and s.key_file))
     protocol = s.protocol + (f" (cert {s.cert_file}, key {s.key_file})" if tls else "")
-    listeners = [f"API {'https' if tls else 'http'} on {s.listen_addr}"]
+    api = f"API {'https' if tls else 'http'} on {s.listen_addr}"
+    if s.workers > 1:
+        api += f" ({s.workers} processes)"
+        if d.type != "redis":
+            locks = (
+                f"local (each of the {s.workers} processes its own; the store decides races), "
+                f"wait up to {d.lock_timeout:g}s"
+            )
+    listeners = [api]
     if s.enable_quic:
         listeners.append(f"HTTP/3 (QUIC) on udp {s.quic_listen_addr}")
     if cfg.metrics.listen_addr:

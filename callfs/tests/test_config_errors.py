@@ -314,6 +314,28 @@ def test_summary_of_a_dev_like_node() -> None:
     ]
 
 
+def test_summary_of_a_node_with_workers() -> None:
+    env = {
+        **GOOD,
+        "CALLFS_METADATA_STORE__TYPE": "sqlite",
+        "CALLFS_DLM__TYPE": "local",
+        "CALLFS_SERVER__PROTOCOL": "http",
+        "CALLFS_SERVER__WORKERS": "2",
+        "CALLFS_METRICS__LISTEN_ADDR": "",
+    }
+    result = CliRunner().invoke(cli, ["config", "validate", "--summary"], env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert (
+        "Locks: local (each of the 2 processes its own; the store decides races), wait up to 30s"
+        in lines
+    )
+    assert (
+        "Listeners: API http on :8443 (2 processes); metrics only on the API port "
+        "(authenticated)" in lines
+    )
+
+
 def test_mask_url() -> None:
     assert mask_url("postgres://u:secret@h/db") == "postgres://u:***@h/db"
     assert mask_url("postgres://u@h/db?password=secret&x=1") == "postgres://u@h/db?password=***&x=1"
