@@ -441,7 +441,18 @@ class S3Backend:
                 continue
             # Another process's (a worker of this node, or another node on the bucket) may be
             # under way for longer than the grace: what counts is when it last received a part.
-            last = await self._last_part_time(key, upload_id)
+            try:
+                last = await self._last_part_time(key, upload_id)
+            except NotFound:
+                continue  # completed or aborted meanwhile
+            except CallFSError as exc:
+                # Not knowing (no s3:ListMultipartUploadParts permission, throttling) must not
+                # cut an upload that may be in progress: left for the next pass, or a lifecycle
+                # rule of the bucket.
+                log.warning(
+                    "left a multipart upload alone: its parts could not be listed (%s)", exc
+                )
+                continue
             if last is not None and last > cutoff:
                 continue
             await self._abort(key, upload_id)
@@ -449,26 +460,21 @@ class S3Backend:
         return aborted
 
     async def _last_part_time(self, key: str, upload_id: str) -> float | None:
-        """When the upload's newest part arrived (None: no part yet, or the upload is gone)."""
+        """When the upload's newest part arrived (None: no part yet). ``NotFound``: the upload
+        is gone."""
         latest: float | None = None
-        marker = 0
+        marker: dict[str, int] = {}
         while True:
-            try:
-                page = await self._call(
-                    self.client.list_parts,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumberMarker=marker,
-                )
-            except NotFound:
-                return latest
+            page = await self._call(
+                self.client.list_parts, Bucket=self.bucket, Key=key, UploadId=upload_id, **marker
+            )
             for part in page.get("Parts", []):
                 stamp = part["LastModified"].timestamp()
                 latest = stamp if latest is None else max(latest, stamp)
-            if not page.get("IsTruncated"):
-                return latest
-            marker = int(page["NextPartNumberMarker"])
+            following = int(page.get("NextPartNumberMarker") or 0)
+            if not page.get("IsTruncated") or following <= marker.get("PartNumberMarker", 0):
+                return latest  # the last page (or a store whose marker does not move on)
+            marker = {"PartNumberMarker": following}
 
     async def _uploads(self) -> list[dict[str, Any]]:
         """Unfinished multipart uploads under the server's prefixes (first page of each)."""

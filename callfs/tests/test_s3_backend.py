@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from botocore.exceptions import ClientError
 
 from callfs.daemon import Node
 from callfs.errors import ConfigError
@@ -109,6 +110,26 @@ async def test_the_sweep_spares_another_process_upload_that_still_receives_parts
         assert idle["UploadId"]
         assert await backend.sweep_temp(-60.0) == 1  # its newest part is older than "now + 60 s"
         assert client.list_multipart_uploads(Bucket=backend.bucket).get("Uploads", []) == []
+
+
+async def test_the_sweep_leaves_an_upload_alone_when_its_parts_cannot_be_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ``s3:ListMultipartUploadParts`` (or when S3 throttles) the sweep cannot tell an
+    idle upload from one in progress elsewhere: it aborts neither, and the pass goes on."""
+    async with s3server.s3_backend(part_size=5 * MiB) as backend:
+        client = s3server.client()
+        old = client.create_multipart_upload(Bucket=backend.bucket, Key=".callfs/blobs/old")
+
+        def denied(**kwargs: Any) -> Any:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ListParts")
+
+        monkeypatch.setattr(backend.client, "list_parts", denied)
+        assert await backend.sweep_temp(60.0) == 0
+        left = client.list_multipart_uploads(Bucket=backend.bucket).get("Uploads", [])
+        assert [u["UploadId"] for u in left] == [old["UploadId"]]
+        monkeypatch.undo()
+        assert await backend.sweep_temp(60.0) == 1  # listable again: idle since 2010, aborted
 
 
 async def test_start_checks() -> None:
