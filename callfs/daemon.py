@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
@@ -612,19 +613,21 @@ class Node:
         if shared:
             # Bound (and checked free) now; accepted from once the workers serve too.
             socks = listen_sockets(host, port, check_free=True)
-            await self._start_relay_socket(main)
-            assert self._workers_dir is not None
-            bound = int(socks[0].getsockname()[1])
-            self.pool = WorkerPool(cfg, self._workers_dir, bound, SHUTDOWN_TIMEOUT, self.metrics)
-            self.metrics.gather = self.pool.exposition
             try:
+                await self._start_relay_socket(main)
+                assert self._workers_dir is not None
+                bound = int(socks[0].getsockname()[1])
+                # A worker's grace covers its own 30 s drain and closing its stores after it.
+                grace = SHUTDOWN_TIMEOUT + 10
+                self.pool = WorkerPool(cfg, self._workers_dir, bound, grace, self.metrics)
+                self.metrics.gather = self.pool.exposition
                 await self.pool.start()
-            except BaseException:
-                for sock in socks:
+                while socks:
+                    await web.SockSite(main, socks[0], ssl_context=ssl_ctx).start()
+                    socks.pop(0)  # the site owns it now
+            finally:
+                for sock in socks:  # not handed to a site: start-up failed
                     sock.close()
-                raise
-            for sock in socks:
-                await web.SockSite(main, sock, ssl_context=ssl_ctx).start()
         else:
             await web.TCPSite(main, host, port, ssl_context=ssl_ctx).start()
         log_listening("https" if ssl_ctx else "http", main, "")
@@ -727,7 +730,17 @@ async def serve(
         await stop.wait()
         log.info("shutting down")
     finally:
+        if worker is not None:
+            _exit_later(SHUTDOWN_TIMEOUT + 20)
         await node.stop()
+
+
+def _exit_later(deadline: float) -> None:
+    """A stopping worker is gone within its drain time plus a margin, whatever hangs (SIGINT is
+    ignored, and its primary may be dead and unable to SIGKILL it)."""
+    timer = threading.Timer(deadline, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 def log_secrets(cfg: Config) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copyreg
+import errno
 import io
 import logging
 import os
@@ -99,25 +100,52 @@ def listen_sockets(host: str | None, port: int, *, check_free: bool) -> list[soc
     )
     addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
     if check_free:
-        for family, addr in addresses:
-            with _tcp_socket(family) as probe:
-                _bind(probe, _with_port(addr, port))
-                port = port or int(probe.getsockname()[1])
+        for family, addr in list(addresses):
+            probe = _open_for(family, addr, host, port)
+            if probe is None:
+                addresses.remove((family, addr))
+                continue
+            port = port or int(probe.getsockname()[1])
+            probe.close()
     made: list[socket.socket] = []
     try:
         for family, addr in addresses:
-            sock = _tcp_socket(family)
+            sock = _open_for(family, addr, host, port, reuse_port=True)
+            if sock is None:
+                continue
             made.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            _bind(sock, _with_port(addr, port))
             port = port or int(sock.getsockname()[1])
             sock.listen(_BACKLOG)
             sock.setblocking(False)
+        if not made:
+            raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
     except BaseException:
         for sock in made:
             sock.close()
         raise
     return made
+
+
+def _open_for(
+    family: int, addr: tuple[Any, ...], host: str | None, port: int, reuse_port: bool = False
+) -> socket.socket | None:
+    """A TCP socket bound to ``addr`` at ``port``; None for an address this host cannot use
+    while listening on all interfaces (IPv6 disabled or not configured), skipped as asyncio
+    skips it. Any other failure (the port taken, above all) is raised."""
+    try:
+        sock = _tcp_socket(family)
+    except OSError:
+        return None  # a family the kernel lacks
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _bind(sock, _with_port(addr, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL and host is None:
+            return None
+        raise
+    return sock
 
 
 def _tcp_socket(family: int) -> socket.socket:
@@ -198,7 +226,7 @@ class WorkerPool:
             proc.stdin.write(len(data).to_bytes(8, "big") + data)
             await proc.stdin.drain()
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
-        except (OSError, TimeoutError):
+        except Exception:  # a broken pipe, the timeout, or garbage instead of the ready line
             line = b""
         if line != _READY:
             await _terminate(proc, 5.0)
@@ -214,6 +242,10 @@ class WorkerPool:
             proc = self._procs[index]
             started = loop.time()
             code = await proc.wait()
+            if code == 0 and not self._closing:
+                # A clean exit: most likely a stop signal sent to every process at once
+                # (systemd's default), which this process is acting on too.
+                await asyncio.sleep(1.0)
             if self._closing:
                 return
             if loop.time() - started >= _HEALTHY_RUN:

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
+from yarl import URL
 
 from callfs.api.errors import error_response
 from callfs.api.files import send_continue
@@ -130,7 +131,8 @@ class PrimaryRelay:
         try:
             upstream = await session.request(
                 request.method,
-                "http://callfs-primary" + request.rel_url.raw_path_qs,
+                # As received, escapes and all: yarl must not normalise it (``%2E%2E``).
+                URL("http://callfs-primary" + request.rel_url.raw_path_qs, encoded=True),
                 headers=headers,
                 data=body() if request.body_exists else None,
                 expect100=expect and request.body_exists,
