@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import IO, NoReturn
@@ -85,6 +86,62 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     if _SYNC_FILE_RANGE is not None and length > 0:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (added in 5.6)
+_AT_FDCWD = -100
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+
+
+def _load_open_no_symlinks() -> Callable[[str], int] | None:
+    """``open(path)`` for reading, refusing (``ELOOP``) a symlink at *any* component of the
+    absolute ``path``, in one system call: Linux ``openat2`` with ``RESOLVE_NO_SYMLINKS``. It
+    gives what the component-by-component walk (``_open_dir_blocking``) gives a read, with one
+    ``openat2`` instead of a dozen opens and closes (the walk cost about a tenth of a GET 4 KiB's
+    CPU). None where it is not available (not Linux, a kernel before 5.6, a seccomp filter that
+    refuses it): reads then walk."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    how = _OpenHow(
+        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        0,
+        _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
+    )
+    args = (
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+
+    def open_no_symlinks(path: str) -> int:
+        fd = int(syscall(args[0], args[1], os.fsencode(path), args[2], args[3]))
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        return fd
+
+    try:
+        os.close(open_no_symlinks("/"))
+    except OSError:
+        return None
+    return open_no_symlinks
+
+
+_OPEN_NO_SYMLINKS = _load_open_no_symlinks()
 
 #: Reads up to this size are done with the open and answered inline.
 SMALL_READ = 64 * 1024
@@ -278,6 +335,30 @@ class LocalFSBackend:
             os.close(fd)
             raise
         return fd
+
+    def _open_for_read(self, key: str) -> int:
+        """A read-only descriptor of ``key``'s file, no component of its path followed if it is
+        a symlink (the root is a real path since ``start``)."""
+        if not self._root:
+            raise RuntimeError("LocalFSBackend used before start()")
+        parts = _key_path(key)
+        if _OPEN_NO_SYMLINKS is None:
+            parent = self._open_dir_blocking(parts[:-1])
+            try:
+                return os.open(parts[-1], os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
+            except OSError as exc:
+                _raise_for_component(exc, parts[-1], parent)
+            finally:
+                os.close(parent)
+        try:
+            return _OPEN_NO_SYMLINKS(os.path.join(self._root, *parts))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFound() from exc
+            if exc.errno == errno.ELOOP:
+                log.error("refused a symlink inside the localfs root (on the way to %r)", key)
+                raise UnsafePath() from exc
+            raise
 
     def _open_parent_blocking(self, key: str) -> tuple[int, str]:
         """A descriptor of the directory holding ``key`` (``_open_dir_blocking``, so a symlink on
@@ -501,15 +582,9 @@ class LocalFSBackend:
         return self._open_blocking(key, offset, length)
 
     def _open_blocking(self, key: str, offset: int, length: int | None) -> LocalFileStream:
-        parent, name = self._open_parent_blocking(key)
-        try:
-            # O_NONBLOCK: a FIFO or device planted under the root must not hold the loop in
-            # open() (it is refused below); a regular file's reads ignore the flag.
-            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
-        except OSError as exc:
-            _raise_for_component(exc, name, parent)
-        finally:
-            os.close(parent)
+        # O_NONBLOCK: a FIFO or device planted under the root must not hold the loop in open()
+        # (it is refused below); a regular file's reads ignore the flag.
+        fd = self._open_for_read(key)
         try:
             st = os.fstat(fd)
         except OSError:

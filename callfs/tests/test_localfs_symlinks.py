@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from callfs.errors import NotFound, UnsafePath
+from callfs.storage import localfs
 from callfs.storage.base import new_blob_key
 from callfs.storage.localfs import LocalFSBackend
 
@@ -40,8 +42,14 @@ async def _read(backend: LocalFSBackend, key: str, length: int | None = None) ->
         await stream.aclose()
 
 
-@pytest.fixture
-async def backend(tmp_path: Path) -> AsyncIterator[LocalFSBackend]:
+@pytest.fixture(params=["openat2", "walk"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LocalFSBackend]:
+    """Reads open in one ``openat2(RESOLVE_NO_SYMLINKS)`` where the kernel has it, else walk the
+    path one component at a time: every case runs both ways."""
+    if request.param == "walk":
+        monkeypatch.setattr(localfs, "_OPEN_NO_SYMLINKS", None)
     b = LocalFSBackend(str(tmp_path / "root"))
     await b.start()
     yield b
@@ -289,3 +297,9 @@ async def test_a_fifo_under_the_root_is_refused_without_blocking(
     os.mkfifo(tmp_path / "root" / "legacy" / "pipe")
     with pytest.raises(NotFound):
         await _read(backend, "legacy/pipe")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="openat2 is Linux only")
+def test_reads_use_openat2_on_linux() -> None:
+    """The one-call open must not switch itself off unnoticed (kernel >= 5.6 here)."""
+    assert localfs._OPEN_NO_SYMLINKS is not None
