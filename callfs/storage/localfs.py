@@ -15,7 +15,8 @@ Every operation reaches its directory from the root one component at a time (``o
 stats, deletes, staging, publishing, the temp sweep and the blob listing. A directory inside the
 root swapped for a symlink at any moment, ``.callfs`` and its areas included, is refused (logged,
 ``UnsafePath``), never followed: nothing outside the root is ever created, read or removed, and
-``start`` refuses a root whose internal directories are symlinks.
+``start`` refuses a root whose internal directories are symlinks. Reads on Linux 5.6+ do the
+same in one ``openat2(RESOLVE_NO_SYMLINKS)`` call (``_OPEN_NO_SYMLINKS``).
 
 Everything the server creates under ``.callfs/`` is private to its user: directories 0700, files
 0600 (``docs/security.md``).
