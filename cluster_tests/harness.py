@@ -11,8 +11,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,45 @@ def node_config(
 
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: moto's S3 accepts any credentials; these are the tests'.
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@contextmanager
+def moto_server(tmp_path: Path, tag: str) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """moto's S3 server in its own process (so a test can freeze it), with a fresh bucket:
+    (process, endpoint, bucket)."""
+    import boto3
+
+    (port,) = free_ports(1)
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - the child's for its lifetime
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        bucket = f"callfs-{tag}-{uuid.uuid4().hex[:8]}"
+        client.create_bucket(Bucket=bucket)
+        yield proc, endpoint, bucket
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            proc.wait(30)
 
 
 @asynccontextmanager

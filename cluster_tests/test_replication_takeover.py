@@ -19,7 +19,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -34,8 +33,10 @@ import pytest
 from callfs.core.replication import IDLE_POLL, LEASE, RENEW_EVERY
 from cluster_tests.harness import (
     API_KEY,
+    CREDS,
     ClusterNode,
     free_ports,
+    moto_server,
     node_config,
     private_pg_database,
 )
@@ -47,41 +48,13 @@ FILES = 12
 #: The issue's "taken over within seconds": whatever ``LEASE`` says, a dead node's items are
 #: another node's this soon after the kill.
 TAKEOVER_WITHIN = 20.0
-CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
     """moto's S3 server in its own process (so it can be frozen), and a fresh bucket."""
-    (port,) = free_ports(1)
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - the child's for its lifetime
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.list_buckets()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        bucket = f"callfs-takeover-{uuid.uuid4().hex[:8]}"
-        client.create_bucket(Bucket=bucket)
-        yield proc, endpoint, bucket
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            proc.wait(30)
+    with moto_server(tmp_path, "takeover") as found:
+        yield found
 
 
 @pytest.fixture
