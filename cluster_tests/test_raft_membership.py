@@ -13,17 +13,16 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from cluster_tests.harness import INTERNAL, ClusterNode, free_ports, node_config
+from cluster_tests.harness import INTERNAL, ClusterNode, free_ports, node_config, until
 from cluster_tests.raftlib import H, raft_cluster, raft_section, raft_status, wait_leader
 
 pytestmark = pytest.mark.slow
@@ -41,18 +40,6 @@ def call(
         return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         return 0, repr(exc).encode()
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def get_past(node: ClusterNode, path: str, transient: int, timeout: float) -> tuple[int, bytes]:

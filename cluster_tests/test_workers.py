@@ -36,6 +36,7 @@ from cluster_tests.harness import (
     moto_server,
     node_config,
     private_pg_database,
+    until,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,13 +62,7 @@ def worker_pids(node: ClusterNode) -> list[int]:
 
 
 def wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return until(check, timeout, what, every=0.1)
 
 
 def established_by_pid(port: int, pids: list[int]) -> dict[int, int]:
