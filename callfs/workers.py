@@ -172,9 +172,9 @@ def _with_port(addr: tuple[Any, ...], port: int) -> tuple[Any, ...]:
 
 
 class WorkerPool:
-    """The primary's worker processes: started before it listens on the main port (so a node that
-    answers serves with every process), restarted when they die,
-        stopped (SIGTERM, then SIGKILL after ``stop_timeout``) before the primary stops."""
+    """The primary's worker processes: started before it accepts on the main port (so a node that
+    answers serves with every process), restarted when they die, and stopped (SIGTERM, then
+    SIGKILL after ``stop_timeout``) before the primary stops."""
 
     def __init__(
         self, cfg: Config, directory: str, port: int, stop_timeout: float, metrics: Metrics
