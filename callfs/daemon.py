@@ -780,4 +780,7 @@ def run(
 
 def run_worker(spec: WorkerSpec) -> int:
     """A worker process of a primary (``python -m callfs.worker``, ``callfs.workers``)."""
+    from callfs.log import set_worker
+
+    set_worker(spec.index)  # every log line of this process names it
     return run(spec.cfg, on_ready=signal_ready, worker=spec)

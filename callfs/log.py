@@ -91,6 +91,16 @@ class RefusedRequestFilter(logging.Filter):
         return True
 
 
+#: This process's index when it is a worker of its node (``server.workers``); None: the primary,
+#: or the only process. Shown on every line so that operators can tell the processes apart.
+_worker: int | None = None
+
+
+def set_worker(index: int | None) -> None:
+    global _worker
+    _worker = index
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -100,6 +110,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _worker is not None:
+            out["worker"] = _worker
         rid = record.__dict__.get("request_id") or request_id_var.get()
         if rid:
             out["request_id"] = rid
@@ -121,6 +133,8 @@ class ConsoleFormatter(logging.Formatter):
                 parts.append(f"{name}={record.__dict__[name]}")
         if rid:
             parts.append(f"request_id={rid}")
+        if _worker is not None:
+            parts.append(f"worker={_worker}")
         line = " ".join(parts)
         if record.exc_text:
             line += "\n" + record.exc_text

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -206,3 +208,18 @@ def test_the_spec_round_trips_with_the_config_read_only_maps(tmp_path: Path) -> 
         spec.cfg.auth.api_key_users["bob"] = "b" * 16  # still read-only
     assert spec.primary_socket == "/tmp/d/primary.sock"
     assert spec.metrics_socket == "/tmp/d/worker-1.sock"
+
+
+def test_a_worker_process_names_itself_on_every_log_line() -> None:
+    from callfs.log import ConsoleFormatter, JsonFormatter, set_worker
+
+    record = logging.LogRecord("callfs.x", logging.INFO, __file__, 1, "hello", None, None)
+    try:
+        set_worker(2)
+        assert json.loads(JsonFormatter().format(record))["worker"] == 2
+        assert ConsoleFormatter().format(record).endswith(" worker=2")
+        set_worker(None)  # the primary, or a node of one process: no field
+        assert "worker" not in json.loads(JsonFormatter().format(record))
+        assert "worker=" not in ConsoleFormatter().format(record)
+    finally:
+        set_worker(None)
