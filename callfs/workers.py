@@ -23,8 +23,10 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -81,8 +83,35 @@ def metrics_socket(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.sock")
 
 
+_DIR_PREFIX = "callfs-workers-"
+
+
 def private_directory() -> str:
-    return tempfile.mkdtemp(prefix="callfs-workers-")  # mode 0700
+    """A new directory (mode 0700) for the primary's sockets, named after its pid. Those of
+    primaries that died without removing theirs (kill -9) go first: a directory of this user,
+    named for a pid that no longer runs."""
+    base = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            pid = name[len(_DIR_PREFIX) :].split("-", 1)[0]
+            if not name.startswith(_DIR_PREFIX) or not pid.isdigit() or _running(int(pid)):
+                continue
+            path = os.path.join(base, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                    shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def listen_sockets(host: str | None, port: int, *, check_free: bool) -> list[socket.socket]:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,30 @@ def test_a_worker_process_names_itself_on_every_log_line() -> None:
         assert "worker=" not in ConsoleFormatter().format(record)
     finally:
         set_worker(None)
+
+
+def test_socket_directories_of_dead_primaries_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A primary killed with SIGKILL leaves its socket directory; the next primary on the
+    machine removes it, but never one of a primary still running, nor anything else."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from callfs.workers import private_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f"callfs-workers-{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"callfs-workers-{os.getpid()}-def"
+    other = tmp_path / "callfs-workers-notapid"
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "primary.sock").write_text("")
+    made = private_directory()
+    assert not dead.exists()
+    assert alive.exists() and other.exists()
+    assert os.path.basename(made).startswith(f"callfs-workers-{os.getpid()}-")
+    assert os.stat(made).st_mode & 0o777 == 0o700
