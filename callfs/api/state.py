@@ -76,16 +76,6 @@ def bridge_of(state: ApiState, request: web.BaseRequest) -> str | None:
     return None
 
 
-def from_h3_bridge(request: web.Request) -> bool:
-    """True when the request arrived through the HTTP/3 relay's private socket."""
-    return bridge_of(api_state(request), request) == "h3"
-
-
-def through_h3_bridge(state: ApiState, request: web.BaseRequest) -> bool:
-    """``from_h3_bridge`` for a request that has no route (and so no app) to ask."""
-    return bridge_of(state, request) == "h3"
-
-
 def tls_of(state: ApiState, request: web.BaseRequest) -> bool:
     """Whether the client's own connection is TLS: HTTP/3 always is; a request relayed by
     another worker carries its connection's answer."""
