@@ -4,7 +4,10 @@ itself (SIGKILL) at one step of the write path, for ``test_crash_points.py``.
 ``CRASH_POINT`` names the step; the kill fires at the first pass through it while the file named
 by ``CRASH_ARM`` exists (the test creates it just before the request it wants to crash):
 
-- ``staged``: the new bytes are written under ``.callfs/tmp``, not yet fsync'd nor renamed;
+- ``staged``: ``stage`` consumed the body (a big body's bytes are under ``.callfs/tmp``, a small
+  body's last part still in memory: ``publish`` writes it);
+- ``written``: every byte is written under ``.callfs/tmp`` (in ``publish``'s hop), not yet
+  fsync'd nor renamed;
 - ``renamed``: the staged file was renamed to its blob key, not yet fsync'd;
 - ``published``: the blob is fsync'd under its own key, the metadata not yet committed;
 - ``committed``: the metadata commit returned, the answer not yet sent.
@@ -53,8 +56,11 @@ async def publish(self: Any) -> None:
 
 
 def rename(src: Any, dst: Any, *, src_dir_fd: Any = None, dst_dir_fd: Any = None) -> None:
+    publish = src_dir_fd is not None  # the publish rename, out of .callfs/tmp
+    if publish:
+        _reached("written")
     _rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-    if src_dir_fd is not None:  # the publish rename, out of .callfs/tmp
+    if publish:
         _reached("renamed")
 
 

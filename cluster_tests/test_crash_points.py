@@ -1,6 +1,7 @@
 """A ``callfs server`` (SQLite metadata, localfs bytes) killed with SIGKILL at each step of a write
-(``crash_points.py``: bytes staged; renamed to their blob key but not fsync'd; fsync'd; metadata
-committed), for an overwrite and for a new file, then restarted on the same data.
+(``crash_points.py``: body staged; every byte written to its temp file; renamed to its blob key but
+not fsync'd; fsync'd; metadata committed), for an overwrite and for a new file, then restarted on
+the same data.
 
 Before the metadata commit the old state must be whole (the old bytes, or no file); after it, the
 new; never a partial or mixed file, whatever the step. fsck then finds nothing missing and no size
@@ -26,7 +27,7 @@ from cluster_tests.harness import API_KEY, INTERNAL, ClusterNode, free_ports, no
 pytestmark = pytest.mark.slow
 H = {"Authorization": f"Bearer {API_KEY}"}
 WRAPPER = Path(__file__).with_name("crash_points.py")
-POINTS = ["staged", "renamed", "published", "committed"]
+POINTS = ["staged", "written", "renamed", "published", "committed"]
 V1 = b"version one " * 1000
 V2 = b"VERSION TWO, LONGER " * 3000
 NEW = b"a new file " * 700
@@ -106,7 +107,7 @@ async def test_a_kill_at_each_step_of_a_write(tmp_path: Path, point: str) -> Non
             assert counts["orphan"] + counts["stale-temp"] <= 2, report
             if point in ("renamed", "published"):
                 assert counts["orphan"] >= 1, report  # the renamed blob, never referenced
-            if point == "staged":  # the start-up sweep of .callfs/tmp removed the staged bytes
+            if point in ("staged", "written"):  # the start-up sweep of .callfs/tmp removed them
                 assert counts["orphan"] + counts["stale-temp"] == 0, report
             report = await asyncio.to_thread(fsck, node, "--repair")
             report = await asyncio.to_thread(fsck, node)

@@ -181,7 +181,8 @@ class StorageBackend(Protocol):
       ``replica`` and ``shards`` are the keys ``stat``/``delete`` take; ``tmp`` keys only name
       leftovers (``sweep_temp`` removes them). ``BadRequest`` for an unknown area.
     - A key resolving outside the backend's root, or into its internal areas, raises
-      ``UnsafePath``. A backend out of space raises ``InsufficientStorage``.
+      ``UnsafePath`` (a write: from ``stage``, or at the latest from ``publish``, which localfs
+      leaves a small body's only write to). A backend out of space raises ``InsufficientStorage``.
     """
 
     kind: str

@@ -15,8 +15,9 @@ Every operation reaches its directory from the root one component at a time (``o
 stats, deletes, staging, publishing, the temp sweep and the blob listing. A directory inside the
 root swapped for a symlink at any moment, ``.callfs`` and its areas included, is refused (logged,
 ``UnsafePath``), never followed: nothing outside the root is ever created, read or removed, and
-``start`` refuses a root whose internal directories are symlinks. Reads on Linux 5.6+ do the
-same in one ``openat2(RESOLVE_NO_SYMLINKS)`` call (``_OPEN_NO_SYMLINKS``).
+``start`` refuses a root whose internal directories are symlinks. On Linux 5.6+ reads, and
+walks whose directories all exist, do the same in one ``openat2(RESOLVE_NO_SYMLINKS)`` call
+(``_OPEN_NO_SYMLINKS``).
 
 Everything the server creates under ``.callfs/`` is private to its user: directories 0700, files
 0600 (``docs/security.md``).
@@ -102,13 +103,14 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 
 
-def _load_open_no_symlinks() -> Callable[[str], int] | None:
-    """``open(path)`` for reading, refusing (``ELOOP``) a symlink at *any* component of the
-    absolute ``path``, in one system call: Linux ``openat2`` with ``RESOLVE_NO_SYMLINKS``. It
-    gives what the component-by-component walk (``_open_dir_blocking``) gives a read, with one
-    ``openat2`` instead of a dozen opens and closes (the walk cost about a tenth of a GET 4 KiB's
-    CPU). None where it is not available (not Linux, a kernel before 5.6, a seccomp filter that
-    refuses it): reads then walk."""
+def _load_open_no_symlinks() -> Callable[[str, int], int] | None:
+    """``open(path, flags)`` refusing (``ELOOP``) a symlink at *any* component of the absolute
+    ``path``, in one system call: Linux ``openat2`` with ``RESOLVE_NO_SYMLINKS``. It gives what
+    the component-by-component walk (``_open_dir_blocking``) gives, with one ``openat2`` instead
+    of a dozen opens and closes (the walk cost about a tenth of a GET 4 KiB's CPU; each open and
+    close of a write's walk, in a thread, also waited for the event loop's GIL). ``O_NOFOLLOW``
+    and ``O_CLOEXEC`` are always added. None where it is not available (not Linux, a kernel
+    before 5.6, a seccomp filter that refuses it): the walk is used then."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -116,27 +118,26 @@ def _load_open_no_symlinks() -> Callable[[str], int] | None:
     except (OSError, AttributeError):
         return None
     syscall.restype = ctypes.c_long
-    how = _OpenHow(
-        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-        0,
-        _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
-    )
-    args = (
-        ctypes.c_long(_SYS_OPENAT2),
-        ctypes.c_int(_AT_FDCWD),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
-    )
+    hows: dict[int, _OpenHow] = {}
+    size = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+    number, cwd = ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD)
 
-    def open_no_symlinks(path: str) -> int:
-        fd = int(syscall(args[0], args[1], os.fsencode(path), args[2], args[3]))
+    def open_no_symlinks(path: str, flags: int) -> int:
+        how = hows.get(flags)
+        if how is None:
+            how = hows[flags] = _OpenHow(
+                flags | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0,
+                _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
+            )
+        fd = int(syscall(number, cwd, os.fsencode(path), ctypes.byref(how), size))
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)
         return fd
 
     try:
-        os.close(open_no_symlinks("/"))
+        os.close(open_no_symlinks("/", os.O_RDONLY | os.O_DIRECTORY))
     except OSError:
         return None
     return open_no_symlinks
@@ -150,6 +151,7 @@ READ_CHUNK = 1024 * 1024
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK
 #: Modes of what the server creates under ``.callfs/`` (before the umask): private to its user.
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -196,14 +198,29 @@ class LocalFileStream:
 
 
 class _Staged:
+    """A staged body. Its last part (under ``WRITE_BATCH``: all of a small body) is still in
+    memory when ``stage`` returns: ``publish`` writes it, fsyncs, renames and fsyncs the
+    directory in one thread hop (a 4 KiB PUT took two hops and opened its file twice)."""
+
     def __init__(
-        self, backend: LocalFSBackend, key: str, tmp: str, target: tuple[str, ...], size: int
+        self,
+        backend: LocalFSBackend,
+        key: str,
+        tmp: str,
+        target: tuple[str, ...],
+        size: int,
+        tail: list[Chunk] | None = None,
+        fileobj: IO[bytes] | None = None,
     ) -> None:
         self._backend = backend
         self.key = key
         self._tmp = tmp  # a name in .callfs/tmp
         self._target = target  # the key's components from the root
         self.size = size
+        #: The bytes not yet written (``None``: the file in .callfs/tmp is complete), and the
+        #: staged file's descriptor while it is open (a body bigger than one write batch).
+        self._tail = tail
+        self._fileobj = fileobj
         #: ``publish`` renamed the file to a new blob key (``new_blob_key``: only this object
         #: ever publishes it), and its caller was cancelled before it learned so: ``discard``
         #: removes it. A replica or shard key can be written again by another attempt, and a
@@ -212,7 +229,16 @@ class _Staged:
 
     async def publish(self) -> None:
         def run() -> None:
-            created = self._backend._publish_blocking(self._tmp, self._target) is True
+            fileobj, self._fileobj = self._fileobj, None
+            tail, self._tail = self._tail, None
+            try:
+                if tail and fileobj is not None:
+                    self._backend._write_blocking(fileobj, self._tmp, self._target, tail)
+                    tail = None
+                created = self._backend._publish_blocking(self._tmp, self._target, fileobj, tail)
+            finally:
+                if fileobj is not None:
+                    fileobj.close()
             self._created = created and is_blob_key(self.key)
 
         try:
@@ -232,13 +258,23 @@ class _Staged:
             except (UnsafePath, OSError):
                 log.warning("could not remove an abandoned blob; the orphan sweep will")
             return
-        await run_blocking(self._backend._discard_blocking, self._tmp)
+        fileobj, self._fileobj = self._fileobj, None
+        self._tail = None
+        await run_blocking(self._backend._discard_blocking, self._tmp, fileobj)
 
 
 #: A hard link that fails with one of these cannot be made here: ``stage_file`` copies instead.
 _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP})
 #: A write that fails with one of these found no room: ``InsufficientStorage`` (507).
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _write_parts(fd: int, parts: list[Chunk]) -> None:
+    """Write every byte of ``parts`` to ``fd`` (a write may take fewer bytes than given)."""
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _raise_if_no_space(exc: OSError) -> None:
@@ -325,6 +361,25 @@ class LocalFSBackend:
         """
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
+        if _OPEN_NO_SYMLINKS is not None and parts:
+            # The whole way in one call. A new blob's fan-out directory is often missing: its
+            # parent in one call, then the usual step makes it. Anything else (more missing,
+            # a symlink to refuse and log) is left to the walk below.
+            path = os.path.join(self._root, *parts)
+            try:
+                return _OPEN_NO_SYMLINKS(path, _DIR_FLAGS)
+            except OSError as exc:
+                missing = exc.errno == errno.ENOENT and create_mode is not None
+            if missing:
+                try:
+                    parent = _OPEN_NO_SYMLINKS(os.path.dirname(path), _DIR_FLAGS)
+                except OSError:
+                    pass
+                else:
+                    try:
+                        return _open_child_dir(parent, parts[-1], create_mode, made)
+                    finally:
+                        os.close(parent)
         # self._root was made a real path at start: no component of it is a symlink.
         fd = os.open(self._root, os.O_RDONLY | _O_DIRECTORY)
         try:
@@ -352,7 +407,7 @@ class LocalFSBackend:
             finally:
                 os.close(parent)
         try:
-            return _OPEN_NO_SYMLINKS(os.path.join(self._root, *parts))
+            return _OPEN_NO_SYMLINKS(os.path.join(self._root, *parts), _READ_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NotFound() from exc
@@ -384,9 +439,6 @@ class LocalFSBackend:
             if not opened:
                 opened.append(fileobj)
 
-        def finish(parts: list[Chunk]) -> None:
-            self._finish_blocking(opened[0] if opened else None, tmp, target, parts)
-
         try:
             # Each hop runs to its end even if this task is cancelled meanwhile (a shutdown, a
             # failing erasure upload stopping its other shard writers): the cleanup below never
@@ -401,15 +453,13 @@ class LocalFSBackend:
                     await run_to_end(write, pending)
                     pending = []
                     pending_size = 0
-            await run_to_end(finish, pending)
         except BaseException as exc:
-            if opened and not opened[0].closed:
-                opened[0].close()
-            await run_blocking(self._discard_blocking, tmp)
+            await run_blocking(self._discard_blocking, tmp, opened[0] if opened else None)
             if isinstance(exc, OSError):
                 _raise_if_no_space(exc)
             raise
-        return _Staged(self, key, tmp, target, size)
+        # The last part is written by ``publish``, in the hop that makes the file durable.
+        return _Staged(self, key, tmp, target, size, pending, opened[0] if opened else None)
 
     async def stage_file(self, key: str, source: str) -> _Staged:
         """A hard link of ``source`` in ``.callfs/tmp`` (no copy: a finished resumable upload
@@ -473,11 +523,7 @@ class LocalFSBackend:
             fileobj = os.fdopen(fd, "wb", buffering=0)
         try:
             start = fileobj.tell() if writeback else 0
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    written = fileobj.write(view)
-                    view = view[written or 0 :]
+            _write_parts(fileobj.fileno(), parts)
             if writeback:
                 start_writeback(fileobj.fileno(), start, fileobj.tell() - start)
         except BaseException:
@@ -486,23 +532,24 @@ class LocalFSBackend:
             raise
         return fileobj
 
-    def _finish_blocking(
-        self, fileobj: IO[bytes] | None, tmp: str, target: tuple[str, ...], parts: list[Chunk]
-    ) -> None:
-        """Write the last parts and close: the bytes are fsync'd at ``publish`` (in the same
-        thread hop as the rename: one journal commit instead of two, see ``_publish_blocking``)."""
-        self._write_blocking(fileobj, tmp, target, parts).close()
-
     def _check_target_blocking(self, target: tuple[str, ...]) -> None:
         """Refuse (``UnsafePath``) a symlink among the directories on the way to ``target`` that
         exist already; missing ones are made at publish (a file in the way fails there)."""
         with contextlib.suppress(NotFound):
             os.close(self._open_dir_blocking(target[:-1]))
 
-    def _publish_blocking(self, tmp: str, target: tuple[str, ...]) -> bool:
+    def _publish_blocking(
+        self,
+        tmp: str,
+        target: tuple[str, ...],
+        written: IO[bytes] | None = None,
+        parts: list[Chunk] | None = None,
+    ) -> bool:
         """Make the staged file durable and rename it from ``.callfs/tmp`` into the target's
         directory, both reached by the walk (missing fan-out directories made 0700, each fsync'd
-        into its parent), then fsync that directory. Nothing is ever renamed out of or into a
+        into its parent), then fsync that directory. The file is ``written`` (its open
+        descriptor, which stays open), or is made here (0600) from ``parts`` (a small body: one
+        hop for all of it), or else is opened here. Nothing is ever renamed out of or into a
         directory outside the root, even if one on the way was swapped for a symlink after
         ``stage``.
 
@@ -517,11 +564,23 @@ class LocalFSBackend:
         mode = PRIVATE_DIR_MODE if target[0] == INTERNAL_DIR else LEGACY_DIR_MODE
         tmp_dir = self._open_dir_blocking(_TMP_PARTS)
         made: list[int] = []  # parents of fan-out directories made now: fsync'd after the file
-        try:
-            fd = os.open(tmp, os.O_RDONLY | _O_NOFOLLOW, dir_fd=tmp_dir)
-        except BaseException:
-            os.close(tmp_dir)
-            raise
+        if written is not None:
+            fd = written.fileno()
+        else:
+            try:
+                if parts is None:
+                    fd = os.open(tmp, os.O_RDONLY | _O_NOFOLLOW, dir_fd=tmp_dir)
+                else:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+                    fd = os.open(tmp, flags, PRIVATE_FILE_MODE, dir_fd=tmp_dir)
+                    try:
+                        _write_parts(fd, parts)
+                    except BaseException:
+                        os.close(fd)  # the file stays for ``discard`` to remove
+                        raise
+            except BaseException:
+                os.close(tmp_dir)
+                raise
         try:
             parent = self._open_dir_blocking(target[:-1], create_mode=mode, made=made)
             try:
@@ -551,11 +610,16 @@ class LocalFSBackend:
         finally:
             for made_in in made:
                 os.close(made_in)
-            os.close(fd)
+            if written is None:
+                os.close(fd)
             os.close(tmp_dir)
 
-    def _discard_blocking(self, tmp: str) -> None:
-        """Remove the staged file ``tmp`` from ``.callfs/tmp`` (reached by the walk), quietly."""
+    def _discard_blocking(self, tmp: str, fileobj: IO[bytes] | None = None) -> None:
+        """Close ``fileobj`` (the staged file, if still open) and remove the staged file ``tmp``
+        from ``.callfs/tmp`` (reached by the walk), quietly."""
+        if fileobj is not None and not fileobj.closed:
+            with contextlib.suppress(OSError):
+                fileobj.close()
         try:
             tmp_dir = self._open_dir_blocking(_TMP_PARTS)
         except (NotFound, UnsafePath):

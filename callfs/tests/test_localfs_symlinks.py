@@ -18,11 +18,14 @@ import pytest
 
 from callfs.errors import NotFound, UnsafePath
 from callfs.storage import localfs
-from callfs.storage.base import new_blob_key
+from callfs.storage.base import new_blob_key, publish_or_discard
 from callfs.storage.localfs import LocalFSBackend
 
 INSIDE = b"inside bytes"
 OUTSIDE = b"OUTSIDE BYTES - must never be served"
+#: A body over one write batch: ``stage`` writes it to ``.callfs/tmp`` (a smaller one is held
+#: in memory and written by ``publish``).
+STAGED = INSIDE * 100_000
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -178,7 +181,9 @@ async def test_staging_never_writes_or_sweeps_through_a_symlink(
     before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
     _replace_with_symlink(tmp_path / "root", rel_dir, outside)
     with pytest.raises(UnsafePath):
-        await backend.stage(new_blob_key(), _chunks(INSIDE))
+        await backend.stage(new_blob_key(), _chunks(STAGED))
+    with pytest.raises(UnsafePath):
+        await publish_or_discard(await backend.stage(new_blob_key(), _chunks(INSIDE)))
     with pytest.raises(UnsafePath):
         await backend.sweep_temp(0.0)
     assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
@@ -196,7 +201,7 @@ async def test_publish_and_discard_after_a_swap_stay_inside(
     outside holds a file under the staged file's very name, which is never moved nor removed."""
     blob = new_blob_key()
     key = f"r/{blob}" if rel_dir.endswith("replica") else blob
-    staged = await backend.stage(key, _chunks(INSIDE))
+    staged = await backend.stage(key, _chunks(STAGED))
     (part,) = (tmp_path / "root" / ".callfs" / "tmp").iterdir()
     outside = _outside_with_precious(tmp_path)
     for sub in ("", "tmp"):
@@ -221,7 +226,7 @@ async def test_internal_directories_and_files_are_private(tmp_path: Path) -> Non
         blob = new_blob_key()
         await _write(b, blob, INSIDE)
         await _write(b, f"r/{blob}", INSIDE)
-        staged = await b.stage(new_blob_key(), _chunks(INSIDE))
+        staged = await b.stage(new_blob_key(), _chunks(STAGED))
         internal = tmp_path / "root" / ".callfs"
         modes = {
             str(p.relative_to(internal)): p.stat().st_mode & 0o777

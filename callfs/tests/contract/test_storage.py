@@ -11,7 +11,7 @@ import pytest
 
 from callfs.core.engine import replica_key
 from callfs.errors import CallFSError, NotFound, UnsafePath
-from callfs.storage.base import StorageBackend, new_blob_key
+from callfs.storage.base import StorageBackend, new_blob_key, publish_or_discard
 
 
 async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -155,9 +155,12 @@ async def test_symlinks_out_of_the_root_are_refused(tmp_path: Path) -> None:
         await backend.open_read("escape/secret")
     with pytest.raises(UnsafePath):
         await backend.open_read("link")
-    with pytest.raises(UnsafePath):
-        await backend.stage("escape/new", chunks(b"x"))
+    with pytest.raises(UnsafePath):  # a small body is written at publish: refused there
+        await publish_or_discard(await backend.stage("escape/new", chunks(b"x")))
+    with pytest.raises(UnsafePath):  # a bigger one at its first write
+        await backend.stage("escape/big", chunks(b"x" * (3 << 20)))
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert list((tmp_path / "root" / ".callfs" / "tmp").iterdir()) == []
 
 
 async def test_list_keys_pages_every_area(storage: StorageBackend) -> None:

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from callfs.api.middleware import SECURITY_HEADERS
 from callfs.daemon import Node
+from callfs.storage import localfs
 from callfs.tests.functional.conftest import ALICE_KEY, auth, raw_url, unreferenced_files
 
 Client = TestClient[Any, Any]
@@ -238,28 +239,29 @@ class _FailingWrites:
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
-@pytest.mark.parametrize("step", ["_write_blocking", "_finish_blocking", "_publish_blocking"])
+@pytest.mark.parametrize("step", ["a write while streaming", "the last write", "the publish"])
 async def test_no_space_at_any_write_step_is_507(
     client: Client, node: Node, monkeypatch: pytest.MonkeyPatch, err: int, step: str
 ) -> None:
     assert node.engine is not None
     backend = node.engine.backend("localfs").inner  # type: ignore[attr-defined]
     fault = _FailingWrites(err)
-    real = getattr(backend, step)
-    if step == "_publish_blocking":
-        monkeypatch.setattr(backend, step, fault.fail)
+    if step == "the publish":
+        monkeypatch.setattr(backend, "_publish_blocking", fault.fail)
     else:
+        # The disk fills up once some bytes are staged (a first write that fails is the tmpfs
+        # test's case). A small body's only write is made by ``publish``, in its hop.
+        real, calls = localfs._write_parts, []
 
-        def write_then_fail(fileobj: Any, *args: Any) -> Any:
-            # the disk fills up once some bytes are staged (a first write that fails is the
-            # tmpfs test's case): the staged file is already open then
-            opened = real(fileobj, *args)
-            if fileobj is None and step == "_write_blocking":
-                return opened
-            return fault.fail()
+        def write_then_fail(fd: int, parts: Any) -> None:
+            calls.append(fd)
+            if len(calls) == (2 if step == "a write while streaming" else 1):
+                fault.fail()
+            real(fd, parts)
 
-        monkeypatch.setattr(backend, step, write_then_fail)
-    data = b"z" * (3 << 20)  # more than one write batch
+        monkeypatch.setattr(localfs, "_write_parts", write_then_fail)
+    # more than one write batch; a small body is written whole at publish
+    data = b"z" * ((3 << 20) if step == "a write while streaming" else 100_000)
     resp = await client.post("/v1/files/nospace.bin", data=chunks_of(data), headers=auth())
     assert fault.fired == 1
     assert resp.status == 507, await resp.text()
