@@ -7,7 +7,7 @@ by ``CRASH_ARM`` exists (the test creates it just before the request it wants to
 - ``staged``: ``stage`` consumed the body (a big body's bytes are under ``.callfs/tmp``, a small
   body's last part still in memory: ``publish`` writes it);
 - ``written``: every byte is written under ``.callfs/tmp`` (in ``publish``'s hop), not yet
-  fsync'd nor renamed;
+  renamed (nor fsync'd: blob keys are always new names);
 - ``renamed``: the staged file was renamed to its blob key, not yet fsync'd;
 - ``published``: the blob is fsync'd under its own key, the metadata not yet committed;
 - ``committed``: the metadata commit returned, the answer not yet sent.

@@ -238,7 +238,9 @@ class _Staged:
                 created = self._backend._publish_blocking(self._tmp, self._target, fileobj, tail)
             finally:
                 if fileobj is not None:
-                    fileobj.close()
+                    # after a publish, the bytes are durable: a failing close changes nothing
+                    with contextlib.suppress(OSError):
+                        fileobj.close()
             self._created = created and is_blob_key(self.key)
 
         try:
@@ -259,8 +261,13 @@ class _Staged:
                 log.warning("could not remove an abandoned blob; the orphan sweep will")
             return
         fileobj, self._fileobj = self._fileobj, None
-        self._tail = None
-        await run_blocking(self._backend._discard_blocking, self._tmp, fileobj)
+        tail, self._tail = self._tail, None
+        if fileobj is not None:  # no thread uses it: stage and publish ran to their end
+            with contextlib.suppress(OSError):
+                fileobj.close()
+        elif tail is not None:
+            return  # a small body never published: nothing was written to disk
+        await run_blocking(self._backend._discard_blocking, self._tmp)
 
 
 #: A hard link that fails with one of these cannot be made here: ``stage_file`` copies instead.
@@ -454,7 +461,10 @@ class LocalFSBackend:
                     pending = []
                     pending_size = 0
         except BaseException as exc:
-            await run_blocking(self._discard_blocking, tmp, opened[0] if opened else None)
+            if opened:  # closed here: the write hops ran to their end (``run_to_end``)
+                with contextlib.suppress(OSError):
+                    opened[0].close()
+            await run_blocking(self._discard_blocking, tmp)
             if isinstance(exc, OSError):
                 _raise_if_no_space(exc)
             raise
@@ -614,12 +624,8 @@ class LocalFSBackend:
                 os.close(fd)
             os.close(tmp_dir)
 
-    def _discard_blocking(self, tmp: str, fileobj: IO[bytes] | None = None) -> None:
-        """Close ``fileobj`` (the staged file, if still open) and remove the staged file ``tmp``
-        from ``.callfs/tmp`` (reached by the walk), quietly."""
-        if fileobj is not None and not fileobj.closed:
-            with contextlib.suppress(OSError):
-                fileobj.close()
+    def _discard_blocking(self, tmp: str) -> None:
+        """Remove the staged file ``tmp`` from ``.callfs/tmp`` (reached by the walk), quietly."""
         try:
             tmp_dir = self._open_dir_blocking(_TMP_PARTS)
         except (NotFound, UnsafePath):
