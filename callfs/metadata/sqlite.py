@@ -16,6 +16,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MAX_BATCH = 256
+#: How long a write batch waits for another process's write transaction (``server.workers``, a
+#: CLI beside the server) before it fails: what ``busy_timeout`` was.
+_BUSY_LIMIT = 10.0
+#: The waits between two tries, growing to the last. SQLite's own busy handler sleeps 25-100 ms
+#: once it has waited a few times: two processes writing in turn then saw PUTs wait 600 ms.
+_BUSY_SLEEPS = (0.0002, 0.0005, 0.001, 0.002)
+_SQLITE_BUSY = 5
 #: Constraint failures that mean "a row with this key exists" (AlreadyExists, 409).
 _KEY_CLASHES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -70,6 +78,21 @@ def op_error(exc: Exception) -> CallFSError:
         err = InternalError("metadata store write failed")
     err.__cause__ = exc
     return err
+
+
+def _until_not_busy(conn: sqlite3.Connection, sql: str, deadline: float) -> None:
+    """Run ``sql`` on the writer connection (``busy_timeout`` 0), trying again after a short
+    sleep while another connection holds the write lock, until ``deadline``."""
+    tries = 0
+    while True:
+        try:
+            conn.execute(sql)
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != _SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(_BUSY_SLEEPS[min(tries, len(_BUSY_SLEEPS) - 1)])
+        tries += 1
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -112,6 +135,7 @@ class SqliteMetadataStore:
         try:
             for number in ops.migrate(conn):
                 log.info("sqlite metadata schema migrated to version %d", number)
+            conn.execute("PRAGMA busy_timeout=0")  # the writer waits in _until_not_busy
             inline = ops.connect(self.path)
         except sqlite3.Error as exc:
             conn.close()
@@ -172,7 +196,8 @@ class SqliteMetadataStore:
     def _apply_batch(conn: sqlite3.Connection, batch: list[_WriteOp]) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            deadline = time.monotonic() + _BUSY_LIMIT
+            _until_not_busy(conn, "BEGIN IMMEDIATE", deadline)
             for op in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -187,7 +212,7 @@ class SqliteMetadataStore:
                     continue
                 conn.execute("RELEASE op")
                 outcomes.append((result, None))
-            conn.execute("COMMIT")
+            _until_not_busy(conn, "COMMIT", deadline)  # a busy COMMIT stays open: tried again
         except sqlite3.Error as exc:
             log.error("sqlite write batch failed: %s", exc)
             with contextlib.suppress(sqlite3.Error):
