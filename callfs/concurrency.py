@@ -8,9 +8,9 @@ import contextlib
 import contextvars
 import functools
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -76,6 +76,49 @@ def shutdown_pools() -> None:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
     _io_pool = _cpu_pool = None
+
+
+async def bounded(step: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``await step`` within ``seconds`` (``TimeoutError`` after, like ``asyncio.timeout``),
+    arming the timer only if ``step`` suspends. A timeout can only fire at a suspension point
+    anyway; entering and leaving ``asyncio.timeout`` costs 4.4 us, about 4 % of a GET 4 KiB whose
+    inline metadata read and file open each passed one without ever suspending. The first step
+    runs here, in the caller's task, as ``await step`` would run it."""
+    try:
+        first = step.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    async with asyncio.timeout(seconds):
+        return await _Resumed(step, first)
+
+
+class _Resumed(Generic[T]):
+    """Awaits the rest of a coroutine whose first step already ran and yielded ``first``: what
+    ``await`` does from there on (PEP 380), the yielded futures passed to the task and its
+    results, exceptions (a cancel) and close passed back."""
+
+    def __init__(self, step: Coroutine[Any, Any, T], first: Any) -> None:
+        self._step = step
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        step, out = self._step, self._first
+        while True:
+            try:
+                sent = yield out
+            except GeneratorExit:
+                step.close()
+                raise
+            except BaseException as exc:  # thrown in by the task: a cancel, above all
+                try:
+                    out = step.throw(exc)
+                except StopIteration as done:
+                    return cast(T, done.value)
+            else:
+                try:
+                    out = step.send(sent)
+                except StopIteration as done:
+                    return cast(T, done.value)
 
 
 async def put_unless_done(queue: asyncio.Queue[T], item: T, consumer: asyncio.Future[Any]) -> bool:

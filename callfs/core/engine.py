@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from callfs.auth.policy import check_delete, check_read, check_write
+from callfs.concurrency import bounded
 from callfs.core.peer import PeerClient
 from callfs.core.tee import store_with_copy
 from callfs.erasure.service import ErasureService, Profile, placement
@@ -285,23 +286,28 @@ class Engine:
 
     async def _open(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
         try:
-            async with asyncio.timeout(self.settings.file_op_timeout):
-                if self.is_remote(entry) and self.peers is not None:
-                    assert entry.instance_id is not None
-                    return await self.peers.open_read(entry.instance_id, entry.path, offset, length)
-                self._route(entry)
-                if entry.blob_key is None:
-                    raise NotFound()
-                if entry.backend_type is BackendType.ERASURE:
-                    return await self._open_erasure(entry, offset, length)
-                if length is None:
-                    # The record's size is the truth: reading exactly that much also lets a backend
-                    # answer small files inline.
-                    length = max(entry.size - offset, 0)
-                backend = self.backend(entry.backend_type)
-                return await backend.open_read(entry.blob_key, offset, length)
+            # no timer for a small local file, opened and read inline
+            return await bounded(
+                self._open_now(entry, offset, length), self.settings.file_op_timeout
+            )
         except TimeoutError as exc:
             raise Unavailable("timed out opening the file") from exc
+
+    async def _open_now(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
+        if self.is_remote(entry) and self.peers is not None:
+            assert entry.instance_id is not None
+            return await self.peers.open_read(entry.instance_id, entry.path, offset, length)
+        self._route(entry)
+        if entry.blob_key is None:
+            raise NotFound()
+        if entry.backend_type is BackendType.ERASURE:
+            return await self._open_erasure(entry, offset, length)
+        if length is None:
+            # The record's size is the truth: reading exactly that much also lets a backend
+            # answer small files inline.
+            length = max(entry.size - offset, 0)
+        backend = self.backend(entry.backend_type)
+        return await backend.open_read(entry.blob_key, offset, length)
 
     async def _open_erasure(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
         layout = await self.erasure_layout(entry)

@@ -3,11 +3,11 @@ records ``callfs_metadata_db_*`` metrics, so no store implementation repeats eit
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
+from callfs.concurrency import bounded
 from callfs.errors import Unavailable
 from callfs.metadata.base import ChildPosition, MetadataStore
 from callfs.metrics import Metrics
@@ -22,11 +22,10 @@ class GuardedMetadataStore:
         self._timeout = op_timeout
         self._metrics = metrics
 
-    async def _call(self, operation: str, call: Awaitable[T]) -> T:
+    async def _call(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
-                return await call
+            return await bounded(call, self._timeout)  # no timer for a read answered inline
         except TimeoutError as exc:
             raise Unavailable("metadata store timed out") from exc
         finally:
