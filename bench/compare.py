@@ -105,6 +105,15 @@ def main() -> None:
             f"\nmachine: fsync'd 4 KiB creates/s, median {fsync_rate:,.0f} "
             f"(batches: {', '.join(f'{b:,.0f}' for b in batches)})"
         )
+    durable = [float(x) for x in read_text(out / "fsync-dir.txt").split()]
+    if durable:
+        put4k, median = value("callfs", "put4k", "16", "req_s"), statistics.median(durable)
+        vs = f"; CallFS PUT 4 KiB c16 {put4k / median:.2f}x of it" if put4k else ""
+        print(
+            "machine: the same with the directory fsync'd too (a durable new name; information, "
+            f"not the goal's reference), median {median:,.0f} "
+            f"(batches: {', '.join(f'{b:,.0f}' for b in durable)}){vs}"
+        )
     print("2 GiB up and down: " + read_text(out / "2g.txt", "not measured").replace("\n", "; "))
 
     goals: list[tuple[str, float | None, str, float]] = [
