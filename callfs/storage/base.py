@@ -111,12 +111,15 @@ def new_blob_key() -> str:
     return os.urandom(16).hex()
 
 
+_HEX = "0123456789abcdef"
+
+
 def is_blob_key(key: str) -> bool:
     """True for keys ``new_blob_key`` makes. Other keys are legacy namespace paths (files written
     before blob keys, whose bytes stay where they were; the stores give them as the path, leading
     ``/`` included, so a root file named like a blob key is never taken for one); the orphan
     sweep never touches those."""
-    return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+    return len(key) == 32 and not key.strip(_HEX)  # strip: nothing left iff every char is hex
 
 
 REPLICA_PREFIX = "r/"

@@ -35,7 +35,7 @@ import stat
 import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 from callfs.concurrency import run_blocking, run_to_end
 from callfs.errors import BadRequest, InsufficientStorage, NotFound, UnsafePath
@@ -118,19 +118,20 @@ def _load_open_no_symlinks() -> Callable[[str, int], int] | None:
     except (OSError, AttributeError):
         return None
     syscall.restype = ctypes.c_long
-    hows: dict[int, _OpenHow] = {}
+    hows: dict[int, tuple[_OpenHow, Any]] = {}  # flags -> the struct, a reference to it
     size = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
     number, cwd = ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD)
 
     def open_no_symlinks(path: str, flags: int) -> int:
         how = hows.get(flags)
         if how is None:
-            how = hows[flags] = _OpenHow(
+            made = _OpenHow(
                 flags | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0,
                 _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
             )
-        fd = int(syscall(number, cwd, os.fsencode(path), ctypes.byref(how), size))
+            how = hows[flags] = (made, ctypes.byref(made))
+        fd = int(syscall(number, cwd, os.fsencode(path), how[1], size))
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)
@@ -414,7 +415,7 @@ class LocalFSBackend:
             finally:
                 os.close(parent)
         try:
-            return _OPEN_NO_SYMLINKS(os.path.join(self._root, *parts), _READ_FLAGS)
+            return _OPEN_NO_SYMLINKS(f"{self._root}/{'/'.join(parts)}", _READ_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NotFound() from exc
