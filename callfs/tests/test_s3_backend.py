@@ -235,3 +235,60 @@ async def test_parts_are_cut_exactly_from_any_chunking_and_carry_a_crc32() -> No
                     Bucket=backend.bucket, Key=f"cut/{n}.bin", ChecksumMode="ENABLED"
                 )
                 assert head.get("ChecksumCRC32"), head
+
+
+class _SlowBody:
+    """A botocore body whose reads take a while and which notes any close during a read."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+
+        self.left = size
+        self.reading = 0
+        self.lock = threading.Lock()
+        self.closed_during_read = False
+        self.closed = False
+        self.reads = 0
+
+    def read(self, n: int) -> bytes:
+        import time
+
+        with self.lock:
+            self.reading += 1
+            self.reads += 1
+        time.sleep(0.05)
+        with self.lock:
+            self.reading -= 1
+        n = min(n, self.left)
+        self.left -= n
+        return b"r" * n
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed_during_read = self.closed_during_read or self.reading > 0
+            self.closed = True
+
+
+async def test_a_read_runs_ahead_and_a_close_never_races_it() -> None:
+    """The next read runs while the consumer has the chunk before it; a consumer that stops
+    early (a client gone mid-download) closes the body only once that read has ended."""
+    import asyncio
+    import time
+
+    from callfs.storage.s3 import S3Stream
+
+    body = _SlowBody(64 * MiB)
+    stream = S3Stream(body, 64 * MiB)
+    got, started = 0, time.monotonic()
+    async for chunk in stream:
+        got += len(chunk)
+        await asyncio.sleep(0.05)  # the consumer's send, overlapping the next read
+    assert got == 64 * MiB
+    reads = body.reads
+    assert time.monotonic() - started < reads * 0.1 * 0.8  # the reads overlapped the sends
+    body = _SlowBody(64 * MiB)
+    stream = S3Stream(body, 64 * MiB)
+    async for _chunk in stream:
+        break  # the read ahead is running now
+    await stream.aclose()
+    assert body.closed and not body.closed_during_read
