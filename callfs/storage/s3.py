@@ -116,49 +116,24 @@ class S3Stream:
     def __init__(self, body: Any, length: int) -> None:
         self._body = body
         self.length = length
-        #: The read running ahead in its thread (``__aiter__``), until its chunk is taken.
-        self._ahead: asyncio.Future[bytes] | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        """The body in reads growing to ``READ_CHUNK``, each next one already running in its
-        thread while the consumer sends the chunk before it (one read ahead: memory stays
-        within two chunks). The body is never closed while a read of it runs: ``aclose`` (and
-        this generator's own close) waits for the read ahead to end first."""
-        body = self._body
-        if body is None:
+        if self._body is None:
             return
         remaining = self.length
         size = FIRST_READ
-        self._ahead = asyncio.ensure_future(run_blocking(body.read, min(size, remaining)))
-        try:
-            while self._ahead is not None:
-                try:
-                    # shielded: a cancelled consumer leaves the read running to its end
-                    chunk: bytes = await asyncio.shield(self._ahead)
-                except (BotoCoreError, ClientError, OSError) as exc:
-                    raise translate(exc) from exc
-                self._ahead = None
-                if not chunk:
-                    return
-                remaining -= len(chunk)
-                size = min(size * 4, READ_CHUNK)
-                if remaining > 0:
-                    self._ahead = asyncio.ensure_future(
-                        run_blocking(body.read, min(size, remaining))
-                    )
-                yield chunk
-        finally:
-            await self._settle()
-
-    async def _settle(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            await asyncio.wait([ahead])
-            if not ahead.cancelled():
-                ahead.exception()  # retrieved: nobody wants that chunk any more
+        while remaining > 0:
+            try:
+                chunk: bytes = await run_blocking(self._body.read, min(size, remaining))
+            except (BotoCoreError, ClientError, OSError) as exc:
+                raise translate(exc) from exc
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            size = min(size * 4, READ_CHUNK)
+            yield chunk
 
     async def aclose(self) -> None:
-        await self._settle()
         if self._body is not None:
             await run_blocking(self._body.close)
             self._body = None
