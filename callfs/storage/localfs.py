@@ -187,7 +187,9 @@ class LocalFileStream:
         pos, end = self.offset, self.offset + self.length
         fd = self.fileobj.fileno()
         while pos < end:
-            chunk = await run_blocking(os.pread, fd, min(READ_CHUNK, end - pos), pos)
+            # to its end even if the consumer is cancelled: ``aclose`` then never closes the
+            # descriptor (whose number another open could take) under a read
+            chunk = await run_to_end(os.pread, fd, min(READ_CHUNK, end - pos), pos)
             if not chunk:
                 return
             pos += len(chunk)

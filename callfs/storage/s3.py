@@ -23,7 +23,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from callfs.concurrency import run_blocking
+from callfs.concurrency import run_blocking, run_to_end
 from callfs.errors import (
     BadRequest,
     CallFSError,
@@ -124,7 +124,9 @@ class S3Stream:
         size = FIRST_READ
         while remaining > 0:
             try:
-                chunk: bytes = await run_blocking(self._body.read, min(size, remaining))
+                # to its end even if the consumer is cancelled: ``aclose`` then never closes
+                # the body while a thread still reads from it
+                chunk: bytes = await run_to_end(self._body.read, min(size, remaining))
             except (BotoCoreError, ClientError, OSError) as exc:
                 raise translate(exc) from exc
             if not chunk:
