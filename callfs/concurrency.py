@@ -121,6 +121,20 @@ class _Resumed(Generic[T]):
                     return cast(T, done.value)
 
 
+async def gather_all(*steps: Awaitable[T]) -> list[T]:
+    """``asyncio.gather`` of ``steps`` that, when one fails (or the caller is cancelled), cancels
+    the others and waits for them to end before raising: nothing still runs when the caller
+    cleans up after them (closes the streams they read)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def put_unless_done(queue: asyncio.Queue[T], item: T, consumer: asyncio.Future[Any]) -> bool:
     """Put ``item`` into the bounded ``queue`` that ``consumer`` drains; False, without putting
     it, once ``consumer`` has ended (failed or returned) instead of waiting for room forever."""

@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from callfs.concurrency import put_unless_done, run_cpu
+from callfs.concurrency import gather_all, put_unless_done, run_cpu
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, LEGACY_BLOCK, Buffer, Codec
 from callfs.erasure.shards import Pending, ShardIO, read_parts
 from callfs.errors import (
@@ -353,9 +353,10 @@ class _StripeReader:
                 if not candidates:
                     raise InsufficientShards()
                 need = k - len(got)
-                await asyncio.gather(*(self._open_one(i, number) for i in candidates[:need]))
+                await gather_all(*(self._open_one(i, number) for i in candidates[:need]))
                 continue
-            blocks = await asyncio.gather(*(self._block(i, number) for i in active))
+            # a failed read stops the others before ``aclose`` can close what they read
+            blocks = await gather_all(*(self._block(i, number) for i in active))
             for i, block in zip(active, blocks, strict=True):
                 if block is not None:
                     got[i] = block

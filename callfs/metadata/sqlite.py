@@ -89,7 +89,8 @@ def _until_not_busy(conn: sqlite3.Connection, sql: str, deadline: float) -> None
             conn.execute(sql)
             return
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != _SQLITE_BUSY or time.monotonic() >= deadline:
+            busy = exc.sqlite_errorcode & 0xFF == _SQLITE_BUSY  # BUSY_RECOVERY, _SNAPSHOT too
+            if not busy or time.monotonic() >= deadline:
                 raise
         time.sleep(_BUSY_SLEEPS[min(tries, len(_BUSY_SLEEPS) - 1)])
         tries += 1

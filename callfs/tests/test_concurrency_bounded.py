@@ -103,3 +103,26 @@ async def test_a_step_may_absorb_a_cancel_and_go_on() -> None:
     await asyncio.sleep(0.01)
     outer.cancel()
     assert await outer == "absorbed"
+
+
+async def test_gather_all_stops_the_others_before_raising() -> None:
+    from callfs.concurrency import gather_all
+
+    ended: list[str] = []
+
+    async def slow() -> int:
+        try:
+            await asyncio.sleep(5)
+        finally:
+            await asyncio.sleep(0.01)  # its cleanup takes a moment
+            ended.append("slow")
+        return 1
+
+    async def fails() -> int:
+        await asyncio.sleep(0.01)
+        raise KeyError("one read failed")
+
+    with pytest.raises(KeyError):
+        await gather_all(slow(), fails())
+    assert ended == ["slow"]  # ended before the error reached the caller
+    assert await gather_all(asyncio.sleep(0, 1), asyncio.sleep(0.01, 2)) == [1, 2]
