@@ -7,8 +7,6 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Histogram
-
 from callfs.concurrency import bounded
 from callfs.errors import Unavailable
 from callfs.metadata.base import ChildPosition, MetadataStore
@@ -23,8 +21,6 @@ class GuardedMetadataStore:
         self.inner = inner
         self._timeout = op_timeout
         self._metrics = metrics
-        #: operation -> its two labelled children (``labels()`` per call cost 1-2 us each).
-        self._children: dict[str, tuple[Counter, Histogram]] = {}
 
     async def _call(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
         started = time.perf_counter()
@@ -33,15 +29,11 @@ class GuardedMetadataStore:
         except TimeoutError as exc:
             raise Unavailable("metadata store timed out") from exc
         finally:
-            if self._metrics is not None:
-                children = self._children.get(operation)
-                if children is None:
-                    children = self._children[operation] = (
-                        self._metrics.metadata_queries.labels(operation),
-                        self._metrics.metadata_duration.labels(operation),
-                    )
-                children[0].inc()
-                children[1].observe(time.perf_counter() - started)
+            if self._metrics is not None:  # labels() answers from its cache (callfs.metrics)
+                self._metrics.metadata_queries.labels(operation).inc()
+                self._metrics.metadata_duration.labels(operation).observe(
+                    time.perf_counter() - started
+                )
 
     async def start(self) -> None:
         await self.inner.start()

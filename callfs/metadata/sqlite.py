@@ -40,7 +40,7 @@ _MAX_BATCH = 256
 #: CLI beside the server) before it fails: what ``busy_timeout`` was.
 _BUSY_LIMIT = 10.0
 #: The waits between two tries, growing to the last. SQLite's own busy handler sleeps 25-100 ms
-#: once it has waited a few times: two processes writing in turn then saw PUTs wait 600 ms.
+#: once it has waited a few times: two processes writing in turn then saw PUTs wait 700 ms.
 _BUSY_SLEEPS = (0.0002, 0.0005, 0.001, 0.002)
 _SQLITE_BUSY = 5
 #: Constraint failures that mean "a row with this key exists" (AlreadyExists, 409).

@@ -279,6 +279,13 @@ _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, err
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def _create_staged(tmp_dir: int, tmp: str) -> int:
+    """Create the staged file ``tmp`` (0600, never an existing name or a symlink) in the
+    ``.callfs/tmp`` directory ``tmp_dir``; its descriptor, open for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+    return os.open(tmp, flags, PRIVATE_FILE_MODE, dir_fd=tmp_dir)
+
+
 def _write_parts(fd: int, parts: list[Chunk]) -> None:
     """Write every byte of ``parts`` to ``fd`` (a write may take fewer bytes than given)."""
     for part in parts:
@@ -371,25 +378,9 @@ class LocalFSBackend:
         """
         if not self._root:
             raise RuntimeError("LocalFSBackend used before start()")
-        if _OPEN_NO_SYMLINKS is not None and parts:
-            # The whole way in one call. A new blob's fan-out directory is often missing: its
-            # parent in one call, then the usual step makes it. Anything else (more missing,
-            # a symlink to refuse and log) is left to the walk below.
-            path = os.path.join(self._root, *parts)
-            try:
-                return _OPEN_NO_SYMLINKS(path, _DIR_FLAGS)
-            except OSError as exc:
-                missing = exc.errno == errno.ENOENT and create_mode is not None
-            if missing:
-                try:
-                    parent = _OPEN_NO_SYMLINKS(os.path.dirname(path), _DIR_FLAGS)
-                except OSError:
-                    pass
-                else:
-                    try:
-                        return _open_child_dir(parent, parts[-1], create_mode, made)
-                    finally:
-                        os.close(parent)
+        found = self._open_dir_at_once(parts, create_mode, made)
+        if found is not None:
+            return found
         # self._root was made a real path at start: no component of it is a symlink.
         fd = os.open(self._root, os.O_RDONLY | _O_DIRECTORY)
         try:
@@ -401,6 +392,34 @@ class LocalFSBackend:
             os.close(fd)
             raise
         return fd
+
+    def _open_dir_at_once(
+        self, parts: Sequence[str], create_mode: int | None, made: list[int] | None
+    ) -> int | None:
+        """``_open_dir_blocking``'s shortcut (None: take the walk): the whole way in one
+        ``openat2``; a new blob's missing fan-out leaf from its parent, opened the same way, then
+        made by the walk's own step. Anything else (more missing, a symlink to refuse and log) is
+        left to the walk."""
+        if _OPEN_NO_SYMLINKS is None or not parts:
+            return None
+        try:
+            return _OPEN_NO_SYMLINKS(self._path(parts), _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or create_mode is None:
+                return None
+        try:
+            parent = _OPEN_NO_SYMLINKS(self._path(parts[:-1]), _DIR_FLAGS)
+        except OSError:
+            return None
+        try:
+            return _open_child_dir(parent, parts[-1], create_mode, made)
+        finally:
+            os.close(parent)
+
+    def _path(self, parts: Sequence[str]) -> str:
+        """The absolute path of ``<root>/<parts...>`` (for ``openat2``, which checks every
+        component itself)."""
+        return f"{self._root}/{'/'.join(parts)}" if parts else self._root
 
     def _open_for_read(self, key: str) -> int:
         """A read-only descriptor of ``key``'s file, no component of its path followed if it is
@@ -417,7 +436,7 @@ class LocalFSBackend:
             finally:
                 os.close(parent)
         try:
-            return _OPEN_NO_SYMLINKS(f"{self._root}/{'/'.join(parts)}", _READ_FLAGS)
+            return _OPEN_NO_SYMLINKS(self._path(parts), _READ_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NotFound() from exc
@@ -529,8 +548,7 @@ class LocalFSBackend:
             self._check_target_blocking(target)
             tmp_dir = self._open_dir_blocking(_TMP_PARTS)
             try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
-                fd = os.open(tmp, flags, PRIVATE_FILE_MODE, dir_fd=tmp_dir)
+                fd = _create_staged(tmp_dir, tmp)
             finally:
                 os.close(tmp_dir)
             fileobj = os.fdopen(fd, "wb", buffering=0)
@@ -584,8 +602,7 @@ class LocalFSBackend:
                 if parts is None:
                     fd = os.open(tmp, os.O_RDONLY | _O_NOFOLLOW, dir_fd=tmp_dir)
                 else:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
-                    fd = os.open(tmp, flags, PRIVATE_FILE_MODE, dir_fd=tmp_dir)
+                    fd = _create_staged(tmp_dir, tmp)
                     try:
                         _write_parts(fd, parts)
                     except BaseException:
