@@ -89,6 +89,12 @@ def test_read_your_writes_from_every_node_to_every_other(cluster: list[ClusterNo
     assert call(cluster[2], "DELETE", "/v1/files/ryw/0.txt")[0] == 204
     for reader in cluster:
         assert get(reader, "/ryw/0.txt")[0] == 404
+    # the followers asked the leader (commands, read indexes) over their channel, never by POST
+    for node in cluster:
+        status = raft_status(node)
+        if status["state"] != "leader":
+            assert status["forwards"]["channel"] > 0, (node.name, status["forwards"])
+            assert status["forwards"]["post"] == 0, (node.name, status["forwards"])
 
 
 def test_concurrent_creates_of_one_path_through_three_nodes(cluster: list[ClusterNode]) -> None:

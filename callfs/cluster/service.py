@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from callfs.cluster import commands as C
+from callfs.cluster.channel import FALLBACK_SECONDS, ChannelLost, LeaderChannel, NoChannel
 from callfs.cluster.fsm import BATCH
 from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
 from callfs.errors import BadRequest, CallFSError, Unavailable
@@ -98,6 +99,12 @@ class RaftService:
         self._flights = 0
         self._members_cache: tuple[int, dict[str, tuple[str, str]], dict[str, int]] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        #: The WebSocket to the leader that forwards and read-index questions go through, and
+        #: leader endpoints without one (an earlier build) -> when to try it again.
+        self._channel: LeaderChannel | None = None
+        self._no_channel: dict[str, float] = {}
+        #: Questions this node sent the leader, by the way they went (``status``).
+        self.forwards = {"channel": 0, "post": 0}
         self.commit_seconds: list[float] = []
         self.on_commit: Callable[[float], None] | None = None
 
@@ -108,6 +115,9 @@ class RaftService:
         self._readers.start()
 
     async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
         await self._readers.close()
         await asyncio.to_thread(self.node.stop)
 
@@ -277,21 +287,25 @@ class RaftService:
                 ask.add_done_callback(_retrieve)
 
     async def _forward(self, request: dict[str, Any], wait: float) -> Any:
-        """POST ``request`` to the leader; the decoded answer's payload. ``Unavailable`` when
-        there is no reachable leader or it refused (the caller retries)."""
+        """Send ``request`` to the leader (over the channel, else POST); the decoded answer's
+        payload. ``Unavailable`` when there is no reachable leader or it refused (the caller
+        retries)."""
         endpoint = self.leader_endpoint()
         if endpoint is None:
             raise Unavailable("no raft leader")
+        body = C.pack(request)
+        timeout = min(wait, self.forward_timeout)
         try:
-            async with self._session().post(
-                endpoint + APPLY_PATH,
-                data=C.pack(request),
-                headers={"Authorization": f"Bearer {self._secret}", "Content-Type": MSGPACK},
-                timeout=aiohttp.ClientTimeout(total=min(wait, self.forward_timeout)),
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except _PEER_ERRORS as exc:
+            if self._no_channel.get(endpoint, 0.0) <= time.monotonic():
+                try:
+                    status, raw = await self._channel_to(endpoint).ask(body, timeout)
+                    self.forwards["channel"] += 1
+                except NoChannel:
+                    self._no_channel[endpoint] = time.monotonic() + FALLBACK_SECONDS
+                    status, raw = await self._post(endpoint, body, timeout)
+            else:
+                status, raw = await self._post(endpoint, body, timeout)
+        except (*_PEER_ERRORS, ChannelLost) as exc:
             raise Unavailable(f"raft leader unreachable ({type(exc).__name__})") from exc
         try:
             answer = C.unpack(raw)
@@ -303,6 +317,30 @@ class RaftService:
         if "result" in answer:
             return answer["result"]
         return answer["index"]
+
+    async def _post(self, endpoint: str, body: bytes, seconds: float) -> tuple[int, bytes]:
+        self.forwards["post"] += 1
+        async with self._session().post(
+            endpoint + APPLY_PATH,
+            data=body,
+            headers={"Authorization": f"Bearer {self._secret}", "Content-Type": MSGPACK},
+            timeout=aiohttp.ClientTimeout(total=seconds),
+        ) as resp:
+            return resp.status, await resp.read()
+
+    def _channel_to(self, endpoint: str) -> LeaderChannel:
+        """The open channel to ``endpoint``; a channel to another node (the old leader) or a
+        closed one is replaced (the old one is closed in the background: a frozen node would
+        hold up its close handshake)."""
+        channel = self._channel
+        if channel is not None and channel.endpoint == endpoint and not channel.closed:
+            return channel
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._channel = LeaderChannel(endpoint, self._session, self._secret)
+        return self._channel
 
     # ---- reads -------------------------------------------------------------------------------
     async def barrier(self) -> None:
@@ -487,6 +525,7 @@ class RaftService:
             node_id: {"raft_addr": addr, "api_endpoint": endpoint, "level": levels.get(node_id, 1)}
             for node_id, (addr, endpoint) in sorted(self.members().items())
         }
+        status["forwards"] = dict(self.forwards)
         status["command_level"] = C.LEVEL
         status["cluster_level"] = self.cluster_level()
         return status

@@ -1,0 +1,211 @@
+"""The follower's WebSocket to the leader (``cluster/channel.py``), against real aiohttp servers
+that behave as a leader of this build would, as one of an earlier build (no channel), and as a
+leader that dies or stalls mid-question. The whole path through real nodes is covered by
+``cluster_tests/test_raft.py`` (the status counters show the channel carried the forwards)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from callfs.cluster.channel import CHANNEL_PATH, ChannelLost, LeaderChannel, NoChannel
+
+SECRET = "internal-secret-for-the-channel-tests"
+Handler = Callable[[web.WebSocketResponse, bytes], Awaitable[None]]
+
+
+async def _serve(handler: Handler | None) -> TestServer:
+    async def channel(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {SECRET}":
+            return web.Response(status=401)
+        assert handler is not None
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await handler(ws, msg.data)
+        return ws
+
+    app = web.Application()
+    if handler is not None:
+        app.router.add_get(CHANNEL_PATH, channel)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def _channel(
+    server: TestServer, session: aiohttp.ClientSession, secret: str = SECRET
+) -> LeaderChannel:
+    return LeaderChannel(str(server.make_url("")).rstrip("/"), lambda: session, secret)
+
+
+async def test_answers_are_matched_to_their_questions_in_any_order(
+    session: aiohttp.ClientSession,
+) -> None:
+    held: list[bytes] = []
+
+    async def reverse_pairs(ws: web.WebSocketResponse, data: bytes) -> None:
+        held.append(data)
+        if len(held) == 2:  # answer the second question first
+            for q in reversed(held):
+                await ws.send_bytes(q[:8] + (200).to_bytes(2, "big") + b"re:" + q[8:])
+            held.clear()
+
+    server = await _serve(reverse_pairs)
+    channel = _channel(server, session)
+    try:
+        answers = await asyncio.gather(*(channel.ask(f"q{i}".encode(), 5) for i in range(6)))
+        assert answers == [(200, f"re:q{i}".encode()) for i in range(6)]
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_a_leader_without_the_channel_says_so(session: aiohttp.ClientSession) -> None:
+    server = await _serve(None)  # an earlier build: 404 on the path
+    channel = _channel(server, session)
+    try:
+        with pytest.raises(NoChannel):
+            await channel.ask(b"q", 5)
+        assert channel.closed
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_a_wrong_secret_is_refused_not_taken_for_an_old_leader(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def echo(ws: web.WebSocketResponse, data: bytes) -> None:
+        await ws.send_bytes(data[:8] + (200).to_bytes(2, "big") + data[8:])
+
+    server = await _serve(echo)
+    channel = _channel(server, session, secret="not-the-secret")
+    try:
+        with pytest.raises(ChannelLost, match="401"):
+            await channel.ask(b"q", 5)
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_questions_fail_at_once_when_the_leader_goes_away(
+    session: aiohttp.ClientSession,
+) -> None:
+    got = asyncio.Event()
+
+    async def close_after_two(ws: web.WebSocketResponse, data: bytes) -> None:
+        if data[8:] == b"second":
+            got.set()
+            await ws.close()
+
+    server = await _serve(close_after_two)
+    channel = _channel(server, session)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            channel.ask(b"first", 30), channel.ask(b"second", 30), return_exceptions=True
+        )
+        assert got.is_set()
+        assert all(isinstance(r, ChannelLost) for r in results), results
+        assert loop.time() - started < 5  # not the 30 s timeout
+        assert channel.closed
+        with pytest.raises(ChannelLost):
+            await channel.ask(b"third", 5)  # a closed channel is replaced by its owner
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_an_unanswered_question_times_out_and_is_forgotten(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def silent(ws: web.WebSocketResponse, data: bytes) -> None:
+        return None
+
+    server = await _serve(silent)
+    channel = _channel(server, session)
+    try:
+        with pytest.raises(TimeoutError):
+            await channel.ask(b"q", 0.3)
+        assert channel._waiting == {}
+        assert not channel.closed  # a slow answer is not a lost channel
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_an_unreachable_leader_is_a_lost_channel(session: aiohttp.ClientSession) -> None:
+    server = await _serve(None)
+    url = str(server.make_url("")).rstrip("/")
+    await server.close()  # nothing listens there any more
+    channel = LeaderChannel(url, lambda: session, SECRET)
+    with pytest.raises(ChannelLost, match="unreachable"):
+        await channel.ask(b"q", 5)
+    await channel.close()
+
+
+async def test_one_question_timing_out_leaves_the_others_answered(
+    session: aiohttp.ClientSession,
+) -> None:
+    later_answers: list[asyncio.Future[None]] = []
+
+    async def slow(ws: web.WebSocketResponse, data: bytes) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.5)
+            await ws.send_bytes(data[:8] + (200).to_bytes(2, "big") + data[8:])
+
+        later_answers.append(asyncio.ensure_future(later()))
+
+    server = await _serve(slow)
+    channel = _channel(server, session)
+    try:
+        short, long = await asyncio.gather(
+            channel.ask(b"short", 0.1), channel.ask(b"long", 5), return_exceptions=True
+        )
+        assert isinstance(short, TimeoutError)
+        assert long == (200, b"long")
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_closing_a_channel_still_opening_fails_its_askers_as_lost(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A frozen leader never completes the upgrade; when a new leader is known the channel is
+    closed, and the questions waiting on it must fail as a lost channel (retried by their
+    callers), not as cancelled."""
+    arrived = asyncio.Event()
+
+    async def frozen(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get(CHANNEL_PATH, frozen)
+    server = TestServer(app)
+    await server.start_server()
+    channel = _channel(server, session)
+    try:
+        asker = asyncio.ensure_future(channel.ask(b"q", 20))
+        await asyncio.wait_for(arrived.wait(), 5)
+        await channel.close()
+        with pytest.raises(ChannelLost):
+            await asyncio.wait_for(asker, 5)
+    finally:
+        await channel.close()
+        await server.close()
