@@ -61,11 +61,13 @@ cat "$OUT/env.txt"
 
 fsync_batches() { # label [dir]: 3 batches of FSYNC_FILES fsync'd 4 KiB creates on the filesystem of
   # $OUT (the goal's reference); with "dir", each create also fsyncs its directory, as a durable
-  # new name needs (without a journal, ext4 does not sync the entry with the file): printed only
+  # new name needs (without a journal, ext4 does not sync the entry with the file): printed only.
+  # The files stay until the end of the run: on this machine's journal-less ext4, creates right
+  # after a big delete cost ~10x the CPU for a minute (bench/README.md, "recently deleted").
   local file="$OUT/fsync.txt"
   [ "${2:-}" = dir ] && file="$OUT/fsync-dir.txt"
   $PY - "$OUT/fsync-$1-${2:-file}" "$FSYNC_FILES" "${2:-file}" >> "$file" <<'PY'
-import os, shutil, sys, time
+import os, sys, time
 d, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 buf = os.urandom(4096)
 for b in range(3):
@@ -79,7 +81,6 @@ for b in range(3):
             os.fsync(dirfd)
     print(f"{n / (time.perf_counter() - t):.0f}")
     os.close(dirfd)
-shutil.rmtree(d)
 PY
 }
 
@@ -151,6 +152,7 @@ cleanup() {
   stop_callfs
   [ -n "$PEER_UP" ] && bash "$SHARED/servers/stop.sh" "$PEER_UP" --wipe
   rm -f "$OUT/f2g.bin"
+  rm -rf "$OUT"/fsync-*-file "$OUT"/fsync-*-dir
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
