@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import heapq
 import hmac
+import itertools
 import logging
 import sqlite3
 import time
@@ -50,6 +52,8 @@ _MAX_FORWARDS = 2
 _MAX_BATCH = 128
 _MAX_BATCH_BYTES = 48 * 1024
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+#: How often reads waiting for the local replica to apply an index check it.
+_APPLIED_POLL = 0.001
 
 
 def raft_password(internal_secret: str) -> str:
@@ -103,6 +107,12 @@ class RaftService:
         #: leader endpoints without one (an earlier build) -> when to try it again.
         self._channel: LeaderChannel | None = None
         self._no_channel: dict[str, float] = {}
+        #: Reads waiting for the local replica to apply an index: (index, seq, future), and the
+        #: task that releases them.
+        self._apply_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._apply_ids = itertools.count()
+        self._apply_live = 0
+        self._apply_watch: asyncio.Future[None] | None = None
         #: Questions this node sent the leader, by the way they went (``status``).
         self.forwards = {"channel": 0, "post": 0}
         self.commit_seconds: list[float] = []
@@ -356,12 +366,34 @@ class RaftService:
                 if time.monotonic() + _RETRY_PAUSE > deadline:
                     raise
                 await asyncio.sleep(_RETRY_PAUSE)
-        delay = 0.0005
-        while self.node.last_applied < target:
-            if time.monotonic() > deadline:
-                raise Unavailable("this node is not catching up with the raft leader")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.01)
+        if self.node.last_applied >= target:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._apply_waiters, (target, next(self._apply_ids), waiter))
+        self._apply_live += 1
+        if self._apply_watch is None or self._apply_watch.done():
+            self._apply_watch = asyncio.ensure_future(self._watch_applied())
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await waiter
+        except TimeoutError:
+            raise Unavailable("this node is not catching up with the raft leader") from None
+        finally:
+            waiter.cancel()  # left in the heap, skipped by the watch
+            self._apply_live -= 1
+
+    async def _watch_applied(self) -> None:
+        """Every ``_APPLIED_POLL`` while reads wait: release those whose index the local replica
+        has applied (one timer for all of them; the index is set by the tick thread)."""
+        waiters = self._apply_waiters
+        while self._apply_live:
+            await asyncio.sleep(_APPLIED_POLL)
+            applied = self.node.last_applied
+            while waiters and (waiters[0][0] <= applied or waiters[0][2].done()):
+                waiter = heapq.heappop(waiters)[2]
+                if not waiter.done():
+                    waiter.set_result(None)
+        waiters.clear()  # only abandoned ones are left
 
     async def _target(self) -> int:
         if self.node.is_leader():
