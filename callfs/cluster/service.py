@@ -366,6 +366,11 @@ class RaftService:
                 if time.monotonic() + _RETRY_PAUSE > deadline:
                     raise
                 await asyncio.sleep(_RETRY_PAUSE)
+        await self._until_applied(target, deadline)
+
+    async def _until_applied(self, target: int, deadline: float) -> None:
+        """Return once the local replica has applied ``target`` (``Unavailable`` at
+        ``deadline``, a ``time.monotonic`` value)."""
         if self.node.last_applied >= target:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -388,11 +393,18 @@ class RaftService:
         waiters = self._apply_waiters
         while self._apply_live:
             await asyncio.sleep(_APPLIED_POLL)
-            applied = self.node.last_applied
+            try:
+                applied = self.node.last_applied
+            except Exception as exc:  # the node stopped (``NotApplied``): every read learns it
+                for _index, _seq, waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                waiters.clear()
+                return
             while waiters and (waiters[0][0] <= applied or waiters[0][2].done()):
-                waiter = heapq.heappop(waiters)[2]
-                if not waiter.done():
-                    waiter.set_result(None)
+                ready = heapq.heappop(waiters)[2]
+                if not ready.done():
+                    ready.set_result(None)
         waiters.clear()  # only abandoned ones are left
 
     async def _target(self) -> int:

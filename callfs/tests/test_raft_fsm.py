@@ -20,8 +20,8 @@ import pytest
 from callfs.cluster import commands as C
 from callfs.cluster import raft as raft_module
 from callfs.cluster.fsm import COPY_SUFFIX, StateMachine, publish
-from callfs.cluster.raft import RaftNode, RaftSettings, check_internals
-from callfs.errors import AlreadyExists, CallFSError, InternalError
+from callfs.cluster.raft import NotApplied, RaftNode, RaftSettings, check_internals
+from callfs.errors import AlreadyExists, CallFSError, InternalError, Unavailable
 from callfs.model import BackendType, Entry, EntryType
 from callfs.tests.raftnode import one_node_raft_store
 from callfs.tests.services import free_port
@@ -737,3 +737,39 @@ async def test_a_snapshot_transfer_no_leader_will_finish_is_dropped(tmp_path: Pa
     finally:
         for node in nodes:
             await asyncio.to_thread(node.stop)
+
+
+async def test_reads_waiting_for_the_local_apply_are_released_or_told_why(
+    tmp_path: Path,
+) -> None:
+    """``RaftService._until_applied`` on a real one-node group: a read waiting for an index is
+    released soon after it is applied, one waiting past its deadline gets ``Unavailable``, and
+    one still waiting when the node stops learns that at once (not at its deadline)."""
+    store = one_node_raft_store(tmp_path / "raft", free_port())
+    await store.start()
+    service = store.service
+    try:
+        await store.create(entry("/a"))
+        applied = service.node.last_applied
+        loop = asyncio.get_running_loop()
+        far = time.monotonic() + 30
+
+        waiting = asyncio.ensure_future(service._until_applied(applied + 1, far))
+        started = loop.time()
+        await store.create(entry("/b"))  # applies (at least) the next index
+        await asyncio.wait_for(waiting, 5)
+        assert loop.time() - started < 1
+
+        with pytest.raises(Unavailable):
+            await service._until_applied(applied + 1000, time.monotonic() + 0.2)
+
+        stuck = asyncio.ensure_future(service._until_applied(applied + 1000, far))
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        await asyncio.to_thread(service.node.stop)
+        with pytest.raises(NotApplied):
+            await asyncio.wait_for(stuck, 5)
+        assert loop.time() - started < 5
+        assert service._apply_live == 0
+    finally:
+        await store.close()
