@@ -21,7 +21,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.state import api_state
 from callfs.cluster import commands as C
-from callfs.cluster.channel import CHANNEL_PATH, MAX_MESSAGE
+from callfs.cluster.channel import CHANNEL_PATH, HEARTBEAT, MAX_MESSAGE
 from callfs.cluster.raft import NotApplied, OutcomeUnknown
 from callfs.cluster.service import MSGPACK, RaftService
 from callfs.errors import BadRequest, CallFSError
@@ -138,7 +138,9 @@ async def channel(request: web.Request) -> web.StreamResponse:
     if not _authorized(request):
         return _json(401, {"error": "unauthorized"})
     raft = request.app[RAFT_SERVICE]
-    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True)
+    # This end pings too, as the follower does: a follower whose host vanished without closing
+    # is dropped after one unanswered ping, instead of holding its handler until TCP gives up.
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True, heartbeat=HEARTBEAT)
     await ws.prepare(request)
     channels = request.app[CHANNELS]
     channels.add(ws)
