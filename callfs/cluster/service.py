@@ -188,8 +188,9 @@ class RaftService:
         return await future
 
     def _max_flights(self) -> int:
-        """Entries in flight at once: a follower forwards fewer, bigger batches (each forward is
-        an HTTP request the leader serves; with four in flight each carried about one command)."""
+        """Entries in flight at once: a follower forwards fewer, bigger batches (with four in
+        flight each carried about one command; over HTTP that cost the leader a request each,
+        and over the channel four measured no faster than two: ``bench/README.md``)."""
         return _MAX_FLIGHTS if self.node.is_leader() else _MAX_FORWARDS
 
     def _launch(self) -> None:
