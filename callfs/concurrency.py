@@ -70,6 +70,13 @@ async def run_cpu(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await loop.run_in_executor(_pools()[1], call)
 
 
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future whose outcome nobody may await any more (its askers gave
+    up): marks an exception as seen, so asyncio does not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
 def shutdown_pools() -> None:
     global _io_pool, _cpu_pool
     for pool in (_io_pool, _cpu_pool):

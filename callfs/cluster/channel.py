@@ -25,9 +25,10 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
+
+from callfs.concurrency import retrieved
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ class ChannelLost(Exception):
 
 class NoChannel(Exception):
     """The leader does not offer the channel (an earlier build): use the POST endpoint."""
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an outcome as seen when every asker gave up waiting for it."""
-    if not future.cancelled():
-        future.exception()
 
 
 class LeaderChannel:
@@ -105,7 +100,7 @@ class LeaderChannel:
             return self._ws
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
-            self._opening.add_done_callback(_retrieve)
+            self._opening.add_done_callback(retrieved)
         # shielded: one caller's timeout must not cancel the opening the others wait for
         return await asyncio.shield(self._opening)
 

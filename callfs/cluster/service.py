@@ -33,6 +33,7 @@ from callfs.cluster import commands as C
 from callfs.cluster.channel import FALLBACK_SECONDS, ChannelLost, LeaderChannel, NoChannel
 from callfs.cluster.fsm import BATCH
 from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
+from callfs.concurrency import retrieved
 from callfs.errors import BadRequest, CallFSError, Unavailable
 from callfs.metadata.sqlite_readers import SqliteReaders
 
@@ -61,12 +62,6 @@ def raft_password(internal_secret: str) -> str:
     return hmac.new(
         internal_secret.encode(), b"callfs-raft-transport-v1", hashlib.sha256
     ).hexdigest()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark an abandoned task's outcome as seen (no "exception was never retrieved")."""
-    if not task.cancelled():
-        task.exception()
 
 
 class RaftService:
@@ -295,7 +290,7 @@ class RaftService:
         finally:
             if not ask.done():
                 ask.cancel()
-                ask.add_done_callback(_retrieve)
+                ask.add_done_callback(retrieved)
 
     async def _forward(self, request: dict[str, Any], wait: float) -> Any:
         """Send ``request`` to the leader (over the channel, else POST); the decoded answer's
