@@ -21,7 +21,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.state import api_state
 from callfs.cluster import commands as C
-from callfs.cluster.channel import CHANNEL_PATH, HEARTBEAT, MAX_MESSAGE
+from callfs.cluster.channel import (
+    CHANNEL_PATH,
+    HEARTBEAT,
+    MAX_MESSAGE,
+    answer_to,
+    question_body,
+)
 from callfs.cluster.raft import NotApplied, OutcomeUnknown
 from callfs.cluster.service import MSGPACK, RaftService
 from callfs.errors import BadRequest, CallFSError
@@ -31,7 +37,6 @@ log = logging.getLogger(__name__)
 RAFT_SERVICE = web.AppKey("callfs_raft", RaftService)
 CHANNELS = web.AppKey("callfs_raft_channels", set[web.WebSocketResponse])
 _MAX_BODY = 1 << 20
-_ID = 8
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -146,22 +151,23 @@ async def channel(request: web.Request) -> web.StreamResponse:
     channels.add(ws)
     running: set[asyncio.Task[None]] = set()
 
-    async def answer(data: bytes) -> None:
+    async def answer(data: bytes, question: bytes) -> None:
         try:
-            code, body = await raft.serve_apply(data[_ID:])
+            code, body = await raft.serve_apply(question)
         except Exception:  # what ``apply`` would have answered with a 500
             log.exception("raft channel: a forwarded question failed")
             code, body = 500, C.pack({"error": "internal error"})
         if not ws.closed:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await ws.send_bytes(data[:_ID] + code.to_bytes(2, "big") + body)
+                await ws.send_bytes(answer_to(data, code, body))
 
     try:
         async for msg in ws:
-            if msg.type != WSMsgType.BINARY or len(msg.data) < _ID:
+            question = question_body(msg.data) if msg.type == WSMsgType.BINARY else None
+            if question is None:
                 log.warning("raft channel from %s: unexpected %s message", request.remote, msg.type)
                 break
-            task = asyncio.ensure_future(answer(msg.data))
+            task = asyncio.ensure_future(answer(msg.data, question))
             running.add(task)
             task.add_done_callback(running.discard)
     finally:

@@ -47,6 +47,16 @@ _ID = 8
 _STATUS = 2
 
 
+def question_body(message: bytes) -> bytes | None:
+    """The body of a question as the leader receives it; None if it is too short to be one."""
+    return message[_ID:] if len(message) >= _ID else None
+
+
+def answer_to(question: bytes, status: int, body: bytes) -> bytes:
+    """The leader's answer message to ``question``: the question's id, the status, the body."""
+    return question[:_ID] + status.to_bytes(_STATUS, "big") + body
+
+
 class ChannelLost(Exception):
     """The channel closed, or could not be opened, before the answer came."""
 
