@@ -182,6 +182,13 @@ class VersionConflict(CallFSError):
     default_message = "the item changed concurrently"
 
 
+class KeptChanging(Unavailable):
+    """503: every re-decision of a write lost its race until the lock timeout. Nothing of this
+    request applied (each refusal was definite)."""
+
+    default_message = "the item kept changing; try again"
+
+
 class UnsafePath(CallFSError):
     default_message = "an internal error occurred"
 

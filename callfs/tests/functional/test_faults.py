@@ -8,6 +8,7 @@ succeeds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
-from callfs.errors import Unavailable
+from callfs.errors import Unavailable, VersionConflict
 from callfs.tests.functional.conftest import auth, unreferenced_files
 
 Client = TestClient[Any, Any]
@@ -250,3 +251,71 @@ async def test_orphan_sweep_keeps_every_referenced_blob(client: Client, node: No
     for i in range(1, 5):
         assert await body_of(client, f"s/{i}.bin") == NEW
     assert await body_of(client, "s/0.bin") == OLD
+
+
+class Rival:
+    """A writer elsewhere (another node or worker process, no lock in common) that replaces the
+    entry just before each of the engine's next ``rounds`` conditional updates, so each of those
+    genuinely loses its race in the store."""
+
+    def __init__(self, inner: Any, rounds: int) -> None:
+        self._inner = inner
+        self.rounds = rounds
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def update(self, entry: Any, expected_version: int) -> Any:
+        if self.rounds > 0:
+            self.rounds -= 1
+            current = await self._inner.get(entry.path)
+            await self._inner.update(current, current.version)
+        try:
+            return await self._inner.update(entry, expected_version)
+        except VersionConflict:
+            self.lost += 1
+            raise
+
+
+def rival(node: Node, rounds: int) -> Rival:
+    assert node.engine is not None
+    store = Rival(node.engine._meta, rounds)
+    node.engine._meta = store  # type: ignore[assignment]
+    return store
+
+
+async def test_a_put_that_loses_many_races_in_a_row_still_lands(client: Client, node: Node) -> None:
+    """16 PUTs of one path through two worker processes lost eight straight rounds about one
+    run in six and answered 503; a writer now keeps deciding again until the lock timeout."""
+    await setup_old(client)
+    other = rival(node, rounds=40)
+    resp = await put(client, "d/f.bin", NEW)
+    assert resp.status == 200, await resp.text()
+    assert other.lost == 40
+    assert await body_of(client, "d/f.bin") == NEW
+    assert await unreferenced_files(node) == []
+
+
+@pytest.fixture
+def short_lock_timeout(config_env: dict[str, str]) -> None:
+    config_env["CALLFS_DLM__LOCK_TIMEOUT"] = "1s"
+
+
+async def test_a_put_that_never_wins_answers_503_by_the_lock_timeout(
+    short_lock_timeout: None, client: Client, node: Node
+) -> None:
+    await setup_old(client)
+    other = rival(node, rounds=10**9)
+    started = time.monotonic()
+    resp = await put(client, "d/f.bin", NEW)
+    took = time.monotonic() - started
+    assert resp.status == 503
+    assert (await resp.json())["message"] == "the item kept changing; try again"
+    assert resp.headers["Retry-After"] == "1"
+    assert 1.0 <= took < 3.0, took
+    assert other.lost > 10
+    other.rounds = 0
+    # Every refusal was definite: the old version stays whole and the new blob is gone at once.
+    assert await body_of(client, "d/f.bin") == OLD
+    assert await unreferenced_files(node) == []
