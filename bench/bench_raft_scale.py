@@ -43,7 +43,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from callfs.cluster import commands as C
+from callfs.metadata import raft_commands as C
 from callfs.model import BackendType, Entry, EntryType, NewParents
 from cluster_tests.harness import API_KEY, INTERNAL, ClusterNode
 from cluster_tests.raftlib import raft_cluster, wait_leader

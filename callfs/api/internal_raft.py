@@ -20,7 +20,6 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from callfs.api.state import api_state
-from callfs.cluster import commands as C
 from callfs.cluster.channel import (
     CHANNEL_PATH,
     HEARTBEAT,
@@ -31,6 +30,7 @@ from callfs.cluster.channel import (
 from callfs.cluster.raft import NotApplied, OutcomeUnknown
 from callfs.cluster.service import MSGPACK, RaftService
 from callfs.errors import BadRequest, CallFSError
+from callfs.metadata import raft_commands as C
 
 log = logging.getLogger(__name__)
 

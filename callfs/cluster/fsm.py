@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from callfs.cluster import commands as C
 from callfs.errors import CallFSError, InternalError, NotFound, Unavailable
+from callfs.metadata import raft_commands as C
 from callfs.metadata import sqlite_ops as ops
 from callfs.metadata.sqlite import op_error
 

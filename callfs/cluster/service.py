@@ -29,12 +29,12 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from callfs.cluster import commands as C
 from callfs.cluster.channel import FALLBACK_SECONDS, ChannelLost, LeaderChannel, NoChannel
 from callfs.cluster.fsm import BATCH
 from callfs.cluster.raft import NotApplied, OutcomeUnknown, RaftNode
 from callfs.concurrency import retrieved
 from callfs.errors import BadRequest, CallFSError, Unavailable
+from callfs.metadata import raft_commands as C
 from callfs.metadata.sqlite_readers import SqliteReaders
 
 log = logging.getLogger(__name__)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from callfs.cluster import commands as C
-from callfs.cluster.service import RaftService
 from callfs.jobs.base import WorkItem
+from callfs.metadata import raft_commands as C
 from callfs.metadata import sqlite_ops as ops
+from callfs.metadata.raft import ReplicatedLog
 
 
 class RaftWorkQueue:
-    def __init__(self, service: RaftService) -> None:
+    def __init__(self, service: ReplicatedLog) -> None:
         self._service = service
 
     async def start(self) -> None:

@@ -3,22 +3,45 @@
 Writes are the store commands of ``metadata/sqlite_ops.py`` committed through the Raft log
 (``RaftService.execute``); reads run on the local replica after the read barrier, so a node never
 serves data older than a write any node acknowledged (API.md §12.4).
+
+The store reaches the group through ``ReplicatedLog``, which ``cluster/service.py``'s
+``RaftService`` satisfies: ``cluster/`` builds on this package's SQL (``sqlite_ops``) and command
+format (``raft_commands``), so nothing here imports ``cluster/``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
-from callfs.cluster import commands as C
-from callfs.cluster.service import RaftService
+from callfs.metadata import raft_commands as C
 from callfs.metadata import sqlite_ops as ops
 from callfs.metadata.base import ChildPosition
 from callfs.metadata.common import order_tree, pack_layout
 from callfs.model import Entry, ErasureLayout, Link, NewParents, Placement
 
+T = TypeVar("T")
+
+
+class ReplicatedLog(Protocol):
+    """What the Raft store and work queue need of the group (``RaftService``)."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, name: str, args: list[Any]) -> Any:
+        """Commit one command of ``raft_commands`` and return its result (or raise its error)."""
+        ...
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T], *, point: bool = False) -> T:
+        """Run ``fn`` on the local replica after the read barrier (read-your-writes)."""
+        ...
+
 
 class RaftMetadataStore:
-    def __init__(self, service: RaftService) -> None:
+    def __init__(self, service: ReplicatedLog) -> None:
         self.service = service
 
     async def start(self) -> None:

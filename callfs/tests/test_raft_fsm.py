@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from callfs.cluster import commands as C
 from callfs.cluster import raft as raft_module
 from callfs.cluster.fsm import COPY_SUFFIX, StateMachine, publish
 from callfs.cluster.raft import NotApplied, RaftNode, RaftSettings, check_internals
 from callfs.errors import AlreadyExists, CallFSError, InternalError, Unavailable
+from callfs.metadata import raft_commands as C
 from callfs.model import BackendType, Entry, EntryType
 from callfs.tests.raftnode import one_node_raft_store
 from callfs.tests.services import free_port
