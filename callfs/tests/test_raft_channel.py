@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from callfs.api import internal_raft
+from callfs.api.internal_raft import CHANNELS, add_routes
+from callfs.api.state import STATE
+from callfs.auth.keys import Authenticator
 from callfs.cluster.channel import CHANNEL_PATH, ChannelLost, LeaderChannel, NoChannel
+from callfs.metadata import raft_commands as C
 
 SECRET = "internal-secret-for-the-channel-tests"
 Handler = Callable[[web.WebSocketResponse, bytes], Awaitable[None]]
@@ -208,4 +214,64 @@ async def test_closing_a_channel_still_opening_fails_its_askers_as_lost(
             await asyncio.wait_for(asker, 5)
     finally:
         await channel.close()
+        await server.close()
+
+
+class _Leader:
+    """The leader's side as ``RaftService.serve_apply`` presents it to the real channel handler:
+    ``boom`` fails unexpectedly, anything else is echoed."""
+
+    async def serve_apply(self, body: bytes) -> tuple[int, bytes]:
+        if body == b"boom":
+            raise RuntimeError("a bug in the leader")
+        return 200, b"re:" + body
+
+
+async def _leader_server() -> tuple[TestServer, set[web.WebSocketResponse]]:
+    """The real leader handler (``api/internal_raft.py``) on a real server."""
+    app = web.Application()
+    app[STATE] = SimpleNamespace(auth=Authenticator([], {}, SECRET))  # type: ignore[misc]
+    add_routes(app, _Leader())  # type: ignore[arg-type]
+    server = TestServer(app)
+    await server.start_server()
+    return server, app[CHANNELS]
+
+
+async def test_an_unexpected_leader_error_answers_500_and_the_channel_goes_on(
+    session: aiohttp.ClientSession,
+) -> None:
+    server, _ = await _leader_server()
+    channel = _channel(server, session)
+    try:
+        failed, fine = await asyncio.gather(channel.ask(b"boom", 5), channel.ask(b"ok", 5))
+        assert failed == (500, C.pack({"error": "internal error"}))
+        assert fine == (200, b"re:ok")
+        assert await channel.ask(b"again", 5) == (200, b"re:again")
+        assert not channel.closed
+    finally:
+        await channel.close()
+        await server.close()
+
+
+async def test_the_leader_drops_a_follower_that_stopped_answering_pings(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower whose host vanished sends no close; the leader's own ping finds it."""
+    monkeypatch.setattr(internal_raft, "HEARTBEAT", 0.2)
+    server, channels = await _leader_server()
+    try:
+        url = server.make_url(CHANNEL_PATH)
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        async with session.ws_connect(url, headers=auth, autoping=False) as ws:
+            await ws.send_bytes((1).to_bytes(8, "big") + b"hello")
+            answer = await asyncio.wait_for(ws.receive(), 5)  # the channel works...
+            assert answer.type == aiohttp.WSMsgType.BINARY and answer.data.endswith(b"re:hello")
+            assert len(channels) == 1
+            # ...then this end goes silent: pings stay unanswered, and the leader lets go
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while channels and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert not channels, "the leader still holds a channel to a silent follower"
+    finally:
         await server.close()
