@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from callfs.concurrency import gather_all, put_unless_done, run_cpu
+from callfs.concurrency import gather_all, put_unless_done, run_cpu, to_end
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, LEGACY_BLOCK, Buffer, Codec
 from callfs.erasure.shards import Pending, ShardIO, read_parts
 from callfs.errors import (
@@ -339,6 +339,15 @@ class _StripeReader:
     async def stripe_parts(self, number: int) -> list[Buffer]:
         """Stripe ``number`` as pieces in order (views of what the holders sent when every data
         block is intact)."""
+        return await self.decode(number, await self.stripe_blocks(number))
+
+    async def decode(self, number: int, blocks: dict[int, list[memoryview]]) -> list[Buffer]:
+        """Stripe ``number`` from ``k`` of its verified blocks (``stripe_blocks``)."""
+        codec = self._codec
+        return await codec.decode(blocks, codec.block_len(number, self._layout.original_size))
+
+    async def stripe_blocks(self, number: int) -> dict[int, list[memoryview]]:
+        """``k`` verified blocks of stripe ``number`` by shard index (data blocks first)."""
         k = self._codec.data_shards
         got: dict[int, list[memoryview]] = {}
         while len(got) < k:
@@ -362,9 +371,7 @@ class _StripeReader:
                     got[i] = block
         if len(got) > k:
             got = dict(sorted(got.items())[:k])
-        return await self._codec.decode(
-            got, self._codec.block_len(number, self._layout.original_size)
-        )
+        return got
 
     async def aclose(self) -> None:
         opened, self._open = self._open, {}
@@ -373,8 +380,16 @@ class _StripeReader:
                 await stream.aclose()
 
 
+#: Stripes read ahead of the one being sent, each rebuilt as soon as its blocks are in: reads
+#: stay sequential per shard, while rebuilds (zfec, on the CPU pool, without the GIL) of
+#: consecutive stripes run at once on both cores and beside the sending.
+READ_AHEAD = 2
+
+
 class _ErasureStream:
-    """A ByteStream over rebuilt stripes, trimmed to the requested range."""
+    """A ByteStream over rebuilt stripes, trimmed to the requested range. A feeder task reads the
+    stripes after the first one in order and hands each one's rebuild (a task) to the sender
+    through a queue of ``READ_AHEAD``."""
 
     def __init__(
         self,
@@ -391,6 +406,27 @@ class _ErasureStream:
         self.length = length
         self._first = first
         self._first_stripe = first_stripe or []
+        self._rebuilds: asyncio.Queue[asyncio.Future[list[Buffer]]] = asyncio.Queue(READ_AHEAD)
+        self._feeder: asyncio.Task[None] | None = None
+
+    async def _feed(self) -> None:
+        """Read the remaining stripes in order; queue each one's rebuild. A failure is queued
+        in the failed stripe's place, so the sender meets it after every stripe before it."""
+        reader = self._reader
+        for number in self._rest:
+            try:
+                blocks = await reader.stripe_blocks(number)
+            except Exception as exc:
+                failed: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                await self._rebuilds.put(failed)
+                return
+            rebuild = asyncio.ensure_future(reader.decode(number, blocks))
+            try:
+                await self._rebuilds.put(rebuild)
+            except asyncio.CancelledError:
+                rebuild.cancel()  # never queued: nobody else would end it
+                raise
 
     async def __aiter__(self) -> AsyncIterator[Buffer]:
         if self.length <= 0:
@@ -399,9 +435,11 @@ class _ErasureStream:
         start, end = self._offset, self._offset + self.length
         numbers = [self._first, *self._rest]
         pieces = self._first_stripe
+        if self._rest and self._feeder is None:
+            self._feeder = asyncio.ensure_future(self._feed())
         for i, number in enumerate(numbers):
             if i:
-                pieces = await self._reader.stripe_parts(number)
+                pieces = await (await self._rebuilds.get())
             pos = number * size  # file offset of the piece
             for piece in pieces:
                 n = len(piece)
@@ -413,4 +451,20 @@ class _ErasureStream:
                     return
 
     async def aclose(self) -> None:
+        # To its end even if the caller is cancelled meanwhile (a client that left: the handler
+        # is cancelled while it closes): the shard streams are closed whatever happens.
+        await to_end(self._close())
+
+    async def _close(self) -> None:
+        # The feeder reads the shard streams: it ends before they are closed.
+        feeder, self._feeder = self._feeder, None
+        if feeder is not None:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+        queued = []
+        while not self._rebuilds.empty():
+            queued.append(self._rebuilds.get_nowait())
+        for rebuild in queued:
+            rebuild.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
         await self._reader.aclose()

@@ -4,6 +4,7 @@ wrong bytes (API.md §11)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -303,3 +304,41 @@ async def test_legacy_sha256_framed_files_still_read_and_repair(
     assert (await resp.json())["shards_rebuilt"] == 1
     assert (root / "0").read_bytes() == bytes(shards[0])
     assert await (await client.get("/v1/files/old.bin", headers=auth())).read() == data
+
+
+async def _open_erasure_stream(client: TestClient[Any, Any], node: Node, data: bytes) -> Any:
+    assert (await client.post("/v1/files/a.bin", data=io.BytesIO(data), headers=E)).status == 201
+    engine = node.engine
+    assert engine is not None and engine.erasure is not None
+    entry = await engine.find("/a.bin")
+    assert entry is not None
+    return await engine.erasure.open(await engine.erasure_layout(entry), 0, len(data))
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_a_read_closed_mid_stream_ends_its_read_ahead_before_closing_the_shards(
+    client: TestClient[Any, Any], node: Node, cancelled: bool
+) -> None:
+    """Stripes are read ahead (a feeder task) while the current one is sent. A client that
+    leaves after the first piece: closing ends the feeder before it closes the shard streams it
+    reads, and closes them even when the closer itself is cancelled meanwhile (the handler of a
+    client that left is)."""
+    data = os.urandom(8 * STRIPE)
+    stream = await _open_erasure_stream(client, node, data)
+    it = aiter(stream)
+    first = await anext(it)
+    assert bytes(first) == data[: len(first)]
+    feeder = stream._feeder
+    assert feeder is not None and not feeder.done()  # the next stripes are on their way
+    if cancelled:
+        closer = asyncio.ensure_future(stream.aclose())
+        await asyncio.sleep(0)  # the close has begun: it waits for the feeder
+        closer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closer
+    else:
+        await stream.aclose()
+    assert feeder.done()
+    assert not stream._reader._open  # every shard stream closed
+    await it.aclose()
+    assert await (await client.get("/v1/files/a.bin", headers=auth())).read() == data
