@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from callfs.concurrency import gather_all, put_unless_done, run_cpu, to_end
+from callfs.concurrency import gather_all, put_unless_done, retrieved, run_cpu, to_end
 from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, LEGACY_BLOCK, Buffer, Codec
 from callfs.erasure.shards import Pending, ShardIO, read_parts
 from callfs.errors import (
@@ -408,6 +408,7 @@ class _ErasureStream:
         self._first_stripe = first_stripe or []
         self._rebuilds: asyncio.Queue[asyncio.Future[list[Buffer]]] = asyncio.Queue(READ_AHEAD)
         self._feeder: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def _feed(self) -> None:
         """Read the remaining stripes in order; queue each one's rebuild. A failure is queued
@@ -417,11 +418,10 @@ class _ErasureStream:
             try:
                 blocks = await reader.stripe_blocks(number)
             except Exception as exc:
-                failed: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                await self._rebuilds.put(failed)
+                await self._rebuilds.put(_failed(exc))
                 return
             rebuild = asyncio.ensure_future(reader.decode(number, blocks))
+            rebuild.add_done_callback(retrieved)  # its error is unread if the stream closes first
             try:
                 await self._rebuilds.put(rebuild)
             except asyncio.CancelledError:
@@ -435,7 +435,7 @@ class _ErasureStream:
         start, end = self._offset, self._offset + self.length
         numbers = [self._first, *self._rest]
         pieces = self._first_stripe
-        if self._rest and self._feeder is None:
+        if self._rest and self._feeder is None and self._closing is None:
             self._feeder = asyncio.ensure_future(self._feed())
         for i, number in enumerate(numbers):
             if i:
@@ -451,9 +451,12 @@ class _ErasureStream:
                     return
 
     async def aclose(self) -> None:
-        # To its end even if the caller is cancelled meanwhile (a client that left: the handler
-        # is cancelled while it closes): the shard streams are closed whatever happens.
-        await to_end(self._close())
+        # One close, to its end even if a caller is cancelled meanwhile (a client that left:
+        # the handler is cancelled while it closes): the shard streams are closed whatever
+        # happens, and only once the feeder has ended.
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await to_end(self._closing)
 
     async def _close(self) -> None:
         # The feeder reads the shard streams: it ends before they are closed.
@@ -467,4 +470,15 @@ class _ErasureStream:
         for rebuild in queued:
             rebuild.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
+        # A consumer in another task, waiting for the next stripe, fails instead of waiting on.
+        self._rebuilds.put_nowait(_failed(InternalError("the erasure read was closed")))
         await self._reader.aclose()
+
+
+def _failed(exc: BaseException) -> asyncio.Future[list[Buffer]]:
+    """A stripe that failed with ``exc``, as the consumer awaits it (marked read: nobody may
+    reach it once the stream is closed)."""
+    future: asyncio.Future[list[Buffer]] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    future.add_done_callback(retrieved)
+    return future
