@@ -331,9 +331,15 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         and request.rel_url.query.get("manifest") == "true"
     ):
         return manifest_response(request, entry, await state.engine.erasure_layout(entry))
-    span = parse_range(request.headers.get("Range"), entry.size, request.headers.get("If-Range"))
-    offset, length = (0, None) if span is None else (span[0], span[1] - span[0] + 1)
-    stream = await state.engine.open_file(who, entry, offset, length)
+    wanted, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+
+    def window(version: Entry) -> tuple[int, int | None]:
+        span = parse_range(wanted, version.size, if_range)
+        return (0, None) if span is None else (span[0], span[1] - span[0] + 1)
+
+    # ``entry`` becomes the version actually opened (a replace may land between stat and open)
+    entry, stream = await state.engine.open_file(who, entry, window)
+    span = parse_range(wanted, entry.size, if_range)
     headers = item_headers(entry)
     headers["Accept-Ranges"] = "bytes"
     status = 200

@@ -85,7 +85,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise NotFound() from exc
     if entry.is_dir:
         raise NotFound()
-    stream = await state.engine.open_file(reader, entry)
+    entry, stream = await state.engine.open_file(reader, entry)
     headers = {
         "Content-Disposition": content_disposition(entry.name),
     }

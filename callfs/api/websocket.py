@@ -95,7 +95,7 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"read access denied")
         return
     try:
-        stream = await state.engine.open_file(identity(request), entry)
+        entry, stream = await state.engine.open_file(identity(request), entry)
     except CallFSError:
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"failed to open file")
         return

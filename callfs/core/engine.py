@@ -279,25 +279,40 @@ class Engine:
         return check_read(who, await self._meta.get(path.path))
 
     async def open_file(
-        self, who: Identity, entry: Entry, offset: int = 0, length: int | None = None
-    ) -> ByteStream:
-        """Open the bytes of a file entry already looked up (and read-authorized) by ``stat``.
+        self,
+        who: Identity,
+        entry: Entry,
+        window: Callable[[Entry], tuple[int, int | None]] | None = None,
+    ) -> tuple[Entry, ByteStream]:
+        """Open the bytes of a file entry already looked up (and read-authorized) by ``stat``:
+        ``window(entry)`` gives the offset and length (None: to the end; no ``window``: all).
 
         A concurrent replace may reclaim the blob ``entry`` names between the lookup and the
-        open: the entry is then looked up again and its current version opened."""
+        open: the entry is then looked up again and its current version opened, its window
+        decided again on its own size (which may raise ``RangeNotSatisfiable``). Returns the
+        entry actually opened, which the response must describe (size, mtime, owner): never the
+        headers of one version over the bytes of another."""
         del who  # read access was decided by stat(); kept for symmetry with the write paths
-        if entry.is_dir:
-            raise BadRequest("path is a directory")
-        self._count("read", entry.backend_type.value)
-        for _ in range(_OPEN_RETRIES):
+        for attempt in range(_OPEN_RETRIES + 1):
+            if entry.is_dir:
+                raise BadRequest("path is a directory")
+            offset, length = window(entry) if window is not None else (0, None)
             try:
-                return await self._open(entry, offset, length)
+                stream = await self._open(entry, offset, length)
             except NotFound:
                 fresh = await self._meta.get(entry.path)
-                if fresh is None or fresh.is_dir or fresh.blob_key == entry.blob_key:
+                if (
+                    attempt == _OPEN_RETRIES
+                    or fresh is None
+                    or fresh.is_dir
+                    or fresh.blob_key == entry.blob_key
+                ):
                     raise
                 entry = fresh
-        return await self._open(entry, offset, length)
+                continue
+            self._count("read", entry.backend_type.value)
+            return entry, stream
+        raise AssertionError("unreachable")
 
     async def _open(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
         try:

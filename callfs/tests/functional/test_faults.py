@@ -18,6 +18,8 @@ from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
 from callfs.errors import Unavailable, VersionConflict
+from callfs.model import Identity
+from callfs.paths import parse_body_path
 from callfs.tests.functional.conftest import auth, unreferenced_files
 
 Client = TestClient[Any, Any]
@@ -319,3 +321,72 @@ async def test_a_put_that_never_wins_answers_503_by_the_lock_timeout(
     # Every refusal was definite: the old version stays whole and the new blob is gone at once.
     assert await body_of(client, "d/f.bin") == OLD
     assert await unreferenced_files(node) == []
+
+
+def replace_after_stat(node: Node, data: bytes) -> list[int]:
+    """The next ``stat`` returns the entry it read, after a PUT of ``data`` to the same path has
+    replaced it and reclaimed its blob: the reader then opens a blob that is gone."""
+    engine = node.engine
+    assert engine is not None
+    real_stat = engine.stat
+    fired: list[int] = []
+
+    async def stat(who: Identity, path: Any) -> Any:
+        entry = await real_stat(who, path)
+        if not fired:
+            fired.append(1)
+
+            async def body() -> Any:
+                yield data
+
+            await engine.put_file(Identity("alice"), parse_body_path(entry.path), body())
+        return entry
+
+    engine.stat = stat  # type: ignore[method-assign]
+    return fired
+
+
+async def test_a_replace_between_stat_and_open_is_answered_with_the_version_opened(
+    client: Client, node: Node
+) -> None:
+    """Headers and bytes of one version, never the headers of the old over the new."""
+    old, new = b"o" * 100_000, b"n" * 10_000
+    assert (await put(client, "d/f.bin", old)).status == 201
+    fired = replace_after_stat(node, new)
+    resp = await client.get("/v1/files/d/f.bin", headers=auth())
+    assert fired
+    assert resp.status == 200
+    assert await resp.read() == new
+    assert resp.headers["X-CallFS-Size"] == str(len(new))
+    assert resp.headers["Content-Length"] == str(len(new))
+
+
+@pytest.mark.parametrize(
+    ("wanted", "status", "body", "content_range"),
+    [
+        ("bytes=5000-5999", 206, slice(5000, 6000), "bytes 5000-5999/10000"),
+        ("bytes=9000-50000", 206, slice(9000, 10000), "bytes 9000-9999/10000"),
+        ("bytes=-100", 206, slice(9900, 10000), "bytes 9900-9999/10000"),
+        ("bytes=50000-50999", 416, None, "bytes */10000"),
+    ],
+)
+async def test_a_range_read_across_a_replace_is_decided_on_the_version_opened(
+    client: Client,
+    node: Node,
+    wanted: str,
+    status: int,
+    body: slice | None,
+    content_range: str,
+) -> None:
+    old = bytes(range(256)) * 400  # 102,400 bytes
+    new = bytes(reversed(range(256))) * 39 + b"tail" * 4  # 10,000 bytes
+    assert len(new) == 10_000
+    assert (await put(client, "d/f.bin", old)).status == 201
+    fired = replace_after_stat(node, new)
+    resp = await client.get("/v1/files/d/f.bin", headers={**auth(), "Range": wanted})
+    assert fired
+    assert resp.status == status, await resp.text()
+    assert resp.headers["Content-Range"] == content_range
+    if body is not None:
+        assert await resp.read() == new[body]
+        assert resp.headers["X-CallFS-Size"] == str(len(new))
