@@ -182,6 +182,13 @@ class VersionConflict(CallFSError):
     default_message = "the item changed concurrently"
 
 
+class VersionMoved(CallFSError):
+    """412 between nodes: the owner's current version of a file is not the one the asking node
+    named (replaced since it looked the file up); the asking node looks it up again."""
+
+    default_message = "the file was replaced"
+
+
 class KeptChanging(Unavailable):
     """503: every re-decision of a write lost its race until the lock timeout. Nothing of this
     request applied (each refusal was definite)."""

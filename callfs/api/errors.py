@@ -25,6 +25,7 @@ _TABLE: dict[type[e.CallFSError], tuple[int, str]] = {
     e.UploadOffsetMismatch: (409, "UPLOAD_OFFSET_MISMATCH"),
     e.ChecksumMismatch: (460, "CHECKSUM_MISMATCH"),
     e.TusVersionMismatch: (412, "PRECONDITION_FAILED"),
+    e.VersionMoved: (412, "PRECONDITION_FAILED"),
     e.UnsupportedMediaType: (415, "UNSUPPORTED_MEDIA_TYPE"),
     e.PayloadTooLarge: (413, "PAYLOAD_TOO_LARGE"),
     e.RangeNotSatisfiable: (416, "RANGE_NOT_SATISFIABLE"),

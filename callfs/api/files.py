@@ -30,7 +30,8 @@ from callfs.api.ranges import parse_range
 from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import CONTINUE_PENDING, IDENTITY, api_state, identity
 from callfs.core.engine import MoveRequest
-from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner
+from callfs.core.peer import EXPECT_BLOB
+from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner, VersionMoved
 from callfs.metadata.base import ChildPosition
 from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity
 from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
@@ -339,6 +340,10 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
     # ``entry`` becomes the version actually opened (a replace may land between stat and open)
     entry, stream = await state.engine.open_file(who, entry, window)
+    expected = request.headers.get(EXPECT_BLOB)
+    if expected is not None and who.user_id == INTERNAL_PROXY_USER and expected != entry.blob_key:
+        await stream.aclose()  # another node asked for a version this one has replaced
+        raise VersionMoved()
     span = parse_range(wanted, entry.size, if_range)
     headers = item_headers(entry)
     headers["Accept-Ranges"] = "bytes"

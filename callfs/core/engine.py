@@ -36,6 +36,7 @@ from callfs.errors import (
     BadRequest,
     CallFSError,
     DirectoryNotEmpty,
+    InsufficientShards,
     InternalError,
     KeptChanging,
     NotFound,
@@ -46,6 +47,7 @@ from callfs.errors import (
     RemoteOwner,
     Unavailable,
     VersionConflict,
+    VersionMoved,
 )
 from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.locks.base import LockManager
@@ -299,7 +301,9 @@ class Engine:
             offset, length = window(entry) if window is not None else (0, None)
             try:
                 stream = await self._open(entry, offset, length)
-            except NotFound:
+            except (NotFound, VersionMoved, InsufficientShards):
+                # gone, moved on at its owner, or its shards dropped by the replace (shards go
+                # before the layout record): the current version, if another, is opened instead
                 fresh = await self._meta.get(entry.path)
                 if (
                     attempt == _OPEN_RETRIES
@@ -326,7 +330,9 @@ class Engine:
     async def _open_now(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
         if self.is_remote(entry) and self.peers is not None:
             assert entry.instance_id is not None
-            return await self.peers.open_read(entry.instance_id, entry.path, offset, length)
+            return await self.peers.open_read(
+                entry.instance_id, entry.path, offset, length, entry.blob_key
+            )
         self._route(entry)
         if entry.blob_key is None:
             raise NotFound()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
-from callfs.errors import CallFSError, NotFound, PeerUnavailable
+from callfs.errors import CallFSError, NotFound, PeerUnavailable, VersionMoved
 from callfs.storage.base import Chunk
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ CHUNK = 256 * 1024
 #: The internal endpoint a node receives another node's file bytes on (``api/internal_nodes.py``).
 BLOBS_PATH = "/v1/internal/blobs"
 PROBE_TIMEOUT = 2.0
+#: A GET between nodes names the version it wants (its blob key; honoured with the internal
+#: secret only): the owner answers 412 when its current version is another one.
+EXPECT_BLOB = "X-CallFS-Expect-Blob"
 #: The slowest copy between nodes a mover waits for (bytes/s) before it gives up on the owner.
 MIN_MOVE_RATE = 1_000_000
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
@@ -105,11 +108,20 @@ class PeerClient:
         return {"Authorization": f"Bearer {self._secret}"}
 
     async def open_read(
-        self, instance_id: str, path: str, offset: int = 0, length: int | None = None
+        self,
+        instance_id: str,
+        path: str,
+        offset: int = 0,
+        length: int | None = None,
+        blob_key: str | None = None,
     ) -> PeerStream:
-        """Stream ``[offset, offset+length)`` of a file the node ``instance_id`` owns."""
+        """Stream ``[offset, offset+length)`` of a file the node ``instance_id`` owns: of the
+        version whose blob is ``blob_key`` (``VersionMoved`` if the owner's current one is
+        another), so the range and the headers this node sends describe the bytes it relays."""
         url = self.require_endpoint(instance_id) + "/v1/files" + url_path(path)
         headers = self.auth_headers()
+        if blob_key is not None:
+            headers[EXPECT_BLOB] = blob_key
         if offset or length is not None:
             last = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{last}"
@@ -123,6 +135,8 @@ class PeerClient:
         response.release()
         if response.status == 404:
             raise NotFound()
+        if response.status == 412 and blob_key is not None:
+            raise VersionMoved()
         if response.status == 416:
             return PeerStream(response, 0)
         raise PeerUnavailable(f"owner node answered {response.status}")

@@ -342,3 +342,34 @@ async def test_a_read_closed_mid_stream_ends_its_read_ahead_before_closing_the_s
     assert not stream._reader._open  # every shard stream closed
     await it.aclose()
     assert await (await client.get("/v1/files/a.bin", headers=auth())).read() == data
+
+
+async def test_a_read_racing_a_replace_that_dropped_the_shards_reads_the_new_version(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """A replace removes the old shards before the old layout record: a reader that looked the
+    file up before the replace and opens it in between finds the layout but not the shards. It
+    reads the version that replaced it (was: 503 INSUFFICIENT_SHARDS)."""
+    old, new = os.urandom(3 * STRIPE + 5), os.urandom(STRIPE + 7)
+    assert (await client.post("/v1/files/r.bin", data=io.BytesIO(old), headers=E)).status == 201
+    engine = node.engine
+    assert engine is not None
+    real_stat = engine.stat
+
+    async def stat(who: Any, path: Any) -> Any:
+        entry = await real_stat(who, path)
+        if entry.path == "/r.bin" and not stat.fired:  # type: ignore[attr-defined]
+            stat.fired = True  # type: ignore[attr-defined]
+            layout = await engine.erasure_layout(entry)
+            resp = await client.put("/v1/files/r.bin", data=io.BytesIO(new), headers=E)
+            assert resp.status == 200
+            await engine._meta.put_erasure(layout)  # the old record, its shards already gone
+        return entry
+
+    stat.fired = False  # type: ignore[attr-defined]
+    engine.stat = stat  # type: ignore[method-assign]
+    resp = await client.get("/v1/files/r.bin", headers=auth())
+    assert stat.fired  # type: ignore[attr-defined]
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == new
+    assert resp.headers["X-CallFS-Size"] == str(len(new))

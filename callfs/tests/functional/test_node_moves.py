@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from callfs.core.peer import EXPECT_BLOB
 from callfs.core.placement_ops import plan_drain, plan_rebalance
 from callfs.daemon import Node
+from callfs.errors import VersionMoved
 from callfs.model import BackendType, Entry, EntryType
 from callfs.tests.functional.conftest import INTERNAL, auth, unreferenced_files
 
@@ -178,3 +181,72 @@ async def test_job_endpoints(node: Node, client: TestClient[Any, Any]) -> None:
         await asyncio.sleep(0.05)
     assert job["kind"] == "rebalance" and job["state"] == "done", job
     assert Path(node.cfg.backend.localfs_root_path).exists()
+
+
+async def test_an_owner_refuses_a_read_of_a_version_it_has_replaced(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """A node relaying a GET to the file's owner names the version it looked up; the owner
+    answers 412 when its current version is another one, so the relaying node never sends one
+    version's headers and range over another's bytes. Only the internal secret may ask."""
+    assert (await client.put("/v1/files/v.bin", data=b"first", headers=auth())).status == 201
+    engine = node.engine
+    assert engine is not None
+    first = await engine.find("/v.bin")
+    assert first is not None and first.blob_key is not None
+    assert (await client.put("/v1/files/v.bin", data=b"second!", headers=auth())).status == 200
+    stale = {**SECRET, EXPECT_BLOB: first.blob_key}
+    resp = await client.get("/v1/files/v.bin", headers=stale)
+    assert resp.status == 412
+    assert (await resp.json())["code"] == "PRECONDITION_FAILED"
+    current = await engine.find("/v.bin")
+    assert current is not None and current.blob_key is not None
+    resp = await client.get("/v1/files/v.bin", headers={**SECRET, EXPECT_BLOB: current.blob_key})
+    assert resp.status == 200 and await resp.read() == b"second!"
+    # a client's own header is no precondition (the blob key is not part of the public API)
+    resp = await client.get("/v1/files/v.bin", headers={**auth(), EXPECT_BLOB: first.blob_key})
+    assert resp.status == 200 and await resp.read() == b"second!"
+
+
+class _Relayed:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    async def __aiter__(self) -> Any:
+        yield self.body
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_relayed_read_of_a_replaced_version_is_answered_with_the_current_one(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """This node (a) relays a GET of a file node b owns; b replaced it after a looked it up (b
+    answers 412, as above): a looks it up again and relays the current version, with its
+    headers and its range."""
+    engine = node.engine
+    assert engine is not None
+    old = replace(_file("/r.bin", 100_000, "b"), blob_key="k-old")
+    new = replace(old, size=10, blob_key="k-new", mtime=7)
+    await engine._meta.create(old)
+    asked: list[str | None] = []
+
+    class Owner:
+        async def open_read(
+            self, instance_id: str, path: str, offset: int, length: Any, blob: Any
+        ) -> Any:
+            asked.append(blob)
+            if blob == "k-old":  # b has replaced it meanwhile
+                await engine._meta.update(new, old.version)
+                raise VersionMoved()
+            return _Relayed(b"0123456789"[offset : None if length is None else offset + length])
+
+    engine.peers = Owner()  # type: ignore[assignment]
+    resp = await client.get("/v1/files/r.bin", headers={**auth(), "Range": "bytes=5-"})
+    assert resp.status == 206, await resp.text()
+    assert await resp.read() == b"56789"
+    assert resp.headers["Content-Range"] == "bytes 5-9/10"
+    assert resp.headers["X-CallFS-Size"] == "10"
+    assert asked == ["k-old", "k-new"]
