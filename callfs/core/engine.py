@@ -886,8 +886,14 @@ class Engine:
                 raise AlreadyExists("destination exists with another type")
             if dst_entry.is_dir and await self._meta.has_children(dst):
                 raise DirectoryNotEmpty()
-            check_delete(who, dst_entry)
-            self._route(dst_entry)
+            # no delete check on the occupant: PATCH needs write on the destination (API.md §5;
+            # someone else's file refuses that write, someone else's directory allows it)
+            if source.backend_type is not BackendType.LOCALFS:
+                # no owner node of its own: the occupant's owner replaces it (and reclaims its
+                # blob at once). A localfs source is moved by its owner, this node by now: an
+                # occupant's blob on another node goes to that node's orphan sweep (sending the
+                # PATCH there would send it straight back here, and so on)
+                self._route(dst_entry)
             dst_expected = dst_entry.version
 
         parents = None

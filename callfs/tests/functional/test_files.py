@@ -455,6 +455,26 @@ async def test_patch_overwrite_and_create_parents(client: Client) -> None:
     assert (await resp.json())["code"] == "DIRECTORY_NOT_EMPTY"
 
 
+async def test_patch_overwrite_needs_write_on_the_destination_only(client: Client) -> None:
+    """API.md §5: PATCH needs delete on the source and write on the destination. Someone else's
+    directory may be written, so an empty one can be overwritten; someone else's file may not."""
+    await post(client, "alices-dir/")
+    await post(client, "alices.txt", b"A")
+    await post(client, "bobs-dir/", key=BOB_KEY)
+    await post(client, "bobs.txt", b"B", key=BOB_KEY)
+    bob = auth(BOB_KEY)
+    resp = await client.patch(
+        "/v1/files/bobs.txt", json={"destination": "/alices.txt", "overwrite": True}, headers=bob
+    )
+    assert resp.status == 403
+    resp = await client.patch(
+        "/v1/files/bobs-dir", json={"destination": "/alices-dir", "overwrite": True}, headers=bob
+    )
+    assert resp.status == 200, await resp.text()
+    listing = await (await client.get("/v1/files/", headers=auth())).json()
+    assert {i["name"]: i["owner"] for i in listing}["alices-dir"] == "bob"
+
+
 @pytest.mark.parametrize("config_env", [{"CALLFS_SERVER__READ_TIMEOUT": "400ms"}])
 async def test_body_stall_is_bounded_by_read_timeout(client: Client, node: Node) -> None:
     server = client.server

@@ -250,3 +250,27 @@ async def test_a_relayed_read_of_a_replaced_version_is_answered_with_the_current
     assert resp.headers["Content-Range"] == "bytes 5-9/10"
     assert resp.headers["X-CallFS-Size"] == "10"
     assert asked == ["k-old", "k-new"]
+
+
+async def test_a_move_onto_a_file_another_node_owns_is_done_here(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """Overwriting a destination that node b owns, with a source this node owns: this node moves
+    it (b's blob goes to b's orphan sweep). Sending the PATCH to b sent it straight back (b
+    routes it to the source's owner): hop after hop, then 502, nothing moved."""
+    assert (await client.put("/v1/files/mine.bin", data=b"mine", headers=auth())).status == 201
+    engine = node.engine
+    assert engine is not None
+    theirs = replace(_file("/theirs.bin", 5, "b"), owner="alice", blob_key="k-theirs")
+    await engine._meta.create(theirs)
+    resp = await client.patch(
+        "/v1/files/mine.bin",
+        json={"destination": "/theirs.bin", "overwrite": True},
+        headers=auth(),
+    )
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"path": "/theirs.bin"}
+    moved = await engine.find("/theirs.bin")
+    assert moved is not None and moved.instance_id == "a" and moved.size == 4
+    assert await (await client.get("/v1/files/theirs.bin", headers=auth())).read() == b"mine"
+    assert await engine.find("/mine.bin") is None
