@@ -12,9 +12,10 @@ MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 RESERVED_FIRST_SEGMENT = ".erasure"
 
-# U+0000-U+001F except TAB, and the bidi controls U+202A-U+202E, U+2066-U+2069 (§6.1 step 6);
-# also the other control characters, DEL and the C1 range U+007F-U+009F (NEL, CSI, ...).
-_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\u202a-\u202e\u2066-\u2069]")
+# U+0000-U+001F except TAB, and the bidi controls U+202A-U+202E, U+2066-U+2069 (§6.1 step 6;
+# DEL and the C1 range stay legal, as the contract says). Also lone surrogates U+D800-U+DFFF:
+# a JSON body can carry one (``"\ud800"``), UTF-8 cannot store it (it was a 500).
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 

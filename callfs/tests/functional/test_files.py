@@ -455,6 +455,27 @@ async def test_patch_overwrite_and_create_parents(client: Client) -> None:
     assert (await resp.json())["code"] == "DIRECTORY_NOT_EMPTY"
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/files/s.txt", '{"name":"\\ud800"}'),
+        ("/v1/files/s.txt", '{"destination":"/q\\udfffx"}'),
+        ("/v1/links/generate", '{"path":"/s\\ud800.txt"}'),
+    ],
+)
+async def test_a_lone_surrogate_in_a_body_path_is_400(
+    client: Client, route: str, body: str
+) -> None:
+    """JSON can carry a lone surrogate, which no UTF-8 path can hold (it was a 500)."""
+    await post(client, "s.txt", b"S")
+    method = client.patch if route.startswith("/v1/files") else client.post
+    headers = {**auth(), "Content-Type": "application/json"}
+    resp = await method(route, data=body.encode(), headers=headers)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["code"] == "BAD_REQUEST"
+    assert await (await client.get("/v1/files/s.txt", headers=auth())).read() == b"S"
+
+
 async def test_patch_overwrite_needs_write_on_the_destination_only(client: Client) -> None:
     """API.md §5: PATCH needs delete on the source and write on the destination. Someone else's
     directory may be written, so an empty one can be overwritten; someone else's file may not."""
