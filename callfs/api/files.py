@@ -591,7 +591,9 @@ async def read_json_object(request: web.Request, limit: int, message: str) -> di
             raise BadRequest(message)
     request[BODY_READ] = bytes(data)  # if the item lives elsewhere, the proxy forwards these
     try:
-        body = json.loads(data)
+        # strict JSON (RFC 8259): UTF-8 only (``json.loads`` of bytes also guesses UTF-16/32),
+        # and no NaN / Infinity
+        body = json.loads(data.decode("utf-8"), parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(message) from exc
     if not isinstance(body, dict):
@@ -660,6 +662,10 @@ def cross_server_conflict(request: web.Request, exc: RemoteOwner) -> web.Respons
     if not want_dir and not exc.is_dir and endpoint is not None:
         body["update_url"] = f"{endpoint}/v1/files{exc.path}"
     return json_response(body, status=409)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 #: The caller's user ID on a request relayed to the owner node (trusted only with the internal

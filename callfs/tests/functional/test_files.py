@@ -476,6 +476,23 @@ async def test_a_lone_surrogate_in_a_body_path_is_400(
     assert await (await client.get("/v1/files/s.txt", headers=auth())).read() == b"S"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name":"x.txt","n":NaN}',
+        b'{"name":"x.txt","n":-Infinity}',
+        '{"name":"x.txt"}'.encode("utf-16"),
+    ],
+)
+async def test_patch_body_must_be_strict_json(client: Client, body: bytes) -> None:
+    await post(client, "s.txt", b"S")
+    headers = {**auth(), "Content-Type": "application/json"}
+    resp = await client.patch("/v1/files/s.txt", data=body, headers=headers)
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "invalid JSON body"
+    assert await (await client.get("/v1/files/s.txt", headers=auth())).read() == b"S"
+
+
 async def test_patch_overwrite_needs_write_on_the_destination_only(client: Client) -> None:
     """API.md §5: PATCH needs delete on the source and write on the destination. Someone else's
     directory may be written, so an empty one can be overwritten; someone else's file may not."""
