@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -248,33 +249,17 @@ def cluster_join(
     for name, message in missing:
         if not values[name]:
             raise click.ClickException(message)
-    body = json.dumps(
-        {
-            "node_id": values["node_id"],
-            "raft_addr": values["raft_addr"],
-            "api_endpoint": values["api_endpoint"],
-        }
-    ).encode()
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
-        leader.strip().rstrip("/") + "/v1/internal/raft/join",
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {values['secret']}",
-        },
-    )
+    body = {
+        "node_id": values["node_id"],
+        "raft_addr": values["raft_addr"],
+        "api_endpoint": values["api_endpoint"],
+    }
     try:
-        with urllib.request.urlopen(request, timeout=JOIN_TIMEOUT) as resp:  # noqa: S310
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise click.ClickException(f"failed to contact leader: {reason}") from exc
+        status, raw = _internal_call(
+            leader, "/v1/internal/raft/join", values["secret"], body, JOIN_TIMEOUT
+        )
+    except _NET_ERRORS as exc:
+        raise click.ClickException(f"failed to contact leader: {_reason(exc)}") from exc
     answer = _decode("join", status, raw)
     if status != 200:
         error = answer.get("error") if isinstance(answer, dict) else None
@@ -313,21 +298,48 @@ def _decode(what: str, status: int, raw: bytes) -> dict[str, Any]:
 def _internal_call(
     base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
 ) -> tuple[int, bytes]:
-    """One internal request (GET without ``body``, POST with it); network errors propagate."""
+    """One internal request (GET without ``body``, POST with it), answered within ``timeout``
+    seconds in all: urllib's own timeout bounds each socket operation, so a node dripping its
+    answer could take any time. Network errors propagate as ``_NET_ERRORS``."""
+    outcome: list[tuple[int, bytes] | BaseException] = []
+
+    def call() -> None:
+        try:
+            outcome.append(_internal_call_once(base, path, secret, body, timeout))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call, name="callfs-internal-call", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise TimeoutError("timed out")
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _internal_call_once(
+    base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
+) -> tuple[int, bytes]:
+    import http.client
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
-        base.strip().rstrip("/") + path,
-        data=None if body is None else json.dumps(body).encode(),
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
-    )
     try:
+        request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
+            base.strip().rstrip("/") + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
+        )
         with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except http.client.HTTPException as exc:  # not an HTTP answer, or one cut short
+        raise OSError(f"{type(exc).__name__}: {exc}") from exc
 
 
 #: What a failed internal call raises (``urllib.error.URLError`` is an ``OSError``; urllib is

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,86 @@ async def test_join_against_a_leader(aiohttp_server: Any) -> None:
     bad = await asyncio.to_thread(run, [*args, "--node-id", "bad"])
     assert bad.exit_code == 1
     assert "join failed: not leader" in bad.output
+
+
+JOIN_FLAGS = [
+    "--node-id",
+    "n2",
+    "--raft-addr",
+    "127.0.0.1:7002",
+    "--api-endpoint",
+    "http://n2:8443",
+    "--internal-secret",
+    "sec",
+]
+
+
+@asynccontextmanager
+async def _raw_leader(answer: bytes, drip: float = 0.0) -> AsyncIterator[str]:
+    """A 'leader' that reads the request, then sends ``answer`` (a byte every ``drip`` s)."""
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            step = 1 if drip else len(answer)
+            for i in range(0, len(answer), step):
+                writer.write(answer[i : i + step])
+                await writer.drain()
+                await asyncio.sleep(drip)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("leader", "answer"),
+    [
+        ("notaurl", None),
+        ("http://[::1", None),
+        ("stub", b"SSH-2.0-OpenSSH_9.2\r\n"),
+        ("stub", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"),
+    ],
+)
+async def test_join_network_failures_are_one_error_line(leader: str, answer: bytes | None) -> None:
+    """API.md §20.4: ``failed to contact leader: <detail>``, exit 1, never a traceback."""
+    async with AsyncExitStack() as stack:
+        if answer is not None:
+            leader = await stack.enter_async_context(_raw_leader(answer))
+        result = await asyncio.to_thread(run, ["cluster", "join", "--leader", leader, *JOIN_FLAGS])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: failed to contact leader: "), result.output
+    assert "Traceback" not in result.output
+
+
+async def test_join_gives_up_after_its_timeout_even_when_the_leader_drips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The contract's timeout bounds the whole request: a leader that answers one byte a
+    second never resets it (urllib's own timeout is per socket operation)."""
+    monkeypatch.setattr("callfs.cli.JOIN_TIMEOUT", 1.0)
+    answer = (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n{"status":"joined","leader_id":"n1"}    '
+    )
+    async with _raw_leader(answer, drip=0.2) as leader:
+        started = asyncio.get_running_loop().time()
+        result = await asyncio.to_thread(run, ["cluster", "join", "--leader", leader, *JOIN_FLAGS])
+        took = asyncio.get_running_loop().time() - started
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: failed to contact leader: timed out"
+    assert took < 3.0, took
 
 
 def test_cert_generate(tmp_path: Path) -> None:
