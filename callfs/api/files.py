@@ -627,7 +627,7 @@ async def patch_file(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request, MAX_PATCH_BODY, "invalid JSON body")
     move = parse_move(path, body, request.rel_url.query.get("overwrite") == "true")
     engine = api_state(request).engine
-    if move.instance is not None and move.destination.path == path.path:
+    if move.instance is not None and move.backend is None and move.destination.path == path.path:
         found = await engine.find(path.path)
         if found is not None and found.is_dir:
             # every file below moves to that node, each its own switch; partial: 502 + report

@@ -1050,9 +1050,9 @@ class Engine:
         the whole tree first (nothing moves if a file may not be moved); an unreachable target
         changes nothing. Files already there, S3 and erasure-coded files are skipped; a file
         that fails is reported and the others still move (re-running continues)."""
+        directory = check_delete(who, await self._meta.get(path.path))  # before 400s (§9.7)
         if not self.known_instance(target):
             raise BadRequest("unknown instance")
-        directory = check_delete(who, await self._meta.get(path.path))
         if not directory.is_dir:
             raise BadRequest("path is not a directory")
         entries = await self._meta.list_tree(directory.path, 1 << 30)

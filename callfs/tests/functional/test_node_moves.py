@@ -18,7 +18,7 @@ from callfs.core.placement_ops import plan_drain, plan_rebalance
 from callfs.daemon import Node
 from callfs.errors import VersionMoved
 from callfs.model import BackendType, Entry, EntryType
-from callfs.tests.functional.conftest import INTERNAL, auth, unreferenced_files
+from callfs.tests.functional.conftest import BOB_KEY, INTERNAL, auth, unreferenced_files
 
 SECRET = {"Authorization": f"Bearer {INTERNAL}"}
 
@@ -274,3 +274,19 @@ async def test_a_move_onto_a_file_another_node_owns_is_done_here(
     assert moved is not None and moved.instance_id == "a" and moved.size == 4
     assert await (await client.get("/v1/files/theirs.bin", headers=auth())).read() == b"mine"
     assert await engine.find("/mine.bin") is None
+
+
+async def test_a_directory_move_to_a_node_checks_permission_first_and_takes_no_backend(
+    node: Node, client: TestClient[Any, Any]
+) -> None:
+    """API.md §9.7: authorization (403) comes before the impossible-move checks (400); a
+    directory cannot change backend, with or without ``instance``."""
+    assert (await client.put("/v1/files/d/f.txt", data=b"data", headers=auth())).status == 201
+    bob = auth(BOB_KEY)
+    resp = await client.patch("/v1/files/d", json={"name": "d", "instance": "nope"}, headers=bob)
+    assert resp.status == 403
+    resp = await client.patch(
+        "/v1/files/d", json={"name": "d", "instance": "a", "backend": "s3"}, headers=auth()
+    )
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "a directory cannot change backend or instance"
