@@ -124,6 +124,21 @@ def test_join_missing_values_and_unreachable_leader() -> None:
     assert "failed to contact leader:" in result.output
 
 
+#: ``cluster join`` flags but the leader and the node ID.
+JOIN_FLAGS = [
+    "--raft-addr",
+    "127.0.0.1:7002",
+    "--api-endpoint",
+    "http://n2:8443",
+    "--internal-secret",
+    "sec",
+]
+
+
+#: A whole ``cluster join`` but for ``--leader``.
+JOIN = ["cluster", "join", "--node-id", "n2", *JOIN_FLAGS]
+
+
 async def test_join_against_a_leader(aiohttp_server: Any) -> None:
     seen: list[Any] = []
 
@@ -137,18 +152,7 @@ async def test_join_against_a_leader(aiohttp_server: Any) -> None:
     app.router.add_post("/v1/internal/raft/join", join)
     server = await aiohttp_server(app)
     base = f"http://127.0.0.1:{server.port}/"
-    args = [
-        "cluster",
-        "join",
-        "--leader",
-        base,
-        "--raft-addr",
-        "127.0.0.1:7002",
-        "--api-endpoint",
-        "http://n2:8443",
-        "--internal-secret",
-        "sec",
-    ]
+    args = ["cluster", "join", "--leader", base, *JOIN_FLAGS]
     ok = await asyncio.to_thread(run, [*args, "--node-id", "n2"])
     assert ok.exit_code == 0, ok.output
     assert ok.output.strip() == "Join successful: node=n2 leader=n1 status=joined"
@@ -159,18 +163,6 @@ async def test_join_against_a_leader(aiohttp_server: Any) -> None:
     bad = await asyncio.to_thread(run, [*args, "--node-id", "bad"])
     assert bad.exit_code == 1
     assert "join failed: not leader" in bad.output
-
-
-JOIN_FLAGS = [
-    "--node-id",
-    "n2",
-    "--raft-addr",
-    "127.0.0.1:7002",
-    "--api-endpoint",
-    "http://n2:8443",
-    "--internal-secret",
-    "sec",
-]
 
 
 @asynccontextmanager
@@ -217,7 +209,7 @@ async def test_join_network_failures_are_one_error_line(leader: str, answer: byt
     async with AsyncExitStack() as stack:
         if answer is not None:
             leader = await stack.enter_async_context(_raw_leader(answer))
-        result = await asyncio.to_thread(run, ["cluster", "join", "--leader", leader, *JOIN_FLAGS])
+        result = await asyncio.to_thread(run, [*JOIN, "--leader", leader])
     assert result.exit_code == 1
     assert result.output.startswith("Error: failed to contact leader: "), result.output
     assert "Traceback" not in result.output
@@ -234,7 +226,7 @@ async def test_join_gives_up_after_its_timeout_even_when_the_leader_drips(
     )
     async with _raw_leader(answer, drip=0.2) as leader:
         started = asyncio.get_running_loop().time()
-        result = await asyncio.to_thread(run, ["cluster", "join", "--leader", leader, *JOIN_FLAGS])
+        result = await asyncio.to_thread(run, [*JOIN, "--leader", leader])
         took = asyncio.get_running_loop().time() - started
     assert result.exit_code == 1
     assert result.output.strip() == "Error: failed to contact leader: timed out"
