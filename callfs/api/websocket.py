@@ -20,6 +20,7 @@ from callfs.errors import (
     BadRequest,
     CallFSError,
     NotFound,
+    ParentNotDirectory,
     PayloadTooLarge,
     PermissionDenied,
     RemoteOwner,
@@ -256,7 +257,12 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
             else:  # CLOSING / CLOSED: the peer went away without a proper close
                 raise UploadAborted(WSCloseCode.ABNORMAL_CLOSURE, "connection lost")
 
-    existed = (await state.engine.find(path)) is not None
+    try:
+        existed = (await state.engine.find(path)) is not None
+    except CallFSError:  # after the upgrade: a close frame, never an HTTP answer (§9.9)
+        log.warning("websocket upload: metadata lookup failed", exc_info=True)
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"metadata lookup failed")
+        return
     body = frames()
     try:
         try:
@@ -275,7 +281,10 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
     except PermissionDenied:
         await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"write access denied")
         return
-    except (BadRequest, AlreadyExists):
+    except (BadRequest, AlreadyExists) as exc:
+        if isinstance(exc, ParentNotDirectory):  # not the target: §9.9's other failures
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file create failed")
+            return
         await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"target path is not a file")
         return
     except PayloadTooLarge:

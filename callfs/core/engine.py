@@ -560,7 +560,7 @@ class Engine:
             assert conflict is not None
             raise conflict
         if parent is not None and not parent.is_dir:
-            raise AlreadyExists("a parent path is a file")
+            raise ParentNotDirectory()
         kind = self._default_kind()
         if erasure is not None and self.erasure is not None:
             layout = await self._stage_erasure(
@@ -605,7 +605,7 @@ class Engine:
             kind = target.backend_type.value
         else:
             if parent is not None and not parent.is_dir:
-                raise AlreadyExists("a parent path is a file")
+                raise ParentNotDirectory()
             kind = self._default_kind()
         if target is not None and target.backend_type is BackendType.ERASURE:
             # §11.6: re-encoded with the same profile under a new upload id, normal placement

@@ -46,6 +46,7 @@ from callfs.errors import (
     BadRequest,
     ChecksumMismatch,
     InternalError,
+    ParentNotDirectory,
     PayloadTooLarge,
     PermissionDenied,
     RemoteOwner,
@@ -254,7 +255,7 @@ class UploadService:
         if target is not None and target.is_dir:
             raise BadRequest("path is a directory")
         if parent is not None and not parent.is_dir:
-            raise AlreadyExists("a parent path is a file")
+            raise ParentNotDirectory()
 
     # ---- read ------------------------------------------------------------------------------
     async def get(self, who: Identity, upload_id: str) -> Upload:

@@ -14,6 +14,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
+from callfs.errors import Unavailable
 from callfs.tests.functional.conftest import BOB_KEY, auth
 
 Client = TestClient[Any, Any]
@@ -188,3 +189,45 @@ async def test_the_stall_watch_counts_a_shrinking_queue_as_progress(
         assert cut == [request] and watch.fired
     finally:
         watch.close()
+
+
+async def closed_with(client: Client, path: str) -> tuple[int, str]:
+    """Upload a few bytes to ``path`` (EOF): the close code and reason the server sends."""
+    ws = await client.ws_connect(f"/v1/files/ws/{path}?mode=upload", headers=auth())
+    await ws.send_bytes(b"data")
+    await ws.send_str("EOF")
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        if msg.type == WSMsgType.CLOSE:
+            return msg.data, msg.extra
+        assert msg.type == WSMsgType.TEXT, msg
+
+
+async def test_an_upload_under_a_file_closes_1011_file_create_failed(client: Client) -> None:
+    """§9.9: only a directory target closes with 1003; a parent that is a file is one of the
+    other failures (1011 ``file create failed``)."""
+    assert (await client.post("/v1/files/afile", data=b"x", headers=auth())).status == 201
+    assert await closed_with(client, "afile/child") == (1011, "file create failed")
+    assert (await client.get("/v1/files/afile", headers=auth())).status == 200
+
+
+async def test_a_metadata_failure_after_the_upgrade_closes_1011_metadata_lookup_failed(
+    client: Client, node: Node
+) -> None:
+    """The upgrade is done when the upload looks its target up: a store failure there closes
+    the WebSocket (1011 ``metadata lookup failed``), it never writes an HTTP answer into it."""
+    engine = node.engine
+    assert engine is not None
+    real_find = engine.find
+    calls: list[str] = []
+
+    async def find(path: str) -> Any:
+        calls.append(path)
+        if path == "/boom.bin" and len(calls) > 1:  # the handshake's look-up passes
+            raise Unavailable("injected store failure")
+        return await real_find(path)
+
+    engine.find = find  # type: ignore[method-assign]
+    assert await closed_with(client, "boom.bin") == (1011, "metadata lookup failed")
+    engine.find = real_find  # type: ignore[method-assign]
+    assert (await client.get("/v1/files/boom.bin", headers=auth())).status == 404
