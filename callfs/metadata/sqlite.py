@@ -200,6 +200,14 @@ class SqliteMetadataStore:
             deadline = time.monotonic() + _BUSY_LIMIT
             _until_not_busy(conn, "BEGIN IMMEDIATE", deadline)
             for op in batch:
+                if op.future.cancelled():
+                    # Its caller gave up (the store timed out for it, or the request ended)
+                    # before it ran: it is not run at all, so that "timed out" means "not
+                    # applied" whenever the command had not started. (Read from this thread:
+                    # a cancel landing just after the check leaves the op applied, the
+                    # ambiguous outcome every caller of a timed-out command already allows.)
+                    outcomes.append((None, None))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     result = op.fn(conn)

@@ -654,3 +654,30 @@ async def test_sqlite_closed_and_unopenable(tmp_path: Path) -> None:
         assert len(await again.list_children("/")) == 20
     finally:
         await again.close()
+
+
+async def test_sqlite_a_write_its_caller_gave_up_on_before_it_ran_is_not_applied(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the database (a CLI, a worker process): a create waits, its caller
+    times out (503 for the client), and the create must not land later behind its back (a
+    retried POST then met 409 for its own first try)."""
+    import sqlite3
+
+    from callfs.metadata.sqlite import SqliteMetadataStore
+
+    db = tmp_path / "meta.sqlite3"
+    store = SqliteMetadataStore(str(db))
+    await store.start()
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.create(entry("/late")), 0.3)
+        other.execute("COMMIT")
+        await store.create(entry("/next"))  # the writer has moved past the abandoned one
+        assert await store.get("/next") is not None
+        assert await store.get("/late") is None
+    finally:
+        other.close()
+        await store.close()
