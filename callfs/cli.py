@@ -124,7 +124,9 @@ def server(config: str | None, dev: bool, listen: str | None) -> None:
         # The banner shows the URL really served (derived from the listener unless set).
         cfg = resolve_external_url(cfg, warn=False)
         base = cfg.server.external_url
-        key = cfg.auth.api_keys[0]
+        # validation guarantees a key; api_keys may be emptied (CALLFS_AUTH__API_KEYS=) in
+        # favour of api_key_users
+        key = [*cfg.auth.api_keys, *cfg.auth.api_key_users.values()][0]
 
         def on_ready() -> None:
             click.echo(f"CallFS dev server listening on {base} (data in ./callfs-data)")

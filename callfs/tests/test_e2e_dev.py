@@ -119,3 +119,30 @@ async def test_dev_server_readme_walkthrough(tmp_path: Path) -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe:
                 pipe.close()
+
+
+@pytest.mark.slow
+async def test_dev_banner_shows_a_user_key_when_api_keys_is_emptied(tmp_path: Path) -> None:
+    """``CALLFS_AUTH__API_KEYS=`` with a named user's key: the banner shows that key (it was an
+    IndexError traceback)."""
+    port = free_port()
+    bob = "bob-key-0123456789abcdef"
+    env = {
+        **os.environ,
+        "CALLFS_SERVER__LISTEN_ADDR": f"127.0.0.1:{port}",
+        "CALLFS_AUTH__API_KEYS": "",
+        "CALLFS_AUTH__API_KEY_USERS__BOB": bob,
+    }
+    cmd = [sys.executable, "-m", "callfs", "server", "--dev"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        banner = await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
+        assert banner[1] == f"API key: {bob}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
