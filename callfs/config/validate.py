@@ -142,14 +142,15 @@ def _auth(a: AuthConfig) -> Iterator[str]:
             seen[k] = f"api_keys index {i}"
     for user in sorted(a.api_key_users):
         k = a.api_key_users[user]
-        if not user.strip():
-            yield "auth.api_key_users: user ID must not be empty"
-        elif user in ("root", "internal-proxy") or _RESERVED_USER.fullmatch(user):
-            yield f'auth.api_key_users: user ID "{user}" is reserved'
-        elif k == DEFAULT_API_KEY:
+        # API.md §19's order for each key: default value, length, then the user ID, then reuse
+        if k == DEFAULT_API_KEY:
             yield f"auth.api_key_users must not use default value '{DEFAULT_API_KEY}'"
         elif len(k) < MIN_KEY_LENGTH:
             yield "auth.api_key_users: each key must be at least 16 characters"
+        elif not user.strip():
+            yield "auth.api_key_users: user ID must not be empty"
+        elif user in ("root", "internal-proxy") or _RESERVED_USER.fullmatch(user):
+            yield f'auth.api_key_users: user ID "{user}" is reserved'
         elif k in seen:
             yield f'auth.api_key_users: key for "{user}" is already configured for {seen[k]}'
         else:

@@ -211,6 +211,15 @@ def test_load_errors(tmp_path: Path) -> None:
             {"CALLFS_AUTH__API_KEY_USERS__BOB": "k" * 16},
             'auth.api_key_users: key for "bob" is already configured for api_keys index 0',
         ),
+        # §19's order for each key: the key's own checks come before its user ID's
+        (
+            {"CALLFS_AUTH__API_KEY_USERS__ROOT": "short"},
+            "auth.api_key_users: each key must be at least 16 characters",
+        ),
+        (
+            {"CALLFS_AUTH__API_KEY_USERS__ROOT": "default-api-key"},
+            "auth.api_key_users must not use default value 'default-api-key'",
+        ),
         (
             {"CALLFS_AUTH__INTERNAL_PROXY_SECRET": "k" * 16},
             "auth.internal_proxy_secret must not be reused as an API key",
