@@ -50,21 +50,27 @@ def _count(raw: str | None, what: str) -> int | None:
 
 
 def erasure_request(request: web.Request) -> ErasureRequest | None:
-    """The POST's erasure parameters, or None when it does not ask for erasure coding."""
+    """The POST's erasure parameters, or None when it does not ask for erasure coding. Every
+    400 of §11.1 is decided here, before authorization and the existence check (§8's order):
+    the total with the node's defaults filled in, and each named instance."""
     if _param(request, "X-CallFS-Erasure", "erasure") != "true":
         return None
     data = _count(_param(request, "X-CallFS-Erasure-Data-Shards", "data_shards"), "data shards")
     parity = _count(
         _param(request, "X-CallFS-Erasure-Parity-Shards", "parity_shards"), "parity shards"
     )
-    if (data or 0) + (parity or 0) > MAX_SHARDS:
+    engine = api_state(request).engine
+    defaults = engine.settings
+    total = (data or defaults.erasure_data_shards) + (parity or defaults.erasure_parity_shards)
+    if total > MAX_SHARDS:
         raise BadRequest(f"data + parity shards must be <= {MAX_SHARDS}")
     raw = _param(request, "X-CallFS-Erasure-Instances", "instances")
-    instances = None
-    if raw is not None:
-        instances = tuple(i.strip() for i in raw.split(",") if i.strip())
-        if not instances:
-            raise BadRequest("instances must name at least one node")
+    # an empty list names no node: the default placement, as when absent (§11.1 refuses only
+    # unknown IDs)
+    instances = tuple(i.strip() for i in (raw or "").split(",") if i.strip()) or None
+    for node in instances or ():
+        if not engine.known_instance(node):
+            raise BadRequest(f"unknown instance {node!r}")
     return ErasureRequest(data, parity, instances)
 
 

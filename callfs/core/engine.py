@@ -515,8 +515,8 @@ class Engine:
         if instances is None:
             others: Sequence[str] = sorted(self.settings.known_instances)
         else:
-            for node in instances:
-                if node != self.settings.instance_id and node not in self.settings.known_instances:
+            for node in instances:  # also checked by the API before authorization
+                if not self.known_instance(node):  # a node joined at run time included
                     raise BadRequest(f"unknown instance {node!r}")
             others = instances
         holders = placement(

@@ -118,6 +118,23 @@ async def test_bad_parameters_are_400_and_change_nothing(
     assert resp.status == 201
 
 
+async def test_parameter_400s_come_before_the_existence_check(
+    client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    """§8: a bad parameter is 400 even when the path exists (it was 409 for an unknown instance
+    and for a total over 256 reached with the node's default parity); an empty instance list
+    names no node, so it takes the default placement (§11.1 refuses unknown IDs only)."""
+    assert (await client.post("/v1/files/there.bin", data=b"x", headers=auth())).status == 201
+    for query in ("instances=no-such-node", "data_shards=256"):  # + the default parity (1)
+        resp = await client.post(f"/v1/files/there.bin?{query}", data=b"abc", headers=E)
+        assert resp.status == 400, (query, await resp.text())
+    for headers in ({"X-CallFS-Erasure-Instances": ""}, {"X-CallFS-Erasure-Instances": " , "}):
+        resp = await client.post("/v1/files/e.bin", data=b"abc", headers={**E, **headers})
+        assert resp.status == 201, (headers, await resp.text())
+        assert (await client.delete("/v1/files/e.bin", headers=auth())).status == 204
+    assert shard_files(tmp_path) == []
+
+
 async def test_put_re_encodes_and_delete_removes_every_shard(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:
