@@ -418,17 +418,24 @@ class Node:
             known_instances=frozenset(cfg.instance_discovery.peer_endpoints),
             replica_backend=cfg.ha.replica_backend if cfg.ha.replication_enabled else None,
             require_replica_success=cfg.ha.require_replica_success,
+            erasure_enabled=cfg.erasure.enabled,
             erasure_data_shards=cfg.erasure.data_shards if cfg.erasure.data_shards >= 2 else 4,
             erasure_parity_shards=(
                 cfg.erasure.parity_shards if cfg.erasure.parity_shards >= 1 else 2
             ),
         )
         self.shard_backend = shard_backend(cfg, self.backends)
+        # Every node reads, re-encodes and deletes the erasure-coded files of the cluster (§11.4
+        # "every node can read the file"); erasure.enabled decides only whether this node
+        # accepts new ones (and serves shards, runs the repair pass).
+        readers_backend = (
+            self.shard_backend or self.backends.get("localfs") or self.backends.get("s3")
+        )
         erasure = None
-        if self.shard_backend is not None:
+        if readers_backend is not None:
             erasure = ErasureService(
                 cfg.instance_discovery.instance_id,
-                ShardIO(cfg.instance_discovery.instance_id, self.shard_backend, self.peers),
+                ShardIO(cfg.instance_discovery.instance_id, readers_backend, self.peers),
             )
         self.engine = Engine(
             self.meta,
@@ -440,7 +447,7 @@ class Node:
             queue=self.queue,
             erasure=erasure,
         )
-        if erasure is not None:
+        if erasure is not None and self.shard_backend is not None:
             peers = self.peers
 
             def peer_ids() -> list[str]:

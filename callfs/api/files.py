@@ -535,7 +535,7 @@ async def post_file(request: web.Request) -> web.StreamResponse:
         created = await state.engine.make_directory(who, path)
         return web.Response(status=201 if created else 200)
     check_declared_size(request)
-    erasure = erasure_request(request) if state.engine.erasure is not None else None
+    erasure = erasure_request(request) if state.engine.settings.erasure_enabled else None
     await state.engine.create_file(who, path, body_chunks(request, state.max_upload_size), erasure)
     return web.Response(status=201)
 

@@ -112,7 +112,11 @@ class RaftConfig:
     forward_timeout: float = key(10.0, "bound on forwarding to the leader", DURATION)
     snapshot_interval: float = key(60.0, "time between snapshots", DURATION)
     snapshot_threshold: int = key(256, "entries between snapshots")
-    retain_snapshot_count: int = key(2, "snapshots kept")
+    retain_snapshot_count: int = key(
+        2,
+        "snapshot files kept (the current one and the files before its last database copies;"
+        " `docs/raft.md`)",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class InstanceDiscoveryConfig:
 
 @dataclass(frozen=True)
 class ErasureConfig:
-    enabled: bool = key(False, "accept erasure-coded uploads")
+    enabled: bool = key(False, "accept erasure-coded uploads (every node reads and deletes them)")
     data_shards: int = key(0, "default data shards (< 2 means 4)")
     parity_shards: int = key(0, "default parity shards (< 1 means 2)")
     min_file_size: int = key(0, "accepted; no effect")

@@ -116,7 +116,10 @@ class EngineSettings:
     #: HA replication (§13): the backend that receives a copy of every regular file version.
     replica_backend: str | None = None
     require_replica_success: bool = False
-    #: Erasure coding (§11): node defaults when a request does not name them.
+    #: Erasure coding (§11): whether this node accepts new erasure-coded files (every node
+    #: with an ``erasure`` service reads, re-encodes and deletes existing ones), and its
+    #: defaults when a request does not name them.
+    erasure_enabled: bool = False
     erasure_data_shards: int = 4
     erasure_parity_shards: int = 2
 
@@ -360,8 +363,8 @@ class Engine:
 
     def _erasure(self) -> ErasureService:
         if self.erasure is None:
-            # an erasure-coded file on a node without erasure.enabled: it cannot rebuild it
-            raise BadRequest("erasure coding is not enabled on this node")
+            # an erasure-coded file on a node with no backend to keep shards in
+            raise BadRequest("erasure coding is not available on this node (no shard backend)")
         return self.erasure
 
     async def list_directory(

@@ -385,7 +385,7 @@ class UploadService:
             created = False
             if (
                 upload.erasure
-                and engine.erasure is not None
+                and engine.settings.erasure_enabled
                 and await engine.find(path.path) is None
             ):
                 try:

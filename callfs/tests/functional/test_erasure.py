@@ -23,13 +23,17 @@ from callfs.tests.functional.conftest import INTERNAL, auth
 E = {**auth(), "X-CallFS-Erasure": "true"}
 
 
+#: The node of these tests: erasure coding on, 2+1 by default.
+ERASURE_ON = {
+    "CALLFS_ERASURE__ENABLED": "true",
+    "CALLFS_ERASURE__DATA_SHARDS": "2",
+    "CALLFS_ERASURE__PARITY_SHARDS": "1",
+}
+
+
 @pytest.fixture
 def config_env() -> dict[str, str]:
-    return {
-        "CALLFS_ERASURE__ENABLED": "true",
-        "CALLFS_ERASURE__DATA_SHARDS": "2",
-        "CALLFS_ERASURE__PARITY_SHARDS": "1",
-    }
+    return dict(ERASURE_ON)
 
 
 def shard_files(tmp_path: Path) -> list[Path]:
@@ -219,6 +223,44 @@ async def test_disabled_node_ignores_the_flag(tmp_path: Path, aiohttp_client: An
         assert head.headers.get("X-CallFS-Instance-ID")  # a plain localfs file
     finally:
         await node.stop()
+
+
+async def test_a_node_with_erasure_off_still_reads_and_deletes_erasure_coded_files(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """§11.4: every node can read the file. A node whose erasure.enabled is false (here the same
+    data directory, restarted with it off) reads it byte-exact and deletes it with its shards;
+    only new uploads ignore the flag. It was 400 for the read, and the delete left the shards."""
+    from callfs.tests.functional.conftest import make_config
+
+    data = os.urandom(2 * STRIPE + 5)
+    on = Node(make_config(tmp_path, **ERASURE_ON))
+    on.build()
+    await on.start_components()
+    try:
+        client = await aiohttp_client(on.app)
+        resp = await client.post("/v1/files/ec.bin", data=io.BytesIO(data), headers=E)
+        assert resp.status == 201
+    finally:
+        await on.stop()
+    assert len(shard_files(tmp_path)) == 3
+    off = Node(make_config(tmp_path))
+    off.build()
+    await off.start_components()
+    try:
+        client = await aiohttp_client(off.app)
+        resp = await client.get("/v1/files/ec.bin", headers=auth())
+        assert resp.status == 200, await resp.text()
+        assert await resp.read() == data
+        r = await client.get("/v1/files/ec.bin", headers={**auth(), "Range": "bytes=5-9"})
+        assert r.status == 206 and await r.read() == data[5:10]
+        assert (await client.delete("/v1/files/ec.bin", headers=auth())).status == 204
+        assert shard_files(tmp_path) == []
+        resp = await client.post("/v1/files/new.bin", data=b"abc", headers=E)
+        assert resp.status == 201
+        assert shard_files(tmp_path) == []  # a plain file: this node takes no new ones
+    finally:
+        await off.stop()
 
 
 async def test_repair_rebuilds_missing_and_corrupt_shards(
