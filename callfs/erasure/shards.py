@@ -17,7 +17,13 @@ from typing import Protocol
 import aiohttp
 
 from callfs.concurrency import run_cpu
-from callfs.errors import CallFSError, NotFound, PeerUnavailable
+from callfs.errors import (
+    CallFSError,
+    InsufficientStorage,
+    InternalError,
+    NotFound,
+    PeerUnavailable,
+)
 from callfs.storage.base import ByteStream, Chunk, StorageBackend, publish_or_discard
 
 log = logging.getLogger(__name__)
@@ -128,10 +134,12 @@ class ShardIO:
                 url, data=chunks, headers=self.peers.auth_headers()
             ) as resp:
                 if resp.status != 201:
+                    # reachable, but it refused: §11.2 keeps 502 for an unreachable node
                     detail = (await resp.text())[:200]
-                    raise PeerUnavailable(
-                        f"node {holder} refused a shard ({resp.status}): {detail}"
-                    )
+                    why = f"node {holder} refused a shard ({resp.status}): {detail}"
+                    if resp.status == 507:
+                        raise InsufficientStorage(why)
+                    raise InternalError(why)
                 checksum = resp.headers.get(SHA256_HEADER, "")
         except _PEER_ERRORS as exc:
             raise PeerUnavailable(f"node {holder} unreachable while storing a shard") from exc

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from callfs.erasure.shards import SHA256_HEADER, ShardIO, hashed
+from callfs.errors import InsufficientStorage, InternalError, PeerUnavailable
 from callfs.storage.localfs import LocalFSBackend
 
 
@@ -70,6 +71,37 @@ async def test_remote_checksum_comes_from_the_holder(
     want = {"current": hashlib.sha256(data).hexdigest(), "earlier": None, "lying": "ab" * 32}
     assert checksum == (want[holder] or hashlib.sha256(data).hexdigest())
     assert reads == (1 if holder == "earlier" else 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (401, InternalError),
+        (500, InternalError),
+        (507, InsufficientStorage),
+        (None, PeerUnavailable),
+    ],
+)
+async def test_a_holder_that_refuses_a_shard_is_500_an_unreachable_one_502(
+    answer: int | None, error: type[Exception], aiohttp_server: Callable[..., Any]
+) -> None:
+    """API.md §11.2: 502 PEER_UNAVAILABLE if a node was unreachable, otherwise 500 (507 when the
+    holder is out of space, as for a local write)."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=answer or 500, text="no")
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/v1/internal/shards/{tail:.+}", refuse)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("")).rstrip("/")
+    if answer is None:
+        await server.close()  # nobody listens there any more
+    async with aiohttp.ClientSession() as session:
+        io = ShardIO("me", None, _Peers(base, session))  # type: ignore[arg-type]
+        with pytest.raises(error):
+            await io.write("peer", "u" * 32, 0, _chunks(b"shard bytes"))
 
 
 async def test_local_shard_is_hashed_as_it_is_stored(tmp_path: Path) -> None:
