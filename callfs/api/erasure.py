@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import re
+import urllib.parse
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,8 @@ INTERNAL_PREFIX = "/v1/internal/shards/"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 log = logging.getLogger(__name__)
+#: A shard index as §9.11 parses it (an integer, ASCII digits, an optional sign).
+_INDEX = re.compile(r"[+-]?[0-9]+")
 
 ERASURE_BACKEND = web.AppKey("callfs_shard_backend", StorageBackend)
 MAINTENANCE = web.AppKey("callfs_erasure_maintenance", ErasureMaintenance)
@@ -156,16 +159,22 @@ async def public_shard(request: web.Request) -> web.StreamResponse:
     """``GET /v1/shards/<path>/<index>`` (§9.11)."""
     raw = request.rel_url.raw_path[len(SHARDS_PREFIX) :]
     head, sep, last = raw.rpartition("/")
-    if not sep or not last.isascii() or not last.isdigit():
+    # the index is an integer (§9.11), its segment decoded once as every segment (§21): "%30"
+    # is 0, "+1" is 1, "-1" an integer out of range (404 below)
+    try:
+        decoded = urllib.parse.unquote(last, errors="strict")
+    except UnicodeDecodeError:
+        decoded = ""
+    if not sep or not _INDEX.fullmatch(decoded):
         raise BadRequest("the last path segment must be the shard index")
-    index = int(last)
+    index = int(decoded)
     path = parse_request_path(head)
     state = api_state(request)
     entry = await state.engine.stat(identity(request), path)
     if entry.is_dir or entry.backend_type is not BackendType.ERASURE:
         raise NotFound("file is not erasure coded")
     layout = await state.engine.erasure_layout(entry)
-    if index >= len(layout.shards):
+    if not 0 <= index < len(layout.shards):
         raise NotFound(f"shard {index} does not exist")
     info = layout.shards[index]
     if info.instance_id != state.instance_id:

@@ -96,6 +96,14 @@ async def test_manifest_and_shard_endpoints(client: TestClient[Any, Any]) -> Non
         assert hashlib.sha256(body).hexdigest() == shard["checksum"]
     assert (await client.get("/v1/shards/dir%20x/m.bin/9", headers=auth())).status == 404
     assert (await client.get("/v1/shards/dir%20x/m.bin/x", headers=auth())).status == 400
+    # the index is an integer, its segment decoded once (§9.11, §21)
+    assert (await client.get("/v1/shards/dir%20x/m.bin/-1", headers=auth())).status == 404
+    for spelling in ("%30", "+0", "00"):
+        r = await client.get(f"/v1/shards/dir%20x/m.bin/{spelling}", headers=auth())
+        assert r.status == 200, spelling
+    for spelling in ("1.0", "%FF", "%2B%2B1", ""):
+        r = await client.get(f"/v1/shards/dir%20x/m.bin/{spelling}", headers=auth())
+        assert r.status == 400, spelling
 
 
 async def test_bad_parameters_are_400_and_change_nothing(
