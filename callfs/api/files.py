@@ -325,6 +325,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     state = api_state(request)
     who = identity(request)
     entry = await state.engine.stat(who, path)
+    # Another node relaying a GET names the version it looked up: any other one here (a file
+    # replaced since, a directory now) is 412 before the range or a listing is decided on it.
+    expected = request.headers.get(EXPECT_BLOB) if who.user_id == INTERNAL_PROXY_USER else None
+    if expected is not None and expected != entry.blob_key:
+        raise VersionMoved()
     if entry.is_dir:
         return await directory_listing(request, path, entry)
     if (
@@ -335,15 +340,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     wanted, if_range = request.headers.get("Range"), request.headers.get("If-Range")
 
     def window(version: Entry) -> tuple[int, int | None]:
+        if expected is not None and expected != version.blob_key:
+            raise VersionMoved()  # replaced between this node's stat and its open
         span = parse_range(wanted, version.size, if_range)
         return (0, None) if span is None else (span[0], span[1] - span[0] + 1)
 
     # ``entry`` becomes the version actually opened (a replace may land between stat and open)
     entry, stream = await state.engine.open_file(who, entry, window)
-    expected = request.headers.get(EXPECT_BLOB)
-    if expected is not None and who.user_id == INTERNAL_PROXY_USER and expected != entry.blob_key:
-        await stream.aclose()  # another node asked for a version this one has replaced
-        raise VersionMoved()
     span = parse_range(wanted, entry.size, if_range)
     headers = item_headers(entry)
     headers["Accept-Ranges"] = "bytes"

@@ -304,9 +304,11 @@ class Engine:
             offset, length = window(entry) if window is not None else (0, None)
             try:
                 stream = await self._open(entry, offset, length)
-            except (NotFound, VersionMoved, InsufficientShards):
+            except (NotFound, VersionMoved, InsufficientShards) as exc:
                 # gone, moved on at its owner, or its shards dropped by the replace (shards go
                 # before the layout record): the current version, if another, is opened instead
+                if attempt == _OPEN_RETRIES and isinstance(exc, VersionMoved):
+                    raise KeptChanging() from exc  # no 412 for a client (a node-to-node answer)
                 fresh = await self._meta.get(entry.path)
                 if (
                     attempt == _OPEN_RETRIES

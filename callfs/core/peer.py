@@ -135,7 +135,9 @@ class PeerClient:
         response.release()
         if response.status == 404:
             raise NotFound()
-        if response.status == 412 and blob_key is not None:
+        if response.status in (412, 416) and blob_key is not None:
+            # 412: the owner has another version; 416 from an owner of an earlier build that
+            # decided the range on its own (shorter) version first
             raise VersionMoved()
         if response.status == 416:
             return PeerStream(response, 0)

@@ -199,6 +199,11 @@ async def test_an_owner_refuses_a_read_of_a_version_it_has_replaced(
     resp = await client.get("/v1/files/v.bin", headers=stale)
     assert resp.status == 412
     assert (await resp.json())["code"] == "PRECONDITION_FAILED"
+    # decided before the range: a range past the new (shorter) version is 412 too, not 416
+    resp = await client.get("/v1/files/v.bin", headers={**stale, "Range": "bytes=-100"})
+    assert resp.status == 412
+    resp = await client.get("/v1/files/v.bin", headers={**stale, "Range": "bytes=100-"})
+    assert resp.status == 412
     current = await engine.find("/v.bin")
     assert current is not None and current.blob_key is not None
     resp = await client.get("/v1/files/v.bin", headers={**SECRET, EXPECT_BLOB: current.blob_key})
@@ -206,6 +211,11 @@ async def test_an_owner_refuses_a_read_of_a_version_it_has_replaced(
     # a client's own header is no precondition (the blob key is not part of the public API)
     resp = await client.get("/v1/files/v.bin", headers={**auth(), EXPECT_BLOB: first.blob_key})
     assert resp.status == 200 and await resp.read() == b"second!"
+    # a file that became a directory: 412, never the listing relayed as the file's bytes
+    assert (await client.delete("/v1/files/v.bin", headers=auth())).status == 204
+    assert (await client.post("/v1/files/v.bin/", headers=auth())).status == 201
+    resp = await client.get("/v1/files/v.bin", headers=stale)
+    assert resp.status == 412
 
 
 class _Relayed:
@@ -290,3 +300,26 @@ async def test_a_directory_move_to_a_node_checks_permission_first_and_takes_no_b
     )
     assert resp.status == 400
     assert (await resp.json())["message"] == "a directory cannot change backend or instance"
+
+
+async def test_a_relayed_read_that_never_catches_the_current_version_is_503_not_412(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """412 is a node-to-node answer: a client whose GET keeps meeting a newer version at the
+    owner gets 503 (retry), never PRECONDITION_FAILED."""
+    engine = node.engine
+    assert engine is not None
+    current = replace(_file("/busy.bin", 10, "b"), blob_key="k0")
+    await engine._meta.create(current)
+
+    class Owner:
+        async def open_read(self, *args: Any) -> Any:
+            nonlocal current
+            newer = replace(current, blob_key=current.blob_key + "'")
+            current = await engine._meta.update(newer, current.version)
+            raise VersionMoved()  # b has replaced it again meanwhile
+
+    engine.peers = Owner()  # type: ignore[assignment]
+    resp = await client.get("/v1/files/busy.bin", headers=auth())
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["code"] == "UNAVAILABLE"
