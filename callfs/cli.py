@@ -339,7 +339,10 @@ def _internal_call_once(
         with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        try:
+            return exc.code, exc.read()
+        except http.client.HTTPException as cut:  # an error answer cut short
+            raise OSError(f"{type(cut).__name__}: {cut}") from cut
     except http.client.HTTPException as exc:  # not an HTTP answer, or one cut short
         raise OSError(f"{type(exc).__name__}: {exc}") from exc
 

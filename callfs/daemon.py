@@ -425,12 +425,11 @@ class Node:
             ),
         )
         self.shard_backend = shard_backend(cfg, self.backends)
-        # Every node reads, re-encodes and deletes the erasure-coded files of the cluster (§11.4
-        # "every node can read the file"); erasure.enabled decides only whether this node
-        # accepts new ones (and serves shards, runs the repair pass).
-        readers_backend = (
-            self.shard_backend or self.backends.get("localfs") or self.backends.get("s3")
-        )
+        # Every node reads and deletes the erasure-coded files of the cluster (§11.4 "every node
+        # can read the file"); erasure.enabled decides whether this node writes shards (new
+        # files, a PUT's re-encoding), serves them and runs the repair pass.
+        shards_kind = "s3" if cfg.erasure.shard_backend == "s3" else "localfs"
+        readers_backend = self.shard_backend or self.backends.get(shards_kind)
         erasure = None
         if readers_backend is not None:
             erasure = ErasureService(

@@ -116,9 +116,9 @@ class EngineSettings:
     #: HA replication (§13): the backend that receives a copy of every regular file version.
     replica_backend: str | None = None
     require_replica_success: bool = False
-    #: Erasure coding (§11): whether this node accepts new erasure-coded files (every node
-    #: with an ``erasure`` service reads, re-encodes and deletes existing ones), and its
-    #: defaults when a request does not name them.
+    #: Erasure coding (§11): whether this node writes shards (new erasure-coded files, a PUT's
+    #: re-encoding; every node with an ``erasure`` service reads and deletes existing ones),
+    #: and its defaults when a request does not name them.
     erasure_enabled: bool = False
     erasure_data_shards: int = 4
     erasure_parity_shards: int = 2
@@ -613,7 +613,11 @@ class Engine:
                 raise ParentNotDirectory()
             kind = self._default_kind()
         if target is not None and target.backend_type is BackendType.ERASURE:
-            # §11.6: re-encoded with the same profile under a new upload id, normal placement
+            # §11.6: re-encoded with the same profile under a new upload id, normal placement.
+            # Only by a node that takes erasure-coded files: the shards it keeps must be served
+            # to the others (its /v1/internal/shards routes exist only with erasure.enabled).
+            if not self.settings.erasure_enabled:
+                raise BadRequest("erasure coding is not enabled on this node")
             old = await self.erasure_layout(target)
             layout = await self._stage_erasure(
                 path.path, chunks, old.data_shards, old.parity_shards, None

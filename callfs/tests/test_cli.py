@@ -202,6 +202,7 @@ async def _raw_leader(answer: bytes, drip: float = 0.0) -> AsyncIterator[str]:
         ("http://[::1", None),
         ("stub", b"SSH-2.0-OpenSSH_9.2\r\n"),
         ("stub", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"),
+        ("stub", b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n{"),
     ],
 )
 async def test_join_network_failures_are_one_error_line(leader: str, answer: bytes | None) -> None:

@@ -238,7 +238,8 @@ async def test_a_node_with_erasure_off_still_reads_and_deletes_erasure_coded_fil
 ) -> None:
     """§11.4: every node can read the file. A node whose erasure.enabled is false (here the same
     data directory, restarted with it off) reads it byte-exact and deletes it with its shards;
-    only new uploads ignore the flag. It was 400 for the read, and the delete left the shards."""
+    it writes no shards (a PUT's re-encoding is 400, new uploads ignore the flag). It was 400
+    for the read, and the delete left the shards."""
     from callfs.tests.functional.conftest import make_config
 
     data = os.urandom(2 * STRIPE + 5)
@@ -262,6 +263,11 @@ async def test_a_node_with_erasure_off_still_reads_and_deletes_erasure_coded_fil
         assert await resp.read() == data
         r = await client.get("/v1/files/ec.bin", headers={**auth(), "Range": "bytes=5-9"})
         assert r.status == 206 and await r.read() == data[5:10]
+        # a PUT re-encodes: shards this node would keep but not serve (no shard routes here)
+        resp = await client.put("/v1/files/ec.bin", data=b"new", headers=auth())
+        assert resp.status == 400
+        assert len(shard_files(tmp_path)) == 3
+        assert await (await client.get("/v1/files/ec.bin", headers=auth())).read() == data
         assert (await client.delete("/v1/files/ec.bin", headers=auth())).status == 204
         assert shard_files(tmp_path) == []
         resp = await client.post("/v1/files/new.bin", data=b"abc", headers=E)
