@@ -167,7 +167,9 @@ async def public_shard(request: web.Request) -> web.StreamResponse:
         decoded = ""
     if not sep or not _INDEX.fullmatch(decoded):
         raise BadRequest("the last path segment must be the shard index")
-    index = int(decoded)
+    digits = decoded.lstrip("+-")
+    # an integer too long to be an index is out of range (int() refuses over 4,300 digits)
+    index = int(decoded) if len(digits) <= 9 else -1
     path = parse_request_path(head)
     state = api_state(request)
     entry = await state.engine.stat(identity(request), path)

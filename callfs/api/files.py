@@ -594,9 +594,9 @@ async def read_json_object(request: web.Request, limit: int, message: str) -> di
             raise BadRequest(message)
     request[BODY_READ] = bytes(data)  # if the item lives elsewhere, the proxy forwards these
     try:
-        # strict JSON (RFC 8259): UTF-8 only (``json.loads`` of bytes also guesses UTF-16/32),
-        # and no NaN / Infinity
-        body = json.loads(data.decode("utf-8"), parse_constant=_not_json)
+        # strict JSON (RFC 8259): UTF-8 only (``json.loads`` of bytes also guesses UTF-16/32;
+        # a leading BOM is ignored, as the RFC allows and as before), and no NaN / Infinity
+        body = json.loads(data.decode("utf-8-sig"), parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(message) from exc
     if not isinstance(body, dict):

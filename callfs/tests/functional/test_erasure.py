@@ -98,6 +98,8 @@ async def test_manifest_and_shard_endpoints(client: TestClient[Any, Any]) -> Non
     assert (await client.get("/v1/shards/dir%20x/m.bin/x", headers=auth())).status == 400
     # the index is an integer, its segment decoded once (§9.11, §21)
     assert (await client.get("/v1/shards/dir%20x/m.bin/-1", headers=auth())).status == 404
+    r = await client.get("/v1/shards/dir%20x/m.bin/" + "9" * 5000, headers=auth())
+    assert r.status == 404
     for spelling in ("%30", "+0", "00"):
         r = await client.get(f"/v1/shards/dir%20x/m.bin/{spelling}", headers=auth())
         assert r.status == 200, spelling
