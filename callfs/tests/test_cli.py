@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -173,14 +174,13 @@ async def _raw_leader(answer: bytes, drip: float = 0.0) -> AsyncIterator[str]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
-            await reader.readuntil(b"\r\n\r\n")
-            step = 1 if drip else len(answer)
-            for i in range(0, len(answer), step):
-                writer.write(answer[i : i + step])
-                await writer.drain()
-                await asyncio.sleep(drip)
-        except ConnectionError:
-            pass
+            with contextlib.suppress(ConnectionError):  # the CLI may leave first
+                await reader.readuntil(b"\r\n\r\n")
+                step = 1 if drip else len(answer)
+                for i in range(0, len(answer), step):
+                    writer.write(answer[i : i + step])
+                    await writer.drain()
+                    await asyncio.sleep(drip)
         finally:
             writer.close()
 

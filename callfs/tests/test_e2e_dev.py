@@ -107,12 +107,17 @@ async def test_dev_server_readme_walkthrough(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr
 
     # A second start reuses the saved credentials.
+    assert (await dev_banner(tmp_path, env))[1] == f"API key: {key}"
+
+
+async def dev_banner(cwd: Path, env: dict[str, str]) -> list[str]:
+    """Start ``callfs server --dev`` in ``cwd`` with ``env``, return its banner, stop it."""
+    cmd = [sys.executable, "-m", "callfs", "server", "--dev"]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        banner = await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
-        assert banner[1] == f"API key: {key}"
+        return await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -133,16 +138,4 @@ async def test_dev_banner_shows_a_user_key_when_api_keys_is_emptied(tmp_path: Pa
         "CALLFS_AUTH__API_KEYS": "",
         "CALLFS_AUTH__API_KEY_USERS__BOB": bob,
     }
-    cmd = [sys.executable, "-m", "callfs", "server", "--dev"]
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        banner = await asyncio.to_thread(read_banner, proc, time.monotonic() + 30)
-        assert banner[1] == f"API key: {bob}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe:
-                pipe.close()
+    assert (await dev_banner(tmp_path, env))[1] == f"API key: {bob}"
