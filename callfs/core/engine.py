@@ -307,18 +307,16 @@ class Engine:
             except (NotFound, VersionMoved, InsufficientShards) as exc:
                 # gone, moved on at its owner, or its shards dropped by the replace (shards go
                 # before the layout record): the current version, if another, is opened instead
-                if attempt == _OPEN_RETRIES and isinstance(exc, VersionMoved):
-                    raise KeptChanging() from exc  # no 412 for a client (a node-to-node answer)
-                fresh = await self._meta.get(entry.path)
-                if (
-                    attempt == _OPEN_RETRIES
-                    or fresh is None
-                    or fresh.is_dir
-                    or fresh.blob_key == entry.blob_key
-                ):
+                last = attempt == _OPEN_RETRIES
+                fresh = None if last else await self._meta.get(entry.path)
+                if fresh is not None and not fresh.is_dir and fresh.blob_key != entry.blob_key:
+                    entry = fresh
+                    continue
+                if not isinstance(exc, VersionMoved):
                     raise
-                entry = fresh
-                continue
+                if fresh is None and not last:
+                    raise NotFound() from exc  # deleted since
+                raise KeptChanging() from exc  # never a 412 to a client (node to node only)
             self._count("read", entry.backend_type.value)
             return entry, stream
         raise AssertionError("unreachable")

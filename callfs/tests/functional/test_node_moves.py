@@ -323,3 +323,20 @@ async def test_a_relayed_read_that_never_catches_the_current_version_is_503_not_
     resp = await client.get("/v1/files/busy.bin", headers=auth())
     assert resp.status == 503, await resp.text()
     assert (await resp.json())["code"] == "UNAVAILABLE"
+
+
+async def test_an_owner_ahead_of_this_nodes_metadata_is_503_not_412(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """The owner says 'moved' but this node still reads the same version: 503, never 412."""
+    engine = node.engine
+    assert engine is not None
+    await engine._meta.create(replace(_file("/ahead.bin", 10, "b"), blob_key="k0"))
+
+    class Owner:
+        async def open_read(self, *args: Any) -> Any:
+            raise VersionMoved()
+
+    engine.peers = Owner()  # type: ignore[assignment]
+    resp = await client.get("/v1/files/ahead.bin", headers=auth())
+    assert resp.status == 503, await resp.text()
