@@ -325,30 +325,37 @@ def _internal_call(
 def _internal_call_once(
     base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
 ) -> tuple[int, bytes]:
+    """The request itself, with http.client so that the connection is closed here whatever
+    happens: a call abandoned at its timeout ends on its own thread with its socket closed
+    (urllib left one for the garbage collector when the peer hung up mid-answer)."""
     import http.client
-    import urllib.error
-    import urllib.request
+    import urllib.parse
 
+    url = urllib.parse.urlsplit(base.strip().rstrip("/") + path)  # ValueError if malformed
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"unknown url type: {base.strip()!r}")
+    conn: http.client.HTTPConnection
+    if url.scheme == "https":
+        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout)
+    else:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
-        request = urllib.request.Request(  # noqa: S310 - an operator-given http(s) URL
-            base.strip().rstrip("/") + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method="GET" if body is None else "POST",
+        conn.request(
+            "GET" if body is None else "POST",
+            url.path + (f"?{url.query}" if url.query else ""),
+            body=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
         )
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, exc.read()
-        except http.client.HTTPException as cut:  # an error answer cut short
-            raise OSError(f"{type(cut).__name__}: {cut}") from cut
+        answer = conn.getresponse()
+        return answer.status, answer.read()
     except http.client.HTTPException as exc:  # not an HTTP answer, or one cut short
         raise OSError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
 
 
-#: What a failed internal call raises (``urllib.error.URLError`` is an ``OSError``; urllib is
-#: imported by ``_internal_call`` only).
+#: What a failed internal call raises (socket errors and timeouts are ``OSError``s; a malformed
+#: URL is a ``ValueError``).
 _NET_ERRORS = (OSError, ValueError)
 
 

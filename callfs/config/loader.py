@@ -68,6 +68,24 @@ def parse_duration(value: Any) -> float:
     return sign * total
 
 
+class _ConfigYamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2's booleans: only true/True/TRUE/false/False/FALSE.
+    YAML 1.1 also reads unquoted yes/no/on/off (y/n too) as booleans, which turned such a secret
+    into the string "true" and a user ID ``on:`` into "True"; they stay the text written (and,
+    for a boolean key, are refused as §18 refuses them from the environment)."""
+
+
+_ConfigYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -171,7 +189,7 @@ def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str,
         raise ConfigError(f"failed to load config file {name}: {exc.strerror or exc}") from exc
     try:
         if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_ConfigYamlLoader)  # noqa: S506 - a SafeLoader
         elif suffix == ".json":
             data = json.loads(text)
         else:

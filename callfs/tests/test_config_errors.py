@@ -634,3 +634,35 @@ async def test_sqlite_store_that_cannot_be_opened_names_the_file_and_cause(tmp_p
         await store.start()
     assert str(blocker / "meta.sqlite3") in info.value.message
     assert "Not a directory" in info.value.message or "File exists" in info.value.message
+
+
+# ---- YAML booleans: only YAML 1.2's (§18), so yes/no/on/off stay the text written -----------
+
+
+def test_unquoted_yes_no_on_off_stay_text_in_a_config_file(tmp_path: Path) -> None:
+    """YAML 1.1 read them as booleans: a secret ``yes`` became "true", a user ``on:`` "True"."""
+    text = (
+        "auth:\n"
+        "  internal_proxy_secret: yes\n"
+        "  single_use_link_secret: off\n"
+        "  api_key_users:\n"
+        "    on: key-of-the-user-named-on\n"
+        "server:\n"
+        "  enable_quic: false\n"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    loaded = load_config_report(str(path), env={"CALLFS_AUTH__API_KEYS": "k" * 16}, cwd=tmp_path)
+    auth = loaded.config.auth
+    assert auth.internal_proxy_secret == "yes"
+    assert auth.single_use_link_secret == "off"
+    assert auth.api_key_users["on"] == "key-of-the-user-named-on"
+    assert loaded.config.server.enable_quic is False
+
+
+@pytest.mark.parametrize("word", ["yes", "no", "on", "off"])
+def test_a_boolean_key_refuses_yes_no_on_off_as_the_environment_does(
+    tmp_path: Path, word: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"invalid boolean '{word}'"):
+        report(tmp_path, text=f"server:\n  enable_quic: {word}\n")
