@@ -301,8 +301,8 @@ def _internal_call(
     base: str, path: str, secret: str, body: dict[str, Any] | None, timeout: float
 ) -> tuple[int, bytes]:
     """One internal request (GET without ``body``, POST with it), answered within ``timeout``
-    seconds in all: urllib's own timeout bounds each socket operation, so a node dripping its
-    answer could take any time. Network errors propagate as ``_NET_ERRORS``."""
+    seconds in all: a socket timeout bounds each operation only, so a node dripping its answer
+    could take any time. Network errors propagate as ``_NET_ERRORS``."""
     outcome: list[tuple[int, bytes] | BaseException] = []
 
     def call() -> None:

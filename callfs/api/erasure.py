@@ -71,9 +71,7 @@ def erasure_request(request: web.Request) -> ErasureRequest | None:
     # an empty list names no node: the default placement, as when absent (§11.1 refuses only
     # unknown IDs)
     instances = tuple(i.strip() for i in (raw or "").split(",") if i.strip()) or None
-    for node in instances or ():
-        if not engine.known_instance(node):
-            raise BadRequest(f"unknown instance {node!r}")
+    engine.check_instances(instances or ())
     return ErasureRequest(data, parity, instances)
 
 

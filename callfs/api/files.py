@@ -338,8 +338,10 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     ):
         return manifest_response(request, entry, await state.engine.erasure_layout(entry))
     wanted, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+    span: tuple[int, int] | None = None  # of the version opened: ``window`` runs last on it
 
     def window(version: Entry) -> tuple[int, int | None]:
+        nonlocal span
         if expected is not None and expected != version.blob_key:
             raise VersionMoved()  # replaced between this node's stat and its open
         span = parse_range(wanted, version.size, if_range)
@@ -347,7 +349,6 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
     # ``entry`` becomes the version actually opened (a replace may land between stat and open)
     entry, stream = await state.engine.open_file(who, entry, window)
-    span = parse_range(wanted, entry.size, if_range)
     headers = item_headers(entry)
     headers["Accept-Ranges"] = "bytes"
     status = 200

@@ -518,9 +518,7 @@ class Engine:
         if instances is None:
             others: Sequence[str] = sorted(self.settings.known_instances)
         else:
-            for node in instances:  # also checked by the API before authorization
-                if not self.known_instance(node):  # a node joined at run time included
-                    raise BadRequest(f"unknown instance {node!r}")
+            self.check_instances(instances)
             others = instances
         holders = placement(
             self.settings.instance_id, others, profile.data_shards + profile.parity_shards
@@ -945,6 +943,13 @@ class Engine:
         return moved, source, occupant
 
     # ---- moves between nodes (issue 14) ----------------------------------------------------
+    def check_instances(self, instances: Sequence[str]) -> None:
+        """400 for a named node this one does not know (one joined at run time is known); the
+        API asks before authorization, as §8 orders the checks."""
+        for node in instances:
+            if not self.known_instance(node):
+                raise BadRequest(f"unknown instance {node!r}")
+
     def known_instance(self, instance: str) -> bool:
         """This node, a configured peer, or a node the peer client can resolve (a Raft member)."""
         return (
