@@ -190,8 +190,8 @@ class VersionMoved(CallFSError):
 
 
 class KeptChanging(Unavailable):
-    """503: every re-decision of a write lost its race until the lock timeout. Nothing of this
-    request applied (each refusal was definite)."""
+    """503: every re-decision of a write lost its race until the lock timeout (nothing of this
+    request applied: each refusal was definite), or a read met a newer version at each open."""
 
     default_message = "the item kept changing; try again"
 

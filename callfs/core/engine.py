@@ -307,14 +307,17 @@ class Engine:
             except (NotFound, VersionMoved, InsufficientShards) as exc:
                 # gone, moved on at its owner, or its shards dropped by the replace (shards go
                 # before the layout record): the current version, if another, is opened instead
-                last = attempt == _OPEN_RETRIES
-                fresh = None if last else await self._meta.get(entry.path)
+                fresh = await self._meta.get(entry.path)
                 if fresh is not None and not fresh.is_dir and fresh.blob_key != entry.blob_key:
-                    entry = fresh
-                    continue
+                    if attempt < _OPEN_RETRIES:
+                        entry = fresh
+                        continue
+                    # the file exists but was replaced under every open: 503 (try again),
+                    # never a 404 for a file that is there
+                    raise KeptChanging() from exc
                 if not isinstance(exc, VersionMoved):
                     raise
-                if fresh is None and not last:
+                if fresh is None:
                     raise NotFound() from exc  # deleted since
                 raise KeptChanging() from exc  # never a 412 to a client (node to node only)
             self._count("read", entry.backend_type.value)

@@ -390,3 +390,41 @@ async def test_a_range_read_across_a_replace_is_decided_on_the_version_opened(
     if body is not None:
         assert await resp.read() == new[body]
         assert resp.headers["X-CallFS-Size"] == str(len(new))
+
+
+async def test_a_read_that_loses_to_every_replace_is_503_while_the_file_exists(
+    client: Client, node: Node
+) -> None:
+    """A storm of replaces reclaims each version between the reader's lookup and its open: after
+    its retries the reader answers 503 (the file exists; try again), never 404. Once the file
+    is deleted during the storm, 404 is the truth."""
+    assert (await put(client, "d/f.bin", OLD)).status == 201
+    engine = node.engine
+    assert engine is not None
+    real_open = engine._open
+    opens: list[int] = []
+    delete_at: list[int] = []
+
+    async def open_after_a_replace(entry: Any, offset: int, length: int | None) -> Any:
+        opens.append(1)
+
+        async def body() -> Any:
+            yield NEW
+
+        if len(opens) == (delete_at[0] if delete_at else 0):
+            await engine.delete(Identity("alice"), parse_body_path(entry.path), recursive=False)
+        else:
+            await engine.put_file(Identity("alice"), parse_body_path(entry.path), body())
+        return await real_open(entry, offset, length)
+
+    engine._open = open_after_a_replace  # type: ignore[method-assign]
+    resp = await client.get("/v1/files/d/f.bin", headers=auth())
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["code"] == "UNAVAILABLE"
+    assert len(opens) > 1
+
+    opens.clear()
+    delete_at.append(2)  # the second open finds the file deleted
+    resp = await client.get("/v1/files/d/f.bin", headers=auth())
+    assert resp.status == 404, await resp.text()
+    assert await unreferenced_files(node) == []
