@@ -104,16 +104,18 @@ def _canonical(s: str) -> CanonicalPath:
                 raise _invalid()
             stack.pop()
             continue
-        if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
-            raise _invalid(_TOO_LONG_NAME)
         stack.append(seg)
+    # step 9 on the cleaned path: a long segment that a later ``..`` removed is no error
+    if any(
+        len(seg) * 4 > MAX_SEGMENT_BYTES and len(seg.encode()) > MAX_SEGMENT_BYTES for seg in stack
+    ):
+        raise _invalid(_TOO_LONG_NAME)
     path = "/" + "/".join(stack)
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise _invalid(_TOO_LONG_PATH)
     if stack and stack[0] == RESERVED_FIRST_SEGMENT:
         raise _invalid()
-    if not stack:
-        return CanonicalPath("/", True)
+    # ``a/..`` is the root in file form: only a trailing ``/`` (or step 4) makes directory form
     return CanonicalPath(path, dir_form)
 
 

@@ -51,7 +51,17 @@ INTERNAL_PREFIX = "/v1/internal/"
 
 
 def is_internal(request: web.Request) -> bool:
-    return request.rel_url.raw_path.startswith(INTERNAL_PREFIX)
+    """A request to an internal endpoint (§12.6), a wrong method included: it skips the public
+    pipeline. A path under the prefix that names no endpoint is an unknown route, which the
+    pipeline answers (the JSON 404, with the security headers)."""
+    if not request.rel_url.raw_path.startswith(INTERNAL_PREFIX):
+        return False
+    match = request.match_info
+    if match is None:  # answered before routing (a request the parser refused)
+        return False
+    if match.route.resource is not None:
+        return True
+    return isinstance(getattr(match, "http_exception", None), web.HTTPMethodNotAllowed)
 
 
 def needs_bearer(raw_path: str) -> bool:
@@ -132,9 +142,32 @@ _TEMPLATES = {
 }
 
 
-def route_template(request: web.Request) -> str:
+#: The one route whose literal prefix may be spelled with escapes: ``/v1/files/%77s/x`` is the
+#: files route's path ``/ws/x`` (§6.1, §6.2), which the WebSocket handler hands to the file GET.
+_WS_ROUTE = "/v1/files/ws/{tail}"
+
+
+def spelled_out(request: web.Request) -> bool:
+    """Whether the raw request path spells out the literal part of the route aiohttp matched.
+    aiohttp matches the percent-decoded path, but authentication (§3 step 4) and the path
+    (§6.1: what follows the raw route prefix) are read off the raw path: ``/%6Detrics`` or
+    ``/v1/%66iles/x`` name no route, else the two readings disagree."""
     resource = request.match_info.route.resource
     if resource is None:
+        return True  # no route: the 404 / 405 as it is
+    canonical = resource.canonical
+    raw = request.rel_url.raw_path
+    literal, brace, _ = canonical.partition("{")
+    if not brace:
+        return raw == canonical
+    if raw.startswith(literal):
+        return True
+    return canonical == _WS_ROUTE and raw.startswith("/v1/files/")
+
+
+def route_template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is None or not spelled_out(request):
         return "unmatched"
     return _TEMPLATES.get(resource.canonical, "unmatched")
 
@@ -142,6 +175,10 @@ def route_template(request: web.Request) -> str:
 @web.middleware
 async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
+        http_error = getattr(request.match_info, "http_exception", None)
+        if isinstance(http_error, web.HTTPMethodNotAllowed):  # §12.6: 405, empty body
+            allow = ",".join(sorted(http_error.allowed_methods))
+            return web.Response(status=405, headers={"Allow": allow})
         return await handler(request)
     rid = new_request_id()
     request[REQUEST_ID] = rid
@@ -187,6 +224,8 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
             request[IDENTITY] = api_state(request).auth.identify(
                 request.headers.get("Authorization")
             )
+        if not spelled_out(request):
+            raise web.HTTPNotFound()
         return await handler(request)
     except CallFSError as exc:
         if type(exc).__name__ == "InternalError" or render_error(exc).status >= 500:

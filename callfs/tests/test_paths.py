@@ -79,6 +79,21 @@ def test_directory_form() -> None:
     assert parse_request_path("top").parent == "/"
 
 
+def test_segments_that_cancel_out_keep_the_form_they_were_written_in() -> None:
+    """§6.1: only a trailing ``/`` (or an empty or ``.`` path, step 4) is directory form;
+    ``a/..`` is the root in file form, so a POST of a file there is 409, not a mkdir."""
+    assert parse_request_path("a/..") == CanonicalPath("/", False)
+    assert parse_request_path("a/../") == CanonicalPath("/", True)
+    assert parse_request_path("./") == CanonicalPath("/", True)
+
+
+def test_the_name_limit_applies_to_the_cleaned_path() -> None:
+    """§6.1 step 9 comes after the clean (step 8): a long segment that ``..`` removes is fine."""
+    assert parse_request_path("x" * 256 + "/../ok") == CanonicalPath("/ok", False)
+    with pytest.raises(BadRequest):
+        parse_request_path("a/" + "x" * 256)
+
+
 def test_body_paths_are_not_percent_decoded() -> None:
     assert parse_body_path("/docs/a%20b.txt").path == "/docs/a%20b.txt"
     assert parse_body_path("docs/x/").path == "/docs/x"

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from callfs.api.middleware import SECURITY_HEADERS
-from callfs.tests.functional.conftest import ALICE_KEY, INTERNAL, KEY0, auth
+from callfs.tests.functional.conftest import ALICE_KEY, INTERNAL, KEY0, auth, raw_url
 
 AUTH_FAILED = b'{"code":"AUTHENTICATION_FAILED","message":"authentication failed"}'
 
@@ -100,3 +100,64 @@ async def test_error_bodies_are_compact_json(client: TestClient[Any, Any]) -> No
     raw = await resp.read()
     assert raw == b'{"code":"FILE_NOT_FOUND","message":"file not found"}'
     assert resp.headers["Content-Type"] == "application/json"
+
+
+async def test_a_route_prefix_spelled_with_escapes_names_no_route(
+    client: TestClient[Any, Any], node: Any
+) -> None:
+    """Authentication is decided on the raw path (§3 step 4) and §6.1 reads the path after the
+    raw route prefix: ``/%6Detrics`` is not ``/metrics`` (it served the metrics to anyone),
+    ``/%761/files/x`` is not a files route (500: no identity), and ``/v1/%66iles/x`` did not
+    create ``/x`` but ``/es/x`` (the path was cut at the decoded prefix's length)."""
+    for raw in ("/%6Detrics", "/%761/status", "/%761/files/x", "/%761/directories/"):
+        resp = await client.session.get(raw_url(client, raw))
+        assert resp.status == 404, raw
+        assert await resp.read() == b'{"code":"NOT_FOUND","message":"not found"}'
+        assert_common_headers(resp)
+        resp = await client.session.get(raw_url(client, raw), headers=auth())
+        assert resp.status == 404, raw
+    resp = await client.session.post(raw_url(client, "/v1/%66iles/zzqq"), data=b"body1")
+    assert resp.status == 401
+    resp = await client.session.post(
+        raw_url(client, "/v1/%66iles/zzqq"), data=b"body1", headers=auth()
+    )
+    assert resp.status == 404
+    resp = await client.get("/v1/directories/", headers=auth())
+    assert (await resp.json())["items"] == []
+    resp = await client.session.post(raw_url(client, "/v1/%69nternal/raft/join"), headers=auth())
+    assert resp.status == 404
+
+
+async def test_an_escaped_ws_names_a_file_not_the_websocket_endpoint(
+    client: TestClient[Any, Any],
+) -> None:
+    """§6.2: ``GET /v1/files/ws/...`` is the WebSocket endpoint; ``/v1/files/%77s/x`` has the
+    route prefix ``/v1/files/`` and the path ``/ws/x``, a plain GET of that file."""
+    assert (await client.put("/v1/files/ws/x", data=b"in ws", headers=auth())).status == 201
+    resp = await client.session.get(raw_url(client, "/v1/files/%77s/x"), headers=auth())
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == b"in ws"
+    resp = await client.get("/v1/files/ws/x", headers=auth())
+    assert resp.status == 400  # a plain GET on the WebSocket endpoint
+
+
+async def test_an_unknown_internal_route_is_the_json_404(client: TestClient[Any, Any]) -> None:
+    """Only the internal endpoints skip the pipeline (§3); a path under ``/v1/internal/`` that
+    names none is an unknown route: the JSON 404 with the security headers."""
+    for raw in ("/v1/internal/nope", "/v1/internal/raft/join", "/v1/internal/shards/k/1"):
+        resp = await client.get(raw)
+        assert resp.status == 404, raw
+        assert await resp.read() == b'{"code":"NOT_FOUND","message":"not found"}'
+        assert_common_headers(resp)
+
+
+async def test_a_file_request_on_the_root_spelled_a_dotdot(client: TestClient[Any, Any]) -> None:
+    """``a/..`` is the root in file form (§6.1): a POST of a file there is the 409 of a file
+    onto a directory, never the idempotent directory create."""
+    resp = await client.session.post(raw_url(client, "/v1/files/a/.."), data=b"hi", headers=auth())
+    assert resp.status == 409, await resp.text()
+    assert (await resp.json())["message"] == "path exists as directory, cannot create file"
+    resp = await client.session.put(raw_url(client, "/v1/files/a/.."), data=b"hi", headers=auth())
+    assert resp.status == 400
+    resp = await client.session.post(raw_url(client, "/v1/files/a/../"), headers=auth())
+    assert resp.status == 200
