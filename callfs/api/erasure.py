@@ -26,8 +26,6 @@ from callfs.storage.base import StorageBackend, publish_or_discard
 
 SHARDS_PREFIX = "/v1/shards/"
 INTERNAL_PREFIX = "/v1/internal/shards/"
-_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-
 log = logging.getLogger(__name__)
 #: A shard index as §9.11 parses it (an integer, ASCII digits, an optional sign).
 _INDEX = re.compile(r"[+-]?[0-9]+")
@@ -191,19 +189,48 @@ def _text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", content_type="text/plain")
 
 
+def _shard_address(raw: str) -> tuple[str, int] | web.Response:
+    """``(key, index)`` of ``/v1/internal/shards/{key}/{index}`` (§12.6), from the raw path:
+    ``{key}`` is everything before the last ``/``, validated like a path and already clean (no
+    empty, ``.`` or ``..`` segment: it names a directory under ``.erasure/`` as it is written);
+    ``{index}`` an integer (decoded once, as a path segment). Else the plain-text 400."""
+    head, sep, last = raw.rpartition("/")
+    try:
+        decoded = urllib.parse.unquote(last, errors="strict")
+    except UnicodeDecodeError:
+        decoded = ""
+    if not sep or not _INDEX.fullmatch(decoded):
+        return _text(400, "invalid shard index")
+    digits = decoded.lstrip("+-")
+    index = int(decoded) if len(digits) <= 9 else -1  # too long to be an index
+    try:
+        path = parse_request_path(head)
+        written = "/".join(urllib.parse.unquote(p, errors="strict") for p in head.split("/"))
+    except (BadRequest, UnicodeDecodeError):
+        return _text(400, "invalid shard key")
+    if path.is_root or path.dir_form or path.path[1:] != written:
+        return _text(400, "invalid shard key")
+    return path.path[1:], index
+
+
 async def internal_shard(request: web.Request) -> web.StreamResponse:
     state = api_state(request)
     if not state.auth.is_internal(request.headers.get("Authorization")):
         return _text(401, "unauthorized")
-    tail = request.match_info["tail"]
-    upload_id, sep, last = tail.rpartition("/")
-    if not sep or not last.isascii() or not last.isdigit():
-        return _text(400, "invalid shard index")
-    if not _UPLOAD_ID.fullmatch(upload_id):
-        return _text(400, "invalid shard key")
-    index = int(last)
+    parsed = _shard_address(request.rel_url.raw_path[len(INTERNAL_PREFIX) :])
+    if isinstance(parsed, web.Response):
+        return parsed
+    shard, index = parsed
+    if index < 0:  # an integer, but no shard has it
+        if request.method == "PUT":
+            return _text(400, "invalid shard index")
+        return (
+            web.Response(status=204)
+            if request.method == "DELETE"
+            else _text(404, "shard not found")
+        )
     backend = request.app[ERASURE_BACKEND]
-    key = shard_key(upload_id, index)
+    key = shard_key(shard, index)
     if request.method == "PUT":
         digest = hashlib.sha256()
         try:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from callfs.daemon import Node
 from callfs.erasure.codec import DEFAULT_BLOCK
-from callfs.tests.functional.conftest import INTERNAL, auth
+from callfs.tests.functional.conftest import INTERNAL, auth, raw_url
 
 E = {**auth(), "X-CallFS-Erasure": "true"}
 
@@ -217,6 +217,37 @@ async def test_internal_shard_endpoint_needs_the_secret(
     assert (await client.delete(url, headers=bearer)).status == 204
     assert (await client.delete(url, headers=bearer)).status == 204
     assert (await client.get(url, headers=bearer)).status == 404
+
+
+async def test_internal_shard_keys_are_validated_like_paths(
+    client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    """§12.6: ``{key}`` is everything between the prefix and the last ``/``, validated like a
+    path (a v1 node's content-hash keys, or any other, are stored at ``.erasure/<key>/<index>``);
+    ``{index}`` is an integer; another method is 405 with an empty body."""
+    bearer = {"Authorization": f"Bearer {INTERNAL}"}
+    for key in ("k1", "a/b", "v1-" + "ab" * 32):
+        url = f"/v1/internal/shards/{key}/3"
+        assert (await client.put(url, data=b"s-" + key.encode(), headers=bearer)).status == 201
+        assert (tmp_path / "files" / ".erasure" / key / "3").read_bytes() == b"s-" + key.encode()
+        got = await client.get(url, headers=bearer)
+        assert got.status == 200 and await got.read() == b"s-" + key.encode()
+        assert (await client.delete(url, headers=bearer)).status == 204
+        assert (await client.get(url, headers=bearer)).status == 404
+    for bad in ("a%5Cb", "a%00b", "a%E2%80%AEb", "..", "a/../b", "a//b", "./a", "%2e%2e"):
+        resp = await client.session.put(
+            raw_url(client, f"/v1/internal/shards/{bad}/0"), data=b"x", headers=bearer
+        )
+        assert resp.status == 400, bad
+        assert resp.content_type == "text/plain"
+    key = "0123456789abcdef0123456789abcdef"
+    assert (await client.get(f"/v1/internal/shards/{key}/-1", headers=bearer)).status == 404
+    assert (await client.get(f"/v1/internal/shards/{key}/1x", headers=bearer)).status == 400
+    resp = await client.post(f"/v1/internal/shards/{key}/0", headers=bearer)
+    assert resp.status == 405
+    assert await resp.read() == b""
+    assert set(resp.headers["Allow"].split(",")) == {"DELETE", "GET", "PUT"}
+    assert "X-Request-ID" not in resp.headers  # internal: no pipeline
 
 
 async def test_disabled_node_ignores_the_flag(tmp_path: Path, aiohttp_client: Any) -> None:
