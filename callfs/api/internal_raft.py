@@ -79,9 +79,11 @@ async def join(request: web.Request) -> web.StreamResponse:
             raise ValueError("expected a JSON object")
     except ValueError as exc:
         return _json(400, {"status": "error", "error": f"invalid request: {exc}"})
-    node_id = str(body.get("node_id") or "").strip()
-    raft_addr = str(body.get("raft_addr") or "").strip()
-    api_endpoint = str(body.get("api_endpoint") or "").strip()
+    fields = [body.get(k) for k in ("node_id", "raft_addr", "api_endpoint")]
+    if any(v is not None and not isinstance(v, str) for v in fields):
+        # a number as node_id had made a real voter named "5"
+        return fail(400, "node_id, raft_addr and api_endpoint must be strings")
+    node_id, raft_addr, api_endpoint = ((v or "").strip() for v in fields)
     if not node_id or not raft_addr:
         return fail(400, "node_id and raft_addr are required")
     if not raft.node.is_leader():

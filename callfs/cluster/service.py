@@ -528,19 +528,22 @@ class RaftService:
         timeout = self.apply_timeout
         voters = set(self.node.members())
         known = self.members()
-        if raft_addr not in voters or known.get(node_id, ("", ""))[0] != raft_addr:
-            for other_id, (addr, _e) in known.items():
-                stale = (other_id == node_id and addr != raft_addr) or (
-                    addr == raft_addr and other_id != node_id
-                )
-                if stale and addr in voters and addr != self.node.settings.bind_addr:
-                    await self.node.remove_voter(addr, timeout)
-                    voters.discard(addr)
-                if stale:
-                    await self.execute("member_remove", [other_id])
-            if raft_addr not in voters:
-                await self.node.add_voter(raft_addr, timeout)
-            self.node.force_snapshot()
+        if raft_addr in voters and known.get(node_id, ("", ""))[0] == raft_addr:
+            # already a voter at that address: success, no change (API.md §12.6); its endpoint
+            # and command level are the ones it registers itself
+            return
+        for other_id, (addr, _e) in known.items():
+            stale = (other_id == node_id and addr != raft_addr) or (
+                addr == raft_addr and other_id != node_id
+            )
+            if stale and addr in voters and addr != self.node.settings.bind_addr:
+                await self.node.remove_voter(addr, timeout)
+                voters.discard(addr)
+            if stale:
+                await self.execute("member_remove", [other_id])
+        if raft_addr not in voters:
+            await self.node.add_voter(raft_addr, timeout)
+        self.node.force_snapshot()
         await self.execute("member_put", [node_id, raft_addr, api_endpoint.rstrip("/")])
 
     async def remove(self, node_id: str) -> None:

@@ -275,3 +275,52 @@ async def test_the_leader_drops_a_follower_that_stopped_answering_pings(
             assert not channels, "the leader still holds a channel to a silent follower"
     finally:
         await server.close()
+
+
+class _JoinLeader:
+    """The leader as ``POST /v1/internal/raft/join`` sees it: records the joins it is asked."""
+
+    node_id = "node-1"
+
+    def __init__(self) -> None:
+        self.joined: list[tuple[str, str, str]] = []
+        self.node = SimpleNamespace(is_leader=lambda: True)
+
+    def leader_id(self) -> str:
+        return self.node_id
+
+    async def join(self, node_id: str, raft_addr: str, api_endpoint: str) -> None:
+        self.joined.append((node_id, raft_addr, api_endpoint))
+
+
+async def test_a_join_with_fields_that_are_not_strings_is_400(
+    session: aiohttp.ClientSession,
+) -> None:
+    """§12.6's body is ``{"node_id":str,"raft_addr":str,"api_endpoint":str}``: a number as
+    ``node_id`` had joined a voter named "5"."""
+    app = web.Application()
+    app[STATE] = SimpleNamespace(auth=Authenticator([], {}, SECRET))  # type: ignore[misc]
+    leader = _JoinLeader()
+    add_routes(app, leader)  # type: ignore[arg-type]
+    server = TestServer(app)
+    await server.start_server()
+    url = str(server.make_url("/v1/internal/raft/join"))
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    try:
+        for body in (
+            {"node_id": 5, "raft_addr": "127.0.0.1:1"},
+            {"node_id": "n", "raft_addr": ["127.0.0.1:1"]},
+            {"node_id": "n", "raft_addr": "127.0.0.1:1", "api_endpoint": 7},
+        ):
+            async with session.post(url, json=body, headers=headers) as resp:
+                assert resp.status == 400, body
+                answer = await resp.json()
+                assert answer["status"] == "error" and answer["leader_id"] == "node-1"
+        assert leader.joined == []
+        ok = {"node_id": "n", "raft_addr": "127.0.0.1:1", "api_endpoint": "http://h:1/"}
+        async with session.post(url, json=ok, headers=headers) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b'{"status":"joined","leader_id":"node-1"}\n'
+        assert leader.joined == [("n", "127.0.0.1:1", "http://h:1/")]
+    finally:
+        await server.close()

@@ -773,3 +773,23 @@ async def test_reads_waiting_for_the_local_apply_are_released_or_told_why(
         assert service._apply_live == 0
     finally:
         await store.close()
+
+
+async def test_a_join_of_a_voter_already_at_that_address_changes_nothing(tmp_path: Path) -> None:
+    """API.md §12.6: "Already a voter with the same address: success, no change". It rewrote
+    the member's API endpoint and reset its command level to 1 (holding back the group)."""
+    port = free_port()
+    store = one_node_raft_store(tmp_path / "raft", port)
+    await store.start()
+    try:
+        service = store.service
+        await service.register()
+        before = service.status()["nodes"]
+        assert before["node-1"]["level"] == C.LEVEL
+        applied = service.node.fsm.applied
+        await service.join("node-1", f"127.0.0.1:{port}", "http://127.0.0.1:9")
+        assert service.status()["nodes"] == before
+        assert service.node.fsm.applied == applied  # nothing went through the log
+        assert service.cluster_level() == C.LEVEL
+    finally:
+        await store.close()
