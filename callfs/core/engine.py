@@ -320,7 +320,8 @@ class Engine:
                 if fresh is None:
                     raise NotFound() from exc  # deleted since
                 raise KeptChanging() from exc  # never a 412 to a client (node to node only)
-            self._count("read", entry.backend_type.value)
+            if not (self.is_remote(entry) and self.peers is not None):
+                self._count("read", entry.backend_type.value)  # a relayed read: the owner counts
             return entry, stream
         raise AssertionError("unreachable")
 

@@ -340,3 +340,27 @@ async def test_an_owner_ahead_of_this_nodes_metadata_is_503_not_412(
     engine.peers = Owner()  # type: ignore[assignment]
     resp = await client.get("/v1/files/ahead.bin", headers=auth())
     assert resp.status == 503, await resp.text()
+
+
+async def test_a_relayed_download_counts_as_a_read_on_the_owner_only(
+    client: TestClient[Any, Any], node: Node
+) -> None:
+    """§16: proxied calls count on the owner like any other request. A GET relayed to the
+    owner node counted a ``read`` on both nodes: twice in the cluster's sum."""
+    engine = node.engine
+    assert engine is not None
+    await engine._meta.create(replace(_file("/far.bin", 5, "b"), blob_key="k-far"))
+
+    class Owner:
+        async def open_read(self, *args: Any) -> Any:
+            return _Relayed(b"01234")
+
+    engine.peers = Owner()  # type: ignore[assignment]
+    reads = node.metrics.file_ops.labels("read", "localfs")
+    before = reads._value.get()
+    resp = await client.get("/v1/files/far.bin", headers=auth())
+    assert resp.status == 200 and await resp.read() == b"01234"
+    assert reads._value.get() == before  # the owner counts it
+    assert (await client.put("/v1/files/near.bin", data=b"here", headers=auth())).status == 201
+    assert (await client.get("/v1/files/near.bin", headers=auth())).status == 200
+    assert reads._value.get() == before + 1
