@@ -74,6 +74,19 @@ def _decode_piece(piece: str) -> str:
     return decoded
 
 
+def after_prefix(raw_path: str, prefix: str) -> str:
+    """The raw (still percent-encoded) request path after the route prefix ``prefix`` (§6.1),
+    without its leading ``/``. The router matched the decoded path, so the prefix may be spelled
+    with escapes (``/v1/%66iles/x`` is ``/v1/files/x``, as URIs compare): it is cut as many
+    segments as it has, never as many characters (which made that POST create ``/es/x``)."""
+    if raw_path.startswith(prefix):
+        rest = raw_path[len(prefix) :]
+        return rest[1:] if rest.startswith("/") else rest
+    segments = prefix.rstrip("/").count("/")
+    cut = raw_path.split("/", segments + 1)
+    return cut[segments + 1] if len(cut) > segments + 1 else ""
+
+
 def parse_request_path(raw: str) -> CanonicalPath:
     """Steps 1-10 of §6.1 on the raw (still percent-encoded) path after the route prefix."""
     return _canonical("/".join(_decode_piece(p) for p in raw.split("/")))

@@ -21,7 +21,7 @@ from callfs.erasure.service import MAX_SHARDS
 from callfs.erasure.shards import SHA256_HEADER, hashed, shard_key
 from callfs.errors import BadRequest, InternalError, NotFound
 from callfs.model import BackendType, Entry, ErasureLayout
-from callfs.paths import parse_body_path, parse_request_path
+from callfs.paths import after_prefix, parse_body_path, parse_request_path
 from callfs.storage.base import StorageBackend, publish_or_discard
 
 SHARDS_PREFIX = "/v1/shards/"
@@ -151,21 +151,25 @@ async def _send(
         await stream.aclose()
 
 
+def _index(segment: str) -> int | None:
+    """A shard index segment (§9.11, §12.6): an integer, decoded once as every segment (§21):
+    "%30" is 0, "+1" is 1; "-1" and an integer too long to be an index (int() refuses over 4,300
+    digits) are out of range (-1). None if it is no integer."""
+    try:
+        decoded = urllib.parse.unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if not _INDEX.fullmatch(decoded):
+        return None
+    return int(decoded) if len(decoded.lstrip("+-")) <= 9 else -1
+
+
 async def public_shard(request: web.Request) -> web.StreamResponse:
     """``GET /v1/shards/<path>/<index>`` (§9.11)."""
-    raw = request.rel_url.raw_path[len(SHARDS_PREFIX) :]
-    head, sep, last = raw.rpartition("/")
-    # the index is an integer (§9.11), its segment decoded once as every segment (§21): "%30"
-    # is 0, "+1" is 1, "-1" an integer out of range (404 below)
-    try:
-        decoded = urllib.parse.unquote(last, errors="strict")
-    except UnicodeDecodeError:
-        decoded = ""
-    if not sep or not _INDEX.fullmatch(decoded):
+    head, sep, last = after_prefix(request.rel_url.raw_path, SHARDS_PREFIX).rpartition("/")
+    index = _index(last) if sep else None
+    if index is None:
         raise BadRequest("the last path segment must be the shard index")
-    digits = decoded.lstrip("+-")
-    # an integer too long to be an index is out of range (int() refuses over 4,300 digits)
-    index = int(decoded) if len(digits) <= 9 else -1
     path = parse_request_path(head)
     state = api_state(request)
     entry = await state.engine.stat(identity(request), path)
@@ -195,14 +199,9 @@ def _shard_address(raw: str) -> tuple[str, int] | web.Response:
     empty, ``.`` or ``..`` segment: it names a directory under ``.erasure/`` as it is written);
     ``{index}`` an integer (decoded once, as a path segment). Else the plain-text 400."""
     head, sep, last = raw.rpartition("/")
-    try:
-        decoded = urllib.parse.unquote(last, errors="strict")
-    except UnicodeDecodeError:
-        decoded = ""
-    if not sep or not _INDEX.fullmatch(decoded):
+    index = _index(last) if sep else None
+    if index is None:
         return _text(400, "invalid shard index")
-    digits = decoded.lstrip("+-")
-    index = int(decoded) if len(digits) <= 9 else -1  # too long to be an index
     try:
         path = parse_request_path(head)
         written = "/".join(urllib.parse.unquote(p, errors="strict") for p in head.split("/"))
@@ -217,7 +216,7 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     state = api_state(request)
     if not state.auth.is_internal(request.headers.get("Authorization")):
         return _text(401, "unauthorized")
-    parsed = _shard_address(request.rel_url.raw_path[len(INTERNAL_PREFIX) :])
+    parsed = _shard_address(after_prefix(request.rel_url.raw_path, INTERNAL_PREFIX))
     if isinstance(parsed, web.Response):
         return parsed
     shard, index = parsed

@@ -34,7 +34,13 @@ from callfs.core.peer import EXPECT_BLOB
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner, VersionMoved
 from callfs.metadata.base import ChildPosition
 from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity
-from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
+from callfs.paths import (
+    CanonicalPath,
+    after_prefix,
+    parse_body_path,
+    parse_request_path,
+    validate_name,
+)
 from callfs.storage.base import ByteStream
 
 log = logging.getLogger(__name__)
@@ -88,9 +94,7 @@ _parse_cached = functools.lru_cache(maxsize=_PATH_CACHE)(parse_request_path)
 
 def request_path(request: web.Request, prefix: str = FILES_PREFIX) -> CanonicalPath:
     """Canonical path of the raw (still percent-encoded) request path after ``prefix``."""
-    raw = request.rel_url.raw_path[len(prefix) :]
-    if raw.startswith("/"):
-        raw = raw[1:]
+    raw = after_prefix(request.rel_url.raw_path, prefix)
     if len(raw) <= _PATH_CACHE_MAX_LEN:
         return _parse_cached(raw)  # a BadRequest is raised again each time, never cached
     return parse_request_path(raw)

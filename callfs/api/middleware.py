@@ -54,7 +54,7 @@ def is_internal(request: web.Request) -> bool:
     """A request to an internal endpoint (§12.6), a wrong method included: it skips the public
     pipeline. A path under the prefix that names no endpoint is an unknown route, which the
     pipeline answers (the JSON 404, with the security headers)."""
-    if not request.rel_url.raw_path.startswith(INTERNAL_PREFIX):
+    if not request.rel_url.path_safe.startswith(INTERNAL_PREFIX):
         return False
     match = request.match_info
     if match is None:  # answered before routing (a request the parser refused)
@@ -64,13 +64,13 @@ def is_internal(request: web.Request) -> bool:
     return isinstance(getattr(match, "http_exception", None), web.HTTPMethodNotAllowed)
 
 
-def needs_bearer(raw_path: str) -> bool:
-    """``/metrics`` and all of ``/v1/`` except ``/v1/internal/`` — decided before routing."""
-    if raw_path == "/metrics":
+def needs_bearer(path: str) -> bool:
+    """``/metrics`` and all of ``/v1/`` except ``/v1/internal/`` — decided before routing, on the
+    path as the router reads it (``URL.path_safe``: escapes decoded but ``%2F`` and ``%25``), so
+    that ``/%6Detrics`` is ``/metrics`` for both (it was answered without credentials)."""
+    if path == "/metrics":
         return True
-    return (raw_path == "/v1" or raw_path.startswith("/v1/")) and not raw_path.startswith(
-        INTERNAL_PREFIX
-    )
+    return (path == "/v1" or path.startswith("/v1/")) and not path.startswith(INTERNAL_PREFIX)
 
 
 def new_request_id() -> str:
@@ -142,32 +142,9 @@ _TEMPLATES = {
 }
 
 
-#: The one route whose literal prefix may be spelled with escapes: ``/v1/files/%77s/x`` is the
-#: files route's path ``/ws/x`` (§6.1, §6.2), which the WebSocket handler hands to the file GET.
-_WS_ROUTE = "/v1/files/ws/{tail}"
-
-
-def spelled_out(request: web.Request) -> bool:
-    """Whether the raw request path spells out the literal part of the route aiohttp matched.
-    aiohttp matches the percent-decoded path, but authentication (§3 step 4) and the path
-    (§6.1: what follows the raw route prefix) are read off the raw path: ``/%6Detrics`` or
-    ``/v1/%66iles/x`` name no route, else the two readings disagree."""
-    resource = request.match_info.route.resource
-    if resource is None:
-        return True  # no route: the 404 / 405 as it is
-    canonical = resource.canonical
-    raw = request.rel_url.raw_path
-    literal, brace, _ = canonical.partition("{")
-    if not brace:
-        return raw == canonical
-    if raw.startswith(literal):
-        return True
-    return canonical == _WS_ROUTE and raw.startswith("/v1/files/")
-
-
 def route_template(request: web.Request) -> str:
     resource = request.match_info.route.resource
-    if resource is None or not spelled_out(request):
+    if resource is None:
         return "unmatched"
     return _TEMPLATES.get(resource.canonical, "unmatched")
 
@@ -220,12 +197,10 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
 
 async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        if needs_bearer(request.rel_url.raw_path):
+        if needs_bearer(request.rel_url.path_safe):
             request[IDENTITY] = api_state(request).auth.identify(
                 request.headers.get("Authorization")
             )
-        if not spelled_out(request):
-            raise web.HTTPNotFound()
         return await handler(request)
     except CallFSError as exc:
         if type(exc).__name__ == "InternalError" or render_error(exc).status >= 500:

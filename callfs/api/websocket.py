@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from callfs.api.files import get_file, owner_routed, request_path
+from callfs.api.files import request_path
 from callfs.api.limits import cut_off
 from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import api_state, identity
@@ -55,14 +55,7 @@ def origin_allowed(request: web.Request) -> bool:
     return host == request.headers.get("Host", "")
 
 
-_plain_get = owner_routed(get_file)
-
-
 async def transfer(request: web.Request) -> web.StreamResponse:
-    if not request.rel_url.raw_path.startswith(WS_PREFIX + "/"):
-        # ``/v1/files/%77s/x``: the route prefix is ``/v1/files/`` and the path ``/ws/x``
-        # (§6.1 reads the raw path), a plain file GET; aiohttp matched the decoded path here
-        return await _plain_get(request)
     path = request_path(request, WS_PREFIX)
     if path.dir_form:
         raise BadRequest("websocket transfer requires a file path")

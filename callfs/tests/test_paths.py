@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from callfs.errors import BadRequest
-from callfs.paths import CanonicalPath, parse_body_path, parse_request_path, validate_name
+from callfs.paths import (
+    CanonicalPath,
+    after_prefix,
+    parse_body_path,
+    parse_request_path,
+    validate_name,
+)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +130,13 @@ def test_canonical_output_is_a_fixed_point(parts: list[str]) -> None:
     assert "//" not in first.path and "\\" not in first.path
     assert ".." not in first.path.split("/")
     assert first.path.startswith("/")
+
+
+def test_the_path_after_a_route_prefix_spelled_with_escapes() -> None:
+    """The prefix is cut by segments: ``/v1/%66iles/x`` leaves ``x`` (it left ``es/x``)."""
+    assert after_prefix("/v1/files/a%20b/c", "/v1/files") == "a%20b/c"
+    assert after_prefix("/v1/%66iles/a%20b/c", "/v1/files") == "a%20b/c"
+    assert after_prefix("/v1/%66iles", "/v1/files") == ""
+    assert after_prefix("/v1/%66iles/", "/v1/files") == ""
+    assert after_prefix("/%76%31/shards/p/0", "/v1/shards/") == "p/0"
+    assert after_prefix("/v1/files/%77s/x", "/v1/files/ws") == "x"

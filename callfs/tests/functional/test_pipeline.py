@@ -102,43 +102,45 @@ async def test_error_bodies_are_compact_json(client: TestClient[Any, Any]) -> No
     assert resp.headers["Content-Type"] == "application/json"
 
 
-async def test_a_route_prefix_spelled_with_escapes_names_no_route(
-    client: TestClient[Any, Any], node: Any
-) -> None:
-    """Authentication is decided on the raw path (§3 step 4) and §6.1 reads the path after the
-    raw route prefix: ``/%6Detrics`` is not ``/metrics`` (it served the metrics to anyone),
-    ``/%761/files/x`` is not a files route (500: no identity), and ``/v1/%66iles/x`` did not
-    create ``/x`` but ``/es/x`` (the path was cut at the decoded prefix's length)."""
-    for raw in ("/%6Detrics", "/%761/status", "/%761/files/x", "/%761/directories/"):
-        resp = await client.session.get(raw_url(client, raw))
-        assert resp.status == 404, raw
-        assert await resp.read() == b'{"code":"NOT_FOUND","message":"not found"}'
-        assert_common_headers(resp)
-        resp = await client.session.get(raw_url(client, raw), headers=auth())
-        assert resp.status == 404, raw
-    resp = await client.session.post(raw_url(client, "/v1/%66iles/zzqq"), data=b"body1")
-    assert resp.status == 401
-    resp = await client.session.post(
-        raw_url(client, "/v1/%66iles/zzqq"), data=b"body1", headers=auth()
-    )
-    assert resp.status == 404
-    resp = await client.get("/v1/directories/", headers=auth())
-    assert (await resp.json())["items"] == []
-    resp = await client.session.post(raw_url(client, "/v1/%69nternal/raft/join"), headers=auth())
-    assert resp.status == 404
-
-
-async def test_an_escaped_ws_names_a_file_not_the_websocket_endpoint(
+async def test_a_route_prefix_spelled_with_escapes_is_the_same_route(
     client: TestClient[Any, Any],
 ) -> None:
-    """§6.2: ``GET /v1/files/ws/...`` is the WebSocket endpoint; ``/v1/files/%77s/x`` has the
-    route prefix ``/v1/files/`` and the path ``/ws/x``, a plain GET of that file."""
-    assert (await client.put("/v1/files/ws/x", data=b"in ws", headers=auth())).status == 201
+    """The router compares decoded paths (``/%6Detrics`` is ``/metrics``, as URIs compare), so
+    authentication (§3 step 4) and the path after the route prefix (§6.1) must read the path the
+    same way. ``/%6Detrics`` served the metrics without credentials, ``/%761/files/x`` was a 500
+    (no identity), and POST ``/v1/%66iles/x`` created ``/es/x`` (the prefix was cut by length)."""
+    for raw in ("/%6Detrics", "/%761/status", "/%761/files/x", "/%761/directories/"):
+        resp = await client.session.get(raw_url(client, raw))
+        assert resp.status == 401, raw
+        assert await resp.read() == AUTH_FAILED
+        assert_common_headers(resp)
+    resp = await client.session.get(raw_url(client, "/%6Detrics"), headers=auth())
+    assert resp.status == 200 and "callfs_http_requests_total" in await resp.text()
+    resp = await client.session.get(raw_url(client, "/%761/files/x"), headers=auth())
+    assert resp.status == 404
+    assert (await resp.json())["code"] == "FILE_NOT_FOUND"
+    url = raw_url(client, "/v1/%66iles/zzqq")
+    assert (await client.session.post(url, data=b"body1")).status == 401
+    assert (await client.session.post(url, data=b"body1", headers=auth())).status == 201
+    assert await (await client.get("/v1/files/zzqq", headers=auth())).read() == b"body1"
+    resp = await client.session.get(raw_url(client, "/%76%31/%64irectories"), headers=auth())
+    assert [i["path"] for i in (await resp.json())["items"]] == ["/zzqq"]
+    resp = await client.session.post(raw_url(client, "/v1/%69nternal/raft/join"), headers=auth())
+    assert resp.status == 404  # no Raft here: no such internal route, with any spelling
+
+
+async def test_an_escaped_ws_is_the_websocket_route_for_get_only(
+    client: TestClient[Any, Any],
+) -> None:
+    """§6.2: ``GET /v1/files/ws/...`` is the WebSocket endpoint (``%77s`` is ``ws``); other
+    methods there reach the file handlers, with the path after ``/v1/files/``."""
     resp = await client.session.get(raw_url(client, "/v1/files/%77s/x"), headers=auth())
-    assert resp.status == 200, await resp.text()
-    assert await resp.read() == b"in ws"
-    resp = await client.get("/v1/files/ws/x", headers=auth())
-    assert resp.status == 400  # a plain GET on the WebSocket endpoint
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "not a WebSocket request"
+    url = raw_url(client, "/v1/files/%77s/y")
+    assert (await client.session.put(url, data=b"in ws", headers=auth())).status == 201
+    resp = await client.head("/v1/files/ws/y", headers=auth())
+    assert resp.status == 200 and resp.headers["X-CallFS-Size"] == "5"
 
 
 async def test_an_unknown_internal_route_is_the_json_404(client: TestClient[Any, Any]) -> None:
