@@ -1,11 +1,15 @@
-"""Logging set-up (API.md §17): level, json|console on stderr, a request id in a contextvar, and a
-redaction filter so API keys, secrets and link tokens never appear in full in any record."""
+"""Logging set-up (API.md §17): level, json|console on stderr, a request id in a contextvar, a
+redaction filter so API keys, secrets and link tokens never appear in full in any record, and
+the ``CALLFS_LOG_MODE`` redaction of paths, user IDs and sizes in operation logs
+(``shown_path``, ``shown_user``, ``shown_size``: every record that names one goes through them)."""
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -34,6 +38,42 @@ _EXTRA_FIELDS = (
 )
 #: A link token: 24-char id (ending ==) + "." + 44-char signature.
 _TOKEN = re.compile(r"([A-Za-z0-9_-]{22}==)\.[A-Za-z0-9_-]{43}=")
+
+
+#: §17: how operation logs show paths, user IDs and sizes; any other value (or none) is the
+#: default, ``production``.
+LOG_MODES = ("production", "development", "debug")
+_mode = "production"
+
+
+def set_log_mode(value: str | None) -> None:
+    global _mode
+    _mode = value if value in LOG_MODES else "production"
+
+
+def shown_path(path: str) -> str:
+    """A namespace path as operation logs show it (§17)."""
+    if _mode == "debug":
+        return path
+    if _mode == "development":
+        return path if len(path) <= 20 else f"{path[:10]}...{path[-7:]}"
+    return "hash:" + hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def shown_user(user_id: str) -> str:
+    """A user ID as operation logs show it (§17)."""
+    if _mode == "debug":
+        return user_id
+    if _mode == "development":
+        return user_id if len(user_id) <= 8 else f"{user_id[:4]}****"
+    return "user_hash:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def shown_size(size: int) -> str:
+    """A size in bytes as operation logs show it (§17): to the nearest KiB in production."""
+    if _mode == "production":
+        return f"{(size + 512) // 1024} KiB"
+    return f"{size} bytes"
 
 
 class RedactionFilter(logging.Filter):
@@ -147,8 +187,10 @@ REFUSED_REQUESTS = RefusedRequestFilter()
 
 def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     """Route every record to stderr through the redaction filter, and make ``aiohttp.server``'s
-    records of refused requests one line each (idempotent)."""
+    records of refused requests one line each (idempotent). ``level`` is exactly one of §17's
+    names, else info; the path, user and size redaction follows ``CALLFS_LOG_MODE``."""
     REDACTION.set_secrets(secrets)
+    set_log_mode(os.environ.get("CALLFS_LOG_MODE"))
     server_logger = logging.getLogger("aiohttp.server")
     if REFUSED_REQUESTS not in server_logger.filters:
         server_logger.addFilter(REFUSED_REQUESTS)
@@ -159,4 +201,4 @@ def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS.get(level.lower(), logging.INFO))
+    root.setLevel(_LEVELS.get(level, logging.INFO))

@@ -51,6 +51,7 @@ from callfs.errors import (
 )
 from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.locks.base import LockManager
+from callfs.log import shown_path
 from callfs.metadata.base import ChildPosition, MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import (
@@ -1089,7 +1090,9 @@ class Engine:
                 report.skipped += 1  # deleted meanwhile
                 continue
             except CallFSError as exc:
-                log.warning("could not move %s to %s: %s", entry.path, target, exc.message)
+                log.warning(
+                    "could not move %s to %s: %s", shown_path(entry.path), target, exc.message
+                )
                 report.failed.append(entry.path)
                 continue
             report.moved_files += 1
@@ -1102,7 +1105,9 @@ class Engine:
             except NotFound:
                 continue  # deleted meanwhile
             except CallFSError as exc:  # changed meanwhile: re-running the PATCH re-tags it
-                log.warning("could not re-tag %s to %s: %s", entry.path, target, exc.message)
+                log.warning(
+                    "could not re-tag %s to %s: %s", shown_path(entry.path), target, exc.message
+                )
                 report.failed.append(entry.path + "/")
                 continue
             report.moved_dirs += 1

@@ -19,6 +19,7 @@ from callfs.core.peer import PeerClient
 from callfs.erasure.repair import Repairer, RepairReport
 from callfs.erasure.service import ErasureService
 from callfs.errors import BadRequest, CallFSError, InsufficientShards, NotFound
+from callfs.log import shown_path
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import BackendType, Entry, ErasureLayout
@@ -105,11 +106,14 @@ class ErasureMaintenance:
                     fixed, rebuilt = await self.repairer.repair(layout)
                 except InsufficientShards:
                     report.unrecoverable.append(entry.path)
-                    log.error("erasure file %s has too few intact shards to repair", entry.path)
+                    log.error(
+                        "erasure file %s has too few intact shards to repair",
+                        shown_path(entry.path),
+                    )
                     continue
                 except (CallFSError, OSError) as exc:
                     report.failed.append(entry.path)
-                    log.warning("could not repair %s: %s", entry.path, exc)
+                    log.warning("could not repair %s: %s", shown_path(entry.path), exc)
                     continue
                 if fixed is None:
                     report.healthy += 1
@@ -118,7 +122,7 @@ class ErasureMaintenance:
                     report.shards_rebuilt += rebuilt
                     if self._metrics is not None:
                         self._metrics.erasure_shards_repaired.inc(rebuilt)
-                    log.info("rebuilt %d shard(s) of %s", rebuilt, entry.path)
+                    log.info("rebuilt %d shard(s) of %s", rebuilt, shown_path(entry.path))
                     await self._forget_if_replaced(entry, fixed)
                 if pause:
                     await asyncio.sleep(pause)

@@ -32,6 +32,7 @@ from callfs.core.engine import Engine
 from callfs.core.peer import PeerClient
 from callfs.errors import AlreadyExists, BadRequest, CallFSError, LockTimeout, NotFound
 from callfs.locks.base import LockManager
+from callfs.log import shown_path, shown_size
 from callfs.metadata.base import MetadataStore
 from callfs.metrics import Metrics
 from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, Identity
@@ -262,7 +263,10 @@ class NodeMoves:
                 job.bytes_total = sum(e.size for e, _ in moves)
                 job.state = "running"
                 log.info(
-                    "%s: %d files (%d bytes) to move", job.kind, job.files_total, job.bytes_total
+                    "%s: %d files (%s) to move",
+                    job.kind,
+                    job.files_total,
+                    shown_size(job.bytes_total),
                 )
                 await self._execute(job, moves, parallel, rate, gauge)
                 if finish is not None:
@@ -291,11 +295,11 @@ class NodeMoves:
             if gauge is not None:
                 gauge.set(0)
             log.info(
-                "%s %s: moved %d files (%d bytes), %d failed, %d skipped",
+                "%s %s: moved %d files (%s), %d failed, %d skipped",
                 job.kind,
                 job.state,
                 job.files_moved,
-                job.bytes_moved,
+                shown_size(job.bytes_moved),
                 job.files_failed,
                 job.files_skipped,
             )
@@ -322,7 +326,9 @@ class NodeMoves:
                     job.files_failed += 1
                     if len(job.failed) < MAX_REPORTED:
                         job.failed.append(f"{entry.path}: {exc.message}")
-                    log.warning("%s: could not move %s: %s", job.kind, entry.path, exc.message)
+                    log.warning(
+                        "%s: could not move %s: %s", job.kind, shown_path(entry.path), exc.message
+                    )
                 else:
                     job.files_moved += 1
                     job.bytes_moved += entry.size
@@ -357,7 +363,9 @@ class NodeMoves:
                 job.dirs_failed += 1
                 if len(job.failed) < MAX_REPORTED:
                     job.failed.append(f"{entry.path}/: {exc.message}")
-                log.warning("%s: could not re-tag %s: %s", job.kind, entry.path, exc.message)
+                log.warning(
+                    "%s: could not re-tag %s: %s", job.kind, shown_path(entry.path), exc.message
+                )
                 continue
             job.dirs_moved += 1
 

@@ -55,6 +55,7 @@ from callfs.errors import (
     UploadNotFound,
     UploadOffsetMismatch,
 )
+from callfs.log import shown_size
 from callfs.model import Identity, parent_of
 from callfs.paths import parse_body_path
 from callfs.storage.base import LocalFile
@@ -241,7 +242,7 @@ class UploadService:
             expires=self._clock() + self.expiry,
         )
         await run_blocking(self._create_blocking, token, upload)
-        log.info("upload created (%d bytes)", length)
+        log.info("upload created (%s)", shown_size(length))
         if length == 0:
             async with self._lock(token):
                 upload = await self._commit(token, upload)
@@ -404,7 +405,7 @@ class UploadService:
         done = replace(upload, committed=True)
         await run_blocking(self._save_blocking, token, done)
         await run_blocking(self._drop_data_blocking, token)
-        log.info("upload committed (%d bytes)", upload.length)
+        log.info("upload committed (%s)", shown_size(upload.length))
         return done
 
     def _staged(self, token: str) -> LocalFile:
@@ -541,7 +542,11 @@ class UploadService:
         except FileNotFoundError as exc:
             raise UploadNotFound("the staged bytes are missing") from exc
         if size != length:
-            log.error("a finished upload's staged file has %d bytes, not %d", size, length)
+            log.error(
+                "a finished upload's staged file has %s, not %s",
+                shown_size(size),
+                shown_size(length),
+            )
             raise InternalError()
 
     def _drop_data_blocking(self, token: str) -> None:

@@ -39,6 +39,7 @@ from typing import IO, Any, NoReturn
 
 from callfs.concurrency import run_blocking, run_to_end
 from callfs.errors import BadRequest, InsufficientStorage, NotFound, UnsafePath
+from callfs.log import shown_path
 from callfs.storage.base import (
     AREA_BLOBS,
     AREA_REPLICAS,
@@ -441,7 +442,9 @@ class LocalFSBackend:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NotFound() from exc
             if exc.errno == errno.ELOOP:
-                log.error("refused a symlink inside the localfs root (on the way to %r)", key)
+                log.error(
+                    "refused a symlink inside the localfs root (on the way to %s)", shown_path(key)
+                )
                 raise UnsafePath() from exc
             raise
 
@@ -894,7 +897,7 @@ def _raise_for_component(exc: OSError, name: str, dir_fd: int) -> NoReturn:
         except OSError:
             is_link = False
         if is_link:
-            log.error("refused a symlink inside the localfs root (at %r)", name)
+            log.error("refused a symlink inside the localfs root (at %s)", shown_path(name))
             raise UnsafePath() from exc
         raise NotFound() from exc
     raise exc

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,16 @@ from aiohttp.test_utils import TestClient
 from callfs.api.ratelimit import RateLimiter
 from callfs.api.state import STATE
 from callfs.daemon import Node, log_secrets
-from callfs.log import ConsoleFormatter, JsonFormatter, RedactionFilter, configure_logging
+from callfs.log import (
+    ConsoleFormatter,
+    JsonFormatter,
+    RedactionFilter,
+    configure_logging,
+    set_log_mode,
+    shown_path,
+    shown_size,
+    shown_user,
+)
 from callfs.tests.functional.conftest import (
     ALICE_KEY,
     BOB_KEY,
@@ -138,3 +150,59 @@ def _formats_and_levels(capsys: pytest.CaptureFixture[str]) -> None:
     assert isinstance(logging.getLogger().handlers[0].formatter, JsonFormatter)
     configure_logging("error", "text")
     assert isinstance(logging.getLogger().handlers[0].formatter, ConsoleFormatter)
+    configure_logging("ERROR", "json")  # §17: any other value than the four names means info
+    assert logging.getLogger().level == logging.INFO
+
+
+@pytest.fixture
+def log_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str | None], None]]:
+    """Set ``CALLFS_LOG_MODE`` as ``configure_logging`` reads it; the default mode after."""
+
+    def use(mode: str | None) -> None:
+        if mode is None:
+            monkeypatch.delenv("CALLFS_LOG_MODE", raising=False)
+        else:
+            monkeypatch.setenv("CALLFS_LOG_MODE", mode)
+        set_log_mode(os.environ.get("CALLFS_LOG_MODE"))
+
+    yield use
+    set_log_mode(None)
+
+
+def test_log_modes_show_paths_users_and_sizes_as_the_contract_says(
+    log_mode: Callable[[str | None], None],
+) -> None:
+    """§17's table: production (the default, and any unknown mode), development, debug."""
+    path, user = "/reports/2026/quarterly-summary.pdf", "alice-in-accounting"
+    for mode in (None, "production", "Debug", "verbose"):
+        log_mode(mode)
+        assert shown_path(path) == "hash:" + hashlib.sha256(path.encode()).digest()[:8].hex()
+        assert shown_user(user) == "user_hash:" + hashlib.sha256(user.encode()).digest()[:6].hex()
+        assert (shown_size(11), shown_size(1535), shown_size(1536)) == ("0 KiB", "1 KiB", "2 KiB")
+    log_mode("development")
+    assert shown_path(path) == "/reports/2...ary.pdf"
+    assert shown_path("/short/name.txt") == "/short/name.txt"
+    assert (shown_user(user), shown_user("bob")) == ("alic****", "bob")
+    assert shown_size(1535) == "1535 bytes"
+    log_mode("debug")
+    assert (shown_path(path), shown_user(user), shown_size(11)) == (path, user, "11 bytes")
+
+
+async def test_operation_logs_hash_paths_and_round_sizes_by_default(
+    client: TestClient[Any, Any],
+    captured: io.StringIO,
+    log_mode: Callable[[str | None], None],
+) -> None:
+    """A tus upload logs its size: to the KiB in production (the default), exact in debug."""
+    log_mode(None)
+    meta = "path " + base64.b64encode(b"/tus/a.bin").decode()
+    headers = {**auth(), "Tus-Resumable": "1.0.0", "Upload-Metadata": meta}
+    resp = await client.post("/v1/uploads", headers={**headers, "Upload-Length": "3000"})
+    assert resp.status == 201, await resp.text()
+    log_mode("debug")
+    resp = await client.post("/v1/uploads", headers={**headers, "Upload-Length": "3001"})
+    assert resp.status == 201
+    messages = [json.loads(line)["msg"] for line in captured.getvalue().splitlines()]
+    assert "upload created (3 KiB)" in messages
+    assert "upload created (3001 bytes)" in messages
+    assert not any("3000" in m for m in messages)
