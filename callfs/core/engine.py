@@ -102,6 +102,12 @@ _DEFINITE = (
 )
 
 
+class WorkElsewhere(Exception):
+    """A work item this node cannot carry out (another node's blob that no path names any more,
+    or a copy to a replica this node does not write): the worker hands it back to the queue for
+    the node that can, instead of calling it done."""
+
+
 def replica_key(blob_key: str) -> str:
     """Where the replica backend keeps its copy of a blob (apart from the blobs it owns)."""
     return REPLICA_PREFIX + blob_key
@@ -229,6 +235,11 @@ class Engine:
 
     def _lock(self, path: str) -> AbstractAsyncContextManager[None]:
         return self._locks.hold(f"file:{path}", self.settings.lock_timeout)
+
+    def _dir_lock(self, path: str) -> AbstractAsyncContextManager[None]:
+        """§14: a directory create or delete holds ``dir:<path>`` over its commit. (Parents a
+        create makes are decided by that create's one conditional command; they take none.)"""
+        return self._locks.hold(f"dir:{path}", self.settings.lock_timeout)
 
     def _parents(self, owner: str, kind: str) -> NewParents:
         return NewParents(owner, self._now(), BackendType(kind), self._instance_for(kind))
@@ -441,7 +452,8 @@ class Engine:
             created_at=now,
         )
         try:
-            await self._meta.create(entry, self._parents(who.user_id, kind))
+            async with self._dir_lock(path.path):
+                await self._meta.create(entry, self._parents(who.user_id, kind))
         except AlreadyExists as exc:
             again = await self._meta.get(path.path)
             if again is None:
@@ -661,14 +673,17 @@ class Engine:
         async def attempt() -> list[Entry]:
             target = check_delete(who, await self._meta.get(path.path))
             self._route(target)
-            if target.is_dir and recursive:
-                actor = None if who.is_admin else who.user_id
-                return await self._meta.delete_tree(target.path, None, actor)
-            if target.path == "/":
-                if await self._meta.has_children("/"):
-                    raise DirectoryNotEmpty()
-                return []  # "/" itself is never removed
-            return [await self._meta.delete(target.path, target.version)]
+            if not target.is_dir:
+                return [await self._meta.delete(target.path, target.version)]
+            async with self._dir_lock(target.path):
+                if recursive:
+                    actor = None if who.is_admin else who.user_id
+                    return await self._meta.delete_tree(target.path, None, actor)
+                if target.path == "/":
+                    if await self._meta.has_children("/"):
+                        raise DirectoryNotEmpty()
+                    return []  # "/" itself is never removed
+                return [await self._meta.delete(target.path, target.version)]
 
         async with self._lock(path.path):
             removed = await self._retrying(attempt)
@@ -821,15 +836,20 @@ class Engine:
             log.warning("unknown work item kind %r dropped", item.kind)
             return
         kind, instance, path = item.arg.split("\t", 2)
+        mine = not instance or instance == self.settings.instance_id
+        replica = self._replica_for(kind)
+        if replica is None:
+            if mine and not self.settings.replica_backend:
+                return  # replication is off on the node holding the bytes: no copy is wanted
+            raise WorkElsewhere(f"no replica for {kind} bytes on this node")
         source = await self._meta.get(path)
         if source is not None and source.blob_key == item.key:
             with suppress(NotFound):  # replaced meanwhile: that change has its own items
-                await self._copy_to_replica(source)
+                await self._copy_to_replica(source)  # another node's bytes through that node
             return
-        # Renamed, replaced or deleted since: copy the blob while it still exists here.
-        replica = self._replica_for(kind)
-        if replica is None or (instance and instance != self.settings.instance_id):
-            return  # another node's blob, no longer reachable by path: nothing to copy
+        # Renamed, replaced or deleted since: copy the blob while it still exists.
+        if not mine:
+            raise WorkElsewhere("another node's blob, no longer named by its path")
         try:
             stream = await self.backend(kind).open_read(item.key)
         except NotFound:

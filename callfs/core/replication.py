@@ -23,7 +23,7 @@ import logging
 import os
 import time
 
-from callfs.core.engine import Engine
+from callfs.core.engine import Engine, WorkElsewhere
 from callfs.errors import CallFSError
 from callfs.jobs.base import WorkQueue
 from callfs.metrics import Metrics
@@ -40,6 +40,8 @@ RENEW_EVERY = LEASE / 3
 #: On Raft a look that finds nothing due is a read, never a log entry.
 IDLE_POLL = 2.0
 MAX_BACKOFF = 30.0
+#: An item only another node can carry out is due again after this long (``WorkElsewhere``).
+HAND_BACK = 2.0
 
 
 class WorkQueueWorker:
@@ -74,6 +76,7 @@ class WorkQueueWorker:
         items = await self._queue.claim(self.worker_id, BATCH, LEASE, time.time())
         done: list[int] = []
         failed: list[int] = []
+        handed: list[int] = []
         held = {item.id for item in items}
         renewer = asyncio.create_task(self._renew(held), name="callfs-work-renew")
         try:
@@ -83,6 +86,8 @@ class WorkQueueWorker:
                 try:
                     await self._engine.apply_work(item)
                     done.append(item.id)
+                except WorkElsewhere:
+                    handed.append(item.id)  # for the node that can: no backoff here
                 except (CallFSError, OSError):
                     log.warning(
                         "work item %s failed (attempt %d); retried later", item.kind, item.attempts
@@ -93,6 +98,8 @@ class WorkQueueWorker:
             await asyncio.wait([renewer])  # (a cancel of this task still propagates)
         if done:
             await self._queue.ack(self.worker_id, done)
+        if handed:
+            await self._queue.retry(self.worker_id, handed, time.time() + HAND_BACK)
         if failed:
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
             await self._queue.retry(self.worker_id, failed, time.time() + self._backoff)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from moto.server import ThreadedMotoServer
 
+from callfs.core.engine import REPLICA_PUT, WorkElsewhere
 from callfs.daemon import Node
 from callfs.errors import ConfigError, ParentNotDirectory
+from callfs.model import WorkItem
+from callfs.storage.base import new_blob_key
 from callfs.tests import s3server
 from callfs.tests.functional.conftest import auth, make_config
 
@@ -269,3 +273,25 @@ async def test_required_replica_is_written_from_the_body(
         assert len(keys(bucket)) == 1
     finally:
         await node.stop()
+
+
+async def test_a_copy_only_another_node_can_make_is_handed_back_not_dropped(
+    replicated: tuple[Node, TestClient[Any, Any]],
+) -> None:
+    """A copy of another node's localfs blob whose path no longer names it (renamed or replaced
+    since) can only be read on that node. A worker of this node used to call it done: the copy
+    was lost whenever another node's worker claimed the item first. It is handed back to the
+    queue instead, for the node that holds the bytes."""
+    node, _client = replicated
+    engine, queue = node.engine, node.queue
+    assert engine is not None and queue is not None
+    item = WorkItem(0, REPLICA_PUT, new_blob_key(), "localfs\tother-node\t/renamed-away.txt", 0)
+    with pytest.raises(WorkElsewhere):
+        await engine.apply_work(item)
+    await queue.enqueue(item.kind, item.key, item.arg, time.time())
+    assert engine.on_work_queued is not None
+    engine.on_work_queued()  # this node's worker claims it at once
+    await asyncio.sleep(3.0)
+    assert await queue.backlog() == 1  # still queued: handed back, not acknowledged
+    (claimed,) = await queue.claim("the-other-node", 10, 10.0, time.time() + 60)
+    assert claimed.key == item.key and claimed.attempts >= 2  # this node's worker had it

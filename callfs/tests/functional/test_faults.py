@@ -428,3 +428,23 @@ async def test_a_read_that_loses_to_every_replace_is_503_while_the_file_exists(
     resp = await client.get("/v1/files/d/f.bin", headers=auth())
     assert resp.status == 404, await resp.text()
     assert await unreferenced_files(node) == []
+
+
+async def test_directory_creates_and_deletes_wait_for_their_dir_lock(
+    short_lock_timeout: None, client: Client, node: Node
+) -> None:
+    """API.md §14: ``dir:<engine path>`` for a directory create and delete (a held lock: wait
+    ``dlm.lock_timeout``, then 503); files keep their ``file:`` keys."""
+    assert (await client.post("/v1/files/held/", headers=auth())).status == 201
+    assert (await put(client, "held-file", b"x")).status == 201
+    engine = node.engine
+    assert engine is not None
+    async with engine._locks.hold("dir:/new", 5.0), engine._locks.hold("dir:/held", 5.0):
+        started = time.monotonic()
+        resp = await client.post("/v1/files/new/", headers=auth())
+        assert resp.status == 503, await resp.text()
+        assert time.monotonic() - started >= 0.9
+        assert (await client.delete("/v1/files/held", headers=auth())).status == 503
+        assert (await client.delete("/v1/files/held-file", headers=auth())).status == 204
+    assert (await client.post("/v1/files/new/", headers=auth())).status == 201
+    assert (await client.delete("/v1/files/held", headers=auth())).status == 204
