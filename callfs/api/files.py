@@ -341,7 +341,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         and request.rel_url.query.get("manifest") == "true"
     ):
         return manifest_response(request, entry, await state.engine.erasure_layout(entry))
-    wanted, if_range = request.headers.get("Range"), request.headers.get("If-Range")
+    ranges = request.headers.getall("Range", ())
+    # two Range fields are two ranges: the full 200, as for any multi-range request (§9.3)
+    wanted, if_range = (ranges[0] if len(ranges) == 1 else None), request.headers.get("If-Range")
     span: tuple[int, int] | None = None  # of the version opened: ``window`` runs last on it
 
     def window(version: Entry) -> tuple[int, int | None]:

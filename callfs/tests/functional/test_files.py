@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from callfs.daemon import Node
 from callfs.tests.functional.conftest import (
@@ -194,6 +195,17 @@ async def test_if_range_and_empty_file_ranges(client: Client) -> None:
     resp = await client.get("/v1/files/e.txt", headers={**auth(), "Range": "bytes=0-"})
     assert resp.status == 416
     assert resp.headers["Content-Range"] == "bytes */0"
+
+
+async def test_two_range_fields_are_two_ranges_the_full_200(client: Client) -> None:
+    """§9.3: multiple ranges get the full 200, also when each comes in a field of its own (the
+    first field alone was served as a 206)."""
+    await post(client, "r.txt", b"0123456789")
+    headers = CIMultiDict([*auth().items(), ("Range", "bytes=0-1"), ("Range", "bytes=3-4")])
+    resp = await client.get("/v1/files/r.txt", headers=headers)
+    assert resp.status == 200
+    assert await resp.read() == b"0123456789"
+    assert "Content-Range" not in resp.headers
 
 
 # ---- PUT ------------------------------------------------------------------------------------
