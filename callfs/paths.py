@@ -79,10 +79,11 @@ def after_prefix(raw_path: str, prefix: str) -> str:
     without its leading ``/``. The router matched the decoded path, so the prefix may be spelled
     with escapes (``/v1/%66iles/x`` is ``/v1/files/x``, as URIs compare): it is cut as many
     segments as it has, never as many characters (which made that POST create ``/es/x``)."""
-    if raw_path.startswith(prefix):
-        rest = raw_path[len(prefix) :]
+    bare = prefix.rstrip("/")
+    if raw_path.startswith(bare):
+        rest = raw_path[len(bare) :]  # one "/" is the prefix's own, however it is spelled
         return rest[1:] if rest.startswith("/") else rest
-    segments = prefix.rstrip("/").count("/")
+    segments = bare.count("/")
     cut = raw_path.split("/", segments + 1)
     return cut[segments + 1] if len(cut) > segments + 1 else ""
 

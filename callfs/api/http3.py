@@ -22,6 +22,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated, QuicEvent, StreamReset
+from yarl import URL
 
 from callfs.api.relay import HOP_BY_HOP as _HOP_BY_HOP
 from callfs.api.state import BRIDGE_CLIENT_HEADER
@@ -110,7 +111,7 @@ class H3Bridge(QuicConnectionProtocol):
         try:
             async with self.session.request(
                 method,
-                "http://callfs-h3" + path,
+                URL("http://callfs-h3" + path, encoded=True),  # as written: see api/proxy.py
                 headers=headers,
                 data=body() if has_body else None,
                 allow_redirects=False,

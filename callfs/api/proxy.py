@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from callfs.core.peer import PeerClient
 from callfs.errors import PeerUnavailable
@@ -62,7 +63,9 @@ async def forward(
         body = request.content.iter_any()
         if "Content-Length" in request.headers:
             headers["Content-Length"] = request.headers["Content-Length"]
-    url = base + request.rel_url.raw_path_qs
+    # as the client wrote it (encoded): the owner canonicalises it as this node did; a URL
+    # parsed again here resolves dot segments by RFC 3986 (a//../b is a/b there, /b here)
+    url = URL(base + request.rel_url.raw_path_qs, encoded=True)
     try:
         upstream = await peers.session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False

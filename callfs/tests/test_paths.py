@@ -140,3 +140,6 @@ def test_the_path_after_a_route_prefix_spelled_with_escapes() -> None:
     assert after_prefix("/v1/%66iles/", "/v1/files") == ""
     assert after_prefix("/%76%31/shards/p/0", "/v1/shards/") == "p/0"
     assert after_prefix("/v1/files/%77s/x", "/v1/files/ws") == "x"
+    # one "/" belongs to the prefix however it is spelled: "//k/0" leaves "/k/0" both ways
+    assert after_prefix("/v1/internal/shards//k/0", "/v1/internal/shards/") == "/k/0"
+    assert after_prefix("/v1/internal/shard%73//k/0", "/v1/internal/shards/") == "/k/0"
