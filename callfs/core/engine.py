@@ -806,7 +806,8 @@ class Engine:
             return
         assert entry.blob_key is not None
         if not self.settings.require_replica_success:
-            await self._enqueue(REPLICA_DELETE, entry.blob_key, "")
+            # the replica it is on: a node writing another one hands the item back
+            await self._enqueue(REPLICA_DELETE, entry.blob_key, self.settings.replica_backend or "")
             return
         try:
             await self._delete_replica(entry.blob_key)
@@ -829,7 +830,11 @@ class Engine:
     async def apply_work(self, item: WorkItem) -> None:
         """Carry out one WorkQueue item. Idempotent: blobs are immutable, so a copy made twice
         is the same copy, and a blob already gone needs no copy."""
+        replica_kind = self.settings.replica_backend
         if item.kind == REPLICA_DELETE:
+            # ``arg``: the replica the copy is on ("" in items of an earlier version)
+            if not replica_kind or (item.arg and item.arg != replica_kind):
+                raise WorkElsewhere("the copy is on a replica this node does not write")
             await self._delete_replica(item.key)
             return
         if item.kind != REPLICA_PUT:
@@ -839,8 +844,7 @@ class Engine:
         mine = not instance or instance == self.settings.instance_id
         replica = self._replica_for(kind)
         if replica is None:
-            if mine and not self.settings.replica_backend:
-                return  # replication is off on the node holding the bytes: no copy is wanted
+            # a node without replication (a rolling change of ``ha``) or with another replica
             raise WorkElsewhere(f"no replica for {kind} bytes on this node")
         source = await self._meta.get(path)
         if source is not None and source.blob_key == item.key:

@@ -25,7 +25,7 @@ import time
 
 from callfs.core.engine import Engine, WorkElsewhere
 from callfs.errors import CallFSError
-from callfs.jobs.base import WorkQueue
+from callfs.jobs.base import WorkItem, WorkQueue
 from callfs.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,12 @@ RENEW_EVERY = LEASE / 3
 #: On Raft a look that finds nothing due is a read, never a log entry.
 IDLE_POLL = 2.0
 MAX_BACKOFF = 30.0
-#: An item only another node can carry out is due again after this long (``WorkElsewhere``).
+#: An item only another node can carry out (``WorkElsewhere``) is due again after this long
+#: times its attempts, at most ``HAND_BACK_MAX``; after ``HAND_BACK_LIMIT`` attempts (about 16 h
+#: of nobody taking it: a rolling ``ha`` change never finished) it is dropped with a warning.
 HAND_BACK = 2.0
+HAND_BACK_MAX = 60.0
+HAND_BACK_LIMIT = 1000
 
 
 class WorkQueueWorker:
@@ -76,7 +80,7 @@ class WorkQueueWorker:
         items = await self._queue.claim(self.worker_id, BATCH, LEASE, time.time())
         done: list[int] = []
         failed: list[int] = []
-        handed: list[int] = []
+        handed: list[WorkItem] = []
         held = {item.id for item in items}
         renewer = asyncio.create_task(self._renew(held), name="callfs-work-renew")
         try:
@@ -86,8 +90,12 @@ class WorkQueueWorker:
                 try:
                     await self._engine.apply_work(item)
                     done.append(item.id)
-                except WorkElsewhere:
-                    handed.append(item.id)  # for the node that can: no backoff here
+                except WorkElsewhere as exc:
+                    if item.attempts >= HAND_BACK_LIMIT:  # no node took it for hours
+                        log.warning("work item %s dropped: %s", item.kind, exc)
+                        done.append(item.id)
+                    else:
+                        handed.append(item)  # for the node that can: no backoff here
                 except (CallFSError, OSError):
                     log.warning(
                         "work item %s failed (attempt %d); retried later", item.kind, item.attempts
@@ -99,7 +107,9 @@ class WorkQueueWorker:
         if done:
             await self._queue.ack(self.worker_id, done)
         if handed:
-            await self._queue.retry(self.worker_id, handed, time.time() + HAND_BACK)
+            # later each time it comes back, so that such items never crowd out the others
+            wait = min(HAND_BACK_MAX, HAND_BACK * max(i.attempts for i in handed))
+            await self._queue.retry(self.worker_id, [i.id for i in handed], time.time() + wait)
         if failed:
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
             await self._queue.retry(self.worker_id, failed, time.time() + self._backoff)

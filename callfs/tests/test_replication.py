@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from moto.server import ThreadedMotoServer
 
-from callfs.core.engine import REPLICA_PUT, WorkElsewhere
+from callfs.core.engine import REPLICA_DELETE, REPLICA_PUT, WorkElsewhere
 from callfs.daemon import Node
 from callfs.errors import ConfigError, ParentNotDirectory
 from callfs.model import WorkItem
@@ -288,6 +288,9 @@ async def test_a_copy_only_another_node_can_make_is_handed_back_not_dropped(
     item = WorkItem(0, REPLICA_PUT, new_blob_key(), "localfs\tother-node\t/renamed-away.txt", 0)
     with pytest.raises(WorkElsewhere):
         await engine.apply_work(item)
+    # a copy's removal from a replica this node does not write (it writes to s3)
+    with pytest.raises(WorkElsewhere):
+        await engine.apply_work(WorkItem(0, REPLICA_DELETE, new_blob_key(), "localfs", 0))
     await queue.enqueue(item.kind, item.key, item.arg, time.time())
     assert engine.on_work_queued is not None
     engine.on_work_queued()  # this node's worker claims it at once
