@@ -187,8 +187,8 @@ REFUSED_REQUESTS = RefusedRequestFilter()
 
 def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     """Route every record to stderr through the redaction filter, and make ``aiohttp.server``'s
-    records of refused requests one line each (idempotent). ``level`` is exactly one of §17's
-    names, else info; the path, user and size redaction follows ``CALLFS_LOG_MODE``."""
+    records of refused requests one line each (idempotent). ``level`` is one of §17's names (in
+    any case), else info; the path, user and size redaction follows ``CALLFS_LOG_MODE``."""
     REDACTION.set_secrets(secrets)
     set_log_mode(os.environ.get("CALLFS_LOG_MODE"))
     server_logger = logging.getLogger("aiohttp.server")
@@ -201,4 +201,4 @@ def configure_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS.get(level, logging.INFO))
+    root.setLevel(_LEVELS.get(level.lower(), logging.INFO))

@@ -325,7 +325,7 @@ def build_report(raw: Mapping[str, Any]) -> Loaded:
         raise ConfigProblems("failed to unmarshal config: ", errors, warnings)
     cfg = normalise(Config(**sections))
     level = cfg.log.level
-    if level not in LOG_LEVELS:  # exactly: "ERROR" means info too (§17)
+    if level.lower() not in LOG_LEVELS:
         guess = _nearest(level.lower(), list(LOG_LEVELS))
         hint = f'; did you mean "{guess}"?' if guess else ""
         warnings.append(
