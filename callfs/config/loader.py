@@ -331,6 +331,14 @@ def build_report(raw: Mapping[str, Any]) -> Loaded:
         warnings.append(
             f'log.level "{level}" is not one of: {", ".join(LOG_LEVELS)}, so it means info{hint}'
         )
+    r = cfg.raft
+    others = {a for n, a in r.peers.items() if n != r.node_id and a != r.bind_addr}
+    if cfg.metadata_store.type == "raft" and not r.bootstrap and not others:
+        # the server refuses to start such a node: say so at ``config validate`` already
+        warnings.append(
+            "raft.peers is empty and raft.bootstrap is false: the server will refuse to "
+            "start; list the current members in raft.peers (then run callfs cluster join)"
+        )
     return Loaded(cfg, tuple(warnings))
 
 

@@ -666,3 +666,19 @@ def test_a_boolean_key_refuses_yes_no_on_off_as_the_environment_does(
 ) -> None:
     with pytest.raises(ConfigError, match=f"invalid boolean '{word}'"):
         report(tmp_path, text=f"server:\n  enable_quic: {word}\n")
+
+
+def test_a_raft_node_that_neither_bootstraps_nor_lists_members_is_warned_of(
+    tmp_path: Path,
+) -> None:
+    """The server refuses such a node at start; ``config validate`` called it valid, silently."""
+    env = {
+        "CALLFS_METADATA_STORE__TYPE": "raft",
+        "CALLFS_RAFT__NODE_ID": "node-4",
+        "CALLFS_RAFT__BIND_ADDR": "127.0.0.1:9404",
+        "CALLFS_RAFT__DATA_DIR": str(tmp_path / "raft"),
+    }
+    (warning,) = report(tmp_path, env).warnings
+    assert warning.startswith("raft.peers is empty and raft.bootstrap is false")
+    assert report(tmp_path, {**env, "CALLFS_RAFT__PEERS__N1": "127.0.0.1:9401"}).warnings == ()
+    assert report(tmp_path, {**env, "CALLFS_RAFT__BOOTSTRAP": "true"}).warnings == ()
