@@ -2,9 +2,9 @@
 
 BASE=http://127.0.0.1:8443
 python examples/clients/callfs_client.py --base $BASE --key KEY put ./big.iso /isos/big.iso
-python examples/clients/callfs_client.py --base ... --key KEY get /isos/big.iso ./copy.iso
-python examples/clients/callfs_client.py --base ... --key KEY ls /isos
-python examples/clients/callfs_client.py --base ... --key KEY link /isos/big.iso --expiry 600
+python examples/clients/callfs_client.py --base $BASE --key KEY get /isos/big.iso ./copy.iso
+python examples/clients/callfs_client.py --base $BASE --key KEY ls /isos
+python examples/clients/callfs_client.py --base $BASE --key KEY link /isos/big.iso --expiry 600
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ async def main() -> int:
             url = f"{args.base.rstrip('/')}/v1/directories/{args.remote.strip('/')}"
             params = {"recursive": "true"} if args.recursive else {}
             async with s.get(url, params=params) as r:
+                if r.status != 200:
+                    print(r.status, await r.text(), file=sys.stderr)
+                    return 1
                 body = await r.json()
                 for item in body.get("items", []):
                     print(f"{item['type'][0]} {item['size']:>12} {item['mtime']} {item['path']}")
