@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +35,22 @@ log = logging.getLogger(__name__)
 #: send-buffer API; see ``_send_buffered``).
 _SEND_HIGH_WATER = 1 << 20
 _CHUNK = 64 * 1024
+
+
+_MALFORMED = b'{"code":"BAD_REQUEST","message":"malformed request"}'
+_NOT_VISIBLE = re.compile("[^\x21-\x7e]+")
+
+
+def request_target(path: str) -> str | None:
+    """The HTTP/1.1 request target for an HTTP/3 ``:path``, or None to refuse it (400). It is
+    passed on as written (the node canonicalises it, §6.1), except that what an HTTP/1.1 request
+    line cannot carry (space, TAB, other controls, DEL, non-ASCII) is percent-encoded as UTF-8,
+    as a client would have sent it: ``a b`` and ``a%20b`` are one path, and a TAB (legal in a
+    name) is no longer dropped by the URL library (``a<TAB>b`` acted on ``/ab``). A target not
+    starting with ``/`` (it merged into the authority) is refused."""
+    if not path.startswith("/"):
+        return None
+    return _NOT_VISIBLE.sub(lambda m: urllib.parse.quote(m.group(), safe=""), path)
 
 
 class _Stream:
@@ -86,20 +104,42 @@ class H3Bridge(QuicConnectionProtocol):
         except (AttributeError, IndexError):
             return ""
 
+    def _refuse(self, stream_id: int) -> None:
+        """400 in the §8 envelope for a request the bridge cannot pass on as HTTP/1.1."""
+        assert self._http is not None
+        self._http.send_headers(
+            stream_id,
+            [
+                (b":status", b"400"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_MALFORMED)).encode()),
+            ],
+        )
+        self._http.send_data(stream_id, _MALFORMED, end_stream=True)
+        self.transmit()
+
     async def _relay(self, stream_id: int, raw: list[tuple[bytes, bytes]], stream: _Stream) -> None:
         assert self._http is not None
-        method, path, authority = "GET", "/", ""
+        method, path, authority = "GET", "", ""
         headers: dict[str, str] = {}
-        for name_b, value_b in raw:
-            name, value = name_b.decode(), value_b.decode()
-            if name == ":method":
-                method = value
-            elif name == ":path":
-                path = value
-            elif name == ":authority":
-                authority = value
-            elif not name.startswith(":") and name not in _HOP_BY_HOP:
-                headers[name] = value
+        try:
+            for name_b, value_b in raw:
+                name, value = name_b.decode(), value_b.decode()
+                if name == ":method":
+                    method = value
+                elif name == ":path":
+                    path = value
+                elif name == ":authority":
+                    authority = value
+                elif not name.startswith(":") and name not in _HOP_BY_HOP:
+                    headers[name] = value
+        except UnicodeDecodeError:
+            path = ""
+        target = request_target(path)
+        if target is None:
+            self._streams.pop(stream_id, None)
+            self._refuse(stream_id)
+            return
         headers["Host"] = authority
         headers[BRIDGE_CLIENT_HEADER] = self._peer()
 
@@ -111,7 +151,7 @@ class H3Bridge(QuicConnectionProtocol):
         try:
             async with self.session.request(
                 method,
-                URL("http://callfs-h3" + path, encoded=True),  # as written: see api/proxy.py
+                URL("http://callfs-h3" + target, encoded=True),  # as written: api/proxy.py
                 headers=headers,
                 data=body() if has_body else None,
                 allow_redirects=False,

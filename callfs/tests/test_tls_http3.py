@@ -226,3 +226,16 @@ async def test_http3_same_routes(tls_node: tuple[Node, int], certs: tuple[Path, 
             "GET", "/v1/files/h3/up.bin", {**H, "Range": "bytes=0-9"}
         )
         assert status == 206 and body == parts[0][:10]
+        # a :path as written: what an HTTP/1.1 request line cannot carry is percent-encoded
+        # (a TAB, legal in names, was dropped: a<TAB>b acted on /ab), and no leading / is 400
+        for raw, escaped in (
+            ("/v1/files/h3/é e.txt", "%C3%A9%20e.txt"),
+            ("/v1/files/h3/a\tb", "a%09b"),
+        ):
+            status, _, _ = await client.request("PUT", raw, H, body=[b"named"])
+            assert status == 201, raw
+            status, headers, _ = await client.request("HEAD", "/v1/files/h3/" + escaped, H)
+            assert status == 200 and headers["x-callfs-size"] == "5", raw
+        assert (await client.request("HEAD", "/v1/files/h3/ab", H))[0] == 404
+        status, _, body = await client.request("GET", ".x/v1/files/h3/up.bin", H)
+        assert (status, body) == (400, b'{"code":"BAD_REQUEST","message":"malformed request"}')
