@@ -105,7 +105,13 @@ _DEFINITE = (
 class WorkElsewhere(Exception):
     """A work item this node cannot carry out (another node's blob that no path names any more,
     or a copy to a replica this node does not write): the worker hands it back to the queue for
-    the node that can, instead of calling it done."""
+    the node that can, instead of calling it done. ``hopeless``: maybe no node can any more (this
+    one replicates nothing, or the blob's node is no member): dropped once handed back for long
+    (``core/replication.py``); otherwise it waits for its node however long that takes."""
+
+    def __init__(self, why: str, *, hopeless: bool = False) -> None:
+        super().__init__(why)
+        self.hopeless = hopeless
 
 
 def replica_key(blob_key: str) -> str:
@@ -834,7 +840,9 @@ class Engine:
         if item.kind == REPLICA_DELETE:
             # ``arg``: the replica the copy is on ("" in items of an earlier version)
             if not replica_kind or (item.arg and item.arg != replica_kind):
-                raise WorkElsewhere("the copy is on a replica this node does not write")
+                raise WorkElsewhere(
+                    "the copy is on a replica this node does not write", hopeless=not replica_kind
+                )
             await self._delete_replica(item.key)
             return
         if item.kind != REPLICA_PUT:
@@ -845,7 +853,9 @@ class Engine:
         replica = self._replica_for(kind)
         if replica is None:
             # a node without replication (a rolling change of ``ha``) or with another replica
-            raise WorkElsewhere(f"no replica for {kind} bytes on this node")
+            raise WorkElsewhere(
+                f"no replica for {kind} bytes on this node", hopeless=not replica_kind
+            )
         source = await self._meta.get(path)
         if source is not None and source.blob_key == item.key:
             with suppress(NotFound):  # replaced meanwhile: that change has its own items
@@ -853,7 +863,10 @@ class Engine:
             return
         # Renamed, replaced or deleted since: copy the blob while it still exists.
         if not mine:
-            raise WorkElsewhere("another node's blob, no longer named by its path")
+            raise WorkElsewhere(
+                "another node's blob, no longer named by its path",
+                hopeless=not self.known_instance(instance),  # drained and removed
+            )
         try:
             stream = await self.backend(kind).open_read(item.key)
         except NotFound:

@@ -41,8 +41,9 @@ RENEW_EVERY = LEASE / 3
 IDLE_POLL = 2.0
 MAX_BACKOFF = 30.0
 #: An item only another node can carry out (``WorkElsewhere``) is due again after this long
-#: times its attempts, at most ``HAND_BACK_MAX``; after ``HAND_BACK_LIMIT`` attempts (about 16 h
-#: of nobody taking it: a rolling ``ha`` change never finished) it is dropped with a warning.
+#: times its claims, at most ``HAND_BACK_MAX``. A hopeless one (this node replicates nothing, or
+#: the blob's node is no member: ``ha`` turned off, a node drained and removed) is dropped with a
+#: warning once claimed ``HAND_BACK_LIMIT`` times (failed tries count too); others never are.
 HAND_BACK = 2.0
 HAND_BACK_MAX = 60.0
 HAND_BACK_LIMIT = 1000
@@ -91,7 +92,7 @@ class WorkQueueWorker:
                     await self._engine.apply_work(item)
                     done.append(item.id)
                 except WorkElsewhere as exc:
-                    if item.attempts >= HAND_BACK_LIMIT:  # no node took it for hours
+                    if exc.hopeless and item.attempts >= HAND_BACK_LIMIT:
                         log.warning("work item %s dropped: %s", item.kind, exc)
                         done.append(item.id)
                     else:
@@ -106,10 +107,12 @@ class WorkQueueWorker:
             await asyncio.wait([renewer])  # (a cancel of this task still propagates)
         if done:
             await self._queue.ack(self.worker_id, done)
-        if handed:
-            # later each time it comes back, so that such items never crowd out the others
-            wait = min(HAND_BACK_MAX, HAND_BACK * max(i.attempts for i in handed))
-            await self._queue.retry(self.worker_id, [i.id for i in handed], time.time() + wait)
+        # each later every time it comes back, so that such items never crowd out the others
+        waits: dict[float, list[int]] = {}
+        for i in handed:
+            waits.setdefault(min(HAND_BACK_MAX, HAND_BACK * i.attempts), []).append(i.id)
+        for wait, ids in sorted(waits.items()):
+            await self._queue.retry(self.worker_id, ids, time.time() + wait)
         if failed:
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
             await self._queue.retry(self.worker_id, failed, time.time() + self._backoff)

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from moto.server import ThreadedMotoServer
 
 from callfs.core.engine import REPLICA_DELETE, REPLICA_PUT, WorkElsewhere
+from callfs.core.replication import WorkQueueWorker
 from callfs.daemon import Node
 from callfs.errors import ConfigError, ParentNotDirectory
 from callfs.model import WorkItem
@@ -298,3 +299,49 @@ async def test_a_copy_only_another_node_can_make_is_handed_back_not_dropped(
     assert await queue.backlog() == 1  # still queued: handed back, not acknowledged
     (claimed,) = await queue.claim("the-other-node", 10, 10.0, time.time() + 60)
     assert claimed.key == item.key and claimed.attempts >= 2  # this node's worker had it
+
+
+async def test_hand_backs_wait_by_their_own_claims_and_only_hopeless_ones_are_dropped() -> None:
+    """Review of 421c079: one wait for the whole batch, from its most-claimed item, held a new
+    item back a minute behind a stale one; and an item that failed for hours (a replica outage
+    counts claims too) was dropped at its first hand-back though its node could still do it."""
+    from callfs.core.replication import HAND_BACK, HAND_BACK_LIMIT, HAND_BACK_MAX
+
+    class Queue:
+        def __init__(self, items: list[WorkItem]) -> None:
+            self.items = items
+            self.retried: list[tuple[list[int], float]] = []
+            self.acked: list[int] = []
+
+        async def claim(self, *args: Any) -> list[WorkItem]:
+            return self.items
+
+        async def renew(self, worker: str, ids: Any, *args: Any) -> list[int]:
+            return list(ids)
+
+        async def ack(self, worker: str, ids: list[int]) -> None:
+            self.acked += ids
+
+        async def retry(self, worker: str, ids: list[int], not_before: float) -> None:
+            self.retried.append((ids, not_before))
+
+        async def backlog(self) -> int:
+            return 0
+
+    class Engine:
+        async def apply_work(self, item: WorkItem) -> None:
+            raise WorkElsewhere(item.arg, hopeless=item.arg == "hopeless")
+
+    items = [
+        WorkItem(1, REPLICA_PUT, "k1", "waits", 1),
+        WorkItem(2, REPLICA_PUT, "k2", "waits", HAND_BACK_LIMIT + 5),  # failed for hours
+        WorkItem(3, REPLICA_PUT, "k3", "hopeless", HAND_BACK_LIMIT),
+        WorkItem(4, REPLICA_PUT, "k4", "hopeless", 2),
+    ]
+    queue = Queue(items)
+    worker = WorkQueueWorker(Engine(), queue, "n1")  # type: ignore[arg-type]
+    started = time.time()
+    await worker.drain_once()
+    assert queue.acked == [3]  # only the hopeless one at the limit is dropped
+    waits = {tuple(ids): round(at - started) for ids, at in queue.retried}
+    assert waits == {(1,): HAND_BACK, (4,): 2 * HAND_BACK, (2,): HAND_BACK_MAX}

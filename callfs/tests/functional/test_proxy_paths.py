@@ -5,7 +5,6 @@ the owner as ``/v1/files/a/b``: this node decided on ``/b``, the owner wrote ``/
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -19,26 +18,10 @@ from callfs.model import BackendType, Entry, EntryType
 from callfs.tests.functional.conftest import auth, raw_url
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-_PORT = _free_port()
-
-
 @pytest.fixture
-def config_env() -> dict[str, str]:
-    return {
-        "CALLFS_INSTANCE_DISCOVERY__INSTANCE_ID": "a",
-        "CALLFS_INSTANCE_DISCOVERY__PEER_ENDPOINTS__B": f"http://127.0.0.1:{_PORT}",
-    }
-
-
-@pytest.fixture
-async def owner() -> AsyncIterator[list[str]]:
-    """Node b: records the raw path of every request it gets, answers 200."""
+async def owner() -> AsyncIterator[tuple[int, list[str]]]:
+    """Node b, started first (``config_env`` names its port): records the raw path of every
+    request it gets, answers 200."""
     seen: list[str] = []
 
     async def record(request: web.Request) -> web.StreamResponse:
@@ -48,17 +31,25 @@ async def owner() -> AsyncIterator[list[str]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
-    server = TestServer(app, port=_PORT)
+    server = TestServer(app, port=0)
     await server.start_server()
     try:
-        yield seen
+        yield server.port, seen
     finally:
         await server.close()
 
 
+@pytest.fixture
+def config_env(owner: tuple[int, list[str]]) -> dict[str, str]:
+    return {
+        "CALLFS_INSTANCE_DISCOVERY__INSTANCE_ID": "a",
+        "CALLFS_INSTANCE_DISCOVERY__PEER_ENDPOINTS__B": f"http://127.0.0.1:{owner[0]}",
+    }
+
+
 @pytest.mark.parametrize("raw", ["/v1/files/a//../b", "/v1/files/a/%2E%2E/b", "/v1/files/x/./../b"])
 async def test_a_relayed_request_keeps_the_path_as_written(
-    client: TestClient[Any, Any], node: Node, owner: list[str], raw: str
+    client: TestClient[Any, Any], node: Node, owner: tuple[int, list[str]], raw: str
 ) -> None:
     engine = node.engine
     assert engine is not None
@@ -76,4 +67,4 @@ async def test_a_relayed_request_keeps_the_path_as_written(
     await engine._meta.create(replace(theirs))
     resp = await client.session.put(raw_url(client, raw), data=b"new", headers=auth())
     assert resp.status == 200, await resp.text()
-    assert owner == [raw]
+    assert owner[1] == [raw]
