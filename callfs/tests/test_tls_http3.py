@@ -163,7 +163,12 @@ class H3Client(QuicConnectionProtocol):
             state["done"].set_result(None)
 
     async def request(
-        self, method: str, path: str, headers: dict[str, str], body: list[bytes] | None = None
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: list[bytes] | None = None,
+        timeout: float = 60.0,
     ) -> tuple[int, dict[str, str], bytes]:
         sid = self._quic.get_next_available_stream_id()
         done = asyncio.get_running_loop().create_future()
@@ -183,7 +188,7 @@ class H3Client(QuicConnectionProtocol):
         if body is not None:
             self.http.send_data(sid, b"", end_stream=True)
             self.transmit()
-        await asyncio.wait_for(done, 60)
+        await asyncio.wait_for(done, timeout)
         state = self._pending.pop(sid)
         return int(state["headers"][":status"]), state["headers"], bytes(state["body"])
 
