@@ -34,7 +34,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,17 @@ class Phase:
         )
 
 
+async def clocked(out: Phase, clients: int, client: Callable[[int], Awaitable[None]]) -> Phase:
+    """Run ``client(k)`` for k < ``clients`` at once; the wall time, this process's CPU and the
+    load go into ``out``."""
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    out.wall = time.perf_counter() - start
+    out.client_cpu = time.process_time() - cpu
+    out.load = load()
+    return out
+
+
 async def run_phase(
     seconds: float,
     clients: int,
@@ -139,12 +150,7 @@ async def run_phase(
                 out.errors[str(status)] = out.errors.get(str(status), 0) + 1
             i += 1
 
-    start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(client(k) for k in range(clients)))
-    out.wall = time.perf_counter() - start
-    out.client_cpu = time.process_time() - cpu
-    out.load = load()
-    return out
+    return await clocked(out, clients, client)
 
 
 async def post(session: aiohttp.ClientSession, base: str, path: str, timeout: float = 30) -> int:
@@ -234,12 +240,7 @@ async def lean_stats(base: str, paths: list[str], seconds: float, clients: int) 
         finally:
             writer.close()
 
-    start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(client(k) for k in range(clients)))
-    out.wall = time.perf_counter() - start
-    out.client_cpu = time.process_time() - cpu
-    out.load = load()
-    return out
+    return await clocked(out, clients, client)
 
 
 async def raft_status(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:

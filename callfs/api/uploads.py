@@ -7,6 +7,7 @@ in ``X-CallFS-Upload-User``, which the owner node honours only from the internal
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,14 @@ from callfs.core.uploads import (
     node_of,
     parse_checksum,
 )
-from callfs.errors import BadRequest, CallFSError, TusVersionMismatch, UnsupportedMediaType
+from callfs.errors import (
+    BadRequest,
+    CallFSError,
+    PayloadTooLarge,
+    TusVersionMismatch,
+    UnsupportedMediaType,
+    UploadNotFound,
+)
 from callfs.model import INTERNAL_PROXY_USER, Identity
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,8 @@ def _state_headers(upload: Upload) -> dict[str, str]:
 
 def _int_header(request: web.Request, name: str) -> int:
     raw = request.headers.get(name)
-    if raw is None or not raw.isdigit() or len(raw) > 19:
+    # ASCII digits only: str.isdigit() takes "²" (then int() raised: a 500) and "٥"
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 19:
         raise BadRequest(f"missing or invalid {name}")
     return int(raw)
 
@@ -124,6 +133,8 @@ def _tus(handler: TusHandler) -> TusHandler:
 
 async def _relay(request: web.Request, upload_id: str) -> web.StreamResponse:
     node, _ = node_of(upload_id)
+    if api_state(request).peers.endpoint(node) is None:
+        raise UploadNotFound()  # no such node: no such upload (502 is for a node down)
     await send_continue(request)  # the owner node reads the body through this one
     return await forward(
         api_state(request).peers,
@@ -159,14 +170,23 @@ async def create(request: web.Request) -> web.StreamResponse:
     with_body = request.content_type == OFFSET_CONTENT_TYPE
     if with_body:
         check_declared_size(request)
+    checksum = _checksum(request) if with_body else None
+    if with_body and (request.content_length or 0) > length:
+        raise PayloadTooLarge("the body is longer than Upload-Length")
     who = _caller(request)
     upload = await service.create(who, length, request.headers.get("Upload-Metadata", ""))
     location = f"{UPLOADS_PREFIX}/{upload.id}"
     if with_body and not upload.complete:
-        checksum = _checksum(request)
-        upload = await service.append(
-            who, upload.id, 0, body_chunks(request, service.max_size), checksum
-        )
+        try:
+            upload = await service.append(
+                who, upload.id, 0, body_chunks(request, service.max_size), checksum
+            )
+        except CallFSError:
+            # no Location goes out with the error: an upload left behind could be neither
+            # resumed nor deleted by the client (it held its space until the expiry)
+            with contextlib.suppress(CallFSError):
+                await service.terminate(who, upload.id)
+            raise
     headers = {"Location": location, **_state_headers(upload)}
     del headers["Cache-Control"]
     return web.Response(status=201, headers=headers)
@@ -202,13 +222,27 @@ async def terminate(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+_OVERRIDES: dict[str, TusHandler] = {"PATCH": patch, "HEAD": head, "DELETE": terminate}
+
+
+async def overridden(request: web.Request) -> web.StreamResponse:
+    """POST with ``X-HTTP-Method-Override`` (tus core: the header names the method, for clients
+    that can only send GET and POST)."""
+    handler = _OVERRIDES.get(request.headers.get("X-HTTP-Method-Override", "").strip().upper())
+    if handler is None:
+        raise web.HTTPMethodNotAllowed("POST", ["DELETE", "HEAD", "OPTIONS", "PATCH"])
+    return await handler(request)
+
+
 def add_routes(app: web.Application, service: UploadService) -> None:
     app[UPLOADS] = service
-    collection = app.router.add_resource(UPLOADS_PREFIX)
-    collection.add_route("OPTIONS", _tus(options))
-    collection.add_route("POST", _tus(create), expect_handler=defer_continue)
+    for endpoint in (UPLOADS_PREFIX, UPLOADS_PREFIX + "/"):  # docs name it with the slash
+        collection = app.router.add_resource(endpoint)
+        collection.add_route("OPTIONS", _tus(options))
+        collection.add_route("POST", _tus(create), expect_handler=defer_continue)
     item = app.router.add_resource(UPLOADS_PREFIX + "/{upload_id}")
     item.add_route("OPTIONS", _tus(options))
     item.add_route("HEAD", _tus(head))
     item.add_route("PATCH", _tus(patch), expect_handler=defer_continue)
     item.add_route("DELETE", _tus(terminate))
+    item.add_route("POST", _tus(overridden), expect_handler=defer_continue)

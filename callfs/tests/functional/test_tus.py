@@ -562,3 +562,54 @@ async def test_a_patch_cancelled_while_it_opens_the_upload_closes_what_it_opened
     except FileNotFoundError:
         still = None
     assert still != path, "the upload's descriptor leaked"
+
+
+async def test_audit_fixes_numbers_override_trailing_slash_and_failed_creation(
+    client: Client, node: Node
+) -> None:
+    """From a tus audit: a non-ASCII digit in Upload-Length was a 500 (now 400); a creation
+    whose first bytes fail left an upload nobody could find or delete (none now); the endpoint
+    ``/v1/uploads/`` was 404; ``X-HTTP-Method-Override`` (core protocol, "MUST") was 405; an
+    upload ID naming no node was 502 (404: unknown)."""
+    for bad in ("\u00b2", "\u0665", "+5", "5x"):
+        r = await client.post(
+            "/v1/uploads",
+            headers=h(**{"Upload-Length": bad, "Upload-Metadata": meta(path="/n.bin")}),
+        )
+        assert r.status == 400, bad
+        assert r.headers["Tus-Resumable"] == "1.0.0"
+    before = staged_dirs(node)
+    for body, extra in (
+        (b"12345", {"Upload-Length": "3"}),
+        (b"abc", {"Upload-Length": "3", "Upload-Checksum": checksum("md5", b"xyz")}),
+    ):
+        r = await client.post(
+            "/v1/uploads",
+            data=body,
+            headers=h(**OCTET, **extra, **{"Upload-Metadata": meta(path="/f.bin")}),
+        )
+        assert r.status in (413, 460), await r.text()
+        assert "Location" not in r.headers
+    assert staged_dirs(node) == before  # nothing left that nobody can resume or delete
+    r = await client.post(
+        "/v1/uploads/", headers=h(**{"Upload-Length": "4", "Upload-Metadata": meta(path="/s.bin")})
+    )
+    assert r.status == 201
+    url = r.headers["Location"]
+    assert url.startswith("/v1/uploads/") and not url.startswith("/v1/uploads//")
+    assert (await client.options("/v1/uploads/", headers=auth())).status == 204
+    r = await client.post(
+        url,
+        data=io.BytesIO(b"da"),
+        headers=h(**OCTET, **{"Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"}),
+    )
+    assert r.status == 204 and r.headers["Upload-Offset"] == "2"
+    r = await client.post(url, headers=h(**{"X-HTTP-Method-Override": "HEAD"}))
+    assert r.status == 200 and r.headers["Upload-Offset"] == "2"
+    assert (await client.post(url, headers=h())).status == 405  # POST itself: no such method
+    r = await client.post(url, headers=h(**{"X-HTTP-Method-Override": "DELETE"}))
+    assert r.status == 204
+    assert (await client.head(url, headers=h())).status == 404
+    nowhere = base64.urlsafe_b64encode(b"nosuchnode").decode().rstrip("=") + "." + "0" * 32
+    r = await client.head(f"/v1/uploads/{nowhere}", headers=h())
+    assert r.status == 404
