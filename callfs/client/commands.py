@@ -91,7 +91,12 @@ def resolve_settings(
         if isinstance(entry, dict):
             url = url or (str(entry["url"]) if entry.get("url") else None)
             api_key = api_key or (str(entry["api_key"]) if entry.get("api_key") else None)
-            insecure = insecure or bool(entry.get("insecure"))
+            flag = entry.get("insecure", False)
+            if not isinstance(flag, bool):  # a quoted "false" was truthy: TLS checks went off
+                raise click.ClickException(
+                    f"profile {name!r} in {profile_file()}: insecure must be true or false"
+                )
+            insecure = insecure or flag
     if not url:
         raise click.ClickException(
             f"no server URL: use --url, set CALLFS_URL, or add a profile to {profile_file()}"
@@ -148,6 +153,16 @@ def client_command(name: str) -> Callable[[F], click.Command]:
                 if as_json:
                     click.echo(json.dumps({"error": exc.as_dict()}))
                 raise click.ClickException(str(exc)) from exc
+            except OSError as exc:  # a local file or directory: one line, not a traceback
+                where = f"{exc.filename}: " if exc.filename else ""
+                message = f"{where}{exc.strerror or exc}"
+                if as_json:
+                    click.echo(
+                        json.dumps(
+                            {"error": {"status": 0, "code": "LOCAL_ERROR", "message": message}}
+                        )
+                    )
+                raise click.ClickException(message) from exc
 
         options = [
             click.option("--url", default=None, help="server base URL [env CALLFS_URL]"),
@@ -601,10 +616,16 @@ def _sync_down(
     todo: list[_Job] = []
     skipped = 0
     entries: dict[str, Entry] = {}
+    dirs_failed: list[dict[str, Any]] = []
+    if not dry_run:
+        root.mkdir(parents=True, exist_ok=True)  # a file there: one error line, nothing done
     for rel, e in tree.items():
         if e.is_dir:
             if not dry_run:
-                (root / rel).mkdir(parents=True, exist_ok=True)
+                try:
+                    (root / rel).mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # a local file in the way: reported, the others go on
+                    dirs_failed.append({"path": rel, "code": "LOCAL_ERROR", "message": str(exc)})
             continue
         local = root / rel
         try:
@@ -624,9 +645,8 @@ def _sync_down(
 
     failed: list[dict[str, Any]] = []
     if not dry_run:
-        root.mkdir(parents=True, exist_ok=True)
         failed = _run_jobs(ctx, todo, jobs, work, "down")
-    return _summary("down", todo, skipped, failed, dry_run)
+    return _summary("down", todo, skipped, dirs_failed + failed, dry_run)
 
 
 def _join(remote: str, rel: str) -> str:

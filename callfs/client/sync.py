@@ -89,13 +89,19 @@ class Download(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._resp.read(size)
+        except urllib3.exceptions.HTTPError as exc:  # the connection broke mid-body
+            raise TransportError(f"the download broke off: {type(exc).__name__}") from exc
+
     def readinto(self, buffer: Any) -> int:
-        data = self._resp.read(len(buffer))
+        data = self._read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
     def iter_chunks(self, size: int = CHUNK) -> Iterator[bytes]:
-        while chunk := self._resp.read(size):
+        while chunk := self._read(size):
             yield chunk
 
     def close(self) -> None:

@@ -369,6 +369,36 @@ def test_cli_settings_from_profile(
     assert "no profile 'gone'" in run("ls", "--profile", "gone", code=1).stderr
 
 
+def test_cli_local_errors_are_one_line_and_a_quoted_insecure_is_refused(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    """From a client audit: a missing local directory, a directory in a file's place, and a file
+    in a synced directory's place were tracebacks; a profile's quoted ``insecure: "false"`` was
+    truthy (TLS checks off)."""
+    client.upload(f"{root}/g/x.txt", b"x")
+    client.mkdir(f"{root}/g/sub")
+    got = run("get", f"{root}/g/x.txt", str(tmp_path / "nonexist" / "x.txt"), code=1)
+    assert got.stderr.startswith("Error: ") and "Traceback" not in got.output
+    (tmp_path / "out" / "x.txt").mkdir(parents=True)
+    got = run("get", f"{root}/g/x.txt", str(tmp_path / "out"), code=1)
+    assert got.stderr.startswith("Error: ") and got.exception is not None
+    assert isinstance(got.exception, SystemExit)
+    (tmp_path / "afile").write_text("x")
+    assert run("sync", f"callfs:{root}/g", str(tmp_path / "afile"), code=1).stderr.startswith(
+        "Error: "
+    )
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "sub").write_text("a file where the directory goes")
+    summary = run_json("sync", f"callfs:{root}/g", str(tmp_path / "copy"), code=1)
+    assert [f["path"] for f in summary["failed"]] == ["sub"]
+    assert summary["files"] == ["x.txt"]  # the others go on
+    assert (tmp_path / "copy" / "x.txt").read_bytes() == b"x"
+    conf = tmp_path / "config" / "callfs" / "client.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f'profiles:\n  q:\n    url: {cli_env["CALLFS_URL"]}\n    insecure: "false"\n')
+    assert "insecure must be true or false" in run("ls", root, "--profile", "q", code=1).stderr
+
+
 def test_cli_put_resumes_after_ctrl_c(
     cli_env: dict[str, str],
     client: Client,
