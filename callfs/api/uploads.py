@@ -104,8 +104,8 @@ def _checksum(request: web.Request) -> Checksum | None:
 
 
 def _tus(handler: TusHandler) -> TusHandler:
-    """Protocol framing: ``Tus-Resumable`` checked (412) and sent on every answer, errors
-    included; an upload living on another node is relayed there."""
+    """Protocol framing: ``Tus-Resumable`` checked (412); an upload living on another node is
+    relayed there. (``tus_headers`` puts the header on every answer.)"""
 
     async def framed(request: web.Request) -> web.StreamResponse:
         try:
@@ -124,11 +124,25 @@ def _tus(handler: TusHandler) -> TusHandler:
             resp = render_error(exc)
             if isinstance(exc, TusVersionMismatch):
                 resp.headers["Tus-Version"] = TUS_VERSION
-        if not resp.prepared:
-            resp.headers["Tus-Resumable"] = TUS_VERSION
         return resp
 
     return framed
+
+
+def _is_tus(path: str) -> bool:
+    return path == UPLOADS_PREFIX or path.startswith(UPLOADS_PREFIX + "/")
+
+
+async def tus_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under ``/v1/uploads`` carries ``Tus-Resumable``: the router's 404 and 405
+    and the pipeline's 401 too (tus core: "MUST be included in every ... response"). A HEAD
+    answer is never cached, an error included (tus core: HEAD "MUST" send ``no-store``)."""
+    if not _is_tus(request.rel_url.path_safe):  # what the router matched (percent-decoded)
+        return
+    headers = response.headers
+    headers.setdefault("Tus-Resumable", TUS_VERSION)
+    if request.method == "HEAD":
+        headers["Cache-Control"] = "no-store"
 
 
 async def _relay(request: web.Request, upload_id: str) -> web.StreamResponse:
@@ -236,6 +250,7 @@ async def overridden(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application, service: UploadService) -> None:
     app[UPLOADS] = service
+    app.on_response_prepare.append(tus_headers)
     for endpoint in (UPLOADS_PREFIX, UPLOADS_PREFIX + "/"):  # docs name it with the slash
         collection = app.router.add_resource(endpoint)
         collection.add_route("OPTIONS", _tus(options))

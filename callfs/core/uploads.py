@@ -415,7 +415,8 @@ class UploadService:
 
     # ---- terminate and expire ----------------------------------------------------------------
     async def terminate(self, who: Identity, upload_id: str) -> None:
-        """DELETE: the upload and its bytes go (404 unknown, 403 another user's)."""
+        """DELETE: the upload and its bytes go (404 unknown, 403 another user's, 410 expired:
+        its bytes go too, as with HEAD, but there was nothing left to terminate)."""
         token = self._token(upload_id)
         async with self._lock(token):
             upload = await run_blocking(self._load_blocking, token)
@@ -425,6 +426,8 @@ class UploadService:
                 raise PermissionDenied()
             await run_blocking(self._remove_blocking, token)
         self._locks.pop(token, None)
+        if upload.expires <= self._clock():
+            raise UploadExpired()
 
     async def sweep(self) -> int:
         """Remove expired uploads (and unreadable leftovers older than the expiry); commit

@@ -613,3 +613,38 @@ async def test_audit_fixes_numbers_override_trailing_slash_and_failed_creation(
     nowhere = base64.urlsafe_b64encode(b"nosuchnode").decode().rstrip("=") + "." + "0" * 32
     r = await client.head(f"/v1/uploads/{nowhere}", headers=h())
     assert r.status == 404
+
+
+async def test_every_answer_is_framed_and_an_expired_upload_is_not_terminated(
+    client: Client, node: Node
+) -> None:
+    """From the same audit: the router's 404 and 405 and the pipeline's 401 carried no
+    ``Tus-Resumable``; a HEAD error carried no ``Cache-Control: no-store``; DELETE of an
+    expired upload answered 204 as if it had ended a live one (410 now, like HEAD)."""
+    url = await create(client, "/x.bin", 10)
+    for method, target, headers, status in (
+        ("GET", url, h(), 405),  # no GET route on an upload
+        ("PUT", "/v1/uploads", h(), 405),
+        ("HEAD", url + "/more", h(), 404),  # no such route
+        ("PATCH", "/v1/uploads/a/b", h(**OCTET, **{"Upload-Offset": "0"}), 404),
+        ("HEAD", url, TUS, 401),  # no credentials
+        ("POST", "/v1/%75ploads", TUS, 401),  # the router's spelling of the same route
+        ("HEAD", "/v1/uploads/nope", h(), 404),
+    ):
+        r = await client.request(method, target, headers=headers)
+        assert r.status == status, (method, target)
+        assert r.headers.get("Tus-Resumable") == "1.0.0", (method, target)
+        if method == "HEAD":
+            assert r.headers.get("Cache-Control") == "no-store", target
+    r = await client.get("/v1/files/x.bin", headers=auth())  # not a tus route: not framed
+    assert r.status == 404 and "Tus-Resumable" not in r.headers
+
+    assert node.uploads is not None
+    assert (await patch(client, url, 0, b"12345")).status == 204
+    real = node.uploads._clock
+    node.uploads._clock = lambda: real() + node.uploads.expiry + 1  # type: ignore[union-attr]
+    assert (await client.delete(url, headers=h(BOB_KEY))).status == 403  # still not yours
+    r = await client.delete(url, headers=h())
+    assert r.status == 410
+    assert staged_dirs(node) == []  # its bytes went all the same
+    assert (await client.delete(url, headers=h())).status == 404
