@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from callfs.client.errors import ClientError
+from callfs.client.errors import ClientError, TransportError
 from callfs.client.model import REMOTE_PREFIX, TUS_CHUNK, Entry, normalize
 
 if TYPE_CHECKING:
@@ -249,13 +249,15 @@ def resume_store() -> ResumeStore:
     return ResumeStore(state_dir() / "uploads.json")
 
 
-def _remote_target(client: Client, local: Path, remote: str) -> str:
-    """``REMOTE`` itself, or ``REMOTE/<local name>`` when it ends in ``/`` or is a directory."""
+def _into_directory(client: Client, name_from: str, remote: str) -> str:
+    """``REMOTE`` itself, or ``REMOTE/<last element of name_from>`` when it ends in ``/`` or
+    is an existing directory (as cp(1) and mv(1) read their target)."""
+    name = normalize(name_from).rsplit("/", 1)[-1]
     if remote.endswith("/"):
-        return normalize(remote + local.name)
+        return normalize(remote + name)
     try:
         if client.stat(remote).is_dir:
-            return normalize(remote + "/" + local.name)
+            return normalize(remote + "/" + name)
     except ClientError as exc:
         if exc.status != 404:
             raise
@@ -288,12 +290,12 @@ def put(ctx: Ctx, local: str, remote: str, resumable: bool | None, chunk_size: i
             target = normalize(remote)
             stdin = sys.stdin.buffer
             result = client.upload(target, iter(lambda: stdin.read(1 << 20), b""))
-            ctx.emit(result.as_dict(), f"uploaded stdin to {target}")
+            ctx.emit(result.as_dict(), f"uploaded stdin to {target} ({human(result.size)})")
             return
         path = Path(local)
         if not path.is_file():
             raise click.ClickException(f"{local}: not a file (use `callfs sync` for a tree)")
-        target = _remote_target(client, path, remote)
+        target = _into_directory(client, path.name, remote)
         size = path.stat().st_size
         bar = Bar(ctx.show_progress(), path.name, size)
         try:
@@ -395,14 +397,29 @@ def stat(ctx: Ctx, remote: str) -> None:
 @click.argument("remotes", nargs=-1, required=True)
 @click.option("--recursive", "-r", is_flag=True, help="delete non-empty directories too")
 def rm(ctx: Ctx, remotes: tuple[str, ...], recursive: bool) -> None:
-    """Delete files or directories (a non-empty directory needs -r)."""
+    """Delete files or directories (a non-empty directory needs -r). Like rm(1), a path that
+    cannot be deleted is reported and the others are still deleted; the exit code is then 1."""
+    deleted: list[str] = []
+    failed: list[dict[str, Any]] = []
     with ctx.client() as client:
         for remote in remotes:
-            client.delete(remote, recursive=recursive)
+            path = normalize(remote)
+            try:
+                client.delete(remote, recursive=recursive)
+            except ClientError as exc:
+                if isinstance(exc, TransportError):
+                    raise  # the server is gone: the others would fail the same way
+                failed.append({"path": path, "error": exc.as_dict()})
+                if not ctx.as_json:
+                    click.echo(f"Error: {path}: {exc}", err=True)
+                continue
+            deleted.append(path)
             if not ctx.as_json:
-                click.echo(f"deleted {normalize(remote)}")
-        if ctx.as_json:
-            click.echo(json.dumps({"deleted": [normalize(r) for r in remotes]}))
+                click.echo(f"deleted {path}")
+    if ctx.as_json:
+        click.echo(json.dumps({"deleted": deleted, **({"failed": failed} if failed else {})}))
+    if failed:
+        sys.exit(1)
 
 
 @client_command("mv")
@@ -410,9 +427,20 @@ def rm(ctx: Ctx, remotes: tuple[str, ...], recursive: bool) -> None:
 @click.argument("dst")
 @click.option("--overwrite", "-f", is_flag=True, help="replace an existing destination")
 @click.option("--parents", "-p", is_flag=True, help="create missing parents of DST")
-def mv(ctx: Ctx, src: str, dst: str, overwrite: bool, parents: bool) -> None:
-    """Move or rename SRC to DST on the server (no bytes are copied through the client)."""
+@click.option(
+    "--no-target-directory",
+    "-T",
+    "exact",
+    is_flag=True,
+    help="DST is the new path even if it is an existing directory",
+)
+def mv(ctx: Ctx, src: str, dst: str, overwrite: bool, parents: bool, exact: bool) -> None:
+    """Move or rename SRC to DST on the server (no bytes are copied through the client). As with
+    mv(1), an existing directory DST, or one written with a trailing /, receives SRC under its
+    own name (-T: DST itself is the new path)."""
     with ctx.client() as client:
+        if not exact:
+            dst = _into_directory(client, src, dst)
         new = client.move(src, dst, overwrite=overwrite, create_parents=parents)
         ctx.emit({"from": normalize(src), "path": new}, f"moved {normalize(src)} to {new}")
 

@@ -182,12 +182,21 @@ class _Seekable:
                     progress(len(piece))
 
 
-def _counted(chunks: Iterable[bytes], progress: Progress | None) -> Iterator[bytes]:
-    for chunk in chunks:
-        if chunk:
-            yield bytes(chunk)
-            if progress:
-                progress(len(chunk))
+class _Counted:
+    """The chunks of a body of unknown size, passed on as bytes and counted as they go."""
+
+    def __init__(self, chunks: Iterable[bytes], progress: Progress | None) -> None:
+        self._chunks = chunks
+        self._progress = progress
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if chunk:
+                yield bytes(chunk)
+                self.sent += len(chunk)
+                if self._progress:
+                    self._progress(len(chunk))
 
 
 class Client:
@@ -442,13 +451,15 @@ class Client:
             headers["Content-Length"] = str(size)
         elif hasattr(source, "read"):
             fobj: BinaryIO = source  # type: ignore[assignment]
-            body = _counted(iter(lambda: fobj.read(CHUNK), b""), progress)
+            body = _Counted(iter(lambda: fobj.read(CHUNK), b""), progress)
             if size is not None:
                 headers["Content-Length"] = str(size)
         else:
-            body = _counted(source, progress)  # type: ignore[arg-type]
+            body = _Counted(source, progress)  # type: ignore[arg-type]
         self._put_request(method, path, body, headers, chunked="Content-Length" not in headers)
-        return UploadResult(normalize(path), size if size is not None else -1, False)
+        if size is None and isinstance(body, _Counted):
+            size = body.sent  # a chunked body: its size is what went out
+        return UploadResult(normalize(path), -1 if size is None else size, False)
 
     def _put_request(
         self,

@@ -756,3 +756,40 @@ def test_pandas_parquet_round_trip(server: str, root: str, monkeypatch: pytest.M
     frame.to_parquet(url, index=False)
     assert pd.read_parquet(url).equals(frame)
     assert pd.read_parquet(url, columns=["n"])["n"].sum() == sum(range(2000))
+
+
+def test_cli_rm_goes_on_mv_into_a_directory_and_put_stdin_size(
+    cli_env: dict[str, str], client: Client, root: str
+) -> None:
+    """From the client audit: ``rm A B`` stopped at the first failure (B stayed); ``mv`` onto an
+    existing directory was refused instead of moving into it as mv(1) does; ``put -`` reported
+    size -1."""
+    for name in ("a", "b"):
+        client.upload(f"{root}/{name}", name.encode())
+    out = run("rm", f"{root}/a", f"{root}/nope", f"{root}/b", code=1)
+    assert f"Error: {root}/nope: FILE_NOT_FOUND" in out.stderr
+    assert out.stdout.splitlines() == [f"deleted {root}/a", f"deleted {root}/b"]
+    assert not client.exists(f"{root}/b")
+    client.upload(f"{root}/c", b"c")
+    doc = run_json("rm", f"{root}/c", f"{root}/nope", code=1)
+    assert doc["deleted"] == [f"{root}/c"]
+    assert [(f["path"], f["error"]["code"]) for f in doc["failed"]] == [
+        (f"{root}/nope", "FILE_NOT_FOUND")
+    ]
+
+    client.upload(f"{root}/f.txt", b"f")
+    client.upload(f"{root}/g.txt", b"g")
+    client.mkdir(f"{root}/dir")
+    assert run_json("mv", f"{root}/f.txt", f"{root}/dir")["path"] == f"{root}/dir/f.txt"
+    moved = run_json("mv", "-p", f"{root}/g.txt", f"callfs:{root}/new/")
+    assert moved["path"] == f"{root}/new/g.txt"
+    client.mkdir(f"{root}/sub")
+    assert run_json("mv", f"{root}/sub", f"{root}/dir")["path"] == f"{root}/dir/sub"
+    client.mkdir(f"{root}/empty")
+    moved = run_json("mv", "-T", "-f", f"{root}/new", f"{root}/empty")  # -T: DST itself
+    assert moved["path"] == f"{root}/empty" and client.read(f"{root}/empty/g.txt") == b"g"
+    assert client.read(f"{root}/dir/f.txt") == b"f"
+
+    doc = json.loads(run("put", "-", f"{root}/in.bin", "--json", stdin=b"12345").stdout)
+    assert doc["size"] == 5
+    assert "(5 B)" in run("put", "-", f"{root}/in2.bin", stdin=b"abcde").stdout
