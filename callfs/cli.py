@@ -381,7 +381,11 @@ def _config_defaults(
         return values
     if cfg is None:
         return values
-    found = defaults(cfg)
+    from callfs.daemon import resolve_external_url
+
+    # the endpoint the node itself uses (an unset external_url follows the listener): a join
+    # had advertised the bare default "localhost:8443", an https URL nothing listens on
+    found = defaults(resolve_external_url(cfg, warn=False))
     return {k: v or found[k].strip() for k, v in values.items()}
 
 

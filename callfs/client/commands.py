@@ -564,6 +564,12 @@ def sync(ctx: Ctx, src: str, dst: str, jobs: int, dry_run: bool) -> None:
         raise click.ClickException(f"{len(failed)} transfer(s) failed")
 
 
+class _Interrupted(BaseException):
+    """Raised in a transfer thread at its next chunk once Ctrl-C was pressed (a BaseException:
+    no retry or error handling on the way catches it; a download's part file is removed, a tus
+    upload keeps its offset for the next run)."""
+
+
 def _run_jobs(
     ctx: Ctx,
     todo: list[_Job],
@@ -578,9 +584,18 @@ def _run_jobs(
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     with Bar(ctx.show_progress(), f"{direction} 0/{len(todo)}", total) as bar:
+        advance = bar.callback
+        stop = threading.Event()
+
+        def progress(n: int) -> None:
+            if stop.is_set():
+                raise _Interrupted
+            if advance is not None:
+                advance(n)
+
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="callfs-sync")
         try:
-            futures = {pool.submit(work, job, bar.callback): job for job in todo}
+            futures = {pool.submit(work, job, progress): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
@@ -593,9 +608,11 @@ def _run_jobs(
                     done += 1
                     bar.describe(f"{direction} {done}/{len(todo)}")
         except KeyboardInterrupt:
-            # transfers not started are dropped; the ones running finish (tus keeps their offset)
-            pool.shutdown(wait=False, cancel_futures=True)
+            # transfers not started are dropped; running ones stop at their next chunk (they
+            # had run to their end, however large, before the process could exit)
+            stop.set()
             click.echo("interrupted: run the same command again to continue", err=True)
+            pool.shutdown(wait=True, cancel_futures=True)
             sys.exit(EXIT_INTERRUPTED)
         pool.shutdown()
     return failed

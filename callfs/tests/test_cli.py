@@ -166,6 +166,40 @@ async def test_join_against_a_leader(aiohttp_server: Any) -> None:
     assert "join failed: not leader" in bad.output
 
 
+async def test_join_advertises_the_endpoint_the_node_uses(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """From a config audit: with ``server.external_url`` unset the node serves and names itself
+    by its listener (``http://127.0.0.1:9555``), but ``cluster join`` sent the bare default
+    ``localhost:8443`` as the new member's API endpoint."""
+    seen: list[Any] = []
+
+    async def join(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.Response(text='{"status":"joined","leader_id":"n1"}\n')
+
+    app = web.Application()
+    app.router.add_post("/v1/internal/raft/join", join)
+    server = await aiohttp_server(app)
+    cfg = tmp_path / "n2.yaml"
+    cfg.write_text(
+        'server: {listen_addr: "127.0.0.1:9555", protocol: http}\n'
+        "metadata_store: {type: raft}\n"
+        f'raft: {{node_id: n2, bind_addr: "127.0.0.1:7002", data_dir: "{tmp_path}/raft",'
+        ' peers: {n1: "127.0.0.1:7001"}}\n'
+        'auth: {internal_proxy_secret: "sec-0123456789abcdef0123456789abcdef",'
+        ' single_use_link_secret: "link-0123456789abcdef0123456789abcdef",'
+        ' api_keys: ["k-0123456789abcdef"]}\n'
+        f'backend: {{localfs_root_path: "{tmp_path}/data"}}\n'
+    )
+    leader = f"http://127.0.0.1:{server.port}"
+    ok = await asyncio.to_thread(run, ["cluster", "join", "--leader", leader, "-c", str(cfg)])
+    assert ok.exit_code == 0, ok.output
+    assert seen == [
+        {"node_id": "n2", "raft_addr": "127.0.0.1:7002", "api_endpoint": "http://127.0.0.1:9555"}
+    ]
+
+
 @asynccontextmanager
 async def _raw_leader(answer: bytes, drip: float = 0.0) -> AsyncIterator[str]:
     """A 'leader' that reads the request, then sends ``answer`` (a byte every ``drip`` s)."""

@@ -11,9 +11,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -793,3 +794,37 @@ def test_cli_rm_goes_on_mv_into_a_directory_and_put_stdin_size(
     doc = json.loads(run("put", "-", f"{root}/in.bin", "--json", stdin=b"12345").stdout)
     assert doc["size"] == 5
     assert "(5 B)" in run("put", "-", f"{root}/in2.bin", stdin=b"abcde").stdout
+
+
+def test_sync_ctrl_c_stops_running_transfers_at_their_next_chunk() -> None:
+    """From the client audit: after Ctrl-C, ``sync`` waited for every running transfer to end
+    (a large file: minutes) before it exited."""
+    from callfs.client.commands import EXIT_INTERRUPTED, Ctx, Settings, _Job, _run_jobs
+
+    started = threading.Barrier(3)
+    ended: list[str] = []
+
+    def work(job: _Job, progress: Callable[[int], None] | None) -> None:
+        started.wait(timeout=10)
+        try:
+            for _ in range(300):  # 3 s unless stopped
+                time.sleep(0.01)
+                if progress is not None:
+                    progress(1)
+        finally:
+            ended.append(job.rel)
+
+    def interrupt() -> None:
+        started.wait(timeout=10)
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    todo = [_Job(name, 3000, Path(name), "/" + name) for name in ("a", "b", "c", "d")]
+    ctx = Ctx(Settings("http://127.0.0.1:1", "", False), as_json=True, quiet=True)
+    threading.Thread(target=interrupt, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        _run_jobs(ctx, todo, 2, work, "up")
+    assert info.value.code == EXIT_INTERRUPTED
+    assert time.monotonic() - began < 2
+    assert sorted(ended) == ["a", "b"]  # both running transfers stopped; c and d never began
