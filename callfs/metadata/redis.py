@@ -23,6 +23,7 @@ trips per tree level (children sets, then their hashes), never one per entry.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -65,6 +66,8 @@ from callfs.redisconn import open_redis
 
 T = TypeVar("T")
 _WATCH_RETRIES = 50
+#: How long an EXEC's marker key lives (it is read right after the EXEC's reply is lost).
+_MARKER_TTL = 600
 #: Entries a listing script reads at most (it holds Redis meanwhile: ~2 ms per 1000).
 _BATCH = 5000
 
@@ -309,17 +312,32 @@ class RedisMetadataStore:
         raw = await self._call(self.r.hgetall(self._e(path)))
         return _decode(path, raw) if raw else None
 
-    async def _command(self, fn: Callable[[Pipeline], Awaitable[T]]) -> T:
+    async def _command(self, decide: Callable[[Pipeline], Awaitable[tuple[Plan, T]]]) -> T:
         """One conditional command: WATCH every key the decision reads, read, decide (a
         ``common.plan_*``), then MULTI/EXEC the plan; EXEC fails if any watched key changed, and
-        the command is decided again on fresh reads."""
+        the command is decided again on fresh reads.
+
+        The EXEC also sets a marker key of its own. redis-py turns a connection lost while keys
+        are watched into a ``WatchError``, also when it is the reply to an EXEC that Redis
+        applied: deciding again then saw our own write (an update "replaced" the entry it had
+        just written, and the engine reclaimed the new bytes; a create became 409). So after a
+        ``WatchError`` that followed an EXEC, the marker says whether it was applied."""
+        marker = f"{self.p}applied:{secrets.token_hex(12)}"
 
         async def attempt() -> T:
             for n in range(_WATCH_RETRIES):
+                sent: tuple[T] | None = None
                 try:
                     async with self.r.pipeline(transaction=True) as pipe:
-                        return await fn(pipe)
+                        plan, result = await decide(pipe)
+                        self._queue_plan(pipe, plan)
+                        pipe.set(marker, b"1", ex=_MARKER_TTL)
+                        sent = (result,)
+                        await pipe.execute()
+                        return result
                 except WatchError:
+                    if sent is not None and await self.r.exists(marker):
+                        return sent[0]  # applied; only its reply was lost
                     await asyncio.sleep(0.001 * (n + 1))
             raise Unavailable("metadata store is too contended")
 
@@ -371,27 +389,23 @@ class RedisMetadataStore:
                 pipe.sadd(self._b(), e.blob_key)
 
     async def create(self, entry: Entry, parents: NewParents | None = None) -> Entry:
-        async def op(pipe: Pipeline) -> Entry:
+        async def op(pipe: Pipeline) -> tuple[Plan, Entry]:
             known = await self._read_entries(pipe, create_reads(entry.path))
             plan, stored = plan_create(entry, parents, known)
-            self._queue_plan(pipe, plan)
-            await pipe.execute()
-            return stored
+            return plan, stored
 
         return await self._command(op)
 
     async def update(self, entry: Entry, expected_version: int) -> Entry:
-        async def op(pipe: Pipeline) -> Entry:
+        async def op(pipe: Pipeline) -> tuple[Plan, Entry]:
             current = (await self._read_entries(pipe, [entry.path]))[entry.path]
             plan, stored = plan_update(entry, expected_version, current)
-            self._queue_plan(pipe, plan)
-            await pipe.execute()
-            return stored
+            return plan, stored
 
         return await self._command(op)
 
     async def delete(self, path: str, expected_version: int | None = None) -> Entry:
-        async def op(pipe: Pipeline) -> Entry:
+        async def op(pipe: Pipeline) -> tuple[Plan, Entry]:
             current = (await self._read_entries(pipe, [path]))[path]
             busy = (
                 current is not None
@@ -399,22 +413,18 @@ class RedisMetadataStore:
                 and await self._has_children_watched(pipe, path)
             )
             plan, removed = plan_delete(path, expected_version, current, busy)
-            self._queue_plan(pipe, plan)
-            await pipe.execute()
-            return removed
+            return plan, removed
 
         return await self._command(op)
 
     async def delete_tree(
         self, path: str, expected_version: int | None = None, actor: str | None = None
     ) -> list[Entry]:
-        async def op(pipe: Pipeline) -> list[Entry]:
+        async def op(pipe: Pipeline) -> tuple[Plan, list[Entry]]:
             top = (await self._read_entries(pipe, [path]))[path]
             below = await self._subtree_watched(pipe, path) if top is not None else []
             plan, removed = plan_delete_tree(path, expected_version, top, below, actor)
-            self._queue_plan(pipe, plan)
-            await pipe.execute()
-            return removed
+            return plan, removed
 
         return await self._command(op)
 
@@ -428,16 +438,14 @@ class RedisMetadataStore:
         parents: NewParents | None = None,
         placement: Placement | None = None,
     ) -> tuple[Entry, Entry | None]:
-        async def op(pipe: Pipeline) -> tuple[Entry, Entry | None]:
+        async def op(pipe: Pipeline) -> tuple[Plan, tuple[Entry, Entry | None]]:
             known = await self._read_entries(pipe, move_reads(src, dst))
             below = await self._subtree_watched(pipe, src) if dst != src else []
             busy = await self._has_children_watched(pipe, dst)
             plan, result = plan_move(
                 src, dst, expected_version, dst_expected, parents, placement, known, below, busy
             )
-            self._queue_plan(pipe, plan)
-            await pipe.execute()
-            return result
+            return plan, result
 
         return await self._command(op)
 

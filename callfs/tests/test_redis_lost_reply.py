@@ -1,0 +1,117 @@
+"""A Redis EXEC that was applied but whose reply was lost (the connection dropped after Redis
+ran it). redis-py reports any connection loss while keys are watched as a ``WatchError``, which
+the store took as "someone else changed a key" and decided the command again on fresh reads. It
+then saw its own write: an update "replaced" the entry it had just written (the engine reclaimed
+the new bytes: an acknowledged PUT that no longer reads), a create answered 409 over its own
+entry, a delete 404. Found by a crash-safety review, which demonstrated the PUT case."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio.client as redis_client
+import redis.exceptions
+
+from callfs.core.engine import Engine, EngineSettings
+from callfs.locks.local import LocalLockManager
+from callfs.metadata.redis import RedisMetadataStore
+from callfs.model import Identity
+from callfs.paths import CanonicalPath
+from callfs.storage.localfs import LocalFSBackend
+from callfs.tests.contract.factories import make_metadata_store
+
+
+class ReplyLoss:
+    """Makes the next MULTI/EXEC lose its reply after Redis applied it (or before, with
+    ``applied`` False: the connection dropped while the EXEC was on its way)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.applied = True
+        self.fired = 0
+
+    def arm(self, *, applied: bool = True) -> None:
+        self.armed, self.applied = True, applied
+
+
+@pytest.fixture
+def loss(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReplyLoss]:
+    state = ReplyLoss()
+    real = redis_client.Pipeline._execute_transaction
+
+    async def lossy(self: Any, conn: Any, commands: Any, raise_on_error: bool) -> Any:
+        if not state.armed:
+            return await real(self, conn, commands, raise_on_error)
+        state.armed = False
+        state.fired += 1
+        if state.applied:
+            await real(self, conn, commands, raise_on_error)
+        # as redis-py does for a connection lost while watching (it clears ``watching`` only
+        # once the EXEC reply is parsed): the caller sees a WatchError
+        await conn.disconnect()
+        self.watching = True
+        await self._disconnect_raise_on_watching(
+            conn, redis.exceptions.ConnectionError("reply lost"), None, None, "MULTI"
+        )
+        raise AssertionError("not reached")  # pragma: no cover
+
+    monkeypatch.setattr(redis_client.Pipeline, "_execute_transaction", lossy)
+    yield state
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    async with make_metadata_store("redis", tmp_path) as handle:
+        assert isinstance(handle.store, RedisMetadataStore)
+        fs = LocalFSBackend(str(tmp_path / "files"))
+        await fs.start()
+        settings = EngineSettings(instance_id="n1", default_backend="localfs")
+        yield Engine(handle.store, LocalLockManager(), {"localfs": fs}, settings)
+
+
+async def body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def read(engine: Engine, path: str) -> bytes:
+    entry = await engine.find(path)
+    assert entry is not None
+    _, stream = await engine.open_file(Identity("alice"), entry)
+    return b"".join([bytes(c) async for c in stream])
+
+
+async def test_an_applied_exec_whose_reply_is_lost_counts_as_applied(
+    engine: Engine, loss: ReplyLoss
+) -> None:
+    who = Identity("alice")
+    path = CanonicalPath("/f.txt")
+    await engine.put_file(who, path, body(b"old"))
+
+    loss.arm()
+    stored, created = await engine.put_file(who, path, body(b"new"))
+    assert loss.fired == 1 and not created
+    assert await read(engine, "/f.txt") == b"new"  # was: FileNotFound, the new blob reclaimed
+    assert (await engine.find("/f.txt")) == stored
+
+    loss.arm()
+    await engine.create_file(who, CanonicalPath("/g.txt"), body(b"data"))  # was: 409
+    assert await read(engine, "/g.txt") == b"data"
+
+    loss.arm()
+    await engine.delete(who, CanonicalPath("/g.txt"), recursive=False)  # was: 404
+    assert await engine.find("/g.txt") is None
+
+
+async def test_an_exec_lost_before_redis_ran_it_is_decided_again(
+    engine: Engine, loss: ReplyLoss
+) -> None:
+    who = Identity("alice")
+    path = CanonicalPath("/f.txt")
+    await engine.put_file(who, path, body(b"old"))
+    loss.arm(applied=False)
+    await engine.put_file(who, path, body(b"new"))
+    assert loss.fired == 1
+    assert await read(engine, "/f.txt") == b"new"
