@@ -56,7 +56,7 @@ from callfs.errors import (
     UploadOffsetMismatch,
 )
 from callfs.log import shown_size
-from callfs.model import Identity, parent_of
+from callfs.model import Entry, Identity, parent_of
 from callfs.paths import parse_body_path
 from callfs.storage.base import LocalFile
 
@@ -98,10 +98,23 @@ class Upload:
     erasure: bool
     expires: float
     committed: bool = False
+    #: The destination as it was when the last PATCH began (``destination_basis``): a commit
+    #: tried again (a crash, a lost answer) happens only if it is still so.
+    basis: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.offset == self.length
+
+
+def destination_basis(entry: Entry | None) -> str:
+    """What a commit compares: the destination's identity (any write changes it)."""
+    if entry is None:
+        return "absent"
+    return (
+        f"{entry.type.value}:{entry.version}:{entry.blob_key}:{entry.created_at}:"
+        f"{entry.mtime}:{entry.size}"
+    )
 
 
 def encode_node(instance_id: str) -> str:
@@ -229,7 +242,7 @@ class UploadService:
         target_path = parse_body_path(raw_path)
         if target_path.dir_form or target_path.is_root:
             raise BadRequest("the destination must be a file path")
-        await self._check_destination(who, target_path.path)
+        target = await self._check_destination(who, target_path.path)
         token = os.urandom(16).hex()
         upload = Upload(
             id=self._prefix + token,
@@ -240,6 +253,7 @@ class UploadService:
             metadata=metadata_header,
             erasure=metadata.get("erasure") == "true",
             expires=self._clock() + self.expiry,
+            basis=destination_basis(target),
         )
         await run_blocking(self._create_blocking, token, upload)
         log.info("upload created (%s)", shown_size(length))
@@ -248,7 +262,8 @@ class UploadService:
                 upload = await self._commit(token, upload)
         return upload
 
-    async def _check_destination(self, who: Identity, path: str) -> None:
+    async def _check_destination(self, who: Identity, path: str) -> Entry | None:
+        """The write check a PUT makes; the destination's entry."""
         target, parent = await asyncio.gather(
             self._engine.find(path), self._engine.find(parent_of(path))
         )
@@ -257,6 +272,7 @@ class UploadService:
             raise BadRequest("path is a directory")
         if parent is not None and not parent.is_dir:
             raise ParentNotDirectory()
+        return target
 
     # ---- read ------------------------------------------------------------------------------
     async def get(self, who: Identity, upload_id: str) -> Upload:
@@ -303,7 +319,11 @@ class UploadService:
                 async for chunk in chunks:
                     if chunk:
                         raise PayloadTooLarge()
-                return upload if upload.committed else await self._commit(token, upload)
+                if upload.committed:
+                    return upload
+                return await self._commit(token, upload, again=True)
+            current = await self._engine.find(upload.path)
+            upload = replace(upload, basis=destination_basis(current))
             upload = await self._receive(token, upload, chunks, checksum)
             if upload.complete:
                 upload = await self._commit(token, upload)
@@ -375,13 +395,28 @@ class UploadService:
         await run_blocking(self._save_blocking, token, upload)
 
     # ---- commit ----------------------------------------------------------------------------
-    async def _commit(self, token: str, upload: Upload) -> Upload:
+    async def _commit(self, token: str, upload: Upload, *, again: bool = False) -> Upload:
         """Publish the finished bytes at the destination like a PUT by the creator, then keep
-        only the state (HEAD still reports the upload finished until it expires)."""
+        only the state (HEAD still reports the upload finished until it expires).
+
+        ``again``: a commit after the request that completed the upload ended without one (a
+        crash, a failed or lost commit), by a retried PATCH or the sweep. That earlier commit
+        may have happened, and writes may have followed it: the bytes are published only if the
+        destination is still as it was when the last PATCH began. Otherwise the upload counts
+        as committed and then overwritten (it was never acknowledged, so that order is one the
+        client may see); publishing it had put these older bytes over a later acknowledged
+        write."""
         who = Identity(upload.owner)
         path = parse_body_path(upload.path)
         engine = self._engine
         await run_blocking(self._check_size_blocking, token, upload.length)
+        if (
+            again
+            and upload.basis is not None
+            and destination_basis(await engine.find(path.path)) != upload.basis
+        ):
+            log.info("a finished upload's destination changed since; not committed again")
+            return await self._committed(token, upload)
         try:
             created = False
             if (
@@ -402,10 +437,13 @@ class UploadService:
             if engine.peers is None:
                 raise
             await engine.peers.put_file(exc.instance_id, path.path, self._staged(token))
+        log.info("upload committed (%s)", shown_size(upload.length))
+        return await self._committed(token, upload)
+
+    async def _committed(self, token: str, upload: Upload) -> Upload:
         done = replace(upload, committed=True)
         await run_blocking(self._save_blocking, token, done)
         await run_blocking(self._drop_data_blocking, token)
-        log.info("upload committed (%s)", shown_size(upload.length))
         return done
 
     def _staged(self, token: str) -> LocalFile:
@@ -455,7 +493,7 @@ class UploadService:
                     self._locks.pop(token, None)
                 elif upload.complete and not upload.committed:
                     try:
-                        await self._commit(token, upload)
+                        await self._commit(token, upload, again=True)
                     except Exception:
                         log.warning("a finished upload could not be committed", exc_info=True)
         if removed:
@@ -488,6 +526,7 @@ class UploadService:
             "erasure": upload.erasure,
             "expires": upload.expires,
             "committed": upload.committed,
+            "basis": upload.basis,
         }
         tmp = self._path(token, _STATE + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW, 0o600)
@@ -522,6 +561,7 @@ class UploadService:
                 erasure=bool(state["erasure"]),
                 expires=float(state["expires"]),
                 committed=bool(state["committed"]),
+                basis=None if state.get("basis") is None else str(state["basis"]),
             )
         except (KeyError, TypeError, ValueError) as exc:  # JSON and Unicode errors included
             raise ValueError("unreadable upload state") from exc

@@ -648,3 +648,45 @@ async def test_every_answer_is_framed_and_an_expired_upload_is_not_terminated(
     assert r.status == 410
     assert staged_dirs(node) == []  # its bytes went all the same
     assert (await client.delete(url, headers=h())).status == 404
+
+
+async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
+    client: Client, node: Node
+) -> None:
+    """From a crash-safety review, which demonstrated it with kill -9: the final PATCH commits,
+    the process dies before the upload's state records it, and after the restart another
+    client's PUT is acknowledged; the sweep (or the client retrying its PATCH) then committed
+    the upload's older bytes over that write. A commit tried again now happens only if the
+    destination is still as it was when the last PATCH began."""
+    service = node.uploads
+    assert service is not None
+    real_save = service._save_blocking
+
+    def crash_at_the_committed_record(token: str, upload: Any) -> None:
+        if upload.committed:
+            raise OSError("killed after the commit, before its record")
+        real_save(token, upload)
+
+    # 1. the commit happened, its record did not; then a later acknowledged PUT
+    url = await create(client, "/c.bin", 5)
+    service._save_blocking = crash_at_the_committed_record  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"AAAAA")).status == 500
+    service._save_blocking = real_save  # type: ignore[method-assign]
+    put = await client.put("/v1/files/c.bin", data=b"BBBBB", headers=auth())
+    assert put.status == 200
+    await service.sweep()
+    assert await (await client.get("/v1/files/c.bin", headers=auth())).read() == b"BBBBB"
+    r = await patch(client, url, 5, b"")  # the client retrying its PATCH: the same
+    assert r.status == 204 and r.headers["Upload-Offset"] == "5"
+    assert await (await client.get("/v1/files/c.bin", headers=auth())).read() == b"BBBBB"
+    assert (await client.head(url, headers=h())).status == 200
+
+    # 2. the commit happened and nothing came after: it is not made twice
+    url = await create(client, "/d.bin", 3)
+    service._save_blocking = crash_at_the_committed_record  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"abc")).status == 500
+    service._save_blocking = real_save  # type: ignore[method-assign]
+    first = await node.engine.find("/d.bin")
+    await service.sweep()
+    assert await node.engine.find("/d.bin") == first  # no second version
+    assert await (await client.get("/v1/files/d.bin", headers=auth())).read() == b"abc"
