@@ -23,6 +23,7 @@ trips per tree level (children sets, then their hashes), never one per entry.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -65,6 +66,8 @@ from callfs.model import (
 from callfs.redisconn import open_redis
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
 _WATCH_RETRIES = 50
 #: How long an EXEC's marker key lives (it is read right after the EXEC's reply is lost).
 _MARKER_TTL = 600
@@ -148,6 +151,10 @@ for _, token in ipairs(redis.call('SMEMBERS', p .. 'L')) do
 end
 return removed
 """
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _member(entry_type: EntryType, path: str) -> str:
@@ -269,6 +276,29 @@ class RedisMetadataStore:
                 f"cannot open the Redis metadata store at {self._addr} db {self._db}: "
                 f"{redis_cause(cause, 'metadata_store')}"
             ) from cause
+        await self._check_durability()
+
+    async def _check_durability(self) -> None:
+        """Warn when Redis does not fsync each write before answering: a 2xx then does not mean
+        durable, and after a power failure the file's record can come back naming bytes that
+        were reclaimed after the commit (the previous version lost with the new one)."""
+        try:
+            settings = await self._call(self.r.config_get("appendonly", "appendfsync"))
+        except Unavailable:
+            log.info("cannot read Redis's persistence settings (CONFIG GET refused)")
+            return
+        found = {_text(k): _text(v) for k, v in settings.items()}
+        appendonly = found.get("appendonly", "?")
+        appendfsync = found.get("appendfsync", "?")
+        if (appendonly, appendfsync) != ("yes", "always"):
+            log.warning(
+                "the Redis metadata store at %s does not fsync every write (appendonly %s, "
+                "appendfsync %s): acknowledged writes can be lost on a crash or power failure. "
+                "Set appendonly yes and appendfsync always (docs/metadata-stores.md).",
+                self._addr,
+                appendonly,
+                appendfsync,
+            )
 
     async def close(self) -> None:
         if self._redis is not None:

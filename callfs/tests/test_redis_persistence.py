@@ -5,6 +5,7 @@ machine's shared one."""
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,3 +77,22 @@ async def test_entry_survives_redis_restart(redis_server: PrivateRedis, sig: int
     assert got.version == 1
     root = await read_entry(redis_server.addr, "/")
     assert root is not None and root.type == EntryType.DIRECTORY
+
+
+@pytest.mark.parametrize("appendonly", [True, False], ids=["always", "no-aof"])
+async def test_a_redis_that_does_not_fsync_each_write_is_named_at_start(
+    tmp_path: Path, appendonly: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a crash-safety review: the docs offered ``appendfsync everysec``, under which a 2xx
+    is not durable and a power failure can bring back a record whose previous bytes were
+    already reclaimed. The docs now ask for ``always``, and the store says so at start."""
+    with private_redis(tmp_path, appendonly=appendonly) as server:
+        store = RedisMetadataStore(server.addr, key_prefix="callfs-persist:", op_timeout=5.0)
+        with caplog.at_level(logging.WARNING, logger="callfs.metadata.redis"):
+            await store.start()
+        await store.close()
+    warned = [r.getMessage() for r in caplog.records if "does not fsync" in r.getMessage()]
+    if appendonly:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "appendonly no, appendfsync" in warned[0]
