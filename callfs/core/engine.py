@@ -670,7 +670,9 @@ class Engine:
             stored, replaced = await self._commit(kind, blob_key, self._retrying(attempt))
         self._count("create" if replaced is None else "update", kind)
         await self._replicate(stored)
-        if replaced is not None:
+        if replaced is not None and replaced.blob_key != stored.blob_key:
+            # (the same key: a store that decided again after its own write, which must never
+            # cost the bytes just committed)
             await self._reclaim(replaced)
         return stored, replaced is None
 

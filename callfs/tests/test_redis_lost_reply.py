@@ -115,3 +115,24 @@ async def test_an_exec_lost_before_redis_ran_it_is_decided_again(
     await engine.put_file(who, path, body(b"new"))
     assert loss.fired == 1
     assert await read(engine, "/f.txt") == b"new"
+
+
+async def test_the_engine_never_reclaims_the_blob_it_just_committed(
+    engine: Engine, loss: ReplyLoss, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: with the marker check taken away, the store decides the PUT again
+    and reports its own entry as the replaced one; the engine must not reclaim that blob."""
+
+    async def never(*keys: Any) -> int:
+        return 0
+
+    who = Identity("alice")
+    path = CanonicalPath("/f.txt")
+    await engine.put_file(who, path, body(b"old"))
+    store = engine._meta
+    assert isinstance(store, RedisMetadataStore)
+    monkeypatch.setattr(store.r, "exists", never)
+    loss.arm()
+    await engine.put_file(who, path, body(b"new"))
+    assert loss.fired == 1
+    assert await read(engine, "/f.txt") == b"new"
