@@ -19,7 +19,7 @@ import yaml
 
 from callfs.config.dev import dev_profile
 from callfs.config.schema import DURATION, Config, all_keys, section_classes
-from callfs.config.validate import problems
+from callfs.config.validate import cautions, problems
 from callfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ def build_report(raw: Mapping[str, Any]) -> Loaded:
         warnings.append(
             f'log.level "{level}" is not one of: {", ".join(LOG_LEVELS)}, so it means info{hint}'
         )
+    warnings.extend(cautions(cfg))
     r = cfg.raft
     others = {a for n, a in r.peers.items() if n != r.node_id and a != r.bind_addr}
     if cfg.metadata_store.type == "raft" and not r.bootstrap and not others:
@@ -351,7 +352,11 @@ def build(raw: Mapping[str, Any]) -> Config:
 def normalise(cfg: Config) -> Config:
     """Derived values: lower-cased enums, raft forced on, erasure defaults (§19)."""
     server = dataclasses.replace(
-        cfg.server, protocol=cfg.server.protocol.strip().lower() or "https"
+        cfg.server,
+        protocol=cfg.server.protocol.strip().lower() or "https",
+        # v1's meaning (Go's http.Server): zero or less is no limit on a stall
+        read_timeout=_stall_limit(cfg.server.read_timeout),
+        write_timeout=_stall_limit(cfg.server.write_timeout),
     )
     meta = dataclasses.replace(
         cfg.metadata_store, type=cfg.metadata_store.type.strip().lower() or "postgres"
@@ -370,6 +375,15 @@ def normalise(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg, server=server, metadata_store=meta, dlm=dlm, raft=raft, erasure=erasure
     )
+
+
+#: What ``server.read_timeout``/``write_timeout`` of 0 or less become: no limit in practice (a
+#: day; a finite number keeps the timers and TCP_USER_TIMEOUT, in milliseconds, in range).
+NO_STALL_LIMIT = 86400.0
+
+
+def _stall_limit(seconds: float) -> float:
+    return NO_STALL_LIMIT if seconds <= 0 else seconds
 
 
 def load_config(

@@ -63,9 +63,18 @@ def _server(cfg: Config) -> Iterator[str]:
         yield "server.quic_listen_addr is required when server.enable_quic=true"
     if s.max_upload_size <= 0:
         yield "server.max_upload_size must be > 0"
+
+
+def _server_more(cfg: Config) -> Iterator[str]:
+    """Ours, after every contract check (a config audit: ``server.workers: 0`` had come before
+    the contract's first message)."""
+    s = cfg.server
     for name in ("max_connections", "max_connections_per_ip"):
         if getattr(s, name) <= 0:
             yield f"server.{name} must be > 0"
+    for name in ("file_op_timeout", "metadata_op_timeout"):
+        if getattr(s, name) <= 0:  # 0 had made every write time out at once (503)
+            yield f"server.{name} must be > 0 (a duration such as 10s)"
     if not 1 <= s.workers <= MAX_WORKERS:
         yield f"server.workers must be between 1 and {MAX_WORKERS} (got {s.workers})"
     elif s.workers > 1 and cfg.metadata_store.type == "raft":
@@ -166,6 +175,9 @@ def _auth(a: AuthConfig) -> Iterator[str]:
 def _erasure(cfg: Config) -> Iterator[str]:
     if cfg.erasure.data_shards + cfg.erasure.parity_shards > 256:
         yield "erasure.data_shards + erasure.parity_shards must not exceed 256"
+
+
+def _erasure_more(cfg: Config) -> Iterator[str]:
     if cfg.erasure.repair_interval < 0:
         yield "erasure.repair_interval must be >= 0 (0 disables the automatic repair pass)"
 
@@ -234,17 +246,26 @@ def _dsn(cfg: Config) -> Iterator[str]:
         )
 
 
+def cautions(cfg: Config) -> list[str]:
+    """What the contract accepts but is likely a mistake: warnings, not failures."""
+    return list(_backends(cfg))
+
+
 def _backends(cfg: Config) -> Iterator[str]:
+    """§2: an empty root or bucket disables that backend, and what needs it answers 500; a
+    config audit found these refused, which the contract does not do."""
     b = cfg.backend
     if b.default_backend == "s3" and not b.s3_bucket_name:
         yield (
-            "backend.default_backend is s3 but backend.s3_bucket_name is empty (S3 is disabled); "
-            "set backend.s3_bucket_name or use backend.default_backend: localfs"
+            "backend.default_backend is s3 but backend.s3_bucket_name is empty (S3 is disabled, "
+            "so new files get 500); set backend.s3_bucket_name or use "
+            "backend.default_backend: localfs"
         )
     if b.default_backend == "localfs" and not b.localfs_root_path:
         yield (
             "backend.default_backend is localfs but backend.localfs_root_path is empty (localfs "
-            "is disabled); set backend.localfs_root_path or use backend.default_backend: s3"
+            "is disabled, so new files get 500); set backend.localfs_root_path or use "
+            "backend.default_backend: s3"
         )
 
 
@@ -263,9 +284,9 @@ def _same_redis(a: str, b: str) -> bool:
 
 def _redis_namespaces(cfg: Config) -> Iterator[str]:
     m, d = cfg.metadata_store, cfg.dlm
-    if m.redis_db < 0:
+    if m.type == "redis" and m.redis_db < 0:
         yield f"metadata_store.redis_db must be >= 0 (got {m.redis_db})"
-    if d.redis_db < 0:
+    if d.type == "redis" and d.redis_db < 0:
         yield f"dlm.redis_db must be >= 0 (got {d.redis_db})"
     if m.type != "redis" or d.type != "redis" or m.redis_db != d.redis_db:
         return
@@ -284,9 +305,10 @@ def _redis_namespaces(cfg: Config) -> Iterator[str]:
 
 
 EXTRA_CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
+    _server_more,
+    _erasure_more,
     _addresses,
     _dsn,
-    _backends,
     _redis_namespaces,
 )
 

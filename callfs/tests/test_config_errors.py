@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from callfs.cli import cli
 from callfs.config import load_config
-from callfs.config.loader import ConfigProblems, load_config_report
+from callfs.config.loader import NO_STALL_LIMIT, ConfigProblems, load_config_report
 from callfs.config.validate import LOCK_NAMESPACE, mask_url
 from callfs.daemon import make_lock_manager, make_metadata_store
 from callfs.errors import ConfigError, Unavailable
@@ -166,23 +166,46 @@ def test_postgresql_scheme_is_fine(tmp_path: Path) -> None:
 # ---- default backend without its storage ------------------------------------------------------
 
 
-def test_default_backend_s3_without_bucket(tmp_path: Path) -> None:
-    exc = problems(tmp_path, {"CALLFS_BACKEND__DEFAULT_BACKEND": "s3"})
-    assert exc.message == (
-        "config validation failed: backend.default_backend is s3 but backend.s3_bucket_name "
-        "is empty (S3 is disabled); set backend.s3_bucket_name or use "
+def test_a_default_backend_without_its_storage_is_a_warning(tmp_path: Path) -> None:
+    """§2: an empty bucket or root disables that backend (what needs it answers 500). A config
+    audit found these configs refused; the contract accepts them, so they are warnings."""
+    loaded = report(tmp_path, {"CALLFS_BACKEND__DEFAULT_BACKEND": "s3"})
+    assert loaded.config.backend.default_backend == "s3"
+    assert (
+        "backend.default_backend is s3 but backend.s3_bucket_name is empty (S3 is disabled, "
+        "so new files get 500); set backend.s3_bucket_name or use "
         "backend.default_backend: localfs"
+    ) in loaded.warnings
+    loaded = report(tmp_path, {"CALLFS_BACKEND__LOCALFS_ROOT_PATH": ""})
+    assert any(
+        w.startswith("backend.default_backend is localfs but backend.localfs_root_path is empty")
+        for w in loaded.warnings
     )
     env = {"CALLFS_BACKEND__DEFAULT_BACKEND": "s3", "CALLFS_BACKEND__S3_BUCKET_NAME": "b"}
-    assert report(tmp_path, env).config.backend.default_backend == "s3"
+    assert not any("default_backend" in w for w in report(tmp_path, env).warnings)
 
 
-def test_default_backend_localfs_without_root(tmp_path: Path) -> None:
-    exc = problems(tmp_path, {"CALLFS_BACKEND__LOCALFS_ROOT_PATH": ""})
-    assert exc.message.startswith(
-        "config validation failed: backend.default_backend is localfs but "
-        "backend.localfs_root_path is empty"
+def test_our_checks_never_come_before_the_contracts_first_message(tmp_path: Path) -> None:
+    """From the config audit: ``server.workers: 0`` and a negative ``erasure.repair_interval``
+    were reported before the contract's first failure; a ``redis_db`` below 0 was refused
+    while Redis was not even used; a 0 metadata timeout made every write a 503."""
+    env = {"CALLFS_SERVER__WORKERS": "0", "CALLFS_DLM__TYPE": "zk"}
+    assert problems(tmp_path, env).message == (
+        "config validation failed: dlm.type must be one of: redis, local"
     )
+    env = {"CALLFS_ERASURE__REPAIR_INTERVAL": "-1s", "CALLFS_BACKEND__DEFAULT_BACKEND": "ftp"}
+    assert problems(tmp_path, env).message == (
+        'config validation failed: backend.default_backend must be one of: localfs, s3 (got "ftp")'
+    )
+    env = {"CALLFS_METADATA_STORE__TYPE": "sqlite", "CALLFS_METADATA_STORE__REDIS_DB": "-1"}
+    assert report(tmp_path, env).config.metadata_store.redis_db == -1
+    env = {"CALLFS_SERVER__METADATA_OP_TIMEOUT": "0s"}
+    assert problems(tmp_path, env).message == (
+        "config validation failed: server.metadata_op_timeout must be > 0 (a duration such as 10s)"
+    )
+    # v1's meaning of a 0 read or write timeout (Go's http.Server): no limit
+    cfg = report(tmp_path, {"CALLFS_SERVER__WRITE_TIMEOUT": "0s"}).config
+    assert cfg.server.write_timeout == NO_STALL_LIMIT
 
 
 # ---- bare integers for durations (§18: a bare integer is nanoseconds, so a warning) -----------
@@ -226,10 +249,10 @@ def test_all_errors_at_once(tmp_path: Path) -> None:
         "  - dlm.type must be one of: redis, local",
         "  - auth.api_keys or auth.api_key_users must contain at least one key",
         '  - metrics.listen_addr ":65536": port 65536 is out of range 0-65535',
-        f"  - {exc.problems[-1]}",
         "  - warning: unknown section servr is ignored; did you mean server?",
+        f"  - warning: {exc.warnings[-1]}",
     ]
-    assert exc.problems[-1].startswith("backend.default_backend is s3")
+    assert exc.warnings[-1].startswith("backend.default_backend is s3")
 
 
 def test_unmarshal_errors_at_once(tmp_path: Path) -> None:
