@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Gauge,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client import Counter as _Counter
@@ -19,6 +20,14 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+
+#: §16's "default buckets" are v1's: client_golang's ``DefBuckets`` (prometheus_client's own
+#: default adds 0.075, 0.75 and 7.5, which dashboards built on v1's ``le`` values do not know).
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# v1 exported no ``*_created`` series; §16 lists none (prometheus_client adds one per counter
+# and histogram unless told not to; the setting is the library's, for the whole process)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class _CachedLabels:
@@ -48,7 +57,16 @@ class Counter(_CachedLabels, _Counter):
 
 
 class Histogram(_CachedLabels, _Histogram):
-    pass
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        buckets: Sequence[float | str] = DEFAULT_BUCKETS,
+        **kw: Any,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, buckets=buckets, **kw)
 
 
 class Metrics:
@@ -236,8 +254,8 @@ class _Families(Collector):
 def merge_expositions(own: bytes, others: Iterable[bytes]) -> bytes:
     """One node's metrics from its processes' expositions (``server.workers``): ``own`` is the
     primary's. Samples with the same name and labels are added up (counters, histogram buckets,
-    sums and counts, and gauges such as held locks, which are per process); ``_created`` keeps the
-    earliest time; the process and Python runtime families are the primary's alone."""
+    sums and counts, and gauges such as held locks, which are per process); the process and
+    Python runtime families are the primary's alone."""
     families: dict[str, Metric] = {}
     merged: dict[str, dict[tuple[str, frozenset[tuple[str, str]]], Sample]] = {}
     for index, text in enumerate([own, *others]):
@@ -252,8 +270,6 @@ def merge_expositions(own: bytes, others: Iterable[bytes]) -> bytes:
                 seen = samples.get(key)
                 if seen is None:
                     samples[key] = sample
-                elif sample.name.endswith("_created"):
-                    samples[key] = seen._replace(value=min(seen.value, sample.value))
                 else:
                     samples[key] = seen._replace(value=seen.value + sample.value)
     for name, family in families.items():

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,23 @@ def test_merge_adds_samples_and_keeps_the_primary_process_figures() -> None:
     own = _values(primary.exposition())
     # one process's memory and start time, not a sum of them
     assert merged["process_start_time_seconds"] == own["process_start_time_seconds"]
-    created = f"callfs_http_requests_created{{{get[len('callfs_http_requests_total') + 1 :]}"
-    assert merged[created] == min(own[created], _values(worker.exposition())[created])
+    assert not [name for name in merged if "_created" in name]  # v1 had none (§16)
+    buckets = [k for k in merged if k.startswith("callfs_http_request_duration_seconds_bucket")]
+    # §16's "default buckets": v1's (client_golang DefBuckets), 11 and +Inf
+    assert sorted(float(re.search(r'le="([^"]+)"', k).group(1)) for k in buckets) == [  # type: ignore[union-attr]
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        float("inf"),
+    ]
 
 
 def test_merge_of_one_exposition_is_that_exposition() -> None:
