@@ -142,11 +142,26 @@ _TEMPLATES = {
 }
 
 
+#: The route a 405 was answered on (aiohttp's answer names no resource).
+_REFUSED_ROUTE = web.RequestKey("callfs_refused_route", str)
+
+
 def route_template(request: web.Request) -> str:
     resource = request.match_info.route.resource
     if resource is None:
-        return "unmatched"
+        refused: str = request.get(_REFUSED_ROUTE, "unmatched")
+        return refused
     return _TEMPLATES.get(resource.canonical, "unmatched")
+
+
+async def _note_refused_route(request: web.Request) -> None:
+    """A method a known route does not take (405) is counted under that route's template
+    (§16: ``path`` is the route template; ``unmatched`` is for no route). Only on a 405."""
+    for resource in request.app.router.resources():
+        _, allowed = await resource.resolve(request)
+        if allowed:
+            request[_REFUSED_ROUTE] = _TEMPLATES.get(resource.canonical, "unmatched")
+            return
 
 
 @web.middleware
@@ -162,6 +177,8 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     request_id_var.set(rid)
     started = time.perf_counter()
     status = 500
+    if isinstance(getattr(request.match_info, "http_exception", None), web.HTTPMethodNotAllowed):
+        await _note_refused_route(request)
     try:
         response = await _handle(request, handler)
         status = response.status

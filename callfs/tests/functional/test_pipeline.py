@@ -94,6 +94,23 @@ async def test_metrics_needs_auth_on_main_port(client: TestClient[Any, Any]) -> 
     assert "callfs_metadata_db_queries_total" in text
 
 
+async def test_a_refused_method_is_counted_under_its_route(client: TestClient[Any, Any]) -> None:
+    """§16: ``path`` is the route template, ``unmatched`` only where no route matches. A 405
+    on a known route was labelled ``unmatched`` (aiohttp's answer names no resource); found by
+    the metrics audit."""
+    assert (await client.post("/download/x")).status == 405
+    assert (await client.get("/v1/links/generate", headers=auth())).status == 405
+    assert (await client.get("/no/such/route", headers=auth())).status == 404
+    text = await (await client.get("/metrics", headers=auth())).text()
+    for line in (
+        'callfs_http_requests_total{method="POST",path="/download/{token}",status_code="405"}',
+        'callfs_http_requests_total{method="GET",path="/v1/links/generate",status_code="405"}',
+        'callfs_http_requests_total{method="GET",path="unmatched",status_code="404"}',
+    ):
+        assert line in text, line
+    assert 'path="unmatched",status_code="405"' not in text
+
+
 async def test_error_bodies_are_compact_json(client: TestClient[Any, Any]) -> None:
     resp = await client.get("/v1/files/missing.txt", headers=auth())
     assert resp.status == 404
