@@ -918,15 +918,15 @@ def _open_child_dir(
                 if create_mode is None:
                     raise
                 raise UnsafePath() from exc  # a file where a directory must be made
-    try:
+    with contextlib.suppress(FileExistsError):
+        # made meanwhile by another writer (a symlink made meanwhile is refused below), which
+        # may not have fsync'd ``parent`` yet and may fail before it does: an acknowledged
+        # write of ours in that directory must not depend on it, so ours does it too
         os.mkdir(name, create_mode, dir_fd=parent)
-    except FileExistsError:
-        pass  # made meanwhile by another writer (a symlink made meanwhile is refused below)
+    if made is None:
+        os.fsync(parent)
     else:
-        if made is None:
-            os.fsync(parent)
-        else:
-            made.append(os.dup(parent))
+        made.append(os.dup(parent))
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent)
     except OSError as exc:

@@ -64,3 +64,37 @@ async def test_a_big_body_is_written_back_as_it_streams(
         assert calls == []
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("made", [None, []], ids=["fsync-now", "fsync-later"])
+def test_a_directory_another_writer_just_made_is_fsyncd_by_this_writer_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: list[int] | None
+) -> None:
+    """From a crash-safety review: when two writers make the same new blob directory, the one
+    whose mkdir lost the race skipped the parent's fsync, so its acknowledged blob depended on
+    the other writer's fsync, which may never come (it can fail first)."""
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    synced: list[int] = []
+    real_mkdir, real_fsync = os.mkdir, os.fsync
+
+    def racing_mkdir(name: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(name, mode, dir_fd=dir_fd)  # the other writer got there first
+        raise FileExistsError(name)
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        child = localfs._open_child_dir(parent, "ab", 0o700, made)
+        os.close(child)
+        if made is not None:
+            assert len(made) == 1  # the caller fsyncs it once its file is in place
+            for fd in made:
+                fsync(fd)
+                os.close(fd)
+        assert synced == [os.fstat(parent).st_ino]
+    finally:
+        os.close(parent)
