@@ -1115,6 +1115,12 @@ class Engine:
         files = [e for e in entries if not e.is_dir]
         for entry in files:
             check_delete(who, entry)
+        if all(
+            e.instance_id == target or e.backend_type is not BackendType.LOCALFS
+            for e in (directory, *entries)
+        ):
+            # §9.7 step 5: neither the path nor where anything lives would change
+            raise BadRequest("destination equals source")
         if target != self.settings.instance_id and not await self._peer_client().alive(target):
             raise PeerUnavailable("target node unreachable")
         report = TreeMove()
