@@ -407,31 +407,14 @@ class StateMachine:
         records replayed in order, up to the first torn or damaged one); return what it held. A
         snapshot whose database fails its checksum raises (never half-loaded)."""
         started = time.perf_counter()
-        with open(snapshot, "rb") as f:
-            magic = f.read(len(SNAPSHOT_MAGIC))
-            if magic == SNAPSHOT_MAGIC:
-                version, left = 1, -1
-            elif magic == SNAPSHOT_MAGIC2:
-                version, left = 2, _LEN.unpack(f.read(_LEN.size).rjust(_LEN.size, b"\0"))[0]
-            else:
-                raise ValueError(f"{snapshot} is not a CallFS raft snapshot")
-            want = f.read(_HASH_LEN)
-            digest = hashlib.sha256()
-            work = self.path + ".restore"
-            remove_db(work)
+        work = self.path + ".restore"
+        remove_db(work)
+        try:
             with open(work, "wb") as out:
-                while left:
-                    chunk = f.read(_COPY_CHUNK if left < 0 else min(_COPY_CHUNK, left))
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if left > 0:
-                        left -= len(chunk)
-            base_end = f.tell()
-        if len(want) != _HASH_LEN or digest.digest() != want or left > 0:
+                version, base_end = read_snapshot_base(snapshot, out.write)
+        except ValueError:
             remove_db(work)
-            raise ValueError(f"{snapshot} failed its checksum (incomplete transfer?)")
+            raise
         src = sqlite3.connect(work)
         try:
             row = src.execute("SELECT data FROM _raftsnap WHERE id = 1").fetchone()
@@ -511,6 +494,34 @@ def publish(out: str, final: str) -> None:
     """Put the fsync'd file ``out`` in place as ``final``, durably."""
     os.replace(out, final)
     fsync_dir(final)
+
+
+def read_snapshot_base(snapshot: str, sink: Callable[[bytes], object]) -> tuple[int, int]:
+    """Pass a snapshot's database to ``sink`` and check it against its SHA-256: ``(format
+    version, offset where its delta records begin)``. ValueError if it is not a snapshot of
+    ours, is cut short, or fails the checksum (``sink`` may have had some of it by then)."""
+    with open(snapshot, "rb") as f:
+        magic = f.read(len(SNAPSHOT_MAGIC))
+        if magic == SNAPSHOT_MAGIC:
+            version, left = 1, -1
+        elif magic == SNAPSHOT_MAGIC2:
+            version, left = 2, _LEN.unpack(f.read(_LEN.size).rjust(_LEN.size, b"\0"))[0]
+        else:
+            raise ValueError(f"{snapshot} is not a CallFS raft snapshot")
+        want = f.read(_HASH_LEN)
+        digest = hashlib.sha256()
+        while left:
+            chunk = f.read(_COPY_CHUNK if left < 0 else min(_COPY_CHUNK, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            sink(chunk)
+            if left > 0:
+                left -= len(chunk)
+        base_end = f.tell()
+    if len(want) != _HASH_LEN or digest.digest() != want or left > 0:
+        raise ValueError(f"{snapshot} failed its checksum (incomplete transfer?)")
+    return version, base_end
 
 
 def fsync_dir(path: str) -> None:

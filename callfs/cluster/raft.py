@@ -39,7 +39,14 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.transport import TCPTransport
 
-from callfs.cluster.fsm import COPY_SUFFIX, SNAPSHOT2_LEVEL, StateMachine, fsync_dir, publish
+from callfs.cluster.fsm import (
+    COPY_SUFFIX,
+    SNAPSHOT2_LEVEL,
+    StateMachine,
+    fsync_dir,
+    publish,
+    read_snapshot_base,
+)
 from callfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,6 +106,9 @@ def check_internals() -> None:
     ]
     for owner, name in (
         (pjournal.FileJournal, "flush"),
+        (pjournal.FileJournal, "deleteEntriesTo"),
+        (pjournal.FileJournal, "_FileJournal__getDefaultHeader"),
+        (pjournal, "ResizableFile"),
         (pjournal.MetaStorer, "storeMeta"),
         (pjournal.MetaStorer, "getMeta"),
         (pjournal.MetaStorer, "getPath"),
@@ -118,6 +128,7 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
     def __init__(self, journal_file: str) -> None:
         existed = os.path.exists(journal_file)
         super().__init__(journal_file)
+        self._path = journal_file
         self.dirty = False
         self.syncs = 0
         self.sync_seconds = 0.0
@@ -129,6 +140,10 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
         if not existed:
             self.flush()
             fsync_dir(journal_file)
+        else:
+            # entries a kill -9 left in the page cache only: on disk before this node
+            # acknowledges anything (``send`` syncs only what this process wrote)
+            os.fdatasync(self._fd())
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         super().add(command, idx, term)
@@ -141,6 +156,35 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         super().deleteEntriesFrom(entryFrom)
         self.dirty = True
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Log compaction after a snapshot: the entries kept go to a new file, which is fsync'd
+        and renamed over the journal. pysyncobj rewrites the file in place (clear, then add each
+        kept entry again from the start), so a crash midway lost every kept entry not yet
+        written again: entries this node had acknowledged (and counted in majorities)."""
+        mine = self.__dict__  # pysyncobj's private fields (name-mangled; ``check_internals``)
+        kept = mine["_FileJournal__journal"][entryTo:]
+        tmp = self._path + ".compact"
+        for leftover in (tmp, tmp + ".meta"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        fresh = pjournal.FileJournal(tmp)
+        try:
+            for entry in kept:
+                fresh.add(*entry)
+            os.fdatasync(fresh.__dict__["_FileJournal__journalFile"]._ResizableFile__f.fileno())
+            offset = fresh.__dict__["_FileJournal__currentOffset"]
+        finally:
+            fresh._destroy()
+        with self._sync_lock:
+            os.replace(tmp, self._path)
+            fsync_dir(self._path)
+            mine["_FileJournal__journalFile"]._destroy()
+            mine["_FileJournal__journalFile"] = pjournal.ResizableFile(
+                self._path, defaultContent=self._FileJournal__getDefaultHeader()
+            )
+            mine["_FileJournal__journal"] = list(kept)
+            mine["_FileJournal__currentOffset"] = offset
 
     def _fd(self) -> int:
         """The journal file's descriptor (ResizableFile reopens it when it grows: ask each time;
@@ -159,7 +203,11 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
             # fdatasync writes back the shared mapping's dirty pages as msync would, but releases
             # the GIL: mmap.flush() stalls every thread of the node (the event loop included)
             # for the ~0.1 ms of each sync.
-            os.fdatasync(self._fd())
+            try:
+                os.fdatasync(self._fd())
+            except BaseException:
+                self.dirty = True  # not on disk: the next send or commit tries again
+                raise
             self.syncs += 1
             self.sync_seconds += time.perf_counter() - started
 
@@ -191,7 +239,24 @@ def _load_meta(self: Any) -> Any:
         return {}
 
 
+#: Where pysyncobj receives a snapshot from the leader (``<snapshot>`` + this).
+INCOMING_SUFFIX = ".1.tmp"
+
+
 def _durable_replace(src: str, dst: str) -> None:
+    """pysyncobj's ``atomicReplace``: its own snapshot, or one received from the leader, put in
+    place durably. A received one is checked first: pysyncobj renames it over this node's own
+    snapshot before it is read, so a damaged transfer destroyed the snapshot the log starts at,
+    and after a restart the node could never apply again (it still won elections). Refused
+    here, the transfer fails, our snapshot stays, and the leader sends it again."""
+    if src == dst + INCOMING_SUFFIX:
+        try:
+            read_snapshot_base(src, lambda _chunk: None)
+        except ValueError as exc:
+            log.error("raft snapshot received from the leader refused: %s", exc)
+            with contextlib.suppress(OSError):
+                os.remove(src)
+            raise
     with open(src, "rb") as f:
         os.fsync(f.fileno())
     os.replace(src, dst)
@@ -425,8 +490,11 @@ class _Snapshots:
             older = final if i == 1 else f"{final}.{i - 1}"
             if os.path.exists(older):
                 # not ``.<i>.tmp``: ``.1.tmp`` is where pysyncobj receives a snapshot
-                os.link(older, f"{final}.{i}.retain.tmp")
-                os.replace(f"{final}.{i}.retain.tmp", f"{final}.{i}")
+                tmp = f"{final}.{i}.retain.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)  # a crash's leftover: os.link would fail on it for good
+                os.link(older, tmp)
+                os.replace(tmp, f"{final}.{i}")
 
     def check(self) -> int:
         """Tick thread: the state of the snapshot under way; a finished one takes effect here."""

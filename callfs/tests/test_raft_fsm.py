@@ -14,6 +14,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -793,3 +794,129 @@ async def test_a_join_of_a_voter_already_at_that_address_changes_nothing(tmp_pat
         assert service.cluster_level() == C.LEVEL
     finally:
         await store.close()
+
+
+def test_a_crash_during_log_compaction_loses_no_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a Raft review, which demonstrated it: pysyncobj compacts the log in place (clear,
+    then add each kept entry again from the start), so a kill -9 midway left only the entries
+    written again (39 of 101 in its run). The compaction now writes a new file and renames it."""
+    import pysyncobj.journal as pjournal
+
+    from callfs.cluster.raft import _create_journal
+
+    path = tmp_path / "journal"
+    journal = _create_journal(str(path))
+    for i in range(1, 301):
+        journal.add(b"cmd%d" % i, i, 1)
+    journal.sync()
+    real_add = pjournal.FileJournal.add
+    added = [0]
+
+    def dying_add(self: Any, *entry: Any) -> None:
+        added[0] += 1
+        if added[0] == 40:
+            raise SystemExit("kill -9")  # the process dies mid-compaction
+        real_add(self, *entry)
+
+    monkeypatch.setattr(pjournal.FileJournal, "add", dying_add)
+    with pytest.raises(SystemExit):
+        journal.deleteEntriesTo(199)
+    monkeypatch.setattr(pjournal.FileJournal, "add", real_add)
+    after_crash = pjournal.FileJournal(str(path))  # what a restart reads
+    assert [e[1] for e in after_crash] == list(range(1, 301))  # untouched: nothing lost
+    after_crash._destroy()
+
+    journal.deleteEntriesTo(199)  # now a compaction that completes
+    assert [e[1] for e in journal] == list(range(200, 301))
+    journal.add(b"cmd301", 301, 1)  # the log goes on in the new file
+    journal.sync()
+    journal._destroy()
+    reopened = _create_journal(str(path))
+    assert [e[1] for e in reopened] == list(range(200, 302))
+    assert reopened[-1][0] == b"cmd301"
+    assert not os.path.exists(str(path) + ".compact")
+    reopened._destroy()
+
+
+def test_a_reopened_log_is_synced_and_a_failed_sync_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the same review: entries a kill -9 left in the page cache were taken as on disk
+    at restart (the first acknowledgement went out unsynced), and a failed fdatasync cleared
+    the flag, so the next acknowledgement went out unsynced too."""
+    path = tmp_path / "journal"
+    journal = raft_module._create_journal(str(path))
+    journal.add(b"a", 1, 1)  # written, never synced: the process dies here
+    journal._destroy()
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(raft_module.os, "fdatasync", fdatasync)
+    reopened = raft_module._create_journal(str(path))
+    assert synced  # at open, before anything is acknowledged
+    assert not reopened.dirty
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "EIO")
+
+    reopened.add(b"b", 2, 1)
+    monkeypatch.setattr(raft_module.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        reopened.sync()
+    assert reopened.dirty  # the next send or commit syncs again
+    monkeypatch.setattr(raft_module.os, "fdatasync", real_fdatasync)
+    reopened.sync()
+    assert not reopened.dirty
+    reopened._destroy()
+
+
+def test_a_damaged_snapshot_from_the_leader_never_replaces_our_own(tmp_path: Path) -> None:
+    """From the Raft review, which demonstrated a node that could never apply again: pysyncobj
+    renames a received snapshot over the node's own before reading it; a damaged one was then
+    refused and deleted, and after a restart the log started at a snapshot that was gone. The
+    received file is checked before it is put in place."""
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    for i in range(20):
+        fsm.apply(create(f"r{i}", f"/f{i}"))
+    own = str(tmp_path / "raft.snapshot")
+    write_snapshot(fsm.pin(), b"ours", own)
+    mine = Path(own).read_bytes()
+    incoming = own + raft_module.INCOMING_SUFFIX
+    write_snapshot(fsm.pin(), b"theirs", incoming)
+    sent = Path(incoming).read_bytes()
+    Path(incoming).write_bytes(sent[:5000] + sent[5000 + 4096 :])  # a cut transfer
+    with pytest.raises(ValueError, match="checksum"):
+        raft_module._durable_replace(incoming, own)
+    assert Path(own).read_bytes() == mine  # ours stays, the damaged one is gone
+    assert not os.path.exists(incoming)
+    Path(incoming).write_bytes(sent)  # the leader sends it again, whole
+    raft_module._durable_replace(incoming, own)
+    assert Path(own).read_bytes() == sent
+    fsm.close()
+
+
+def test_a_crash_leftover_of_the_snapshot_rotation_does_not_stop_snapshots(
+    tmp_path: Path,
+) -> None:
+    """From the Raft review: a kill -9 between the link and the rename of a retained snapshot
+    left ``<snapshot>.1.retain.tmp``; every later rotation failed on it (FileExistsError), so
+    no snapshot ever completed again and the log never compacted."""
+    fsm = StateMachine(str(tmp_path / "state.sqlite3"))
+    fsm.open_fresh()
+    snapshots = raft_module._Snapshots(fsm, 3)
+    final = str(tmp_path / "raft.snapshot")
+    Path(final).write_bytes(b"current")
+    Path(final + ".1").write_bytes(b"older")
+    Path(final + ".1.retain.tmp").write_bytes(b"left by a crash")
+    snapshots._rotate(final)
+    assert Path(final + ".1").read_bytes() == b"current"
+    assert Path(final + ".2").read_bytes() == b"older"
+    assert not os.path.exists(final + ".1.retain.tmp")
+    fsm.close()
