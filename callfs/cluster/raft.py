@@ -59,6 +59,10 @@ _NEXT_SEND = "_SyncObj__newAppendEntriesTime"
 _LAST_INDEX = "_SyncObj__getCurrentLogIndex"
 #: The leader's next log index to send to each follower (private; ``_DurableTransport``).
 _NEXT_INDEX = "_SyncObj__raftNextIndex"
+_TRANSPORT_ATTR = "_SyncObj__transport"
+#: The part of ``raftMinTimeout`` a read lease lasts from the send of the appends a majority
+#: answered (the rest: the followers' clocks may run a little faster than the leader's).
+LEASE_FRACTION = 0.8
 
 #: pysyncobj fail reasons that mean "this command was not applied": retry it anywhere.
 NOT_APPLIED = frozenset(
@@ -263,19 +267,79 @@ def _durable_replace(src: str, dst: str) -> None:
     fsync_dir(dst)
 
 
+#: Extra fields of our own on pysyncobj's messages (older nodes ignore them): the number of an
+#: append, and in the answer to it, the number it answers.
+_SEQ = "callfs_seq"
+_ACK = "callfs_ack"
+#: Appends remembered per follower until answered (a follower that stopped answering).
+_SENT_KEPT = 4096
+
+
 class _DurableTransport(TCPTransport):  # type: ignore[misc]
     """Flushes the journal before any message leaves: nothing is acknowledged, by a follower or
-    on the leader's behalf, that is not on this node's disk."""
+    on the leader's behalf, that is not on this node's disk.
+
+    It also gives the leader a read lease (Raft thesis §6.4.1). Each append carries a number
+    that its answer echoes, so the leader knows when it SENT the newest append each follower
+    answered (``acked_at``). A follower ignores votes for ``raftMinTimeout`` after an append of
+    the current term (thesis §4.2.3), and starts no election of its own before that either. So
+    while a majority's answered appends were sent less than ``raftMinTimeout`` ago, no other
+    leader can have been elected, and the leader's own state is current: it may answer reads
+    without a round trip. pysyncobj's own test (answers heard within ``leaderFallbackTimeout``,
+    by when they arrived) let a leader cut off from its followers answer reads for about half a
+    second after another leader took writes (found by review)."""
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         journal_file = syncObj.conf.journalFile
         self._journal = _JOURNALS.get(os.path.abspath(journal_file)) if journal_file else None
         #: Acknowledgements that would have moved a next index back (``_onMessageReceived``).
         self.index_restores = 0
+        self._election_min = float(syncObj.conf.raftMinTimeout)
+        self._seq = 0
+        self._sent_at: dict[Any, dict[int, float]] = {}
+        #: Per follower: when the newest append it answered was sent (monotonic).
+        self.acked_at: dict[Any, float] = {}
+        self._answering: dict[Any, int] = {}
+        #: When an append of the current term last arrived here (monotonic).
+        self.heard_at = -1e9
+        #: Votes asked while a leader was heard from, not answered.
+        self.votes_ignored = 0
         super().__init__(syncObj, selfNode, otherNodes)
 
+    def _lease_checks(self, node: Any, message: dict[str, Any]) -> bool:
+        """Bookkeeping for the read lease; False for a message to drop (a vote asked while the
+        current leader is heard from)."""
+        kind = message.get("type")
+        if kind == "append_entries":
+            seq = message.get(_SEQ)
+            if isinstance(seq, int):
+                self._answering[node] = seq
+            else:
+                self._answering.pop(node, None)
+            term = message.get("term")
+            if isinstance(term, int) and term >= self._syncObj.raftCurrentTerm:
+                self.heard_at = time.monotonic()
+        elif kind == "request_vote":
+            if time.monotonic() - self.heard_at < self._election_min:
+                self.votes_ignored += 1
+                return False
+        elif kind == "next_node_idx":
+            seq = message.get(_ACK)
+            sent = self._sent_at.get(node)
+            if isinstance(seq, int) and sent is not None and seq in sent:
+                at = sent[seq]
+                for old in [k for k in sent if k <= seq]:
+                    del sent[old]
+                if at > self.acked_at.get(node, -1e9):
+                    self.acked_at[node] = at
+            elif _ACK not in message:
+                # a node of an older version echoes nothing: when the answer came, as before
+                self.acked_at[node] = time.monotonic()
+        return True
+
     def _onMessageReceived(self, node: Any, message: Any) -> None:
-        """Keep the leader's next index for a follower from going backwards on an
+        """The read lease's bookkeeping (a vote asked while a leader is heard from is dropped);
+        then: keep the leader's next index for a follower from going backwards on an
         acknowledgement. pysyncobj 0.3.17 sets it to the acknowledged index + 1 even when later
         entries are already on their way (prompt replication keeps several in flight), so the
         next message resends them with an older previous index, and the follower, which
@@ -285,6 +349,8 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
         Messages arrive in order on one connection, so entries below the index already sent
         reach the follower unless the connection drops, which the follower reports by failing
         the next append (``reset``), the path left untouched here."""
+        if isinstance(message, dict) and not self._lease_checks(node, message):
+            return
         next_index = getattr(self._syncObj, _NEXT_INDEX, None)  # checked in RaftNode.start
         before = next_index.get(node) if next_index is not None else None
         super()._onMessageReceived(node, message)
@@ -305,7 +371,27 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
         journal = self._journal
         if journal is not None and journal.dirty:
             journal.sync()
+        if isinstance(message, dict):
+            kind = message.get("type")
+            if kind == "append_entries":
+                self._seq += 1
+                message = {**message, _SEQ: self._seq}
+                sent = self._sent_at.setdefault(node, {})
+                sent[self._seq] = time.monotonic()
+                if len(sent) > _SENT_KEPT:
+                    for old in list(sent)[: _SENT_KEPT // 2]:
+                        del sent[old]
+            elif kind == "next_node_idx" and node in self._answering:
+                message = {**message, _ACK: self._answering[node]}
         return super().send(node, message)
+
+    def lease_holds(self, others: list[Any], window: float) -> bool:
+        """A majority (this node included) answered appends sent within ``window``."""
+        need = (len(others) + 1) // 2  # others needed beside this node for a majority
+        if need == 0:
+            return True
+        sent = sorted((self.acked_at.get(n, -1e9) for n in others), reverse=True)
+        return time.monotonic() - sent[need - 1] < window
 
 
 _installed = False
@@ -647,7 +733,7 @@ class RaftNode:
             consumers=[self._replica],
             transportClass=_DurableTransport,
         )
-        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, _NEXT_INDEX, "_poller"):
+        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, _NEXT_INDEX, _TRANSPORT_ATTR, "_poller"):
             if not hasattr(self._sync, attr):
                 raise RuntimeError(f"pysyncobj internals changed: SyncObj.{attr} missing")
         serializer = getattr(self._sync, _SERIALIZER_ATTR, None)
@@ -811,6 +897,25 @@ class RaftNode:
 
     def has_quorum(self) -> bool:
         return self._sync is not None and bool(self._sync.hasQuorum)
+
+    def lease_holds(self) -> bool:
+        """This node leads, and no other node can have been elected since a majority last
+        answered it (``_DurableTransport``): its state is current, reads may be answered."""
+        sync = self._sync
+        if sync is None or not sync._isLeader():
+            return False
+        transport = getattr(sync, _TRANSPORT_ATTR, None)
+        if not isinstance(transport, _DurableTransport):
+            return False
+        for _ in range(5):  # the tick thread may change the set meanwhile
+            try:
+                others = list(sync.otherNodes)
+                break
+            except RuntimeError:
+                time.sleep(0.001)
+        else:
+            return False
+        return transport.lease_holds(others, self.settings.election_min * LEASE_FRACTION)
 
     @property
     def commit_index(self) -> int:

@@ -55,6 +55,8 @@ _MAX_BATCH_BYTES = 48 * 1024
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 #: How often reads waiting for the local replica to apply an index check it.
 _APPLIED_POLL = 0.001
+#: How often a read waiting for the leader's lease looks again (seconds).
+_LEASE_POLL = 0.005
 
 
 def raft_password(internal_secret: str) -> str:
@@ -259,7 +261,7 @@ class RaftService:
         if not self.node.is_leader():
             return 502, C.pack({"error": "not leader", "leader_id": self.leader_id()})
         if op == "read_index":
-            if not self.node.has_quorum() or not self.node.leader_ready():
+            if not self.node.leader_ready() or not await self._leased():
                 return 503, C.pack({"error": "leader not ready"})
             return 200, C.pack({"index": self.node.commit_index})
         if op != "apply" or not isinstance(request.get("cmd"), bytes):
@@ -405,12 +407,28 @@ class RaftService:
 
     async def _target(self) -> int:
         if self.node.is_leader():
-            if not self.node.has_quorum():
-                raise Unavailable("raft leader has lost its quorum")
             if not self.node.leader_ready():
                 raise Unavailable("raft leader has not committed its first entry yet")
+            if not await self._leased():
+                raise Unavailable("raft leader cannot confirm that it still leads")
             return self.node.commit_index
         return await self._read_index()
+
+    async def _leased(self) -> bool:
+        """The leader's read lease holds (``RaftNode.lease_holds``), waited for up to one
+        minimum election timeout (a leader just elected, answers late): False once this node
+        no longer leads or the wait is over."""
+        node = self.node
+        if node.lease_holds():
+            return True
+        deadline = time.monotonic() + node.settings.election_min
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_LEASE_POLL)
+            if node.lease_holds():
+                return True
+            if not node.is_leader():
+                return False
+        return False
 
     async def _read_index(self) -> int:
         """The leader's commit index, fetched by a request that STARTS after this call began

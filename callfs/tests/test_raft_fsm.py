@@ -920,3 +920,59 @@ def test_a_crash_leftover_of_the_snapshot_rotation_does_not_stop_snapshots(
     assert Path(final + ".2").read_bytes() == b"older"
     assert not os.path.exists(final + ".1.retain.tmp")
     fsm.close()
+
+
+def test_a_leader_cut_off_from_its_followers_stops_reading_before_another_is_elected(
+    tmp_path: Path,
+) -> None:
+    """From the Raft review, which measured it: a leader whose Raft traffic is cut off but whose
+    connections stay open kept answering reads (pysyncobj's quorum test) for 0.4-0.5 s after
+    another node was elected and could take writes. Its read lease must end before any other
+    node can lead."""
+    ports = [free_port() for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [
+        RaftNode(
+            RaftSettings(
+                node_id=f"n{i}",
+                bind_addr=addrs[i],
+                peers=tuple(a for a in addrs if a != addrs[i]),
+                data_dir=str(tmp_path / f"n{i}"),
+                password="lease-test",
+            )
+        )
+        for i in range(3)
+    ]
+    for node in nodes:
+        node.start()
+    try:
+        deadline = time.monotonic() + 20
+        leader = None
+        while leader is None:
+            assert time.monotonic() < deadline, "no leader"
+            ready = [n for n in nodes if n.is_leader() and n.leader_ready() and n.lease_holds()]
+            leader = ready[0] if len(ready) == 1 else None
+            time.sleep(0.01)
+        others = [n for n in nodes if n is not leader]
+        transport = leader.sync._SyncObj__transport  # type: ignore[attr-defined]
+        transport.send = lambda node, message: False  # its Raft traffic is cut, both ways
+        transport._onMessageReceivedCallback = lambda node, message: None
+        last_lease = None
+        first_other = None
+        deadline = time.monotonic() + 20
+        while first_other is None:
+            now = time.monotonic()
+            assert now < deadline, "no new leader"
+            if leader.lease_holds():
+                last_lease = now
+            if any(n.is_leader() for n in others):
+                first_other = now
+            time.sleep(0.001)
+        assert last_lease is not None  # it held the lease for a moment after the cut
+        assert last_lease < first_other, first_other - last_lease
+        for _ in range(100):  # and never again while cut off
+            assert not leader.lease_holds()
+            time.sleep(0.005)
+    finally:
+        for node in nodes:
+            node.stop()
