@@ -289,6 +289,6 @@ def add_routes(
     if maintenance is not None:
         app[MAINTENANCE] = maintenance
         app.router.add_post("/v1/internal/erasure/repair", repair)
-    app.router.add_get(SHARDS_PREFIX + "{tail:.+}", public_shard, allow_head=False)
+    app.router.add_get(SHARDS_PREFIX + r"{tail:[\s\S]+}", public_shard, allow_head=False)
     for method in ("GET", "PUT", "DELETE"):
-        app.router.add_route(method, INTERNAL_PREFIX + "{tail:.+}", internal_shard)
+        app.router.add_route(method, INTERNAL_PREFIX + r"{tail:[\s\S]+}", internal_shard)

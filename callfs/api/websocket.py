@@ -306,4 +306,4 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
 def add_routes(app: web.Application) -> None:
     # Registered before /v1/files/{tail}: GET here is always the WebSocket endpoint; other
     # methods fall through to the file handlers (§6.2).
-    app.router.add_get(WS_PREFIX + "/{tail:.*}", transfer, allow_head=False)
+    app.router.add_get(WS_PREFIX + r"/{tail:[\s\S]*}", transfer, allow_head=False)

@@ -134,6 +134,7 @@ async def test_handshake_refusals(client: Client) -> None:
     cases = [
         ("/v1/files/ws/x.bin", {}, 401),
         ("/v1/files/ws/..%2Fx", auth(), 400),
+        ("/v1/files/ws/a%0Ab", auth(), 400),  # a line feed: an invalid path
         ("/v1/files/ws/dir/", auth(), 400),
         ("/v1/files/ws/x.bin?mode=sideways", auth(), 400),
         ("/v1/files/ws/d?mode=upload", auth(), 400),
