@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import io
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -326,6 +327,51 @@ async def test_automatic_repair_restores_full_redundancy(tmp_path: Path) -> None
                     assert await read(s, node, path) == (200, data)
             # full redundancy without node-3: any one more shard may go and reads still work
             assert sum(len(shards_on(tmp_path, n)) for n in ("node-1", "node-2")) >= 30
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def test_a_frozen_holder_is_read_around(tmp_path: Path, pg_store: dict[str, Any]) -> None:
+    """From an erasure audit: a holder of a data shard that is frozen (SIGSTOP), not dead, held
+    every read until the whole open timed out (503 after server.file_op_timeout, 10 s), from
+    every node, parity unused. Its shard now counts as missing after SHARD_WAIT."""
+    from callfs.erasure.service import SHARD_WAIT
+
+    nodes = shared_store_cluster(tmp_path, pg_store)
+    for node in nodes:
+        node.config["erasure"] = dict(ERASURE)
+    try:
+        for node in nodes:
+            node.start()
+        data = os.urandom(2 * 1024 * 1024 + 777)
+        async with aiohttp.ClientSession() as s:
+            # shard 0 (data) on node-1, shard 1 (data) on node-2, shard 2 (parity) on node-3
+            headers = {**H, "X-CallFS-Erasure-Instances": "node-2,node-3"}
+            async with s.post(
+                f"{nodes[0].base}/v1/files/ec/f.bin?erasure=true&data_shards=2&parity_shards=1",
+                data=io.BytesIO(data),
+                headers=headers,
+            ) as r:
+                assert r.status == 201, await r.text()
+            async with s.get(f"{nodes[0].base}/v1/files/ec/f.bin?manifest=true", headers=H) as r:
+                manifest = await r.json(content_type=None)
+            holders = [
+                next(n.name for n in nodes if sh["endpoint"].startswith(n.base + "/"))
+                for sh in manifest["shards"]
+            ]
+            assert holders == ["node-1", "node-2", "node-3"], holders
+            assert nodes[1].proc is not None
+            nodes[1].proc.send_signal(signal.SIGSTOP)
+            try:
+                for node in (nodes[0], nodes[2]):
+                    started = time.monotonic()
+                    assert await read(s, node, "/ec/f.bin") == (200, data), node.name
+                    status, got = await read(s, node, "/ec/f.bin", "bytes=10-1500000")
+                    assert (status, got) == (206, data[10:1500001])
+                    assert time.monotonic() - started < 4 * SHARD_WAIT + 2
+            finally:
+                nodes[1].proc.send_signal(signal.SIGCONT)
     finally:
         for node in nodes:
             node.stop()

@@ -248,9 +248,16 @@ class ErasureService:
         )
 
 
+#: How long a shard's holder may take to open it or to deliver a block before the shard counts
+#: as missing and another one (parity) is read instead. A frozen holder (SIGSTOP, a hung disk)
+#: had held every read until the whole open timed out (``server.file_op_timeout``: 503), parity
+#: unused; found by an audit. A slow holder only costs the rebuild of what it held.
+SHARD_WAIT = 3.0
+
+
 class _StripeReader:
     """Reads stripes ``first..last`` sequentially from ``k`` shards at a time, replacing a shard
-    whose block is missing or corrupt by another one."""
+    whose block is missing, corrupt or late (``SHARD_WAIT``) by another one."""
 
     def __init__(self, io: ShardIO, layout: ErasureLayout, codec: Codec) -> None:
         self._io = io
@@ -270,10 +277,11 @@ class _StripeReader:
         end = sum(self._codec.block_span(self._last, size))
         length = end - start
         try:
-            stream = await self._io.open(
-                info.instance_id, self._layout.upload_id, index, start, length
-            )
-        except (NotFound, PeerUnavailable, OSError, CallFSError) as exc:
+            async with asyncio.timeout(SHARD_WAIT):
+                stream = await self._io.open(
+                    info.instance_id, self._layout.upload_id, index, start, length
+                )
+        except (NotFound, PeerUnavailable, OSError, CallFSError, TimeoutError) as exc:
             log.warning(
                 "erasure shard %d of %s unavailable on %s: %s",
                 index,
@@ -310,8 +318,9 @@ class _StripeReader:
         framed: list[memoryview]
         length = self._codec.block_span(number, self._layout.original_size)[1]
         try:
-            framed = await read_parts(it, pending, length)
-        except (CallFSError, OSError):
+            async with asyncio.timeout(SHARD_WAIT):
+                framed = await read_parts(it, pending, length)
+        except (CallFSError, OSError, TimeoutError):
             framed = []
         codec = self._codec
         if not framed:
@@ -322,7 +331,7 @@ class _StripeReader:
             block = await run_cpu(codec.unframe_parts, framed)
         if block is None:
             log.warning(
-                "erasure shard %d of %s is short or corrupt; using another shard",
+                "erasure shard %d of %s is short, corrupt or late; using another shard",
                 index,
                 self._layout.upload_id,
             )
