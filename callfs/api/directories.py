@@ -21,6 +21,7 @@ from callfs.api.files import (
     request_path,
     send_listing,
 )
+from callfs.api.numbers import parse_int
 from callfs.api.state import api_state, identity
 from callfs.errors import BadRequest
 
@@ -31,17 +32,9 @@ MAX_MAX_DEPTH = 1000
 
 def parse_max_depth(raw: str | None) -> int:
     """Missing, unparsable or negative means 100; above 1000 means 1000; 0 is allowed.
-    Parsed as v1 parsed it (Go's ``strconv.Atoi``): an optional sign, ASCII digits, no spaces,
-    within 64 bits (``-0`` is 0; `` 1`` and a 20-digit number are unparsable)."""
-    if raw is None:
-        return DEFAULT_MAX_DEPTH
-    negative = raw.startswith("-")
-    digits = raw[1:] if negative or raw.startswith("+") else raw
-    # ASCII digits only: int() would also take "5_0", spaces or other scripts' digits
-    if not digits or not digits.isascii() or not digits.isdigit():
-        return DEFAULT_MAX_DEPTH
-    value = -int(digits) if negative else int(digits)
-    if value < 0 or value >= 1 << 63:
+    Parsed as v1 parsed it (``numbers.parse_int``: ``-0`` is 0; `` 1`` is unparsable)."""
+    value = None if raw is None else parse_int(raw)
+    if value is None or value < 0:
         return DEFAULT_MAX_DEPTH
     return min(value, MAX_MAX_DEPTH)
 

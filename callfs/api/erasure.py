@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from callfs.api.numbers import parse_int
 from callfs.api.state import api_state, identity
 from callfs.core.engine import ErasureRequest
 from callfs.core.maintenance import ErasureMaintenance
@@ -42,12 +43,14 @@ def _param(request: web.Request, header: str, query: str) -> str | None:
 
 
 def _count(raw: str | None, what: str) -> int | None:
+    """A shard count as v1 read it (``numbers.parse_int``: ``+2`` is 2, `` 2`` is not a number;
+    a number of thousands of digits was a 500 from ``int()``)."""
     if raw is None:
         return None
-    value = raw.strip()
-    if not value.isascii() or not value.isdigit() or int(value) < 1:
+    value = parse_int(raw)
+    if value is None or value < 1:
         raise BadRequest(f"{what} must be an integer >= 1")
-    return int(value)
+    return value
 
 
 def erasure_request(request: web.Request) -> ErasureRequest | None:
@@ -253,9 +256,11 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     span = request.headers.get("Range", "")
     if span.startswith("bytes=") and "-" in span:
         first, _, end = span[6:].partition("-")
-        if first.isdigit():
-            offset = min(int(first), found.size)
-            stop = int(end) + 1 if end.isdigit() else found.size
+        start = parse_int(first) if first[:1] not in "+-" else None
+        if start is not None:  # ("²".isdigit() is true, and int() of it raised: a 500)
+            offset = min(start, found.size)
+            last = parse_int(end) if end[:1] not in "+-" else None
+            stop = last + 1 if last is not None else found.size
             length = max(min(stop, found.size) - offset, 0)
     status = 200 if (offset, length) == (0, found.size) else 206
     return await _send(request, backend, key, offset, length, status)

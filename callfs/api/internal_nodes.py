@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from callfs.api.numbers import parse_int
 from callfs.api.state import api_state
 from callfs.cluster.service import RaftService
 from callfs.core.peer import BLOBS_PATH
@@ -46,9 +47,9 @@ async def receive_blob(request: web.Request) -> web.StreamResponse:
     if not _authorized(request):
         return _json(401, {"error": "unauthorized"})
     raw = request.rel_url.query.get("size", "")
-    if not raw.isascii() or not raw.isdigit():
+    size = parse_int(raw) if raw[:1] not in "+-" else None
+    if size is None:  # (a number of thousands of digits made int() raise: a 500)
         return _json(400, {"error": "size is required"})
-    size = int(raw)
     if size > api_state(request).max_upload_size > 0:
         return _json(413, {"error": "larger than server.max_upload_size"})
     try:

@@ -120,9 +120,13 @@ async def test_bad_parameters_are_400_and_change_nothing(
         {"X-CallFS-Erasure-Data-Shards": ""},
         {"X-CallFS-Erasure-Data-Shards": "200", "X-CallFS-Erasure-Parity-Shards": "57"},
         {"X-CallFS-Erasure-Instances": "no-such-node"},
+        {"X-CallFS-Erasure-Data-Shards": "9" * 5000},  # int() raised: a 500 (audit)
     ):
         resp = await client.post("/v1/files/bad.bin", data=b"abc", headers={**E, **headers})
         assert resp.status == 400, (headers, await resp.text())
+    for query in ("data_shards=%202", "data_shards=2%20", "data_shards=2_0"):  # as v1 (Atoi)
+        resp = await client.post(f"/v1/files/bad.bin?{query}", data=b"abc", headers=E)
+        assert resp.status == 400, query
     assert (await client.get("/v1/files/bad.bin", headers=auth())).status == 404
     assert shard_files(tmp_path) == []
     # the header wins over the query
@@ -132,6 +136,8 @@ async def test_bad_parameters_are_400_and_change_nothing(
         headers={**E, "X-CallFS-Erasure-Data-Shards": "3"},
     )
     assert resp.status == 201
+    resp = await client.post("/v1/files/plus.bin?data_shards=%2B2", data=b"abc", headers=E)
+    assert resp.status == 201  # "+2" is 2, as Go's Atoi reads it (was 400)
 
 
 async def test_parameter_400s_come_before_the_existence_check(
@@ -231,6 +237,9 @@ async def test_internal_shard_keys_are_validated_like_paths(
     for key in ("k1", "a/b", "v1-" + "ab" * 32):
         url = f"/v1/internal/shards/{key}/3"
         assert (await client.put(url, data=b"s-" + key.encode(), headers=bearer)).status == 201
+        for span in ("bytes=\u00b2-", "bytes=0-" + "9" * 5000):  # int() raised on both: 500
+            got = await client.get(url, headers={**bearer, "Range": span})
+            assert got.status in (200, 206), span
         assert (tmp_path / "files" / ".erasure" / key / "3").read_bytes() == b"s-" + key.encode()
         got = await client.get(url, headers=bearer)
         assert got.status == 200 and await got.read() == b"s-" + key.encode()

@@ -88,6 +88,9 @@ async def test_blob_endpoint_stores_checks_the_size_and_drops_only_unnamed_blobs
     assert resp.status == 401  # API keys are not accepted
     resp = await client.post("/v1/internal/blobs?size=4", data=b"abc", headers=SECRET)
     assert resp.status == 400 and "expected 4 bytes" in (await resp.json())["error"]
+    for size in ("9" * 5000, "+3", "-3"):  # 5,000 digits made int() raise: a 500
+        resp = await client.post(f"/v1/internal/blobs?size={size}", data=b"abc", headers=SECRET)
+        assert resp.status == 400, size
     assert await unreferenced_files(node) == []  # the short upload left nothing
     resp = await client.post("/v1/internal/blobs?size=3", data=b"abc", headers=SECRET)
     assert resp.status == 201
