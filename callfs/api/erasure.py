@@ -180,7 +180,7 @@ async def public_shard(request: web.Request) -> web.StreamResponse:
         raise NotFound("file is not erasure coded")
     layout = await state.engine.erasure_layout(entry)
     if not 0 <= index < len(layout.shards):
-        raise NotFound(f"shard {index} does not exist")
+        raise NotFound(f"shard {last} does not exist" if index >= 0 else "no such shard")
     info = layout.shards[index]
     if info.instance_id != state.instance_id:
         raise NotFound(f"shard {index} is not stored on this node")
