@@ -9,7 +9,8 @@
     ├── LinkNotFound          404 LINK_NOT_FOUND
     ├── UploadNotFound        404 UPLOAD_NOT_FOUND (a resumable upload, ``/v1/uploads/``)
     ├── AlreadyExists         409 FILE_ALREADY_EXISTS
-    │   └── ParentNotDirectory    (a parent path is a file)
+    │   ├── ParentNotDirectory    (a parent path is a file)
+    │   └── UploadCommitInDoubt   (tus: a commit tried again after the destination changed)
     ├── DirectoryNotEmpty     409 DIRECTORY_NOT_EMPTY
     ├── LinkExpired           410 LINK_EXPIRED
     ├── LinkAlreadyUsed       410 LINK_ALREADY_USED
@@ -79,6 +80,16 @@ class AlreadyExists(CallFSError):
 
 class ParentNotDirectory(AlreadyExists):
     default_message = "a parent path is a file"
+
+
+class UploadCommitInDoubt(AlreadyExists):
+    """A finished upload's earlier commit may or may not have happened (a crash, a lost
+    answer), and the destination has changed since: publishing now could apply it twice, over
+    a later write; calling it done could acknowledge bytes that never landed."""
+
+    default_message = (
+        "the destination changed while this upload's commit was in doubt; upload it again"
+    )
 
 
 class DirectoryNotEmpty(CallFSError):

@@ -51,14 +51,17 @@ from callfs.errors import (
     PermissionDenied,
     RemoteOwner,
     UnsafePath,
+    UploadCommitInDoubt,
     UploadExpired,
     UploadNotFound,
     UploadOffsetMismatch,
 )
 from callfs.log import shown_size
-from callfs.model import Entry, Identity, parent_of
+from callfs.model import BackendType, Entry, Identity, parent_of
 from callfs.paths import parse_body_path
 from callfs.storage.base import LocalFile
+from callfs.storage.instrumented import InstrumentedBackend
+from callfs.storage.localfs import LocalFSBackend
 
 log = logging.getLogger(__name__)
 
@@ -401,22 +404,23 @@ class UploadService:
 
         ``again``: a commit after the request that completed the upload ended without one (a
         crash, a failed or lost commit), by a retried PATCH or the sweep. That earlier commit
-        may have happened, and writes may have followed it: the bytes are published only if the
-        destination is still as it was when the last PATCH began. Otherwise the upload counts
-        as committed and then overwritten (it was never acknowledged, so that order is one the
-        client may see); publishing it had put these older bytes over a later acknowledged
-        write."""
+        may have happened, and writes may have followed it. The bytes are published only if the
+        destination is still as it was when the last PATCH began (so the earlier commit did not
+        happen); publishing them blindly had put them a second time over a later acknowledged
+        write. If the destination now names this upload's own bytes, the earlier commit
+        happened and the upload is done. Otherwise the outcome is in doubt: 409, and the upload
+        is kept until it expires (calling it done could acknowledge bytes that never landed)."""
         who = Identity(upload.owner)
         path = parse_body_path(upload.path)
         engine = self._engine
         await run_blocking(self._check_size_blocking, token, upload.length)
-        if (
-            again
-            and upload.basis is not None
-            and destination_basis(await engine.find(path.path)) != upload.basis
-        ):
-            log.info("a finished upload's destination changed since; not committed again")
-            return await self._committed(token, upload)
+        if again and upload.basis is not None:
+            current = await engine.find(path.path)
+            if destination_basis(current) != upload.basis:
+                if await self._names_our_bytes(token, current):
+                    return await self._committed(token, upload)
+                log.warning("a finished upload's commit is in doubt; it is not made again")
+                raise UploadCommitInDoubt()
         try:
             created = False
             if (
@@ -439,6 +443,25 @@ class UploadService:
             await engine.peers.put_file(exc.instance_id, path.path, self._staged(token))
         log.info("upload committed (%s)", shown_size(upload.length))
         return await self._committed(token, upload)
+
+    async def _names_our_bytes(self, token: str, entry: Entry | None) -> bool:
+        """Whether ``entry`` is this upload's earlier commit: a localfs file of this node whose
+        blob is a hard link of the staged data (how localfs publishes a staged file)."""
+        if entry is None or entry.is_dir or entry.blob_key is None:
+            return False
+        if entry.backend_type is not BackendType.LOCALFS or self._engine.is_remote(entry):
+            return False
+        backend = self._engine.backend(BackendType.LOCALFS.value)
+        if isinstance(backend, InstrumentedBackend):
+            backend = backend.inner
+        if not isinstance(backend, LocalFSBackend):
+            return False
+        theirs = await backend.file_identity(entry.blob_key)
+        try:
+            ours = await run_blocking(os.stat, self._path(token, _DATA))
+        except FileNotFoundError:
+            return False
+        return theirs == (ours.st_dev, ours.st_ino)
 
     async def _committed(self, token: str, upload: Upload) -> Upload:
         done = replace(upload, committed=True)

@@ -715,6 +715,15 @@ class LocalFSBackend:
             mtime=st.st_mtime,
         )
 
+    async def file_identity(self, key: str) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of the file at ``key`` (a hard link of a staged file has the
+        staged file's), or None if there is none."""
+        try:
+            st = await run_blocking(self._lstat_blocking, key)
+        except (NotFound, FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
     def _lstat_blocking(self, key: str) -> os.stat_result:
         parent, name = self._open_parent_blocking(key)
         try:

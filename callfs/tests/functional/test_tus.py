@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from callfs.core import uploads as uploads_module
 from callfs.daemon import Node
+from callfs.errors import Unavailable
 from callfs.model import Identity
 from callfs.tests.functional.conftest import ALICE_KEY, BOB_KEY, INTERNAL, auth, make_config
 
@@ -656,16 +657,24 @@ async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
     """From a crash-safety review, which demonstrated it with kill -9: the final PATCH commits,
     the process dies before the upload's state records it, and after the restart another
     client's PUT is acknowledged; the sweep (or the client retrying its PATCH) then committed
-    the upload's older bytes over that write. A commit tried again now happens only if the
-    destination is still as it was when the last PATCH began."""
+    the upload's older bytes over that write. A commit tried again now publishes only if the
+    destination is unchanged since the last PATCH began; if the destination names the upload's
+    own bytes it is done; otherwise the outcome is in doubt (409, nothing published)."""
     service = node.uploads
     assert service is not None
     real_save = service._save_blocking
+    real_put = node.engine.put_file
 
     def crash_at_the_committed_record(token: str, upload: Any) -> None:
         if upload.committed:
             raise OSError("killed after the commit, before its record")
         real_save(token, upload)
+
+    async def failing_put(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("the store went away before the commit")
+
+    async def read(path: str) -> bytes:
+        return await (await client.get(f"/v1/files{path}", headers=auth())).read()
 
     # 1. the commit happened, its record did not; then a later acknowledged PUT
     url = await create(client, "/c.bin", 5)
@@ -675,13 +684,12 @@ async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
     put = await client.put("/v1/files/c.bin", data=b"BBBBB", headers=auth())
     assert put.status == 200
     await service.sweep()
-    assert await (await client.get("/v1/files/c.bin", headers=auth())).read() == b"BBBBB"
-    r = await patch(client, url, 5, b"")  # the client retrying its PATCH: the same
-    assert r.status == 204 and r.headers["Upload-Offset"] == "5"
-    assert await (await client.get("/v1/files/c.bin", headers=auth())).read() == b"BBBBB"
-    assert (await client.head(url, headers=h())).status == 200
+    assert await read("/c.bin") == b"BBBBB"
+    r = await patch(client, url, 5, b"")  # the client retrying its PATCH: in doubt
+    assert r.status == 409, await r.text()
+    assert await read("/c.bin") == b"BBBBB"
 
-    # 2. the commit happened and nothing came after: it is not made twice
+    # 2. the commit happened and nothing came after: done, not made twice
     url = await create(client, "/d.bin", 3)
     service._save_blocking = crash_at_the_committed_record  # type: ignore[method-assign]
     assert (await patch(client, url, 0, b"abc")).status == 500
@@ -689,4 +697,27 @@ async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
     first = await node.engine.find("/d.bin")
     await service.sweep()
     assert await node.engine.find("/d.bin") == first  # no second version
-    assert await (await client.get("/v1/files/d.bin", headers=auth())).read() == b"abc"
+    assert await read("/d.bin") == b"abc"
+    assert (await patch(client, url, 3, b"")).status == 204  # and a retry is told so
+
+    # 3. the commit failed; the old file was then renamed away: never a 2xx for bytes that did
+    # not land (a review of the first version of this fix found that one)
+    assert (await client.put("/v1/files/e.bin", data=b"old", headers=auth())).status == 201
+    url = await create(client, "/e.bin", 3)
+    node.engine.put_file = failing_put  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"new")).status == 503
+    node.engine.put_file = real_put  # type: ignore[method-assign]
+    moved = await client.patch(
+        "/v1/files/e.bin", json={"destination": "/e-old.bin"}, headers=auth()
+    )
+    assert moved.status == 200
+    assert (await patch(client, url, 3, b"")).status == 409
+    assert await read("/e-old.bin") == b"old"
+
+    # 4. the commit failed and nothing changed: the retry publishes
+    url = await create(client, "/f.bin", 3)
+    node.engine.put_file = failing_put  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"fff")).status == 503
+    node.engine.put_file = real_put  # type: ignore[method-assign]
+    assert (await patch(client, url, 3, b"")).status == 204
+    assert await read("/f.bin") == b"fff"
