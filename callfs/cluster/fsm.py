@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from callfs.errors import CallFSError, InternalError, NotFound, Unavailable
 from callfs.metadata import raft_commands as C
@@ -96,6 +96,12 @@ def _exit_for_upgrade(message: str) -> None:
     applying later entries on top of a state that lacks one, snapshot that state and, as
     leader, answer from it. The journal is durable; a restart replays the log from the last
     snapshot and stops here again until the node runs a version that knows the command."""
+    stop_node(message)
+
+
+def stop_node(message: str) -> NoReturn:
+    """Stop the whole process at once (exit status 70), from any thread: the node's Raft state
+    in memory no longer matches its disk, and a restart reads the disk again."""
     log.critical("%s; stopping this node", message)
     logging.shutdown()
     os._exit(EXIT_NEWER_COMMAND)

@@ -46,6 +46,7 @@ from callfs.cluster.fsm import (
     fsync_dir,
     publish,
     read_snapshot_base,
+    stop_node,
 )
 from callfs.errors import ConfigError
 
@@ -182,13 +183,18 @@ class _DurableJournal(pjournal.FileJournal):  # type: ignore[misc]
             fresh._destroy()
         with self._sync_lock:
             os.replace(tmp, self._path)
-            fsync_dir(self._path)
-            mine["_FileJournal__journalFile"]._destroy()
-            mine["_FileJournal__journalFile"] = pjournal.ResizableFile(
-                self._path, defaultContent=self._FileJournal__getDefaultHeader()
-            )
-            mine["_FileJournal__journal"] = list(kept)
-            mine["_FileJournal__currentOffset"] = offset
+            try:
+                fsync_dir(self._path)
+                mine["_FileJournal__journalFile"]._destroy()
+                mine["_FileJournal__journalFile"] = pjournal.ResizableFile(
+                    self._path, defaultContent=self._FileJournal__getDefaultHeader()
+                )
+                mine["_FileJournal__journal"] = list(kept)
+                mine["_FileJournal__currentOffset"] = offset
+            except BaseException as exc:
+                # the journal in memory still writes to the file just replaced: entries
+                # acknowledged from here on would not be in the journal a restart reads
+                stop_node(f"raft log compaction failed after its rename: {exc!r}")
 
     def _fd(self) -> int:
         """The journal file's descriptor (ResizableFile reopens it when it grows: ask each time;

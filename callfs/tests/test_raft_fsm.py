@@ -976,3 +976,36 @@ def test_a_leader_cut_off_from_its_followers_stops_reading_before_another_is_ele
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_compaction_that_fails_after_its_rename_stops_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review of the atomic compaction: once the new journal is renamed in place, a
+    failure (the directory fsync, reopening the file) left the journal writing to the replaced
+    file, so entries acknowledged afterwards were missing from the journal a restart reads. The
+    node now stops at once; a restart reads the compacted journal."""
+    path = tmp_path / "journal"
+    journal = raft_module._create_journal(str(path))
+    for i in range(1, 11):
+        journal.add(b"c%d" % i, i, 1)
+    journal.sync()
+
+    class Stopped(Exception):
+        pass
+
+    def stop(message: str) -> None:
+        raise Stopped(message)
+
+    def failing_fsync_dir(where: str) -> None:
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(raft_module, "stop_node", stop)
+    monkeypatch.setattr(raft_module, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(Stopped, match="after its rename"):
+        journal.deleteEntriesTo(5)
+    monkeypatch.undo()
+    journal._destroy()  # what the process exit does
+    reopened = raft_module._create_journal(str(path))
+    assert [e[1] for e in reopened] == list(range(6, 11))
+    reopened._destroy()
