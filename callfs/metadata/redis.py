@@ -283,7 +283,8 @@ class RedisMetadataStore:
         durable, and after a power failure the file's record can come back naming bytes that
         were reclaimed after the commit (the previous version lost with the new one)."""
         try:
-            settings = await self._call(self.r.config_get("appendonly", "appendfsync"))
+            # one pattern: CONFIG GET takes several only from Redis 7 on
+            settings = await self._call(self.r.config_get("append*"))
         except Unavailable:
             log.info("cannot read Redis's persistence settings (CONFIG GET refused)")
             return
@@ -347,27 +348,35 @@ class RedisMetadataStore:
         ``common.plan_*``), then MULTI/EXEC the plan; EXEC fails if any watched key changed, and
         the command is decided again on fresh reads.
 
-        The EXEC also sets a marker key of its own. redis-py turns a connection lost while keys
-        are watched into a ``WatchError``, also when it is the reply to an EXEC that Redis
-        applied: deciding again then saw our own write (an update "replaced" the entry it had
-        just written, and the engine reclaimed the new bytes; a create became 409). So after a
-        ``WatchError`` that followed an EXEC, the marker says whether it was applied."""
+        The EXEC also sets a marker key of its own, to the number of the attempt. redis-py turns
+        a connection lost (or a reply late) while keys are watched into a ``WatchError``, also
+        when the lost part is the reply to an EXEC that Redis applied, or will apply: deciding
+        again then saw our own write (an update "replaced" the entry it had just written and the
+        engine reclaimed the new bytes; a create became 409). So once an EXEC went out, each
+        later attempt first WATCHes the marker and reads it: set, it names the attempt that
+        applied, whose result is the answer. An EXEC still on its way that applies after that
+        read changes the marker, so the later attempt's EXEC fails and the next one reads it; one
+        that would apply after a later attempt's EXEC finds its own watched keys changed by it
+        and fails: exactly one attempt applies."""
         marker = f"{self.p}applied:{secrets.token_hex(12)}"
 
         async def attempt() -> T:
+            sent: dict[int, T] = {}  # attempts whose EXEC went out, and what each decided
             for n in range(_WATCH_RETRIES):
-                sent: tuple[T] | None = None
                 try:
                     async with self.r.pipeline(transaction=True) as pipe:
+                        if sent:
+                            await pipe.watch(marker)
+                            applied = await pipe.get(marker)
+                            if applied is not None:
+                                return sent[int(applied)]  # only its reply was lost
                         plan, result = await decide(pipe)
                         self._queue_plan(pipe, plan)
-                        pipe.set(marker, b"1", ex=_MARKER_TTL)
-                        sent = (result,)
+                        pipe.set(marker, str(n).encode(), ex=_MARKER_TTL)
+                        sent[n] = result
                         await pipe.execute()
                         return result
                 except WatchError:
-                    if sent is not None and await self.r.exists(marker):
-                        return sent[0]  # applied; only its reply was lost
                     await asyncio.sleep(0.001 * (n + 1))
             raise Unavailable("metadata store is too contended")
 
