@@ -257,7 +257,9 @@ SHARD_WAIT = 3.0
 
 class _StripeReader:
     """Reads stripes ``first..last`` sequentially from ``k`` shards at a time, replacing a shard
-    whose block is missing, corrupt or late (``SHARD_WAIT``) by another one."""
+    whose block is missing, corrupt or late (``SHARD_WAIT``) by another one. A late shard is
+    asked again, without the bound, only when no other is left (a slow link, not a frozen
+    holder: a read that once succeeded slowly must not become a 503)."""
 
     def __init__(self, io: ShardIO, layout: ErasureLayout, codec: Codec) -> None:
         self._io = io
@@ -265,6 +267,9 @@ class _StripeReader:
         self._codec = codec
         self._open: dict[int, tuple[ByteStream, AsyncIterator[Buffer], Pending]] = {}
         self._bad: set[int] = set()
+        #: Shards dropped for being late (``SHARD_WAIT``); the last resort.
+        self._late: set[int] = set()
+        self._patient = False
         self._last = 0
 
     def _holder(self, index: int) -> ShardInfo:
@@ -277,11 +282,20 @@ class _StripeReader:
         end = sum(self._codec.block_span(self._last, size))
         length = end - start
         try:
-            async with asyncio.timeout(SHARD_WAIT):
+            async with asyncio.timeout(None if self._patient else SHARD_WAIT):
                 stream = await self._io.open(
                     info.instance_id, self._layout.upload_id, index, start, length
                 )
-        except (NotFound, PeerUnavailable, OSError, CallFSError, TimeoutError) as exc:
+        except TimeoutError:
+            log.warning(
+                "erasure shard %d of %s on %s is late; using another shard",
+                index,
+                self._layout.upload_id,
+                info.instance_id,
+            )
+            self._late.add(index)
+            return False
+        except (NotFound, PeerUnavailable, OSError, CallFSError) as exc:
             log.warning(
                 "erasure shard %d of %s unavailable on %s: %s",
                 index,
@@ -302,7 +316,9 @@ class _StripeReader:
         results = await asyncio.gather(*(self._open_one(i, first) for i in want))
         missing = results.count(False)
         spare = iter(
-            i for i in range(len(self._layout.shards)) if i not in self._bad and i not in want
+            i
+            for i in range(len(self._layout.shards))
+            if i not in self._bad and i not in self._late and i not in want
         )
         while missing:
             index = next(spare, None)
@@ -317,10 +333,13 @@ class _StripeReader:
         stream, it, pending = self._open[index]
         framed: list[memoryview]
         length = self._codec.block_span(number, self._layout.original_size)[1]
+        late = False
         try:
-            async with asyncio.timeout(SHARD_WAIT):
+            async with asyncio.timeout(None if self._patient else SHARD_WAIT):
                 framed = await read_parts(it, pending, length)
-        except (CallFSError, OSError, TimeoutError):
+        except TimeoutError:
+            framed, late = [], True
+        except (CallFSError, OSError):
             framed = []
         codec = self._codec
         if not framed:
@@ -331,11 +350,12 @@ class _StripeReader:
             block = await run_cpu(codec.unframe_parts, framed)
         if block is None:
             log.warning(
-                "erasure shard %d of %s is short, corrupt or late; using another shard",
+                "erasure shard %d of %s is %s; using another shard",
                 index,
                 self._layout.upload_id,
+                "late" if late else "short or corrupt",
             )
-            self._bad.add(index)
+            (self._late if late else self._bad).add(index)
             del self._open[index]
             with contextlib.suppress(Exception):
                 await stream.aclose()
@@ -366,8 +386,15 @@ class _StripeReader:
                 candidates = [
                     i
                     for i in range(len(self._layout.shards))
-                    if i not in self._bad and i not in self._open and i not in got
+                    if i not in self._bad
+                    and i not in self._late
+                    and i not in self._open
+                    and i not in got
                 ]
+                if not candidates and self._late:
+                    # only late shards are left: ask them again and wait as long as they take
+                    candidates, self._patient = sorted(self._late), True
+                    self._late.clear()
                 if not candidates:
                     raise InsufficientShards()
                 need = k - len(got)
