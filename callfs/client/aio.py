@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from callfs.client.errors import ClientError, TransportError, error_from_response
+from callfs.client.errors import ClientError, TransportError, bearer, error_from_response
 from callfs.client.model import (
     CHUNK,
     OFFSET_CONTENT_TYPE,
@@ -134,7 +134,7 @@ class AsyncClient:
         self.url = base_url(url)
         self._headers = {"User-Agent": "callfs-client"}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+            self._headers["Authorization"] = bearer(api_key)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=timeout)
         self._verify = verify
         self._limit = max_connections

@@ -72,3 +72,14 @@ def error_from_response(status: int, body: bytes, request_id: str | None = None)
     elif body:
         message = body[:200].decode("utf-8", errors="replace").strip() or message
     return ClientError(status, code, message, request_id=request_id)
+
+
+def bearer(api_key: str) -> str:
+    """The ``Authorization`` value for ``api_key``: surrounding whitespace dropped (a key file
+    written on Windows ends in CR). A control character inside cannot go in a header: the HTTP
+    library's own error quoted the whole header, key included, in a traceback (found by a
+    security audit), so this error names no part of the key."""
+    key = api_key.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ClientError(0, "BAD_API_KEY", "the API key contains a control character")
+    return f"Bearer {key}"

@@ -25,7 +25,7 @@ import urllib3
 if TYPE_CHECKING:
     from urllib3.response import BaseHTTPResponse
 
-from callfs.client.errors import ClientError, TransportError, error_from_response
+from callfs.client.errors import ClientError, TransportError, bearer, error_from_response
 from callfs.client.model import (
     CHUNK,
     OFFSET_CONTENT_TYPE,
@@ -217,7 +217,7 @@ class Client:
         self.url = base_url(url)
         headers = {"User-Agent": "callfs-client"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            headers["Authorization"] = bearer(api_key)
         tls: dict[str, Any] = {}
         if verify is False:
             tls["cert_reqs"] = "CERT_NONE"

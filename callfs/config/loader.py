@@ -197,12 +197,28 @@ def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str,
                 f'failed to load config file {name}: unsupported config type "{suffix[1:]}"'
             )
     except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"failed to load config file {name}: {exc}") from exc
+        raise ConfigError(f"failed to load config file {name}: {_syntax_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"failed to load config file {name}: the top level must be a map")
     return data
+
+
+def _syntax_error(exc: Exception) -> str:
+    """What is wrong and where, never the text around it: PyYAML's message quotes the source
+    line, which may hold a secret (an unterminated ``internal_proxy_secret: "...``), and the
+    message goes to stderr and the journal before any secret is known to the log filter."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        what = "; ".join(str(p) for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return what + where
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, yaml.YAMLError):
+        return "invalid YAML"
+    return type(exc).__name__
 
 
 class ConfigProblems(ConfigError):

@@ -828,3 +828,16 @@ def test_sync_ctrl_c_stops_running_transfers_at_their_next_chunk() -> None:
     assert info.value.code == EXIT_INTERRUPTED
     assert time.monotonic() - began < 2
     assert sorted(ended) == ["a", "b"]  # both running transfers stopped; c and d never began
+
+
+def test_cli_api_key_with_a_cr_works_and_a_control_character_is_one_error_line(
+    cli_env: dict[str, str], root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a security audit: a key read from a file written on Windows ends in CR; the HTTP
+    library refused the header with a traceback that quoted it, key included."""
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY + "\r\n")
+    run("ls", root)  # surrounding whitespace dropped
+    monkeypatch.setenv("CALLFS_API_KEY", ALICE_KEY[:8] + "\r" + ALICE_KEY[8:])
+    out = run("ls", root, code=1)
+    assert out.stderr.startswith("Error: ") and "Traceback" not in out.output
+    assert ALICE_KEY[:8] not in out.output and ALICE_KEY[8:] not in out.output

@@ -116,6 +116,22 @@ def test_load_errors(tmp_path: Path) -> None:
     bad.write_text("server: [unclosed")
     with pytest.raises(ConfigError, match=r"^failed to load config file .*bad.yaml: "):
         load(tmp_path, path=str(bad))
+    # a syntax error names what and where, never the text around it (PyYAML quotes the line:
+    # an unterminated secret went to stderr and the journal; found by a security audit)
+    for text in (
+        'auth:\n  internal_proxy_secret: "TOPSECRET-INTERNAL-123456\n',
+        "auth:\n  api_keys: [TOPSECRET-KEY-0123456789\n",
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, path=str(bad))
+        assert "TOPSECRET" not in str(info.value), str(info.value)
+        assert "line " in info.value.message
+    other = tmp_path / "bad.json"
+    other.write_text('{"auth": {"internal_proxy_secret": "TOPSECRET-JSON-1234" ')
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, path=str(other))
+    assert "TOPSECRET" not in str(info.value) and "line 1" in info.value.message
     toml = tmp_path / "c.toml"
     toml.write_text("x=1")
     with pytest.raises(ConfigError, match=r"^failed to load config file "):

@@ -308,3 +308,26 @@ async def test_a_fifo_under_the_root_is_refused_without_blocking(
 def test_reads_use_openat2_on_linux() -> None:
     """The one-call open must not switch itself off unnoticed (kernel >= 5.6 here)."""
     assert localfs._OPEN_NO_SYMLINKS is not None
+
+
+async def test_an_unexpected_open_error_names_no_server_path(
+    backend: LocalFSBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a security audit: a socket planted where a blob belongs failed the open with ENXIO,
+    and the OSError carried the absolute path into the log's traceback."""
+    import socket
+
+    key = new_blob_key()
+    where = tmp_path / "root" / ".callfs" / "blobs" / key[:2] / key[2:4]
+    where.mkdir(parents=True, exist_ok=True)
+    planted = socket.socket(socket.AF_UNIX)
+    try:
+        monkeypatch.chdir(where)  # a socket's path is limited to 108 bytes
+        planted.bind(key)
+        monkeypatch.undo()
+        with pytest.raises((OSError, NotFound, UnsafePath)) as info:
+            await _read(backend, key)
+        shown = str(info.value) + str(info.value.__cause__ or "")  # what a traceback shows
+        assert str(tmp_path) not in shown, shown
+    finally:
+        planted.close()
