@@ -74,6 +74,9 @@ async def transfer(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         max_msg_size=MAX_MESSAGE, compress=False, autoclose=False, timeout=state.read_timeout
     )
+    # RFC 6455 is version 13; aiohttp also takes the drafts' 7 and 8, which v1 refused
+    if request.headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        raise BadRequest("not a WebSocket request")
     if not ws.can_prepare(request).ok:
         raise BadRequest("not a WebSocket request")
     if not origin_allowed(request):

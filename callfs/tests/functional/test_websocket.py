@@ -146,6 +146,19 @@ async def test_handshake_refusals(client: Client) -> None:
         assert info.value.status == status, url
     resp = await client.get("/v1/files/ws/x.bin", headers=auth())
     assert resp.status == 400
+    # only RFC 6455's version 13 (aiohttp took the drafts' 7 and 8 too; from an audit)
+    for version in ("8", "7", "14"):
+        resp = await client.get(
+            "/v1/files/ws/x.bin",
+            headers={
+                **auth(),
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": version,
+            },
+        )
+        assert resp.status == 400, version
     host = f"{client.server.host}:{client.server.port}"
     ws = await client.ws_connect(
         "/v1/files/ws/missing?mode=%20Download%20",
