@@ -205,12 +205,17 @@ def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str,
     return data
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
 def _syntax_error(exc: Exception) -> str:
     """What is wrong and where, never the text around it: PyYAML's message quotes the source
     line, which may hold a secret (an unterminated ``internal_proxy_secret: "...``), and the
     message goes to stderr and the journal before any secret is known to the log filter."""
     if isinstance(exc, yaml.MarkedYAMLError):
         what = "; ".join(str(p) for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        # PyYAML quotes tokens of the source in them too ("found undefined alias 'S3cr3t'")
+        what = _QUOTED.sub("'…'", what)
         mark = exc.problem_mark or exc.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         return what + where

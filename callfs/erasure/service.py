@@ -293,7 +293,8 @@ class _StripeReader:
                 self._layout.upload_id,
                 info.instance_id,
             )
-            self._late.add(index)
+            # already the last resort: a timeout now (ETIMEDOUT from the disk, say) is a failure
+            (self._bad if self._patient else self._late).add(index)
             return False
         except (NotFound, PeerUnavailable, OSError, CallFSError) as exc:
             log.warning(
@@ -355,7 +356,7 @@ class _StripeReader:
                 self._layout.upload_id,
                 "late" if late else "short or corrupt",
             )
-            (self._late if late else self._bad).add(index)
+            (self._late if late and not self._patient else self._bad).add(index)
             del self._open[index]
             with contextlib.suppress(Exception):
                 await stream.aclose()

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import IO, Any, NoReturn
 
 from callfs.concurrency import run_blocking, run_to_end
-from callfs.errors import BadRequest, InsufficientStorage, NotFound, UnsafePath
+from callfs.errors import BadRequest, CallFSError, InsufficientStorage, NotFound, UnsafePath
 from callfs.log import shown_path
 from callfs.storage.base import (
     AREA_BLOBS,
@@ -722,8 +722,8 @@ class LocalFSBackend:
         staged file's), or None if there is none."""
         try:
             st = await run_blocking(self._lstat_blocking, key)
-        except (NotFound, FileNotFoundError, NotADirectoryError):
-            return None
+        except (CallFSError, FileNotFoundError, NotADirectoryError):
+            return None  # (a symlink on the way, UnsafePath, included: not a file of ours)
         return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
     def _lstat_blocking(self, key: str) -> os.stat_result:

@@ -121,6 +121,9 @@ def test_load_errors(tmp_path: Path) -> None:
     for text in (
         'auth:\n  internal_proxy_secret: "TOPSECRET-INTERNAL-123456\n',
         "auth:\n  api_keys: [TOPSECRET-KEY-0123456789\n",
+        # PyYAML's problem text quotes an alias or a tag too (found by a review of the fix)
+        "auth:\n  internal_proxy_secret: *TOPSECRET-ALIAS\n",
+        "auth:\n  internal_proxy_secret: !TOPSECRET-TAG x\n",
     ):
         bad.write_text(text)
         with pytest.raises(ConfigError) as info:

@@ -523,3 +523,36 @@ async def test_late_shards_are_read_around_or_waited_for_when_nothing_else_is_le
     assert await got.read() == data
     if late == {1}:
         assert 2 in asked  # parity read instead of the late data shard
+
+
+async def test_a_timeout_while_waiting_for_a_late_shard_is_a_failure_not_a_loop(
+    client: TestClient[Any, Any], node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a review: once only late shards were left, a TimeoutError raised from inside the
+    patient wait (ETIMEDOUT from a disk, say) counted as "late" again and the fallback ran
+    again, for ever."""
+    from callfs.erasure import service as service_module
+
+    data = os.urandom(2 * STRIPE + 5)
+    r = await client.post("/v1/files/t.bin", data=io.BytesIO(data), headers=E)
+    assert r.status == 201
+    shard_io = node.engine._erasure().io
+    real_open = shard_io.open
+    calls: dict[int, int] = {}
+
+    async def flaky_open(holder: str, upload_id: str, index: int, offset: int, length: int) -> Any:
+        calls[index] = calls.get(index, 0) + 1
+        if index in (0, 2):
+            if calls[index] == 1:
+                await asyncio.sleep(0.3)  # late the first time
+            else:
+                raise TimeoutError("ETIMEDOUT")  # and then failing, not late
+        return await real_open(holder, upload_id, index, offset, length)
+
+    monkeypatch.setattr(service_module, "SHARD_WAIT", 0.1)
+    monkeypatch.setattr(shard_io, "open", flaky_open)
+    async with asyncio.timeout(10):
+        got = await client.get("/v1/files/t.bin", headers=auth())
+    assert got.status == 503
+    assert (await got.json())["code"] == "INSUFFICIENT_SHARDS"
+    assert calls[0] == calls[2] == 2
