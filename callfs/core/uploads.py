@@ -44,12 +44,15 @@ from callfs.core.engine import Engine, ErasureRequest
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
+    CallFSError,
     ChecksumMismatch,
     InternalError,
     ParentNotDirectory,
     PayloadTooLarge,
+    PeerUnavailable,
     PermissionDenied,
     RemoteOwner,
+    Unavailable,
     UnsafePath,
     UploadCommitInDoubt,
     UploadExpired,
@@ -58,7 +61,7 @@ from callfs.errors import (
 )
 from callfs.log import shown_size
 from callfs.model import BackendType, Entry, Identity, parent_of
-from callfs.paths import parse_body_path
+from callfs.paths import CanonicalPath, parse_body_path
 from callfs.storage.base import LocalFile
 from callfs.storage.instrumented import InstrumentedBackend
 from callfs.storage.localfs import LocalFSBackend
@@ -104,10 +107,18 @@ class Upload:
     #: The destination as it was when the last PATCH began (``destination_basis``): a commit
     #: tried again (a crash, a lost answer) happens only if it is still so.
     basis: str | None = None
+    #: A commit was started and may have happened (a crash, a 503, a cancel after it began);
+    #: False again once one certainly failed (a 403, a 409: nothing was applied).
+    trying: bool = False
 
     @property
     def complete(self) -> bool:
         return self.offset == self.length
+
+
+#: Failures after which a commit may still have happened (a store or peer outage, a timeout, a
+#: bug): the upload stays ``trying``.
+_MAYBE_APPLIED = (Unavailable, PeerUnavailable, InternalError, TimeoutError, OSError)
 
 
 def destination_basis(entry: Entry | None) -> str:
@@ -403,24 +414,45 @@ class UploadService:
         only the state (HEAD still reports the upload finished until it expires).
 
         ``again``: a commit after the request that completed the upload ended without one (a
-        crash, a failed or lost commit), by a retried PATCH or the sweep. That earlier commit
-        may have happened, and writes may have followed it. The bytes are published only if the
-        destination is still as it was when the last PATCH began (so the earlier commit did not
-        happen); publishing them blindly had put them a second time over a later acknowledged
-        write. If the destination now names this upload's own bytes, the earlier commit
-        happened and the upload is done. Otherwise the outcome is in doubt: 409, and the upload
-        is kept until it expires (calling it done could acknowledge bytes that never landed)."""
+        crash, a failed or lost commit), by a retried PATCH or the sweep. If an earlier commit
+        was started and did not certainly fail (``trying``), it may have happened, and writes
+        may have followed it. The bytes are then published only if the destination is still as
+        it was when the last PATCH began (so the earlier commit did not happen); publishing them
+        blindly had put them a second time over a later acknowledged write. If the destination
+        now names this upload's own bytes, the earlier commit happened and the upload is done.
+        Otherwise the outcome is in doubt: 409, and the upload is kept until it expires (calling
+        it done could acknowledge bytes that never landed). A commit never started, or one that
+        certainly failed, is simply made now."""
         who = Identity(upload.owner)
         path = parse_body_path(upload.path)
         engine = self._engine
         await run_blocking(self._check_size_blocking, token, upload.length)
-        if again and upload.basis is not None:
+        if again and upload.trying and upload.basis is not None:
             current = await engine.find(path.path)
             if destination_basis(current) != upload.basis:
                 if await self._names_our_bytes(token, current):
                     return await self._committed(token, upload)
                 log.warning("a finished upload's commit is in doubt; it is not made again")
                 raise UploadCommitInDoubt()
+        if not upload.trying:
+            upload = replace(upload, trying=True)
+            await run_blocking(self._save_blocking, token, upload)
+        try:
+            await self._publish(who, path, token, upload)
+        except _MAYBE_APPLIED:
+            raise
+        except CallFSError:
+            # a refusal: nothing was applied, and a retry (once the cause is fixed) is a plain
+            # commit, not one in doubt (a review found such retries answered 409 for good)
+            await run_blocking(self._save_blocking, token, replace(upload, trying=False))
+            raise
+        log.info("upload committed (%s)", shown_size(upload.length))
+        return await self._committed(token, upload)
+
+    async def _publish(
+        self, who: Identity, path: CanonicalPath, token: str, upload: Upload
+    ) -> None:
+        engine = self._engine
         try:
             created = False
             if (
@@ -441,8 +473,6 @@ class UploadService:
             if engine.peers is None:
                 raise
             await engine.peers.put_file(exc.instance_id, path.path, self._staged(token))
-        log.info("upload committed (%s)", shown_size(upload.length))
-        return await self._committed(token, upload)
 
     async def _names_our_bytes(self, token: str, entry: Entry | None) -> bool:
         """Whether ``entry`` is this upload's earlier commit: a localfs file of this node whose
@@ -549,6 +579,7 @@ class UploadService:
             "erasure": upload.erasure,
             "expires": upload.expires,
             "committed": upload.committed,
+            "trying": upload.trying,
             "basis": upload.basis,
         }
         tmp = self._path(token, _STATE + ".tmp")
@@ -584,6 +615,7 @@ class UploadService:
                 erasure=bool(state["erasure"]),
                 expires=float(state["expires"]),
                 committed=bool(state["committed"]),
+                trying=bool(state.get("trying", True)),  # older states: assume it was tried
                 basis=None if state.get("basis") is None else str(state["basis"]),
             )
         except (KeyError, TypeError, ValueError) as exc:  # JSON and Unicode errors included

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from callfs.core import uploads as uploads_module
 from callfs.daemon import Node
-from callfs.errors import Unavailable
+from callfs.errors import PermissionDenied, Unavailable
 from callfs.model import Identity
 from callfs.tests.functional.conftest import ALICE_KEY, BOB_KEY, INTERNAL, auth, make_config
 
@@ -721,3 +721,18 @@ async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
     node.engine.put_file = real_put  # type: ignore[method-assign]
     assert (await patch(client, url, 3, b"")).status == 204
     assert await read("/f.bin") == b"fff"
+
+    # 5. the commit was refused (nothing applied), the cause is fixed, which changes the
+    # destination: the retry is a plain commit, not one in doubt (a second review found it
+    # answered 409 until the upload expired)
+    async def refusing_put(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionDenied()
+
+    assert (await client.put("/v1/files/g.bin", data=b"old", headers=auth())).status == 201
+    url = await create(client, "/g.bin", 3)
+    node.engine.put_file = refusing_put  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"ggg")).status == 403
+    node.engine.put_file = real_put  # type: ignore[method-assign]
+    assert (await client.put("/v1/files/g.bin", data=b"fixed", headers=auth())).status == 200
+    assert (await patch(client, url, 3, b"")).status == 204
+    assert await read("/g.bin") == b"ggg"
