@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 _WATCH_RETRIES = 50
 #: How long an EXEC's marker key lives (it is read right after the EXEC's reply is lost).
 _MARKER_TTL = 600
+#: The marker's value once a retry fenced off the attempts before it.
+_FENCED = b"fenced"
 #: Entries a listing script reads at most (it holds Redis meanwhile: ~2 ms per 1000).
 _BATCH = 5000
 
@@ -348,28 +350,29 @@ class RedisMetadataStore:
         ``common.plan_*``), then MULTI/EXEC the plan; EXEC fails if any watched key changed, and
         the command is decided again on fresh reads.
 
-        The EXEC also sets a marker key of its own, to the number of the attempt. redis-py turns
-        a connection lost (or a reply late) while keys are watched into a ``WatchError``, also
-        when the lost part is the reply to an EXEC that Redis applied, or will apply: deciding
-        again then saw our own write (an update "replaced" the entry it had just written and the
-        engine reclaimed the new bytes; a create became 409). So once an EXEC went out, each
-        later attempt first WATCHes the marker and reads it: set, it names the attempt that
-        applied, whose result is the answer. An EXEC still on its way that applies after that
-        read changes the marker, so the later attempt's EXEC fails and the next one reads it; one
-        that would apply after a later attempt's EXEC finds its own watched keys changed by it
-        and fails: exactly one attempt applies."""
+        The EXEC also sets a marker key of its own, to the number of the attempt, and every
+        attempt WATCHes that marker. redis-py turns a connection lost (or a reply late) while
+        keys are watched into a ``WatchError``, also when the lost part is the reply to an EXEC
+        that Redis applied, or will apply: deciding again then saw our own write (an update
+        "replaced" the entry it had just written and the engine reclaimed the new bytes; a
+        create became 409). So once an EXEC went out, the next attempt first fences
+        (``_fence``): it reads the marker, and if no attempt applied, sets it to a fence value
+        in a transaction of its own. An EXEC still on its way then fails (its watched marker
+        changed), and the command is decided again on fresh reads; if one applied, its result
+        is the answer."""
         marker = f"{self.p}applied:{secrets.token_hex(12)}"
 
         async def attempt() -> T:
             sent: dict[int, T] = {}  # attempts whose EXEC went out, and what each decided
             for n in range(_WATCH_RETRIES):
                 try:
+                    if sent:
+                        applied = await self._fence(marker)
+                        if applied is not None:
+                            return sent[applied]  # it applied; only its reply was lost
+                        sent.clear()  # none did, and none can any more
                     async with self.r.pipeline(transaction=True) as pipe:
-                        if sent:
-                            await pipe.watch(marker)
-                            applied = await pipe.get(marker)
-                            if applied is not None:
-                                return sent[int(applied)]  # only its reply was lost
+                        await pipe.watch(marker)
                         plan, result = await decide(pipe)
                         self._queue_plan(pipe, plan)
                         pipe.set(marker, str(n).encode(), ex=_MARKER_TTL)
@@ -381,6 +384,24 @@ class RedisMetadataStore:
             raise Unavailable("metadata store is too contended")
 
         return await self._call(attempt())
+
+    async def _fence(self, marker: str) -> int | None:
+        """The attempt that applied (``_command``), or None once no earlier one can: the marker
+        is set to a fence value, which fails any EXEC still on its way (each watched it)."""
+        for n in range(_WATCH_RETRIES):
+            try:
+                async with self.r.pipeline(transaction=True) as pipe:
+                    await pipe.watch(marker)
+                    found = await pipe.get(marker)
+                    if found is not None and found != _FENCED:
+                        return int(found)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(marker, _FENCED, ex=_MARKER_TTL)
+                    await pipe.execute()
+                    return None
+            except WatchError:  # the marker changed meanwhile (or the reply was lost): look again
+                await asyncio.sleep(0.001 * (n + 1))
+        raise Unavailable("metadata store unavailable")
 
     async def _read_entries(self, pipe: Pipeline, paths: list[str]) -> dict[str, Entry | None]:
         keys = [self._e(p) for p in paths]

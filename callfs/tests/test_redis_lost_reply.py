@@ -134,3 +134,28 @@ async def test_the_engine_never_reclaims_the_blob_it_just_committed(
     await engine.put_file(who, path, body(b"new"))
     assert loss.fired == 1
     assert await read(engine, "/f.txt") == b"new"
+
+
+async def test_a_fence_fails_an_exec_still_on_its_way(tmp_path: Path) -> None:
+    """From a second review: redis-py also reports a late reply (a socket timeout while Redis
+    stalls) as a WatchError, and the EXEC may then still be waiting in Redis. A retry that
+    decided again and refused (409 over its own create) while that EXEC applied afterwards gave a
+    wrong answer, and the engine dropped the bytes the EXEC then named. Retries now fence first:
+    every attempt watches its marker, and the fence changes it, so the EXEC on its way fails."""
+    async with make_metadata_store("redis", tmp_path) as handle:
+        store = handle.store
+        assert isinstance(store, RedisMetadataStore)
+        marker = f"{store.p}applied:fence-test"
+        late = store.r.pipeline(transaction=True)  # the first attempt, its EXEC not yet run
+        await late.watch(marker)
+        late.multi()
+        late.set(marker, b"0")
+        assert await store._fence(marker) is None  # nothing applied: fenced
+        with pytest.raises(redis.exceptions.WatchError):
+            await late.execute()  # the EXEC arriving after the fence does not apply
+        await late.reset()
+        assert await store.r.get(marker) == b"fenced"
+        # and an attempt that did apply is named by the fence, which changes nothing
+        await store.r.set(marker, b"3")
+        assert await store._fence(marker) == 3
+        await store.r.delete(marker)
