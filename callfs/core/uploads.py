@@ -290,9 +290,22 @@ class UploadService:
 
     # ---- read ------------------------------------------------------------------------------
     async def get(self, who: Identity, upload_id: str) -> Upload:
-        """The upload as last acknowledged (HEAD); 404 unknown, 410 expired, 403 not its user."""
+        """The upload as last acknowledged (HEAD); 404 unknown, 410 expired, 403 not its user.
+
+        An upload with every byte but no commit (the answer to its last PATCH was lost: a crash,
+        a 503) is committed first, as a retried PATCH would: a tus client that lost that answer
+        asks HEAD, and an offset equal to the length tells it the upload is done. So HEAD
+        answers only once that is true, or with the commit's error (409 when it is in doubt)."""
         token = self._token(upload_id)
-        return await self._load(who, token)
+        upload = await self._load(who, token)
+        if not upload.complete or upload.committed:
+            return upload
+        lock = self._lock(token)
+        async with lock:
+            upload = await self._load(who, token, held=lock)
+            if upload.complete and not upload.committed:
+                upload = await self._commit(token, upload, again=True)
+            return upload
 
     async def _load(self, who: Identity, token: str, held: asyncio.Lock | None = None) -> Upload:
         upload = await run_blocking(self._load_blocking, token)

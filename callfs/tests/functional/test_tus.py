@@ -403,10 +403,19 @@ async def test_a_finished_but_uncommitted_upload_is_committed_by_the_sweep(
     service._commit = crash  # type: ignore[method-assign]
     assert (await patch(client, url, 0, b"abc")).status == 500
     service._commit = real_commit  # type: ignore[method-assign]
-    assert await offset_of(client, url) == 3
     assert (await client.head("/v1/files/late.bin", headers=auth())).status == 404
     await service.sweep()
     assert await (await client.get("/v1/files/late.bin", headers=auth())).read() == b"abc"
+    # a HEAD of such an upload commits it first (a client that lost the last PATCH's answer
+    # asks HEAD, and an offset equal to the length tells it the upload is done: found by a
+    # review); its error is HEAD's answer
+    url = await create(client, "/late2.bin", 3)
+    service._commit = crash  # type: ignore[method-assign]
+    assert (await patch(client, url, 0, b"def")).status == 500
+    assert (await client.head(url, headers=h())).status == 500
+    service._commit = real_commit  # type: ignore[method-assign]
+    assert await offset_of(client, url) == 3
+    assert await (await client.get("/v1/files/late2.bin", headers=auth())).read() == b"def"
 
 
 async def test_tuspy_uploads_resumes_and_is_byte_exact(client: Client, tmp_path: Path) -> None:
@@ -687,6 +696,7 @@ async def test_a_commit_tried_again_never_puts_old_bytes_over_a_later_write(
     assert await read("/c.bin") == b"BBBBB"
     r = await patch(client, url, 5, b"")  # the client retrying its PATCH: in doubt
     assert r.status == 409, await r.text()
+    assert (await client.head(url, headers=h())).status == 409  # and asking HEAD: the same
     assert await read("/c.bin") == b"BBBBB"
 
     # 2. the commit happened and nothing came after: done, not made twice
