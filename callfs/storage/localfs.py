@@ -739,7 +739,8 @@ class LocalFSBackend:
 
     def _delete_blocking(self, key: str) -> None:
         """Unlink the key inside the directory reached by the walk (a symlink there is removed
-        itself, never followed), then fsync that directory."""
+        itself, never followed), then fsync that directory. A shard's directories left empty
+        go too (``.erasure/<upload id>/``: one per erasure-coded file ever stored had stayed)."""
         parent, name = self._open_parent_blocking(key)
         try:
             try:
@@ -752,6 +753,25 @@ class LocalFSBackend:
             os.fsync(parent)
         finally:
             os.close(parent)
+        if key.startswith(SHARD_PREFIX):
+            self._drop_empty_parents_blocking(_key_path(key)[:-1])
+
+    def _drop_empty_parents_blocking(self, parts: tuple[str, ...]) -> None:
+        """Remove the directories ``parts`` names, deepest first, while they are empty, never
+        ``.erasure`` itself. A writer racing it into one of them fails and is retried."""
+        while len(parts) > 1:
+            try:
+                holder = self._open_dir_blocking(parts[:-1])
+            except (CallFSError, OSError):
+                return
+            try:
+                os.rmdir(parts[-1], dir_fd=holder)
+                os.fsync(holder)
+            except OSError:
+                return  # not empty (or gone): stop here
+            finally:
+                os.close(holder)
+            parts = parts[:-1]
 
     async def list_blobs(self, older_than: float, limit: int = 10_000) -> list[str]:
         return await run_blocking(self._list_blobs_blocking, older_than, limit)

@@ -174,6 +174,8 @@ async def test_put_re_encodes_and_delete_removes_every_shard(
     assert shard_files(tmp_path) == after
     assert (await client.delete("/v1/files/q.bin", headers=auth())).status == 204
     assert shard_files(tmp_path) == []
+    # nor their directories: one empty .erasure/<upload id>/ per file had stayed (audit)
+    assert list((tmp_path / "files" / ".erasure").iterdir()) == []
 
 
 async def test_a_corrupt_or_missing_shard_never_gives_wrong_bytes(
