@@ -180,6 +180,22 @@ class _Staged:
             self._upload = {}
 
 
+#: How much later than its LastModified a multipart object is taken as written. S3 gives such an
+#: object the time its upload BEGAN, so one that took longer than the orphan sweep's grace (an
+#: hour) looked old the moment it was completed, and a sweep between that completion and the
+#: metadata commit removed the blob the commit then named (found by a crash-safety review).
+MULTIPART_AGE_SLACK = 24 * 3600.0
+
+
+def _written_at(obj: dict[str, Any]) -> float:
+    """When a listed object was written, as far as the listing can tell: LastModified, plus
+    ``MULTIPART_AGE_SLACK`` for a multipart object (its ETag ends in ``-<parts>``)."""
+    at: float = obj["LastModified"].timestamp()
+    if "-" in str(obj.get("ETag", "")):
+        at += MULTIPART_AGE_SLACK
+    return at
+
+
 class S3Backend:
     kind = "s3"
 
@@ -516,9 +532,7 @@ class S3Backend:
             for obj in page.get("Contents", []):
                 key = _area_key(area, obj["Key"])
                 if key is not None:
-                    found.append(
-                        StoredObject(key, int(obj["Size"]), obj["LastModified"].timestamp())
-                    )
+                    found.append(StoredObject(key, int(obj["Size"]), _written_at(obj)))
             if not page.get("IsTruncated"):
                 break
             token = page["NextContinuationToken"]

@@ -235,3 +235,24 @@ async def test_parts_are_cut_exactly_from_any_chunking_and_carry_a_crc32() -> No
                     Bucket=backend.bucket, Key=f"cut/{n}.bin", ChecksumMode="ENABLED"
                 )
                 assert head.get("ChecksumCRC32"), head
+
+
+async def test_a_multipart_object_is_not_taken_as_older_than_it_is() -> None:
+    """From a crash-safety review: S3 gives a multipart object the time its upload began, so one
+    that took longer than the orphan sweep's grace looked old the moment it was completed, and
+    a sweep before the metadata commit could remove it. A listing adds a day to such objects."""
+    import time
+
+    from callfs.storage.base import AREA_BLOBS, new_blob_key
+    from callfs.storage.s3 import MULTIPART_AGE_SLACK
+
+    async with s3server.s3_backend(part_size=5 * MiB) as backend:
+        big, small = new_blob_key(), new_blob_key()
+        staged = await backend.stage(big, parts(os.urandom(11 * MiB)))
+        await staged.publish()
+        staged = await backend.stage(small, parts(b"tiny"))
+        await staged.publish()
+        listed = {o.key: o.mtime for o in await backend.list_keys(AREA_BLOBS, "", 100)}
+        now = time.time()
+        assert listed[big] > now + MULTIPART_AGE_SLACK - 600  # taken as written a day later
+        assert abs(listed[small] - now) < 600  # a plain PUT's LastModified is when it landed
