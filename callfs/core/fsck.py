@@ -429,8 +429,10 @@ class Fsck:
         if shared:
             try:
                 return await self.scan_local(repair, grace, shared=True)
-            except (CallFSError, OSError) as exc:
-                return f"scan failed: {exc}"
+            except CallFSError as exc:
+                return f"scan failed: {exc.message}"
+            except OSError as exc:  # its text names the server path: the reason only (audit)
+                return f"scan failed: {exc.strerror or type(exc).__name__}"
         body = {"repair": repair, "grace": grace, "shared": False}
         answer = await self._post(node, "/v1/internal/fsck/local", body)
         if isinstance(answer, str):

@@ -272,3 +272,18 @@ async def test_shard_a_repair_moved_elsewhere_is_an_orphan(
         "0",
         "2",
     ]
+
+
+async def test_a_failed_scan_names_no_server_path(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a security audit: a scan that failed with an OSError reported its text, which names
+    the server's path, to the caller of fsck (the CLI prints it)."""
+    assert node.fsck is not None
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", "/srv/callfs/secret-place/.callfs/blobs")
+
+    monkeypatch.setattr(node.fsck, "scan_local", failing)
+    answer = await node.fsck._ask_local(node.fsck.instance_id, False, 600.0)
+    assert answer == "scan failed: Permission denied"
