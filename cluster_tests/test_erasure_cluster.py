@@ -42,6 +42,21 @@ def shared_store_cluster(workdir: Path, store: dict[str, Any]) -> list[ClusterNo
     return list(shared_store_nodes(["node-1", "node-2", "node-3"], workdir, store, LOCAL).values())
 
 
+@pytest.fixture
+def pg_cluster(tmp_path: Path, pg_store: dict[str, Any]) -> Iterator[list[ClusterNode]]:
+    """Three started nodes on a private PostgreSQL database, erasure coding on."""
+    nodes = shared_store_cluster(tmp_path, pg_store)
+    for node in nodes:
+        node.config["erasure"] = dict(ERASURE)
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
 @pytest.fixture(params=["raft", "postgres"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[ClusterNode]]:
     if request.param == "raft":
@@ -162,33 +177,25 @@ async def test_a_corrupt_shard_on_disk_never_gives_wrong_bytes(
             assert await read(s, node, "/ec/c.bin") == (200, data), node.name
 
 
-async def test_too_few_holders_answers_503(tmp_path: Path, pg_store: dict[str, Any]) -> None:
-    nodes = shared_store_cluster(tmp_path, pg_store)
-    for node in nodes:
-        node.config["erasure"] = dict(ERASURE)
-    try:
-        for node in nodes:
-            node.start()
-        data = os.urandom(600_000)
-        async with aiohttp.ClientSession() as s:
-            await upload(s, nodes[0], "/ec/x.bin", data, 2, 1)
-            nodes[1].kill()
-            nodes[2].kill()
-            async with s.get(f"{nodes[0].base}/v1/files/ec/x.bin", headers=H) as r:
-                assert r.status == 503
-                assert (await r.json())["code"] == "INSUFFICIENT_SHARDS"
-            # an upload that cannot place its shards fails cleanly: nothing stays on node-1
-            before = shards_on(tmp_path, "node-1")
-            headers = {**H, "X-CallFS-Erasure": "true"}
-            async with s.post(
-                f"{nodes[0].base}/v1/files/ec/y.bin", data=b"abc" * 1000, headers=headers
-            ) as r:
-                assert r.status == 502, await r.text()
-            assert shards_on(tmp_path, "node-1") == before
-            assert (await read(s, nodes[0], "/ec/y.bin"))[0] == 404
-    finally:
-        for node in nodes:
-            node.stop()
+async def test_too_few_holders_answers_503(tmp_path: Path, pg_cluster: list[ClusterNode]) -> None:
+    nodes = pg_cluster
+    data = os.urandom(600_000)
+    async with aiohttp.ClientSession() as s:
+        await upload(s, nodes[0], "/ec/x.bin", data, 2, 1)
+        nodes[1].kill()
+        nodes[2].kill()
+        async with s.get(f"{nodes[0].base}/v1/files/ec/x.bin", headers=H) as r:
+            assert r.status == 503
+            assert (await r.json())["code"] == "INSUFFICIENT_SHARDS"
+        # an upload that cannot place its shards fails cleanly: nothing stays on node-1
+        before = shards_on(tmp_path, "node-1")
+        headers = {**H, "X-CallFS-Erasure": "true"}
+        async with s.post(
+            f"{nodes[0].base}/v1/files/ec/y.bin", data=b"abc" * 1000, headers=headers
+        ) as r:
+            assert r.status == 502, await r.text()
+        assert shards_on(tmp_path, "node-1") == before
+        assert (await read(s, nodes[0], "/ec/y.bin"))[0] == 404
 
 
 def _rss_peak_kib(pid: int) -> int:
@@ -332,46 +339,39 @@ async def test_automatic_repair_restores_full_redundancy(tmp_path: Path) -> None
             node.stop()
 
 
-async def test_a_frozen_holder_is_read_around(tmp_path: Path, pg_store: dict[str, Any]) -> None:
+async def test_a_frozen_holder_is_read_around(pg_cluster: list[ClusterNode]) -> None:
     """From an erasure audit: a holder of a data shard that is frozen (SIGSTOP), not dead, held
     every read until the whole open timed out (503 after server.file_op_timeout, 10 s), from
     every node, parity unused. Its shard now counts as missing after SHARD_WAIT."""
     from callfs.erasure.service import SHARD_WAIT
 
-    nodes = shared_store_cluster(tmp_path, pg_store)
-    for node in nodes:
-        node.config["erasure"] = dict(ERASURE)
-    try:
-        for node in nodes:
-            node.start()
-        data = os.urandom(2 * 1024 * 1024 + 777)
-        async with aiohttp.ClientSession() as s:
-            # shard 0 (data) on node-1, shard 1 (data) on node-2, shard 2 (parity) on node-3
-            headers = {**H, "X-CallFS-Erasure-Instances": "node-2,node-3"}
-            async with s.post(
-                f"{nodes[0].base}/v1/files/ec/f.bin?erasure=true&data_shards=2&parity_shards=1",
-                data=io.BytesIO(data),
-                headers=headers,
-            ) as r:
-                assert r.status == 201, await r.text()
-            async with s.get(f"{nodes[0].base}/v1/files/ec/f.bin?manifest=true", headers=H) as r:
-                manifest = await r.json(content_type=None)
-            holders = [
-                next(n.name for n in nodes if sh["endpoint"].startswith(n.base + "/"))
-                for sh in manifest["shards"]
-            ]
-            assert holders == ["node-1", "node-2", "node-3"], holders
-            assert nodes[1].proc is not None
-            nodes[1].proc.send_signal(signal.SIGSTOP)
-            try:
-                for node in (nodes[0], nodes[2]):
-                    started = time.monotonic()
-                    assert await read(s, node, "/ec/f.bin") == (200, data), node.name
-                    status, got = await read(s, node, "/ec/f.bin", "bytes=10-1500000")
-                    assert (status, got) == (206, data[10:1500001])
-                    assert time.monotonic() - started < 4 * SHARD_WAIT + 2
-            finally:
-                nodes[1].proc.send_signal(signal.SIGCONT)
-    finally:
-        for node in nodes:
-            node.stop()
+    nodes = pg_cluster
+
+    data = os.urandom(2 * 1024 * 1024 + 777)
+    async with aiohttp.ClientSession() as s:
+        # shard 0 (data) on node-1, shard 1 (data) on node-2, shard 2 (parity) on node-3
+        headers = {**H, "X-CallFS-Erasure-Instances": "node-2,node-3"}
+        async with s.post(
+            f"{nodes[0].base}/v1/files/ec/f.bin?erasure=true&data_shards=2&parity_shards=1",
+            data=io.BytesIO(data),
+            headers=headers,
+        ) as r:
+            assert r.status == 201, await r.text()
+        async with s.get(f"{nodes[0].base}/v1/files/ec/f.bin?manifest=true", headers=H) as r:
+            manifest = await r.json(content_type=None)
+        holders = [
+            next(n.name for n in nodes if sh["endpoint"].startswith(n.base + "/"))
+            for sh in manifest["shards"]
+        ]
+        assert holders == ["node-1", "node-2", "node-3"], holders
+        assert nodes[1].proc is not None
+        nodes[1].proc.send_signal(signal.SIGSTOP)
+        try:
+            for node in (nodes[0], nodes[2]):
+                started = time.monotonic()
+                assert await read(s, node, "/ec/f.bin") == (200, data), node.name
+                status, got = await read(s, node, "/ec/f.bin", "bytes=10-1500000")
+                assert (status, got) == (206, data[10:1500001])
+                assert time.monotonic() - started < 4 * SHARD_WAIT + 2
+        finally:
+            nodes[1].proc.send_signal(signal.SIGCONT)

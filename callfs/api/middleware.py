@@ -50,6 +50,12 @@ HSTS = "max-age=31536000; includeSubDomains; preload"
 INTERNAL_PREFIX = "/v1/internal/"
 
 
+def _refused_method(match: web.UrlMappingMatchInfo | None) -> web.HTTPMethodNotAllowed | None:
+    """The router's 405 for a known route taken with another method, else None."""
+    refused = getattr(match, "http_exception", None)
+    return refused if isinstance(refused, web.HTTPMethodNotAllowed) else None
+
+
 def is_internal(request: web.Request) -> bool:
     """A request to an internal endpoint (§12.6), a wrong method included: it skips the public
     pipeline. A path under the prefix that names no endpoint is an unknown route, which the
@@ -61,7 +67,7 @@ def is_internal(request: web.Request) -> bool:
         return False
     if match.route.resource is not None:
         return True
-    return isinstance(getattr(match, "http_exception", None), web.HTTPMethodNotAllowed)
+    return _refused_method(match) is not None
 
 
 def needs_bearer(path: str) -> bool:
@@ -167,8 +173,8 @@ async def _note_refused_route(request: web.Request) -> None:
 @web.middleware
 async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
-        http_error = getattr(request.match_info, "http_exception", None)
-        if isinstance(http_error, web.HTTPMethodNotAllowed):  # §12.6: 405, empty body
+        http_error = _refused_method(request.match_info)
+        if http_error is not None:  # §12.6: 405, empty body
             allow = ",".join(sorted(http_error.allowed_methods))
             return web.Response(status=405, headers={"Allow": allow})
         return await handler(request)
@@ -177,7 +183,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     request_id_var.set(rid)
     started = time.perf_counter()
     status = 500
-    if isinstance(getattr(request.match_info, "http_exception", None), web.HTTPMethodNotAllowed):
+    if _refused_method(request.match_info) is not None:
         await _note_refused_route(request)
     try:
         response = await _handle(request, handler)

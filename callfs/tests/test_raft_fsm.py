@@ -929,20 +929,7 @@ def test_a_leader_cut_off_from_its_followers_stops_reading_before_another_is_ele
     connections stay open kept answering reads (pysyncobj's quorum test) for 0.4-0.5 s after
     another node was elected and could take writes. Its read lease must end before any other
     node can lead."""
-    ports = [free_port() for _ in range(3)]
-    addrs = [f"127.0.0.1:{p}" for p in ports]
-    nodes = [
-        RaftNode(
-            RaftSettings(
-                node_id=f"n{i}",
-                bind_addr=addrs[i],
-                peers=tuple(a for a in addrs if a != addrs[i]),
-                data_dir=str(tmp_path / f"n{i}"),
-                password="lease-test",
-            )
-        )
-        for i in range(3)
-    ]
+    nodes = _three_nodes(tmp_path, 0.4)  # the default election_min
     for node in nodes:
         node.start()
     try:
@@ -992,7 +979,7 @@ def test_a_compaction_that_fails_after_its_rename_stops_the_node(
     journal.sync()
 
     class Stopped(Exception):
-        pass
+        """What stop_node raises here instead of ending the process."""
 
     def stop(message: str) -> None:
         raise Stopped(message)
