@@ -61,6 +61,13 @@ _LAST_INDEX = "_SyncObj__getCurrentLogIndex"
 #: The leader's next log index to send to each follower (private; ``_DurableTransport``).
 _NEXT_INDEX = "_SyncObj__raftNextIndex"
 _TRANSPORT_ATTR = "_SyncObj__transport"
+#: What a replica whose state machine broke uses to stand aside (``RaftNode._stand_aside``).
+_ELECTION_DEADLINE = "_SyncObj__raftElectionDeadline"
+_SET_STATE = "_SyncObj__setState"
+_LEADER_ATTR = "_SyncObj__raftLeader"
+_ON_LEADER_CHANGED = "_SyncObj__onLeaderChanged"
+#: How far a broken replica pushes its election deadline at every tick (seconds).
+_NO_ELECTION = 3600.0
 #: The part of ``raftMinTimeout`` a read lease lasts from the send of the appends a majority
 #: answered (the rest: the followers' clocks may run a little faster than the leader's).
 LEASE_FRACTION = 0.8
@@ -310,6 +317,9 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
         self.heard_at = -1e9
         #: Votes asked while a leader was heard from, not answered.
         self.votes_ignored = 0
+        #: Set on a replica whose state machine broke: it drops a leader's "start an election
+        #: now" (a leadership transfer), as it must not lead (``RaftNode._stand_aside``).
+        self.refuse_leadership = False
         super().__init__(syncObj, selfNode, otherNodes)
 
     def _lease_checks(self, node: Any, message: dict[str, Any]) -> bool:
@@ -325,6 +335,8 @@ class _DurableTransport(TCPTransport):  # type: ignore[misc]
             term = message.get("term")
             if isinstance(term, int) and term >= self._syncObj.raftCurrentTerm:
                 self.heard_at = time.monotonic()
+        elif kind == "timeout_now":
+            return not self.refuse_leadership
         elif kind == "request_vote":
             if time.monotonic() - self.heard_at < self._election_min:
                 self.votes_ignored += 1
@@ -739,7 +751,19 @@ class RaftNode:
             consumers=[self._replica],
             transportClass=_DurableTransport,
         )
-        for attr in (_NOOP_ATTR, _NEXT_SEND, _LAST_INDEX, _NEXT_INDEX, _TRANSPORT_ATTR, "_poller"):
+        for attr in (
+            _NOOP_ATTR,
+            _NEXT_SEND,
+            _LAST_INDEX,
+            _NEXT_INDEX,
+            _TRANSPORT_ATTR,
+            _ELECTION_DEADLINE,
+            _SET_STATE,
+            _LEADER_ATTR,
+            _ON_LEADER_CHANGED,
+            "transferLeadership",
+            "_poller",
+        ):
             if not hasattr(self._sync, attr):
                 raise RuntimeError(f"pysyncobj internals changed: SyncObj.{attr} missing")
         serializer = getattr(self._sync, _SERIALIZER_ATTR, None)
@@ -766,6 +790,9 @@ class RaftNode:
         transmissions = getattr(self._serializer, _TRANSMISSIONS_ATTR, None)
         if transmissions:
             self._drop_stale_transmissions(sync, transmissions)
+        if self.fsm.broken is not None:
+            self._stand_aside(sync)
+            return
         # Prompt replication: pysyncobj sends new entries (and a new commit index) only at the
         # next heartbeat. When either changed, send at the next tick instead, and wake the poller
         # so that tick comes now: a commit then costs a round trip, not a heartbeat period.
@@ -776,6 +803,26 @@ class RaftNode:
                 self._sent = (last, commit)
                 setattr(sync, _NEXT_SEND, 0.0)
                 self._wake()
+
+    def _stand_aside(self, sync: SyncObj) -> None:
+        """Tick thread, on a replica whose state machine broke (``StateMachine.broken``). As
+        leader it answered every write with its own failure while the others applied fine,
+        until someone restarted it. It now hands leadership to the most caught-up follower
+        (Raft's TimeoutNow, best effort: the followers elect one anyway once its heartbeats
+        stop), steps down, and never starts an election: it still votes and keeps its log (its
+        journal is sound), so the group keeps its majority, and its API forwards writes to the
+        new leader."""
+        setattr(sync, _ELECTION_DEADLINE, time.monotonic() + _NO_ELECTION)
+        transport = getattr(sync, _TRANSPORT_ATTR)
+        if isinstance(transport, _DurableTransport):
+            transport.refuse_leadership = True
+        if not sync._isLeader():
+            return
+        sync.transferLeadership()
+        getattr(sync, _SET_STATE)(psyncobj._RAFT_STATE.FOLLOWER)
+        setattr(sync, _LEADER_ATTR, None)
+        getattr(sync, _ON_LEADER_CHANGED)()  # commands waiting here: retried on the new leader
+        log.error("raft: this replica is broken (%s); it stepped down as leader", self.fsm.broken)
 
     def _drop_stale_transmissions(self, sync: SyncObj, transmissions: dict[Any, Any]) -> None:
         """Tick thread. pysyncobj ends a snapshot transfer when its last chunk goes out, or from

@@ -1055,3 +1055,43 @@ def test_a_proposer_clock_far_ahead_does_not_make_replicas_forget_retries(
     assert None not in seqs and seqs == sorted(set(seqs))
     for m in replicas:
         m.close()
+
+
+async def test_a_broken_replica_hands_over_leadership_and_never_leads_again(
+    tmp_path: Path,
+) -> None:
+    """A leader whose state machine broke (its database failed) answered every write with that
+    failure while the other replicas applied fine, until someone restarted it. It now steps
+    down, another node leads and takes writes, and the broken one never campaigns again (a
+    leadership transfer to it is refused too), while it still keeps the log."""
+    import uuid
+
+    nodes = _three_nodes(tmp_path, election=0.4)
+    for node in nodes:
+        node.start()
+    try:
+        broken = await _ready_leader(nodes)
+        states: list[int] = []
+        broken.on_state_changed = lambda _old, new: states.append(new)
+        broken.fsm.broken = "a command could not be applied: disk I/O error (test)"
+        started = time.monotonic()
+        others = [n for n in nodes if n is not broken]
+        leader = await _ready_leader(others, within=10.0)
+        handover = time.monotonic() - started
+        assert not broken.is_leader()
+        payload = C.command(uuid.uuid4().hex, time.time(), "noop", [])
+        assert C.result(await leader.propose(payload, 10.0)) is None
+        # the new leader hands leadership straight back to it if it can: refused
+        sent: list[int] = []
+        while 0 not in sent:  # FAIL_REASON.SUCCESS: asked (denied while it lags an entry)
+            assert len(sent) < 100, sent
+            leader.sync.transferLeadership(broken.settings.bind_addr, lambda _r, e: sent.append(e))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(3.0)  # several election timeouts
+        assert states == [0], states  # it stepped down and never campaigned
+        assert not broken.is_leader()
+        assert broken.commit_index >= leader.commit_index - 1  # it still follows the log
+        assert handover < 5.0, handover
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
