@@ -486,14 +486,25 @@ def _collect_status(base: str, secret: str) -> dict[str, Any]:
         if row["node_id"] in outside and row["node_id"] != first_id:
             row["role"] = "not-member"
     leader_view = next((r["status"] for r in rows if r["node_id"] == leader_id), None)
+    problems = []
     if leader_view and leader_view.get("state") == "leader":
         leader_commit = leader_view.get("commit_index")
+        # The leader's voters decide who is a member: a removed node started again still
+        # counts itself in (asked first, it listed itself as a member, and status exited 0).
+        group = {str(a) for a in leader_view.get("members") or []}
+        for row in rows:
+            addr = str((nodes.get(row["node_id"]) or {}).get("raft_addr") or row["node_id"])
+            if row["status"] and group and addr not in group:
+                row["role"] = "not-member"
+                problems.append(
+                    f"node {row['node_id']} runs but is not a member of the group"
+                    f" {leader_id} leads (removed? stop it, or join it again)"
+                )
     else:
         leader_commit = first.get("leader_commit_index")
     for row in rows:
         if isinstance(leader_commit, int) and isinstance(row["applied_index"], int):
             row["lag"] = leader_commit - row["applied_index"]
-    problems = []
     if not leader_id:
         problems.append("no leader known")
     if len(leaders) > 1:
@@ -504,6 +515,8 @@ def _collect_status(base: str, secret: str) -> dict[str, Any]:
     for row in down:
         problems.append(f"node {row['node_id']} did not answer: {row['error']}")
     for row in rows:
+        if row["role"] == "candidate":
+            problems.append(f"node {row['node_id']} is a candidate: it hears no leader")
         if row["status"] and row["status"].get("broken"):
             problems.append(f"node {row['node_id']} is broken: {row['status']['broken']}")
     return {

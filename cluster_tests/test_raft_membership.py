@@ -284,3 +284,50 @@ def test_join_against_a_server_without_the_route_reports_status_and_body(tmp_pat
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.mark.timeout(300)
+def test_joins_that_would_break_the_group_are_refused_and_status_names_a_removed_node(
+    tmp_path: Path, cluster: list[ClusterNode]
+) -> None:
+    """Found by review, each on real processes: a join under the leader's node ID (or its Raft
+    address) answered success and left every follower unable to find the leader (503); a join
+    of a node not started yet while one of three voters was down added the voter anyway, and
+    the group, two of four, stopped taking writes and could not be repaired; and ``cluster
+    status`` asked through a removed node that was started again listed it as a member and
+    exited 0."""
+    leader = wait_leader(cluster)
+    followers = [n for n in cluster if n is not leader]
+    _node4, cfg4 = fourth_node(tmp_path, cluster)
+    three = sorted(raft_status(leader)["members"])
+    assert len(three) == 3
+    leader_addr = str(leader.config["raft"]["bind_addr"])
+    for flags in (["--node-id", leader.name], ["--node-id", "node-9", "--raft-addr", leader_addr]):
+        out = callfs(tmp_path, "cluster", "join", "--leader", leader.base, "-c", str(cfg4), *flags)
+        assert out.returncode == 1, (flags, out.stdout, out.stderr)
+        assert "a joining node needs a node ID and a Raft address of its own" in out.stderr
+        assert sorted(raft_status(leader)["members"]) == three
+        assert raft_status(leader)["nodes"][leader.name]["raft_addr"] == leader_addr
+    for i, node in enumerate(followers):  # followers still find the leader
+        assert call(node, "PUT", f"/v1/files/refused/{i}.txt", b"x")[0] == 201, node.name
+
+    down, alive = followers[0], followers[1]
+    down.stop()
+    out = callfs(tmp_path, "cluster", "join", "--leader", leader.base, "-c", str(cfg4))
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "would leave the group without a majority" in out.stderr, out.stderr
+    assert "the new node is not started" in out.stderr
+    assert sorted(raft_status(leader)["members"]) == three
+    assert call(alive, "PUT", "/v1/files/still-writing.txt", b"ok")[0] == 201
+
+    # The down node is removed, then started again with its old data: status through it says
+    # it runs outside the group (exit 1), and through a member all is well.
+    out = callfs(tmp_path, "cluster", "remove", down.name, "-c", str(tmp_path / "node-1.yaml"))
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    down.start()
+    code, report, err = status_json(tmp_path, down)
+    assert code == 1, (report, err)
+    assert f"node {down.name} runs but is not a member" in err, err
+    assert {r["node_id"]: r["role"] for r in report["nodes"]}[down.name] == "not-member"
+    code, report, err = until(lambda: status_ok(tmp_path, alive), 30, "status through a member")
+    assert down.name not in {r["node_id"] for r in report["nodes"]}

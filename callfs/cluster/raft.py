@@ -970,6 +970,25 @@ class RaftNode:
             return False
         return transport.lease_holds(others, self.settings.election_min * LEASE_FRACTION)
 
+    def answering(self) -> set[str]:
+        """Leader: the Raft addresses of the voters connected now that answered an append sent
+        within the longest election timeout, this node included."""
+        sync = self.sync
+        transport = getattr(sync, _TRANSPORT_ATTR, None)
+        acked = transport.acked_at if isinstance(transport, _DurableTransport) else {}
+        since = time.monotonic() - self.settings.election_max
+        for _ in range(5):  # the tick thread may change the sets meanwhile
+            try:
+                others = list(sync.otherNodes)
+                return {str(sync.selfNode.address)} | {
+                    str(n.address)
+                    for n in others
+                    if sync.isNodeConnected(n) and acked.get(n, -1e9) > since
+                }
+            except RuntimeError:
+                time.sleep(0.001)
+        return {str(sync.selfNode.address)}
+
     @property
     def commit_index(self) -> int:
         return int(self.sync.raftCommitIndex)
@@ -1041,7 +1060,10 @@ class RaftNode:
             try:
                 err = await asyncio.wait_for(future, wait)
             except TimeoutError:
-                raise OutcomeUnknown("membership change timed out") from None
+                raise OutcomeUnknown(
+                    "membership change not confirmed within raft.apply_timeout: it may still"
+                    " take effect (see callfs cluster status)"
+                ) from None
             if err != FAIL_REASON.SUCCESS:
                 raise NotApplied(f"membership change refused ({err})")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import heapq
 import hmac
@@ -550,19 +551,50 @@ class RaftService:
             # already a voter at that address: success, no change (API.md §12.6); its endpoint
             # and command level are the ones it registers itself
             return
-        for other_id, (addr, _e) in known.items():
-            stale = (other_id == node_id and addr != raft_addr) or (
-                addr == raft_addr and other_id != node_id
+        own_addr = self.node.settings.bind_addr
+        if (node_id == self.node_id) != (raft_addr == own_addr):
+            # "stale entries" of the leader itself: it cannot remove itself, and rewriting only
+            # its member row left every follower unable to find the leader (found by review)
+            raise BadRequest(
+                f"{node_id!r} at {raft_addr} would replace the leader ({self.node_id!r} at"
+                f" {own_addr}): a joining node needs a node ID and a Raft address of its own"
             )
-            if stale and addr in voters and addr != self.node.settings.bind_addr:
+        stale = {
+            other_id: addr
+            for other_id, (addr, _e) in known.items()
+            if (other_id == node_id) != (addr == raft_addr)
+        }
+        if raft_addr not in voters:
+            await self._check_quorum_after_join(raft_addr, voters - set(stale.values()))
+        for other_id, addr in stale.items():
+            if addr in voters:
                 await self.node.remove_voter(addr, timeout)
                 voters.discard(addr)
-            if stale:
-                await self.execute("member_remove", [other_id])
+            await self.execute("member_remove", [other_id])
         if raft_addr not in voters:
             await self.node.add_voter(raft_addr, timeout)
         self.node.force_snapshot()
         await self.execute("member_put", [node_id, raft_addr, api_endpoint.rstrip("/")])
+
+    async def _check_quorum_after_join(self, raft_addr: str, voters: set[str]) -> None:
+        """Refuse a join that would leave the group without a majority until the new node runs.
+        pysyncobj applies a membership change as soon as it is appended: with one of three
+        voters down, a fourth that is not started yet stopped every write and read, and the
+        timed-out join could not even be undone (no leader to ask)."""
+        after = voters | {raft_addr}
+        answering = self.node.answering() & voters
+        if await _listening(raft_addr):
+            answering.add(raft_addr)
+        need = len(after) // 2 + 1
+        if len(answering) < need:
+            silent = sorted(voters - answering)
+            raise Unavailable(
+                f"adding {raft_addr} now would leave the group without a majority"
+                f" ({need} of {len(after)} voters needed, {len(answering)} answering;"
+                f" not answering: {', '.join(silent) or 'none'}; the new node is "
+                f"{'up' if raft_addr in answering else 'not started'}): bring the silent"
+                " voters back or remove them, or start the new node first"
+            )
 
     async def remove(self, node_id: str) -> None:
         """Leader only: take ``node_id`` out of the group (the leader itself cannot be removed:
@@ -590,3 +622,18 @@ class RaftService:
         status["command_level"] = C.LEVEL
         status["cluster_level"] = self.cluster_level()
         return status
+
+
+async def _listening(addr: str, wait: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (a joining node's Raft port)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        _r, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), wait
+        )
+    except (OSError, ValueError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
