@@ -5,6 +5,7 @@ cross-server conflicts, and concurrent PUTs through different nodes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -202,3 +203,85 @@ async def test_concurrent_writes_through_different_nodes(cluster: list[ClusterNo
 
         statuses = await asyncio.gather(*(post(i) for i in range(9)))
         assert sorted(statuses) == [201] + [409] * 8
+
+
+@pytest.mark.parametrize("store_settings", ["postgres"], indirect=True)
+async def test_transfers_through_a_non_owner_keep_the_caller_and_the_owners_answers(
+    cluster: list[ClusterNode], tmp_path: Path
+) -> None:
+    """Found by review, each through a node that does not own the file: a WebSocket upload whose
+    file was deleted meanwhile was created on the owner as ``internal-proxy``'s (the caller was
+    locked out of it); a file under ``/ws/`` could not be read (its link was used up on a 502);
+    an upload too large closed 1011 instead of 1009; an owner's 500 became a 502."""
+    a, b, _c = cluster
+    async with aiohttp.ClientSession() as s:
+        # a file under /ws/: a link redeemed and a WebSocket download, both through node-b
+        async with s.put(f"{a.base}/v1/files/ws/x.txt", data=b"in ws", headers=H) as r:
+            assert r.status == 201
+        async with s.post(
+            f"{b.base}/v1/links/generate",
+            json={"path": "/ws/x.txt", "expiry_seconds": 60},
+            headers=H,
+        ) as r:
+            token = (await r.json())["token"]
+        async with s.get(f"{b.base}/download/{token}") as r:
+            assert (r.status, await r.read()) == (200, b"in ws")
+        async with s.ws_connect(f"{b.base}/v1/files/ws/ws/x.txt", headers=H) as ws:
+            got = b""
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    got += msg.data
+            assert (got, ws.close_code) == (b"in ws", 1000)
+
+        # a WebSocket upload through node-b of node-a's file, deleted on node-a meanwhile
+        async with s.put(f"{a.base}/v1/files/race/f", data=b"old", headers=H) as r:
+            assert r.status == 201
+        url = f"{b.base}/v1/files/ws/race/f?mode=upload"
+        async with s.ws_connect(url, headers=H) as ws:
+            await ws.send_bytes(b"new ")
+            await asyncio.sleep(0.3)  # the frames stream to the owner already
+            async with s.delete(f"{a.base}/v1/files/race/f", headers=H) as r:
+                assert r.status == 204
+            await ws.send_bytes(b"bytes")
+            await ws.send_str("EOF")
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            assert msg.data == "ok:9"
+        async with s.head(f"{b.base}/v1/files/race/f", headers=H) as r:
+            assert r.status == 200
+            assert r.headers["X-CallFS-Owner"] == "alice"
+        async with s.get(f"{b.base}/v1/files/race/f", headers=H) as r:
+            assert await r.read() == b"new bytes"
+        async with s.delete(f"{b.base}/v1/files/race/f", headers=H) as r:
+            assert r.status == 204
+
+        # an upload over the 100 MiB cap through node-b, of node-a's file: 1009, nothing stored
+        async with s.put(f"{a.base}/v1/files/big/f", data=b"small", headers=H) as r:
+            assert r.status == 201
+        async with s.ws_connect(
+            f"{b.base}/v1/files/ws/big/f?mode=upload", headers=H, max_msg_size=0
+        ) as ws:
+            block = b"\0" * (1 << 20)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(101):
+                    await ws.send_bytes(block)
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+            assert (msg.data, msg.extra) == (1009, "upload too large")
+        async with s.get(f"{b.base}/v1/files/big/f", headers=H) as r:
+            assert await r.read() == b"small"
+
+        # the owner's own error answer is relayed, not turned into "unreachable"
+        async with s.put(f"{a.base}/v1/files/err/e", data=b"e", headers=H) as r:
+            assert r.status == 201
+        (blob,) = [
+            p
+            for p in (tmp_path / "node-a" / "files").rglob("*")
+            if p.is_file() and p.read_bytes() == b"e"
+        ]
+        blob.unlink()
+        blob.symlink_to("/etc/hostname")  # localfs refuses to follow it: a 500 on the owner
+        for node in (a, b):
+            async with s.get(f"{node.base}/v1/files/err/e", headers=H) as r:
+                assert r.status == 500, node.name
+                assert (await r.json())["code"] == "INTERNAL_ERROR"

@@ -30,7 +30,7 @@ from callfs.api.ranges import parse_range
 from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import CONTINUE_PENDING, IDENTITY, api_state, identity
 from callfs.core.engine import MoveRequest
-from callfs.core.peer import EXPECT_BLOB
+from callfs.core.peer import CALLER, EXPECT_BLOB
 from callfs.errors import BadRequest, CallFSError, PayloadTooLarge, RemoteOwner, VersionMoved
 from callfs.metadata.base import ChildPosition
 from callfs.model import INTERNAL_PROXY_USER, BackendType, Entry, EntryType, Identity
@@ -676,13 +676,6 @@ def cross_server_conflict(request: web.Request, exc: RemoteOwner) -> web.Respons
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
-
-
-#: The caller's user ID on a request relayed to the owner node (trusted only with the internal
-#: secret): the owner checks permissions against the caller (a recursive delete checks every entry
-#: of the tree there) and records the caller as the owner of what it creates, never the relaying
-#: node's admin identity.
-CALLER = "X-CallFS-Caller"
 
 
 def _act_for_caller(request: web.Request) -> None:

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from callfs.api.files import request_path
+from callfs.api.files import get_file, owner_routed, request_path
 from callfs.api.limits import cut_off
 from callfs.api.sockets import direct_socket, tcp_option
 from callfs.api.state import api_state, identity
+from callfs.core.peer import EXPECT_BLOB
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
@@ -25,6 +26,7 @@ from callfs.errors import (
     PermissionDenied,
     RemoteOwner,
 )
+from callfs.model import INTERNAL_PROXY_USER
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ def origin_allowed(request: web.Request) -> bool:
 
 
 async def transfer(request: web.Request) -> web.StreamResponse:
+    if EXPECT_BLOB in request.headers and identity(request).user_id == INTERNAL_PROXY_USER:
+        # another node reading a file of this one that lives under /ws/ (a link or a download
+        # received there): its GET names the version it wants, and is a file read (§12.3)
+        return await owner_routed(get_file)(request)
     path = request_path(request, WS_PREFIX)
     if path.dir_form:
         raise BadRequest("websocket transfer requires a file path")
@@ -276,7 +282,9 @@ async def _upload(ws: web.WebSocketResponse, request: web.Request, path: str) ->
         except RemoteOwner as owner:
             # §10: an existing file another node owns is replaced there; the write was
             # authorized here (put_file checks before routing), the frames stream through
-            size = await state.peers.put_file(owner.instance_id, path, body)
+            size = await state.peers.put_file(
+                owner.instance_id, path, body, identity(request).user_id
+            )
     except UploadAborted as exc:
         if not ws.closed:
             await ws.close(code=exc.code, message=exc.reason.encode())

@@ -15,7 +15,19 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
-from callfs.errors import CallFSError, NotFound, PeerUnavailable, VersionMoved
+from callfs.errors import (
+    BadRequest,
+    CallFSError,
+    InsufficientShards,
+    InsufficientStorage,
+    InternalError,
+    NotFound,
+    PayloadTooLarge,
+    PeerUnavailable,
+    PermissionDenied,
+    Unavailable,
+    VersionMoved,
+)
 from callfs.storage.base import Chunk
 
 log = logging.getLogger(__name__)
@@ -31,6 +43,42 @@ EXPECT_BLOB = "X-CallFS-Expect-Blob"
 #: The slowest copy between nodes a mover waits for (bytes/s) before it gives up on the owner.
 MIN_MOVE_RATE = 1_000_000
 _PEER_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError)
+#: The caller's user ID on a request relayed to the owner node (trusted only with the internal
+#: secret): the owner checks permissions against the caller (a recursive delete checks every entry
+#: of the tree there) and records the caller as the owner of what it creates, never the relaying
+#: node's admin identity.
+CALLER = "X-CallFS-Caller"
+#: An owner's error answer to a read, relayed with its status and message (API.md §12.3).
+_RELAYED: dict[str, type[CallFSError]] = {
+    "BAD_REQUEST": BadRequest,
+    "PERMISSION_DENIED": PermissionDenied,
+    "PAYLOAD_TOO_LARGE": PayloadTooLarge,
+    "INTERNAL_ERROR": InternalError,
+    "UNAVAILABLE": Unavailable,
+    "INSUFFICIENT_SHARDS": InsufficientShards,
+    "INSUFFICIENT_STORAGE": InsufficientStorage,
+}
+_ERROR_BODY = 64 * 1024
+
+
+async def _relayed(response: aiohttp.ClientResponse) -> CallFSError:
+    """The owner's JSON error answer as the error this node answers with; ``PeerUnavailable``
+    for one it does not know (a proxy or a server of another build in between)."""
+    try:
+        raw = await response.content.read(_ERROR_BODY)
+        body = json.loads(raw)
+        kind = _RELAYED[body["code"]]
+        message = body["message"]
+    except (*_PEER_ERRORS, ValueError, KeyError, TypeError):
+        return PeerUnavailable(f"owner node answered {response.status}")
+    finally:
+        response.release()
+    if not isinstance(message, str):
+        return PeerUnavailable(f"owner node answered {response.status}")
+    if kind is Unavailable:
+        wait = response.headers.get("Retry-After", "1")
+        return Unavailable(message, int(wait) if wait.isdigit() else 1)
+    return kind(message)
 
 
 def url_path(engine_path: str) -> str:
@@ -132,6 +180,8 @@ class PeerClient:
             raise PeerUnavailable("owner node unreachable") from exc
         if response.status in (200, 206):
             return PeerStream(response, int(response.headers.get("Content-Length", "0")))
+        if response.status not in (404, 412, 416):
+            raise await _relayed(response)
         response.release()
         if response.status == 404:
             raise NotFound()
@@ -143,30 +193,43 @@ class PeerClient:
             return PeerStream(response, 0)
         raise PeerUnavailable(f"owner node answered {response.status}")
 
-    async def put_file(self, instance_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
-        """Stream a new version of a file the node ``instance_id`` owns to it (a WebSocket
-        upload received here); the size stored. The caller authorized the write."""
+    async def put_file(
+        self, instance_id: str, path: str, chunks: AsyncIterable[bytes], caller: str
+    ) -> int:
+        """Stream a new version of a file the node ``instance_id`` owns to it (a WebSocket or
+        resumable upload received here) on behalf of the user ``caller``, who authorized the
+        write here (if the file is gone meanwhile, the owner creates it as the caller's); the
+        size stored. An error the body's own iterator raised (the client aborted, the upload
+        grew too large) is raised as is, not as the owner being unreachable."""
         url = self.require_endpoint(instance_id) + "/v1/files" + url_path(path)
         size = 0
+        failed: BaseException | None = None
 
         async def counted() -> AsyncIterator[bytes]:
-            nonlocal size
-            async for chunk in chunks:
-                size += len(chunk)
-                yield chunk
+            nonlocal size, failed
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    yield chunk
+            except BaseException as exc:
+                failed = exc
+                raise
 
+        headers = {**self.auth_headers(), CALLER: caller}
         try:
-            async with self.session.put(url, data=counted(), headers=self.auth_headers()) as resp:
-                status = resp.status
-                detail = (await resp.read())[:200]
+            async with self.session.put(url, data=counted(), headers=headers) as resp:
+                if resp.status in (200, 201):
+                    await resp.read()
+                    return size
+                if resp.status == 404:
+                    resp.release()
+                    raise NotFound()
+                raise await _relayed(resp)
         except _PEER_ERRORS as exc:
+            if failed is not None:
+                raise failed from None
             log.warning("owner node %s unreachable: %s", instance_id, type(exc).__name__)
             raise PeerUnavailable("owner node unreachable") from exc
-        if status in (200, 201):
-            return size
-        if status == 404:
-            raise NotFound()
-        raise PeerUnavailable(f"owner node answered {status}: {detail!r}")
 
     # ---- moves between nodes (issue 14) ------------------------------------------------------
     async def push_blob(self, instance_id: str, chunks: AsyncIterable[Chunk], size: int) -> str:

@@ -485,7 +485,9 @@ class UploadService:
             # bytes there, as a PUT through this node would be proxied (§12.3)
             if engine.peers is None:
                 raise
-            await engine.peers.put_file(exc.instance_id, path.path, self._staged(token))
+            await engine.peers.put_file(
+                exc.instance_id, path.path, self._staged(token), who.user_id
+            )
 
     async def _names_our_bytes(self, token: str, entry: Entry | None) -> bool:
         """Whether ``entry`` is this upload's earlier commit: a localfs file of this node whose
