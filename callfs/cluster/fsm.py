@@ -41,16 +41,6 @@ log = logging.getLogger(__name__)
 #: applied" command within ``raft.apply_timeout``; ten minutes also absorb clock skew between
 #: proposers, and keep the table (which every snapshot carries) small.
 REQUEST_MEMORY = 600.0
-#: From this command level a request id is also kept until this many later ones were remembered
-#: (``raft_requests.seq``, numbered by ``apply``): a proposer whose clock runs ahead no longer
-#: makes every replica forget the ids of the others' retries, whatever the skew. Only rows old
-#: by both measures go, the oldest first, at most two per command (a bounded cost per command
-#: whatever the table holds); past ``REQUEST_CAP`` rows the oldest go anyway, so a clock far
-#: ahead cannot grow the table without bound. 50,000 commands are over a minute of this
-#: implementation's best commit rate, six times the default ``raft.apply_timeout``.
-REQUEST_COUNT_LEVEL = 3
-REQUEST_KEEP = 50_000
-REQUEST_CAP = 500_000
 
 #: A snapshot: ``SNAPSHOT_MAGIC | sha256(db) | db``, the whole database (version 1).
 SNAPSHOT_MAGIC = b"CFSRAFT1"
@@ -91,37 +81,6 @@ def _raft_tables(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(raft_members)")}
     if "level" not in columns:  # a database from before members announced their level
         conn.execute("ALTER TABLE raft_members ADD COLUMN level INTEGER NOT NULL DEFAULT 1")
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(raft_requests)")}
-    if "seq" not in columns:  # a database from before request ids were numbered (level 3)
-        conn.execute("ALTER TABLE raft_requests ADD COLUMN seq INTEGER")
-    conn.execute("CREATE INDEX IF NOT EXISTS raft_requests_seq ON raft_requests (seq)")
-
-
-def remember(conn: sqlite3.Connection, request_id: str, now: float, out: bytes) -> None:
-    """Keep a command's result under its request id, and forget old ones (``REQUEST_KEEP``)."""
-    if cluster_level(conn) < REQUEST_COUNT_LEVEL:  # as every build before level 3 does
-        conn.execute(
-            "INSERT INTO raft_requests (id, at, result) VALUES (?, ?, ?)", (request_id, now, out)
-        )
-        conn.execute("DELETE FROM raft_requests WHERE at < ?", (now - REQUEST_MEMORY,))
-        return
-    if conn.execute("SELECT 1 FROM raft_requests WHERE seq IS NULL LIMIT 1").fetchone():
-        # rows remembered below level 3: numbered once, in an order every replica shares
-        conn.execute(
-            "UPDATE raft_requests SET seq = t.n + (SELECT coalesce(max(seq), 0)"
-            " FROM raft_requests) FROM (SELECT id, row_number() OVER (ORDER BY at, id) AS n"
-            " FROM raft_requests WHERE seq IS NULL) AS t WHERE raft_requests.id = t.id"
-        )
-    (top,) = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM raft_requests").fetchone()
-    conn.execute(
-        "INSERT INTO raft_requests (id, at, result, seq) VALUES (?, ?, ?, ?)",
-        (request_id, now, out, top),
-    )
-    conn.execute(
-        "DELETE FROM raft_requests WHERE seq IN (SELECT seq FROM raft_requests"
-        " WHERE seq IS NOT NULL ORDER BY seq LIMIT 2) AND (seq <= ? AND at < ? OR seq <= ?)",
-        (top - REQUEST_KEEP, now - REQUEST_MEMORY, top - REQUEST_CAP),
-    )
 
 
 class NewerCommand(Exception):
@@ -356,7 +315,11 @@ class StateMachine:
                 out = C.failed(exc if isinstance(exc, CallFSError) else op_error(exc))
             conn.execute("RELEASE cmd")
         if request_id:
-            remember(conn, request_id, now, out)
+            conn.execute(
+                "INSERT INTO raft_requests (id, at, result) VALUES (?, ?, ?)",
+                (request_id, now, out),
+            )
+            conn.execute("DELETE FROM raft_requests WHERE at < ?", (now - REQUEST_MEMORY,))
         return out
 
     # ---- snapshots: ``MAGIC | sha256(db) | db`` ---------------------------------------------

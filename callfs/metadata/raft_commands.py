@@ -32,9 +32,8 @@ from callfs.model import BackendType, Entry, Link, NewParents, Placement, WorkIt
 
 #: The command level this build applies. Adding a command (or changing what one does) raises
 #: it, and the command goes into ``SINCE`` with the new level. Level 2 adds no command: it says
-#: the node reads version-2 (incremental) snapshots (``fsm.SNAPSHOT2_LEVEL``). Level 3 adds none
-#: either: request ids are forgotten by count as well as by time (``fsm.REQUEST_COUNT_LEVEL``).
-LEVEL = 3
+#: the node reads version-2 (incremental) snapshots (``fsm.SNAPSHOT2_LEVEL``).
+LEVEL = 2
 #: Command name -> the level that introduced it (absent: 1, the first set).
 SINCE: dict[str, int] = {}
 

@@ -998,65 +998,6 @@ def test_a_compaction_that_fails_after_its_rename_stops_the_node(
     reopened._destroy()
 
 
-def test_a_proposer_clock_far_ahead_does_not_make_replicas_forget_retries(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Request ids were forgotten ten minutes of the *newest command's* clock after their own:
-    one node whose clock ran an hour ahead made every replica forget the others' ids at its next
-    command, so a retry after a leader change applied again (a create answered 409 over itself,
-    an update re-applied over a later write). From level 3 an id is also kept until
-    ``REQUEST_KEEP`` later ones were remembered; the table is still pruned, the oldest first,
-    identically on every replica, also the rows remembered before the level was reached."""
-    from callfs.cluster import fsm as fsm_module
-
-    monkeypatch.setattr(fsm_module, "REQUEST_KEEP", 5)
-    monkeypatch.setattr(fsm_module, "REQUEST_CAP", 40)
-    replicas = [StateMachine(str(tmp_path / f"state{i}.sqlite3")) for i in range(2)]
-    log: list[bytes] = []
-
-    def apply(payload: bytes) -> bytes:
-        log.append(payload)
-        answers = {m.apply(payload) for m in replicas}
-        assert len(answers) == 1
-        return answers.pop()
-
-    for m in replicas:
-        m.open_fresh()
-    members_at_level = [
-        C.command(f"m{i}", 1000.0, "member_put", [f"n{i}", f"h:{i}", "http://h"]) for i in (0, 1)
-    ]
-    for payload in members_at_level:
-        apply(payload)
-    apply(create("old-1", "/old"))  # remembered below level 3: no number yet
-    for i in (0, 1):
-        apply(C.command(f"l{i}", 1000.0, "member_level", [f"n{i}", 3]))
-    first = apply(create("req-1", "/a"))
-    ahead = 1000.0 + 3600.0  # a proposer whose clock is an hour ahead
-    for i in range(3):
-        apply(C.command(f"skew-{i}", ahead, "create", [C.entry_out(entry(f"/s{i}")), None]))
-    assert apply(create("req-1", "/a")) == first  # the retry: its first answer, not a 409
-    with pytest.raises(AlreadyExists):
-        C.result(apply(create("req-2", "/a")))
-    # old by count and by time: pruned, the oldest first, a bounded number per command
-    for i in range(20):
-        later = ahead + 700.0 * (i + 1)
-        apply(C.command(f"late-{i}", later, "create", [C.entry_out(entry(f"/l{i}")), None]))
-    states = [state_of(m) for m in replicas]
-    assert states[0] == states[1]
-    ids = [row[0] for row in states[0][1]]
-    assert "req-1" not in ids and "old-1" not in ids
-    assert len(ids) <= 5 + 2
-    seqs = [
-        row[0]
-        for row in sqlite3.connect(replicas[0].path).execute(
-            "SELECT seq FROM raft_requests ORDER BY seq"
-        )
-    ]
-    assert None not in seqs and seqs == sorted(set(seqs))
-    for m in replicas:
-        m.close()
-
-
 async def test_a_broken_replica_hands_over_leadership_and_never_leads_again(
     tmp_path: Path,
 ) -> None:
