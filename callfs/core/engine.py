@@ -21,7 +21,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -39,6 +47,7 @@ from callfs.errors import (
     InsufficientShards,
     InternalError,
     KeptChanging,
+    LockTimeout,
     NotFound,
     ParentMissing,
     ParentNotDirectory,
@@ -89,12 +98,15 @@ ORPHAN_GRACE = 3600.0
 #: Work kinds of the WorkQueue (HA replication, §13).
 REPLICA_PUT = "replica-put"
 REPLICA_DELETE = "replica-delete"
+#: A move decides (and copies) at least this many times when the item changed meanwhile.
+_MOVE_TRIES = 3
 #: Refusals after which a new blob is certainly unreferenced (no "maybe applied").
 _DEFINITE = (
     AlreadyExists,
     BadRequest,
     DirectoryNotEmpty,
     KeptChanging,
+    LockTimeout,  # the command never ran (only lock managers raise it)
     NotFound,
     PermissionDenied,
     RemoteOwner,
@@ -242,6 +254,16 @@ class Engine:
     def _lock(self, path: str) -> AbstractAsyncContextManager[None]:
         return self._locks.hold(f"file:{path}", self.settings.lock_timeout)
 
+    async def _locked(self, paths: Iterable[str], command: Callable[[], Awaitable[T]]) -> T:
+        """Run ``command`` holding the ``file:`` locks of ``paths`` (in one global order: no
+        lock-order deadlock). §14: a lock covers a commit, never a body transfer or a copy, so
+        concurrent writers of a path queue for the commit and never time out on another's bytes;
+        ``_commit`` around it removes the new blob when the lock wait times out."""
+        async with AsyncExitStack() as held:
+            for path in sorted(set(paths)):
+                await held.enter_async_context(self._lock(path))
+            return await command()
+
     def _dir_lock(self, path: str) -> AbstractAsyncContextManager[None]:
         """§14: a directory create or delete holds ``dir:<path>`` over its commit. (Parents a
         create makes are decided by that create's one conditional command; they take none.)"""
@@ -272,7 +294,7 @@ class Engine:
             return AlreadyExists("path exists as directory, cannot create file")
         return AlreadyExists("file already exists, use PUT to update")
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], tries: int = 1) -> T:
         """Decide again on fresh reads when a conditional command lost a race.
 
         Writers of one path on other nodes or worker processes share no lock with this one
@@ -280,7 +302,8 @@ class Engine:
         elsewhere: 16 PUTs of one path over two processes lost eight straight rounds about one
         run in six. So the writer keeps deciding again, after a random pause that grows to
         ``_RACE_PAUSE_MAX``, until the lock timeout (the wait a writer queued on a lock is
-        allowed anyway), and only then answers 503."""
+        allowed anyway), and only then answers 503. It decides at least ``tries`` times
+        whatever the time (a move that copies bytes may take longer than the lock timeout once)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.lock_timeout
         pause = 0.001
@@ -288,7 +311,8 @@ class Engine:
             try:
                 return await attempt()
             except VersionConflict:
-                if loop.time() >= deadline:
+                tries -= 1
+                if loop.time() >= deadline and tries <= 0:
                     raise KeptChanging() from None
             await asyncio.sleep(random.uniform(0, pause))  # noqa: S311 (jitter, not a secret)
             pause = min(2 * pause, _RACE_PAUSE_MAX)
@@ -600,11 +624,13 @@ class Engine:
             staged = await self._stage(kind, chunks)
             entry = self._file_entry(who.user_id, path.path, kind, staged)
             blob_key, blob_kind = staged.key, kind
+        create = self._meta.create
         try:
-            async with self._lock(path.path):
-                stored = await self._commit(
-                    blob_kind, blob_key, self._meta.create(entry, self._parents(who.user_id, kind))
-                )
+            stored = await self._commit(
+                blob_kind,
+                blob_key,
+                self._locked([path.path], lambda: create(entry, self._parents(who.user_id, kind))),
+            )
         except AlreadyExists as exc:
             existing = await self._meta.get(path.path)
             if existing is not None and not isinstance(exc, ParentNotDirectory):
@@ -666,8 +692,9 @@ class Engine:
             updated = replace(new, owner=current.owner, created_at=current.created_at)
             return await self._meta.update(updated, current.version), current
 
-        async with self._lock(path.path):
-            stored, replaced = await self._commit(kind, blob_key, self._retrying(attempt))
+        stored, replaced = await self._commit(
+            kind, blob_key, self._locked([path.path], lambda: self._retrying(attempt))
+        )
         self._count("create" if replaced is None else "update", kind)
         await self._replicate(stored)
         if replaced is not None and replaced.blob_key != stored.blob_key:
@@ -878,19 +905,19 @@ class Engine:
     # ---- move ----------------------------------------------------------------------------
     async def move(self, who: Identity, src: CanonicalPath, req: MoveRequest) -> str:
         """PATCH (§9.7): rename or move a file or directory tree; returns the new engine path."""
-        dst = req.destination.path
-        keys = sorted({src.path, dst})  # one global order: no lock-order deadlock
-        async with AsyncExitStack() as held:
-            for key in keys:
-                await held.enter_async_context(self._lock(key))
-            moved, old, occupant = await self._retrying(lambda: self._move_once(who, src, req))
+        # Decided on fresh reads; the locks cover only the commit (``_locked``): a move to
+        # another backend or node copies the bytes first, under a new key, and its command is
+        # conditional on the source's version (a change meanwhile: copied again).
+        moved, old, occupant = await self._retrying(
+            lambda: self._move_once(who, src, req), tries=_MOVE_TRIES
+        )
         if occupant is not None:
             await self._reclaim(occupant)
         if moved.blob_key != old.blob_key:
             await self._reclaim(old)
             await self._replicate(moved)
         self._count("rename", moved.backend_type.value)
-        return dst
+        return req.destination.path
 
     async def _move_once(
         self, who: Identity, src: CanonicalPath, req: MoveRequest
@@ -948,18 +975,22 @@ class Engine:
         parents = None
         if req.create_parents:
             parents = self._parents(source.owner, source.backend_type.value)
+        paths = (source.path, dst)
         if changes_instance:
             assert instance is not None
             moved, occupant = await self._move_to_node(source, dst, instance, dst_expected, parents)
             return moved, source, occupant
         if not changes_backend:
             try:
-                moved, occupant = await self._meta.move(
-                    source.path,
-                    dst,
-                    expected_version=source.version,
-                    dst_expected=dst_expected,
-                    parents=parents,
+                moved, occupant = await self._locked(
+                    paths,
+                    lambda: self._meta.move(
+                        source.path,
+                        dst,
+                        expected_version=source.version,
+                        dst_expected=dst_expected,
+                        parents=parents,
+                    ),
                 )
             except ParentMissing as exc:
                 raise BadRequest("destination parent does not exist") from exc
@@ -975,13 +1006,16 @@ class Engine:
         moved, occupant = await self._commit(
             kind,
             staged_key,
-            self._meta.move(
-                source.path,
-                dst,
-                expected_version=source.version,
-                dst_expected=dst_expected,
-                parents=parents,
-                placement=placement,
+            self._locked(
+                paths,
+                lambda: self._meta.move(
+                    source.path,
+                    dst,
+                    expected_version=source.version,
+                    dst_expected=dst_expected,
+                    parents=parents,
+                    placement=placement,
+                ),
             ),
         )
         return moved, source, occupant
@@ -1032,13 +1066,16 @@ class Engine:
             await stream.aclose()
         placement = Placement(BackendType.LOCALFS, target, key, source.size)
         try:
-            moved, occupant = await self._meta.move(
-                source.path,
-                dst,
-                expected_version=source.version,
-                dst_expected=dst_expected,
-                parents=parents,
-                placement=placement,
+            moved, occupant = await self._locked(
+                (source.path, dst),
+                lambda: self._meta.move(
+                    source.path,
+                    dst,
+                    expected_version=source.version,
+                    dst_expected=dst_expected,
+                    parents=parents,
+                    placement=placement,
+                ),
             )
         except _DEFINITE as exc:
             await peers.drop_blob(target, key)

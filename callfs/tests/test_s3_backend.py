@@ -256,3 +256,54 @@ async def test_a_multipart_object_is_not_taken_as_older_than_it_is() -> None:
         now = time.time()
         assert listed[big] > now + MULTIPART_AGE_SLACK - 600  # taken as written a day later
         assert abs(listed[small] - now) < 600  # a plain PUT's LastModified is when it landed
+
+
+async def test_a_write_during_a_move_to_another_backend_waits_only_for_its_commit(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """§14: a lock covers a commit, not a transfer. A move to another backend held the path's
+    lock for the whole copy, so a PUT of the file meanwhile timed out on the lock (503) once the
+    copy took longer than ``dlm.lock_timeout`` (found by review: a 300 MiB move into S3). The
+    PUT now commits at once; the move, whose command is conditional on the version it copied,
+    copies the new version and then wins: one whole version, nothing left over."""
+    import asyncio
+
+    cfg = make_config(
+        tmp_path,
+        CALLFS_BACKEND__S3_BUCKET_NAME=s3server.make_bucket(),
+        CALLFS_BACKEND__S3_ENDPOINT=s3server.endpoint(),
+        CALLFS_BACKEND__S3_ACCESS_KEY="testing",
+        CALLFS_BACKEND__S3_SECRET_KEY="testing",
+        CALLFS_DLM__LOCK_TIMEOUT="300ms",
+    )
+    node = Node(cfg)
+    node.build()
+    await node.start_components()
+    try:
+        client: TestClient[Any, Any] = await aiohttp_client(node.app)
+        big = os.urandom(64 * MiB)
+        resp = await client.put("/v1/files/t/f", data=io.BytesIO(big), headers=auth())
+        assert resp.status == 201
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        move = asyncio.ensure_future(
+            client.patch(
+                "/v1/files/t/f", json={"destination": "/t/f", "backend": "s3"}, headers=auth()
+            )
+        )
+        await asyncio.sleep(0.1)
+        resp = await client.put("/v1/files/t/f", data=b"tiny", headers=auth())
+        assert resp.status == 200, await resp.text()
+        put_done = loop.time()
+        resp = await move
+        assert resp.status == 200, await resp.text()
+        assert put_done < loop.time() - 0.3  # not vacuous: the copy outlasted the lock wait
+        resp = await client.get("/v1/files/t/f", headers=auth())
+        assert await resp.read() == b"tiny"
+        entry = await node.meta.get("/t/f")
+        assert entry is not None and entry.backend_type.value == "s3"
+        blobs = Path(cfg.backend.localfs_root_path) / ".callfs/blobs"
+        assert [p for p in blobs.rglob("*") if p.is_file()] == []
+        assert started < put_done
+    finally:
+        await node.stop()

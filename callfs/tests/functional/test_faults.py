@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -448,3 +449,21 @@ async def test_directory_creates_and_deletes_wait_for_their_dir_lock(
         assert (await client.delete("/v1/files/held-file", headers=auth())).status == 204
     assert (await client.post("/v1/files/new/", headers=auth())).status == 201
     assert (await client.delete("/v1/files/held", headers=auth())).status == 204
+
+
+async def test_a_write_that_times_out_on_the_lock_removes_its_new_blob(
+    short_lock_timeout: None, client: Client, node: Node
+) -> None:
+    """A PUT or POST whose commit never got the path's lock (503) left its staged blob for the
+    orphan sweep (found by review); a lock timeout is a definite refusal: removed at once."""
+    engine = node.engine
+    assert engine is not None
+    blobs = Path(node.cfg.backend.localfs_root_path) / ".callfs" / "blobs"
+    assert (await put(client, "locked", b"v1")).status == 201
+    before = sorted(p for p in blobs.rglob("*") if p.is_file())
+    async with engine._locks.hold("file:/locked", 5.0), engine._locks.hold("file:/new", 5.0):
+        assert (await put(client, "locked", b"v2")).status == 503
+        resp = await client.post("/v1/files/new", data=b"n", headers=auth())
+        assert resp.status == 503
+    assert sorted(p for p in blobs.rglob("*") if p.is_file()) == before
+    assert await (await client.get("/v1/files/locked", headers=auth())).read() == b"v1"
