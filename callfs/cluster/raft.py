@@ -65,7 +65,6 @@ _TRANSPORT_ATTR = "_SyncObj__transport"
 _ELECTION_DEADLINE = "_SyncObj__raftElectionDeadline"
 _SET_STATE = "_SyncObj__setState"
 _LEADER_ATTR = "_SyncObj__raftLeader"
-_ON_LEADER_CHANGED = "_SyncObj__onLeaderChanged"
 #: How far a broken replica pushes its election deadline at every tick (seconds).
 _NO_ELECTION = 3600.0
 #: The part of ``raftMinTimeout`` a read lease lasts from the send of the appends a majority
@@ -760,7 +759,6 @@ class RaftNode:
             _ELECTION_DEADLINE,
             _SET_STATE,
             _LEADER_ATTR,
-            _ON_LEADER_CHANGED,
             "transferLeadership",
             "_poller",
         ):
@@ -793,6 +791,9 @@ class RaftNode:
         if self.fsm.broken is not None:
             self._stand_aside(sync)
             return
+        transport = getattr(sync, _TRANSPORT_ATTR, None)
+        if isinstance(transport, _DurableTransport) and transport.refuse_leadership:
+            transport.refuse_leadership = False  # repaired (a snapshot installed): may lead again
         # Prompt replication: pysyncobj sends new entries (and a new commit index) only at the
         # next heartbeat. When either changed, send at the next tick instead, and wake the poller
         # so that tick comes now: a commit then costs a round trip, not a heartbeat period.
@@ -821,7 +822,9 @@ class RaftNode:
         sync.transferLeadership()
         getattr(sync, _SET_STATE)(psyncobj._RAFT_STATE.FOLLOWER)
         setattr(sync, _LEADER_ATTR, None)
-        getattr(sync, _ON_LEADER_CHANGED)()  # commands waiting here: retried on the new leader
+        # Its proposals still in flight: discarded ones time out, applied ones are answered here
+        # by the broken replica; ``propose`` turns both into "outcome unknown", and the proposer
+        # asks the new leader with the same request id.
         log.error("raft: this replica is broken (%s); it stepped down as leader", self.fsm.broken)
 
     def _drop_stale_transmissions(self, sync: SyncObj, transmissions: dict[Any, Any]) -> None:
@@ -924,6 +927,11 @@ class RaftNode:
         except TimeoutError:
             raise OutcomeUnknown("commit timed out") from None
         if err == FAIL_REASON.SUCCESS:
+            if self.fsm.broken is not None:
+                # Applied by the group, but answered by this replica's broken state machine (a
+                # leader that broke steps down with such commands still in flight): the proposer
+                # asks the new leader, whose memory of the request id holds the real answer.
+                raise OutcomeUnknown("this replica is broken: the result is asked of the leader")
             return bytes(res)
         if err in NOT_APPLIED:
             raise NotApplied(f"raft refused the command ({err})")

@@ -1004,8 +1004,12 @@ async def test_a_broken_replica_hands_over_leadership_and_never_leads_again(
     """A leader whose state machine broke (its database failed) answered every write with that
     failure while the other replicas applied fine, until someone restarted it. It now steps
     down, another node leads and takes writes, and the broken one never campaigns again (a
-    leadership transfer to it is refused too), while it still keeps the log."""
+    leadership transfer to it is refused too), while it still keeps the log. The command that
+    broke it was applied by the group: its proposer learns "outcome unknown" (and asks the new
+    leader), never the broken replica's answer."""
     import uuid
+
+    from callfs.cluster.raft import OutcomeUnknown
 
     nodes = _three_nodes(tmp_path, election=0.4)
     for node in nodes:
@@ -1014,7 +1018,19 @@ async def test_a_broken_replica_hands_over_leadership_and_never_leads_again(
         broken = await _ready_leader(nodes)
         states: list[int] = []
         broken.on_state_changed = lambda _old, new: states.append(new)
-        broken.fsm.broken = "a command could not be applied: disk I/O error (test)"
+        fatal = C.command(uuid.uuid4().hex, time.time(), "noop", [])
+        apply = broken.fsm.apply
+
+        def breaking(payload: bytes) -> bytes:
+            out = apply(payload)
+            if payload == fatal:  # as if its database failed applying this one
+                broken.fsm.broken = "a command could not be applied: disk I/O error (test)"
+                return C.failed(InternalError("metadata replica failed"))
+            return out
+
+        broken.fsm.apply = breaking  # type: ignore[method-assign]
+        with pytest.raises(OutcomeUnknown):
+            await broken.propose(fatal, 10.0)
         started = time.monotonic()
         others = [n for n in nodes if n is not broken]
         leader = await _ready_leader(others, within=10.0)
