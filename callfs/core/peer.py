@@ -65,7 +65,12 @@ async def _relayed(response: aiohttp.ClientResponse) -> CallFSError:
     """The owner's JSON error answer as the error this node answers with; ``PeerUnavailable``
     for one it does not know (a proxy or a server of another build in between)."""
     try:
-        raw = await response.content.read(_ERROR_BODY)
+        raw = b""
+        while len(raw) < _ERROR_BODY:
+            chunk = await response.content.read(_ERROR_BODY - len(raw))
+            if not chunk:
+                break
+            raw += chunk
         body = json.loads(raw)
         kind = _RELAYED[body["code"]]
         message = body["message"]
