@@ -803,11 +803,17 @@ class Engine:
             and (self._replica_for(entry.backend_type.value) is not None)
         )
 
-    async def _replica_failed(self, what: str) -> None:
-        """``require_replica_success``: the request fails (500) though the primary change stands."""
+    async def _replica_failed(self, what: str, kind: str, key: str, arg: str) -> None:
+        """``require_replica_success``: the request fails (500) though the primary change stands;
+        the copy (or removal) is queued as without the option, so the replica catches up once it
+        is back instead of staying behind until someone runs ``callfs fsck --repair``."""
         if self._metrics is not None:
             self._metrics.errors.labels("replication", what).inc()
-        log.error("replica %s failed; the primary change stands", what)
+        log.error("replica %s failed; the primary change stands, the work is queued", what)
+        try:
+            await self._enqueue(kind, key, arg)
+        except CallFSError:
+            log.error("replica %s could not be queued either; callfs fsck --repair finds it", what)
         raise InternalError()
 
     async def _enqueue(self, kind: str, key: str, arg: str) -> None:
@@ -827,14 +833,14 @@ class Engine:
         if stored.blob_key in self._copied:
             self._copied.discard(stored.blob_key)
             return  # copied while the body streamed (``_stage``)
+        arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
         if not self.settings.require_replica_success:
-            arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
             await self._enqueue(REPLICA_PUT, stored.blob_key, arg)
             return
         try:
             await self._copy_to_replica(stored)
         except (CallFSError, OSError):
-            await self._replica_failed("put")
+            await self._replica_failed("put", REPLICA_PUT, stored.blob_key, arg)
 
     async def _replicate_delete(self, entry: Entry) -> None:
         if not self._replicated(entry):
@@ -847,7 +853,9 @@ class Engine:
         try:
             await self._delete_replica(entry.blob_key)
         except (CallFSError, OSError):
-            await self._replica_failed("delete")
+            await self._replica_failed(
+                "delete", REPLICA_DELETE, entry.blob_key, self.settings.replica_backend or ""
+            )
 
     async def _copy_to_replica(self, source: Entry) -> None:
         replica = self._replica_for(source.backend_type.value)

@@ -101,6 +101,9 @@ class WorkQueueWorker:
                     log.warning(
                         "work item %s failed (attempt %d); retried later", item.kind, item.attempts
                     )
+                    if self._metrics is not None:  # §16: every logged internal failure
+                        what = item.kind.removeprefix("replica-")
+                        self._metrics.errors.labels("replication", what).inc()
                     failed.append(item.id)
         finally:  # the batch is settled within the lease its last renewal gave
             renewer.cancel()
