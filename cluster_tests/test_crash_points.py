@@ -117,3 +117,50 @@ async def test_a_kill_at_each_step_of_a_write(tmp_path: Path, point: str) -> Non
                 assert await read(s, node, "/d/new.bin") == (200, NEW)
     finally:
         await asyncio.to_thread(node.stop)
+
+
+@pytest.mark.timeout(120)
+async def test_a_kill_right_after_the_commit_still_gets_the_replica_copy(tmp_path: Path) -> None:
+    """HA replication (asynchronous): the copy's work item was queued after the metadata commit,
+    so a kill between the two left a committed, readable version that nothing would ever copy
+    to the replica (found by review; only ``fsck --repair`` found it). It is queued before the
+    commit now: after the restart the worker copies it."""
+    from callfs.tests import s3server
+
+    bucket = s3server.make_bucket()
+    port = free_ports(1)[0]
+    metadata = {"type": "sqlite", "sqlite_path": str(tmp_path / "metadata.sqlite3")}
+    config = node_config("solo", port, tmp_path, {}, metadata, {"type": "local"})
+    config["backend"].update(
+        s3_bucket_name=bucket,
+        s3_endpoint=s3server.endpoint(),
+        s3_access_key="testing",
+        s3_secret_key="testing",
+    )
+    config["ha"] = {"replication_enabled": True, "replica_backend": "s3"}
+    arm = tmp_path / "arm"
+    node = ClusterNode(
+        "solo",
+        port,
+        tmp_path,
+        config,
+        launcher=(str(WRAPPER),),
+        env={"CRASH_POINT": "committed", "CRASH_ARM": str(arm)},
+    )
+    await asyncio.to_thread(node.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            url = f"{node.base}/v1/files/d/new.bin"
+            await crash(node, arm, s.put(url, data=io.BytesIO(NEW), headers=H))
+            assert await read(s, node, "/d/new.bin") == (200, NEW)
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                report = await asyncio.to_thread(fsck, node)
+                if report["counts"]["missing"] == 0:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, report
+                await asyncio.sleep(0.5)
+            copies = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/replica/")
+            assert [o["Size"] for o in copies.get("Contents", [])] == [len(NEW)]
+    finally:
+        await asyncio.to_thread(node.stop)

@@ -625,6 +625,7 @@ class Engine:
             entry = self._file_entry(who.user_id, path.path, kind, staged)
             blob_key, blob_kind = staged.key, kind
         create = self._meta.create
+        queued = await self._queue_copy(entry)
         try:
             stored = await self._commit(
                 blob_kind,
@@ -639,7 +640,8 @@ class Engine:
                 raise conflict from exc
             raise
         self._count("create", stored.backend_type.value)
-        await self._replicate(stored)
+        if not queued:
+            await self._replicate(stored)
         return stored
 
     async def put_file(
@@ -692,11 +694,13 @@ class Engine:
             updated = replace(new, owner=current.owner, created_at=current.created_at)
             return await self._meta.update(updated, current.version), current
 
+        queued = await self._queue_copy(new)
         stored, replaced = await self._commit(
             kind, blob_key, self._locked([path.path], lambda: self._retrying(attempt))
         )
         self._count("create" if replaced is None else "update", kind)
-        await self._replicate(stored)
+        if not queued:
+            await self._replicate(stored)
         if replaced is not None and replaced.blob_key != stored.blob_key:
             # (the same key: a store that decided again after its own write, which must never
             # cost the bytes just committed)
@@ -823,6 +827,18 @@ class Engine:
         await self._queue.enqueue(kind, key, arg, self._clock())
         if self.on_work_queued is not None:
             self.on_work_queued()
+
+    async def _queue_copy(self, entry: Entry) -> bool:
+        """Asynchronous replication: queue the copy of a new version BEFORE the command that
+        commits it (True if queued). Queued after it, a kill -9 between the two left a committed
+        version that nobody would copy (found by review). If the commit does not happen, the
+        worker finds the blob gone, or copies a blob that the orphan sweeps then remove."""
+        if self.settings.require_replica_success or not self._replicated(entry):
+            return False
+        assert entry.blob_key is not None
+        arg = f"{entry.backend_type.value}\t{entry.instance_id or ''}\t{entry.path}"
+        await self._enqueue(REPLICA_PUT, entry.blob_key, arg)
+        return True
 
     async def _replicate(self, stored: Entry) -> None:
         """After a create or update: copy the new version now (``require_replica_success``) or
