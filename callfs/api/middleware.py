@@ -3,6 +3,7 @@ translation of errors to JSON, and a 500 for anything unexpected. Internal endpo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -170,6 +171,11 @@ async def _note_refused_route(request: web.Request) -> None:
             return
 
 
+#: The status recorded for a request whose client went away before the answer (nginx's code;
+#: nothing is sent, the connection is gone).
+CLIENT_CLOSED_REQUEST = 499
+
+
 @web.middleware
 async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
@@ -189,8 +195,17 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await _handle(request, handler)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        if _client_gone(request):  # the server cancels the handler of a client that left
+            status = CLIENT_CLOSED_REQUEST
+        raise
     finally:
         _observe(request, status, time.perf_counter() - started, rid)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _observe(request: web.Request, status: int, duration: float, rid: str) -> None:
@@ -237,8 +252,13 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp = render_error(BadRequest("malformed request body"))
         resp.force_close()  # the rest of the stream cannot be parsed either
         return resp
-    except (ConnectionResetError, ConnectionError):
-        raise
+    except ConnectionError:
+        if _client_gone(request):
+            # the client hung up mid-request: not a server error (it inflated the 5xx rate and
+            # logged a traceback per abort); nginx's 499 in the metrics and the access log
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        log.exception("unhandled error")
+        return error_response(500, "INTERNAL_ERROR", "")
     except Exception:
         log.exception("unhandled error")
         return error_response(500, "INTERNAL_ERROR", "")

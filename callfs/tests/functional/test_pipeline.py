@@ -180,3 +180,39 @@ async def test_a_file_request_on_the_root_spelled_a_dotdot(client: TestClient[An
     assert resp.status == 400
     resp = await client.session.post(raw_url(client, "/v1/files/a/../"), headers=auth())
     assert resp.status == 200
+
+
+async def test_a_client_that_hangs_up_is_no_server_error(
+    client: TestClient[Any, Any], caplog: Any
+) -> None:
+    """Found by review: an upload the client abandoned mid-body counted as a 500 (in
+    ``callfs_http_requests_total`` and ``callfs_errors_total``, so the docs' 5xx alert fired on
+    ordinary aborts) and logged an ERROR traceback. It is recorded as 499, nginx's "client closed
+    request", and nothing is stored."""
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO)
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        f"PUT /v1/files/abandoned.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY0}\r\n"
+        f"Content-Length: {64 << 20}\r\n\r\n".encode()
+        + b"x" * (1 << 20)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()  # gone, without a FIN's grace
+    for _ in range(100):
+        text = await (await client.get("/metrics", headers=auth())).text()
+        if 'method="PUT"' in text:
+            break
+        await asyncio.sleep(0.05)
+    puts = [
+        ln for ln in text.splitlines() if ln.startswith('callfs_http_requests_total{method="PUT"')
+    ]
+    assert len(puts) == 1 and 'status_code="499"' in puts[0], puts
+    assert 'callfs_errors_total{component="http"' not in text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    assert (await client.get("/v1/files/abandoned.bin", headers=auth())).status == 404
+    del reader
