@@ -263,14 +263,6 @@ def shard_backend(cfg: Config, backends: dict[str, StorageBackend]) -> StorageBa
     return found
 
 
-def backend_configured(cfg: Config, kind: str) -> bool:
-    if kind == "localfs":
-        return bool(cfg.backend.localfs_root_path)
-    if kind == "s3":
-        return bool(cfg.backend.s3_bucket_name)
-    return False
-
-
 def uses_tls(cfg: Config) -> bool:
     s = cfg.server
     if s.protocol == "http":
@@ -401,11 +393,6 @@ class Node:
         self.meta = GuardedMetadataStore(inner, cfg.server.metadata_op_timeout, self.metrics)
         self.queue = make_work_queue(inner)
         self.locks = InstrumentedLockManager(make_lock_manager(cfg), self.metrics)
-        if cfg.ha.replication_enabled and not backend_configured(cfg, cfg.ha.replica_backend):
-            raise ConfigError(
-                f"ha.replica_backend is {cfg.ha.replica_backend!r}, but that backend is not "
-                "configured (set backend.localfs_root_path or backend.s3_bucket_name)"
-            )
         self.backends = {
             kind: InstrumentedBackend(backend, self.metrics)
             for kind, backend in make_backends(cfg).items()

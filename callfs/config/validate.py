@@ -304,12 +304,25 @@ def _redis_namespaces(cfg: Config) -> Iterator[str]:
     )
 
 
+def _replica_backend(cfg: Config) -> Iterator[str]:
+    """Every write replicates: to a disabled backend each would commit, then answer 500. Refused
+    by ``config validate`` and at start alike (``validate`` passed a config the server refused)."""
+    h, b = cfg.ha, cfg.backend
+    configured = {"localfs": bool(b.localfs_root_path), "s3": bool(b.s3_bucket_name)}
+    if h.replication_enabled and configured.get(h.replica_backend) is False:
+        yield (
+            f"ha.replica_backend is {h.replica_backend!r}, but that backend is not configured"
+            " (set backend.localfs_root_path or backend.s3_bucket_name)"
+        )
+
+
 EXTRA_CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _server_more,
     _erasure_more,
     _addresses,
     _dsn,
     _redis_namespaces,
+    _replica_backend,
 )
 
 
