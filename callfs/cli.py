@@ -577,7 +577,8 @@ def cluster_status(
 def cluster_remove(
     ctx: click.Context, node: str, config_path: str | None, url: str, internal_secret: str
 ) -> None:
-    """Ask the leader to take NODE out of the Raft group (stop NODE first)."""
+    """Ask the leader to take NODE out of the Raft group (the leader itself hands the leadership
+    over first); stop NODE once it is out."""
     node_id = node.strip()
     if not node_id:
         raise click.ClickException("node id is required")
@@ -594,13 +595,20 @@ def cluster_remove(
             raise click.ClickException(
                 f"remove failed: no api endpoint known for leader {leader_id}"
             )
-    try:
-        status, raw = _internal_call(
-            target, "/v1/internal/raft/remove", secret, {"node_id": node_id}, REMOVE_TIMEOUT
-        )
-    except _NET_ERRORS as exc:
-        raise click.ClickException(f"failed to contact leader: {_reason(exc)}") from exc
-    answer = _decode("remove", status, raw)
+    nodes = view.get("nodes") or {}
+    for _ in range(2):  # the leader asked to remove itself hands over first: ask the new one
+        try:
+            status, raw = _internal_call(
+                target, "/v1/internal/raft/remove", secret, {"node_id": node_id}, REMOVE_TIMEOUT
+            )
+        except _NET_ERRORS as exc:
+            raise click.ClickException(f"failed to contact leader: {_reason(exc)}") from exc
+        answer = _decode("remove", status, raw)
+        moved = answer.get("leader_id") if answer.get("error") == "not leader" else None
+        endpoint = str((nodes.get(moved) or {}).get("api_endpoint") or "") if moved else ""
+        if status != 502 or not endpoint or endpoint == target:
+            break
+        target = endpoint
     if status != 200:
         error = answer.get("error")
         if error:

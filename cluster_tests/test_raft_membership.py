@@ -163,9 +163,7 @@ def test_join_status_remove_through_the_cli(tmp_path: Path, cluster: list[Cluste
     finally:
         node4.stop()
 
-    # The leader refuses to remove itself; unknown nodes are refused too.
-    out = callfs(tmp_path, "cluster", "remove", leader.name, "-c", str(tmp_path / "node-1.yaml"))
-    assert out.returncode == 1 and "remove failed: the leader cannot remove itself" in out.stderr
+    # Unknown nodes are refused.
     out = callfs(tmp_path, "cluster", "remove", "node-9", "-c", str(tmp_path / "node-1.yaml"))
     assert out.returncode == 1 and "remove failed: unknown raft node" in out.stderr
 
@@ -217,6 +215,18 @@ def test_join_status_remove_through_the_cli(tmp_path: Path, cluster: list[Cluste
     assert roles == {leader.name: "leader", followers[1].name: "follower"}
     assert call(followers[1], "PUT", "/v1/files/two-voters.txt", b"2")[0] == 201
     assert call(leader, "GET", "/v1/files/two-voters.txt") == (200, b"2")
+
+    # The leader itself (it was refused: "stop it and remove it from another"): it hands the
+    # leadership over, and the new leader takes it out. Asked through itself, here.
+    out = callfs(
+        tmp_path, "cluster", "remove", leader.name, "-c", str(tmp_path / f"{leader.name}.yaml")
+    )
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert out.stdout.strip() == f"Removed node={leader.name}"
+    after = raft_status(followers[1])
+    assert after["state"] == "leader", after
+    assert after["members"] == [str(followers[1].config["raft"]["bind_addr"])]
+    assert call(followers[1], "PUT", "/v1/files/one-voter.txt", b"1")[0] == 201
 
 
 def test_a_joined_nodes_writes_are_readable_at_once_everywhere(

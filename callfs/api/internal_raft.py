@@ -28,7 +28,7 @@ from callfs.cluster.channel import (
     question_body,
 )
 from callfs.cluster.raft import NotApplied, OutcomeUnknown
-from callfs.cluster.service import MSGPACK, RaftService
+from callfs.cluster.service import MSGPACK, LeadershipMoved, RaftService
 from callfs.errors import BadRequest, CallFSError
 from callfs.metadata import raft_commands as C
 
@@ -116,6 +116,8 @@ async def remove(request: web.Request) -> web.StreamResponse:
         return _json(502, {"status": "error", "error": "not leader", "leader_id": raft.leader_id()})
     try:
         await raft.remove(node_id)
+    except LeadershipMoved as moved:  # it was the leader: the new one removes it
+        return _json(502, {"status": "error", "error": "not leader", "leader_id": moved.leader_id})
     except BadRequest as exc:
         return _json(400, {"status": "error", "error": exc.message})
     except (CallFSError, NotApplied, OutcomeUnknown) as exc:

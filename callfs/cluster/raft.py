@@ -48,7 +48,7 @@ from callfs.cluster.fsm import (
     read_snapshot_base,
     stop_node,
 )
-from callfs.errors import ConfigError
+from callfs.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -705,6 +705,8 @@ class RaftNode:
         #: Snapshot transfers this node dropped (``_drop_stale_transmissions``).
         self.transmissions_dropped = 0
         self.on_state_changed: Callable[[int, int], None] | None = None
+        #: Set by ``hand_over``: the tick thread asks a follower to take over while this leads.
+        self._handing_over = False
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -794,6 +796,8 @@ class RaftNode:
         transport = getattr(sync, _TRANSPORT_ATTR, None)
         if isinstance(transport, _DurableTransport) and transport.refuse_leadership:
             transport.refuse_leadership = False  # repaired (a snapshot installed): may lead again
+        if self._handing_over and sync._isLeader():
+            sync.transferLeadership()  # denied while no follower has every entry: asked again
         # Prompt replication: pysyncobj sends new entries (and a new commit index) only at the
         # next heartbeat. When either changed, send at the next tick instead, and wake the poller
         # so that tick comes now: a commit then costs a round trip, not a heartbeat period.
@@ -1080,6 +1084,24 @@ class RaftNode:
 
     async def remove_voter(self, addr: str, wait: float) -> None:
         await self._change(self.sync.removeNodeFromCluster, addr, wait)
+
+    async def hand_over(self, wait: float) -> str:
+        """Leader: have the most caught-up follower take over (Raft's TimeoutNow, asked at each
+        tick until another node leads); the new leader's Raft address. ``Unavailable`` if none
+        leads within ``wait`` (this node may lead again then)."""
+        deadline = time.monotonic() + wait
+        self._handing_over = True
+        self._wake()
+        try:
+            while True:
+                leader = self.leader_addr()
+                if leader is not None and leader != self.settings.bind_addr:
+                    return leader
+                if time.monotonic() > deadline:
+                    raise Unavailable("no other node took over the leadership in time")
+                await asyncio.sleep(0.05)
+        finally:
+            self._handing_over = False
 
     def force_snapshot(self) -> None:
         self.sync.forceLogCompaction()

@@ -67,6 +67,14 @@ def raft_password(internal_secret: str) -> str:
     ).hexdigest()
 
 
+class LeadershipMoved(Exception):
+    """This node handed the leadership to ``leader_id`` (to be removed by it): ask that one."""
+
+    def __init__(self, leader_id: str | None) -> None:
+        super().__init__(f"the leadership moved to {leader_id}")
+        self.leader_id = leader_id
+
+
 class RaftService:
     def __init__(
         self,
@@ -597,14 +605,16 @@ class RaftService:
             )
 
     async def remove(self, node_id: str) -> None:
-        """Leader only: take ``node_id`` out of the group (the leader itself cannot be removed:
-        move leadership first)."""
+        """Leader only: take ``node_id`` out of the group. The leader cannot remove itself: asked
+        to, it hands the leadership over first and raises ``LeadershipMoved`` (the caller asks
+        the new leader)."""
         member = self.members().get(node_id)
         if member is None:
             raise BadRequest(f"unknown raft node {node_id!r}")
         addr = member[0]
         if addr == self.node.settings.bind_addr:
-            raise BadRequest("the leader cannot remove itself; stop it and remove it from another")
+            await self.node.hand_over(self.apply_timeout)
+            raise LeadershipMoved(self.leader_id())
         if addr in set(self.node.members()):
             await self.node.remove_voter(addr, self.apply_timeout)
         await self.execute("member_remove", [node_id])
