@@ -999,23 +999,13 @@ class Engine:
         parents = None
         if req.create_parents:
             parents = self._parents(source.owner, source.backend_type.value)
-        paths = (source.path, dst)
         if changes_instance:
             assert instance is not None
             moved, occupant = await self._move_to_node(source, dst, instance, dst_expected, parents)
             return moved, source, occupant
         if not changes_backend:
             try:
-                moved, occupant = await self._locked(
-                    paths,
-                    lambda: self._meta.move(
-                        source.path,
-                        dst,
-                        expected_version=source.version,
-                        dst_expected=dst_expected,
-                        parents=parents,
-                    ),
-                )
+                moved, occupant = await self._switch(source, dst, dst_expected, parents)
             except ParentMissing as exc:
                 raise BadRequest("destination parent does not exist") from exc
             return moved, source, occupant
@@ -1028,21 +1018,31 @@ class Engine:
         size = await _copy_into(self.backend(kind), staged_key, stream)
         placement = Placement(BackendType(kind), self._instance_for(kind), staged_key, size)
         moved, occupant = await self._commit(
-            kind,
-            staged_key,
-            self._locked(
-                paths,
-                lambda: self._meta.move(
-                    source.path,
-                    dst,
-                    expected_version=source.version,
-                    dst_expected=dst_expected,
-                    parents=parents,
-                    placement=placement,
-                ),
-            ),
+            kind, staged_key, self._switch(source, dst, dst_expected, parents, placement)
         )
         return moved, source, occupant
+
+    async def _switch(
+        self,
+        source: Entry,
+        dst: str,
+        dst_expected: int | None,
+        parents: NewParents | None,
+        placement: Placement | None = None,
+    ) -> tuple[Entry, Entry | None]:
+        """A move's one conditional command (on the source's version and the destination's),
+        under the locks of both paths; with ``placement``, it also switches the bytes."""
+        return await self._locked(
+            (source.path, dst),
+            lambda: self._meta.move(
+                source.path,
+                dst,
+                expected_version=source.version,
+                dst_expected=dst_expected,
+                parents=parents,
+                placement=placement,
+            ),
+        )
 
     # ---- moves between nodes (issue 14) ----------------------------------------------------
     def check_instances(self, instances: Sequence[str]) -> None:
@@ -1090,17 +1090,7 @@ class Engine:
             await stream.aclose()
         placement = Placement(BackendType.LOCALFS, target, key, source.size)
         try:
-            moved, occupant = await self._locked(
-                (source.path, dst),
-                lambda: self._meta.move(
-                    source.path,
-                    dst,
-                    expected_version=source.version,
-                    dst_expected=dst_expected,
-                    parents=parents,
-                    placement=placement,
-                ),
-            )
+            moved, occupant = await self._switch(source, dst, dst_expected, parents, placement)
         except _DEFINITE as exc:
             await peers.drop_blob(target, key)
             if isinstance(exc, ParentMissing):
