@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -285,3 +286,20 @@ async def test_transfers_through_a_non_owner_keep_the_caller_and_the_owners_answ
             async with s.get(f"{node.base}/v1/files/err/e", headers=H) as r:
                 assert r.status == 500, node.name
                 assert (await r.json())["code"] == "INTERNAL_ERROR"
+
+    # an owner that does not answer in time (frozen): 502 PEER_UNAVAILABLE (§12.3), as for
+    # writes, not the 503 of a local backend's timeout
+    b.stop()
+    b.config["server"]["file_op_timeout"] = "1s"
+    b.start()
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{b.base}/v1/files/big/f", headers=H) as r,
+        ):
+            assert r.status == 502, await r.text()
+            assert (await r.json())["code"] == "PEER_UNAVAILABLE"
+    finally:
+        a.proc.send_signal(signal.SIGCONT)

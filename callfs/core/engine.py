@@ -374,6 +374,8 @@ class Engine:
                 self._open_now(entry, offset, length), self.settings.file_op_timeout
             )
         except TimeoutError as exc:
+            if self.is_remote(entry):  # §12.3: an owner that cannot be reached in time is a 502
+                raise PeerUnavailable("owner node did not answer in time") from exc
             raise Unavailable("timed out opening the file") from exc
 
     async def _open_now(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
