@@ -62,21 +62,23 @@ async def read(s: aiohttp.ClientSession, node: ClusterNode, path: str) -> tuple[
         return r.status, await r.read()
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("point", POINTS)
-async def test_a_kill_at_each_step_of_a_write(tmp_path: Path, point: str) -> None:
+def crash_node(tmp_path: Path, point: str, **sections: dict[str, Any]) -> tuple[ClusterNode, Path]:
+    """One SQLite + localfs node run by the crash wrapper at ``point`` (config ``sections``
+    merged in), not started; and the file that arms the kill."""
     port = free_ports(1)[0]
     metadata = {"type": "sqlite", "sqlite_path": str(tmp_path / "metadata.sqlite3")}
     config = node_config("solo", port, tmp_path, {}, metadata, {"type": "local"})
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
     arm = tmp_path / "arm"
-    node = ClusterNode(
-        "solo",
-        port,
-        tmp_path,
-        config,
-        launcher=(str(WRAPPER),),
-        env={"CRASH_POINT": point, "CRASH_ARM": str(arm)},
-    )
+    env = {"CRASH_POINT": point, "CRASH_ARM": str(arm)}
+    return ClusterNode("solo", port, tmp_path, config, launcher=(str(WRAPPER),), env=env), arm
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("point", POINTS)
+async def test_a_kill_at_each_step_of_a_write(tmp_path: Path, point: str) -> None:
+    node, arm = crash_node(tmp_path, point)
     committed = point == "committed"
     await asyncio.to_thread(node.start)
     try:
@@ -128,24 +130,12 @@ async def test_a_kill_right_after_the_commit_still_gets_the_replica_copy(tmp_pat
     from callfs.tests import s3server
 
     bucket = s3server.make_bucket()
-    port = free_ports(1)[0]
-    metadata = {"type": "sqlite", "sqlite_path": str(tmp_path / "metadata.sqlite3")}
-    config = node_config("solo", port, tmp_path, {}, metadata, {"type": "local"})
-    config["backend"].update(
-        s3_bucket_name=bucket,
-        s3_endpoint=s3server.endpoint(),
-        s3_access_key="testing",
-        s3_secret_key="testing",
-    )
-    config["ha"] = {"replication_enabled": True, "replica_backend": "s3"}
-    arm = tmp_path / "arm"
-    node = ClusterNode(
-        "solo",
-        port,
+    s3 = {"s3_bucket_name": bucket, "s3_endpoint": s3server.endpoint()}
+    node, arm = crash_node(
         tmp_path,
-        config,
-        launcher=(str(WRAPPER),),
-        env={"CRASH_POINT": "committed", "CRASH_ARM": str(arm)},
+        "committed",
+        backend={**s3, "s3_access_key": "testing", "s3_secret_key": "testing"},
+        ha={"replication_enabled": True, "replica_backend": "s3"},
     )
     await asyncio.to_thread(node.start)
     try:
