@@ -694,7 +694,12 @@ class Engine:
             # while our body streamed, last writer wins: this node takes the file over, and the
             # record switches atomically to the bytes just published here.
             updated = replace(new, owner=current.owner, created_at=current.created_at)
-            return await self._meta.update(updated, current.version), current
+            try:
+                return await self._meta.update(updated, current.version), current
+            except NotFound as exc:
+                # deleted or renamed away since the read (another node, worker or request):
+                # decide again, as a create now (a review saw these PUTs answer 404)
+                raise VersionConflict() from exc
 
         queued = await self._queue_copy(new)
         stored, replaced = await self._commit(

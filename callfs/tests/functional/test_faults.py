@@ -300,6 +300,42 @@ async def test_a_put_that_loses_many_races_in_a_row_still_lands(client: Client, 
     assert await unreferenced_files(node) == []
 
 
+class Deleter:
+    """A request elsewhere (another worker process or node) that deletes the entry just before
+    the engine's next conditional update."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.deleted = 0
+        self.orphan: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def update(self, entry: Any, expected_version: int) -> Any:
+        if not self.deleted:
+            self.deleted += 1
+            current = await self._inner.get(entry.path)
+            await self._inner.delete(current.path, current.version)
+            self.orphan = current.blob_key  # that request's own reclaim, not run here
+        return await self._inner.update(entry, expected_version)
+
+
+async def test_a_put_whose_file_is_deleted_meanwhile_creates_it(client: Client, node: Node) -> None:
+    """Found by review with four worker processes: a PUT racing a DELETE (or a rename away) of
+    its path answered 404 ``FILE_NOT_FOUND`` (28 of 200) — the update found no entry. A PUT of a
+    missing path creates it (§9.6): it decides again."""
+    await setup_old(client)
+    assert node.engine is not None
+    other = Deleter(node.engine._meta)
+    node.engine._meta = other  # type: ignore[assignment]
+    resp = await put(client, "d/f.bin", NEW)
+    assert resp.status == 201, await resp.text()
+    assert other.deleted == 1
+    assert await body_of(client, "d/f.bin") == NEW
+    assert [p.name for p in await unreferenced_files(node)] == [other.orphan]
+
+
 @pytest.fixture
 def short_lock_timeout(config_env: dict[str, str]) -> None:
     config_env["CALLFS_DLM__LOCK_TIMEOUT"] = "1s"
