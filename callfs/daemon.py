@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 
 #: SIGTERM/SIGINT stop every listener within this many seconds (§2).
 SHUTDOWN_TIMEOUT = 30.0
+#: What aiohttp's own shutdown then waits for a request ``Node._drain`` left (it drops incoming
+#: bytes meanwhile, so only a response still being written can finish in it).
+DRAIN_GRACE = 1.0
 KEEPALIVE_TIMEOUT = 120.0
 #: How often a node looks for unreferenced blobs of its own backends (docs/storage-layout.md).
 ORPHAN_SWEEP_INTERVAL = 600.0
@@ -592,7 +595,7 @@ class Node:
             guard,
             access_log=None,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            shutdown_timeout=DRAIN_GRACE,  # after ``Node._drain``
         )
         await main.setup()
         self._runners.append(main)
@@ -676,6 +679,27 @@ class Node:
             "listening on https://%s:%d (HTTP/3 over QUIC, UDP)", url_host(qhost or "::"), qport
         )
 
+    async def _drain(self) -> None:
+        """Stop every listener, then wait (``SHUTDOWN_TIMEOUT`` at most) for the requests in
+        progress. aiohttp's own shutdown drops every byte that arrives once it begins, so an
+        upload whose body was still arriving failed with 'timed out reading the request body'
+        after 30 s, its bytes sent in time (found by review); here its connection still reads.
+        ``runner.cleanup`` then cancels what is left, after ``DRAIN_GRACE``."""
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+        if self.app is not None and self.app.frozen and self._runners:
+            # its shutdown hooks first: they end the long-lived connections (the Raft channels
+            # of the followers) that are no work to wait for (they run again in cleanup: no-ops)
+            await self.app.shutdown()
+        state = self.app[STATE] if self.app is not None else None
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_TIMEOUT
+        while state is not None and state.active > 0:
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("%d requests still in progress at shutdown: cancelled", state.active)
+                break
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         if self.pool is not None:
             # Stop taking connections at once, then let the workers finish theirs (they may
@@ -688,6 +712,7 @@ class Node:
         if self._http3 is not None:
             await self._http3.stop()
             self._http3 = None
+        await self._drain()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

@@ -178,6 +178,15 @@ CLIENT_CLOSED_REQUEST = 499
 
 @web.middleware
 async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = api_state(request)
+    state.active += 1
+    try:
+        return await _pipeline(request, handler)
+    finally:
+        state.active -= 1
+
+
+async def _pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
         http_error = _refused_method(request.match_info)
         if http_error is not None:  # §12.6: 405, empty body

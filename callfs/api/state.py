@@ -38,6 +38,9 @@ class ApiState:
     #: §15: link generation 100/s burst 1, downloads 10/s burst 5, per client IP, per node.
     link_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(100.0, 1))
     download_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(10.0, 5))
+    #: Requests in progress (``middleware.pipeline``): a stopping node waits for them while
+    #: their connections still read (``Node.stop``).
+    active: int = 0
 
 
 STATE = web.AppKey("callfs_state", ApiState)
