@@ -7,6 +7,13 @@ stripe, and writes only the lost blocks to new shards under the same upload id: 
 holder when it answers, else on the live node holding the fewest shards of that file. The layout
 (keyed by upload id) is then replaced in one store write; readers using the old layout meanwhile
 just see a degraded file. Memory is one stripe plus a few blocks, whatever the file size.
+
+A holder that does not answer is replaced only once the caller says it is lost (``may_replace``:
+the automatic pass waits ``core/maintenance.DOWN_GRACE``, an operator's repair does not). A
+restart or a short outage used to move its shards onto the other nodes for good, leaving 2+1
+files with two shards on one node (a review lost a file to two separate single failures that
+way). And a healthy file whose shards crowd on some node while a live node holds fewer is spread
+again, one shard copied at a time (``_spread``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +38,9 @@ class RepairReport:
     healthy: int = 0
     repaired: int = 0
     shards_rebuilt: int = 0
+    #: Files with a shard on a holder that is down but not yet lost: rebuilt later if it stays
+    #: down (the automatic pass only: an operator's repair takes such a holder as lost).
+    waiting: list[str] = field(default_factory=list)
     unrecoverable: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
@@ -78,16 +89,37 @@ class Repairer:
             await stream.aclose()
         return size == shard.size and digest.hexdigest() == shard.checksum
 
-    async def repair(self, layout: ErasureLayout) -> tuple[ErasureLayout | None, int]:
-        """Check ``layout`` and rebuild what is lost. Returns the new layout (None: it was
-        healthy) and the number of shards rebuilt. ``InsufficientShards`` when fewer than
-        ``data_shards`` are good."""
+    async def repair(
+        self, layout: ErasureLayout, may_replace: Callable[[str], bool] = lambda _node: True
+    ) -> tuple[ErasureLayout | None, int, int]:
+        """Check ``layout`` and rebuild what is lost: a shard on a holder that is down only if
+        ``may_replace(holder)``. Returns the new layout (None: nothing changed), the number of
+        shards rebuilt or moved, and the number left waiting for their holder (down, not yet
+        lost). ``InsufficientShards`` when fewer than ``data_shards`` are good."""
         bad = await self.bad_shards(layout)
-        if not bad:
-            return None, 0
         if len(layout.shards) - len(bad) < layout.data_shards:
             raise InsufficientShards()
-        targets = await self._targets(layout, bad)
+        live = list(await self._live_nodes())
+        if not live:
+            raise PeerUnavailable("no live node to rebuild shards on")
+        waiting = [
+            i
+            for i in bad
+            if layout.shards[i].instance_id not in live
+            and not may_replace(layout.shards[i].instance_id)
+        ]
+        bad = [i for i in bad if i not in waiting]
+        if not bad:
+            if waiting:
+                return None, 0, len(waiting)
+            return await self._spread(layout, live)
+        fixed, rebuilt = await self._rebuild(layout, bad, self._targets(layout, bad, live))
+        return fixed, rebuilt, len(waiting)
+
+    async def _rebuild(
+        self, layout: ErasureLayout, bad: Sequence[int], targets: dict[int, str]
+    ) -> tuple[ErasureLayout, int]:
+        """Re-encode ``layout``'s stripes and write shards ``bad`` to ``targets``."""
         codec = self.service.layout_codec(layout)
         writers = {i: _Writer(self.service.io, targets[i], layout.upload_id, i) for i in bad}
         reader = _StripeReader(self.service.io, layout, codec)
@@ -126,12 +158,49 @@ class Repairer:
         await self._save(fixed)
         return fixed, len(bad)
 
-    async def _targets(self, layout: ErasureLayout, bad: Sequence[int]) -> dict[int, str]:
+    async def _spread(
+        self, layout: ErasureLayout, live: Sequence[str]
+    ) -> tuple[ErasureLayout | None, int, int]:
+        """A healthy file: move shards off a node holding more than its share while a live node
+        holds less (a rebuild onto the others while a node was lost), one copy at a time: the
+        copy is written, checked against the layout's SHA-256, the layout saved, and only then
+        the old copy removed."""
+        share = -(-len(layout.shards) // len(live))  # distinct nodes whenever there are enough
+        load = Counter({node: 0 for node in live})
+        load.update(s.instance_id for s in layout.shards)
+        shards = list(layout.shards)
+        moved = 0
+        for shard in layout.shards:
+            holder = shard.instance_id
+            under = [n for n in live if load[n] < share]
+            if load[holder] <= share or not under or holder not in live:
+                continue
+            target = min(under, key=lambda n: (load[n], n))
+            io = self.service.io
+            stream = await io.open(holder, layout.upload_id, shard.index, 0, shard.size)
+            try:
+                checksum = await io.write(target, layout.upload_id, shard.index, stream)
+            finally:
+                await stream.aclose()
+            if checksum != shard.checksum:
+                await io.delete(target, layout.upload_id, shard.index)
+                raise CallFSError(f"a moved copy of shard {shard.index} differs: left in place")
+            kind = io.local.kind if target == self.service.instance_id else "localfs"
+            shards[shard.index] = replace(shard, instance_id=target, backend_type=kind)
+            await self._save(replace(layout, shards=tuple(shards)))
+            await io.delete(holder, layout.upload_id, shard.index)
+            load[holder] -= 1
+            load[target] += 1
+            moved += 1
+        if not moved:
+            return None, 0, 0
+        return replace(layout, shards=tuple(shards)), moved, 0
+
+    def _targets(
+        self, layout: ErasureLayout, bad: Sequence[int], live: Sequence[str]
+    ) -> dict[int, str]:
         """Where each lost shard goes: its holder if it answers, else the live node holding the
         fewest shards of this file."""
-        live = list(await self._live_nodes())
-        if not live:
-            raise PeerUnavailable("no live node to rebuild shards on")
         load = {node: 0 for node in live}
         for shard in layout.shards:
             if shard.index not in bad and shard.instance_id in load:
