@@ -93,7 +93,7 @@ async def profile(data: memoryview, k: int, m: int, block: int, runs: int) -> li
 
     async def unframe_decode(i: int) -> bytes:
         def work() -> bytes:
-            blocks = {j: codec.unframe(f) for j, f in framed_in[i].items()}
+            blocks = {j: codec.unframe(f, j) for j, f in framed_in[i].items()}
             return codec.decode_stripe({j: b for j, b in blocks.items() if b is not None})
 
         return await run_cpu(work)
@@ -102,7 +102,10 @@ async def profile(data: memoryview, k: int, m: int, block: int, runs: int) -> li
         return raw_encode(i), sha_only(i)
 
     codec_enc: Job = lambda i: codec.encode(stripes[i])  # noqa: E731
-    codec_dec: Job = lambda i: codec.decode(raw_in[i])  # noqa: E731
+    # Codec.decode takes each block as the pieces it arrived in
+    pieces_in = [{j: [memoryview(b)] for j, b in blocks.items()} for blocks in raw_in]
+    full_pcs = [{j: [memoryview(b)] for j, b in blocks.items()} for blocks in full_in]
+    codec_dec: Job = lambda i: codec.decode(pieces_in[i])  # noqa: E731
     # (label, job, in flight); rows sharing a group run alternately, so drift hits them alike.
     groups: list[list[tuple[str, Job, int]]] = [
         [
@@ -122,7 +125,7 @@ async def profile(data: memoryview, k: int, m: int, block: int, runs: int) -> li
             ("decode seq  raw zfec (run_cpu)", lambda i: run_cpu(raw_decode, i), 1),
             ("decode seq  Codec.decode", codec_dec, 1),
             ("decode seq  unframe + decode_stripe (run_cpu)", unframe_decode, 1),
-            ("decode seq  Codec.decode, all data present", lambda i: codec.decode(full_in[i]), 1),
+            ("decode seq  Codec.decode, all data present", lambda i: codec.decode(full_pcs[i]), 1),
         ],
         [
             ("decode x2   raw zfec (run_cpu)", lambda i: run_cpu(raw_decode, i), 2),

@@ -10,10 +10,14 @@ short, ``ErasureLayout.tail``) its blocks are ``b = ceil(r / k)`` bytes, ``r`` t
 it, so a small file costs about its own size times ``(k+m)/k`` and not ``(k+m) * B``; earlier
 layouts zero-pad it to ``k*B``. A shard is ``(stripes - 1) * (B + tag) + (b + tag)`` bytes.
 
-The tag (the layout's ``frame``) is a 128-bit XXH3 (``xxh3``, 16 bytes) for layouts written since
-it replaced the 32-byte SHA-256 (``sha256``, still read). It guards against bit rot, torn writes
-and a wrong shard, not against someone who can rewrite shard files (they could rewrite the tag
-too); that is what the whole-shard SHA-256 in the layout is for (API.md §11.3). XXH3 runs at tens
+The tag (the layout's ``frame``) is a 128-bit XXH3 seeded with the block's place (``xxh3k``: the
+upload id, the shard index and the stripe number) for layouts written since 2026-12-01; earlier
+ones used plain XXH3 (``xxh3``) and, before it, the 32-byte SHA-256 (``sha256``), both still read.
+A plain tag accepted a whole shard of another file, or another shard of the same file, put in its
+place (a review read a swapped shard as 200 with wrong bytes): the seeded tag binds each block to
+where it belongs. It guards against bit rot, torn writes and misplaced shards, not against
+someone who can rewrite shard files (they could rewrite the tag too); that is what the whole-shard
+SHA-256 in the layout is for (API.md §11.3). XXH3 runs at tens
 of GB/s where SHA-256 runs near 1.3 GB/s on this class of machine, so the codec stays at zfec's
 speed (``bench/bench_codec.py``).
 
@@ -40,7 +44,9 @@ DEFAULT_BLOCK = 1024 * 1024
 #: Block size of layouts that did not record theirs.
 LEGACY_BLOCK = 256 * 1024
 #: Frame tag of new layouts; layouts without a ``frame`` were written with ``sha256``.
-DEFAULT_FRAME = "xxh3"
+DEFAULT_FRAME = "xxh3k"
+#: Frames whose tag is seeded with the block's place (``Codec._seed``).
+KEYED_FRAMES = frozenset({"xxh3k"})
 LEGACY_FRAME = "sha256"
 
 
@@ -59,11 +65,13 @@ class _Hasher(Protocol):
 
 #: Frame kind -> (tag length, tag function).
 FRAMES: dict[str, tuple[int, Callable[[bytes | memoryview], bytes]]] = {
+    "xxh3k": (16, xxhash.xxh3_128_digest),
     "xxh3": (16, xxhash.xxh3_128_digest),
     "sha256": (32, _sha256),
 }
 #: Frame kind -> incremental form of its tag function (a block that arrived in pieces).
 _HASHERS: dict[str, Callable[[], _Hasher]] = {
+    "xxh3k": xxhash.xxh3_128,
     "xxh3": xxhash.xxh3_128,
     "sha256": hashlib.sha256,
 }
@@ -80,9 +88,11 @@ class Codec:
         frame: str = DEFAULT_FRAME,
         *,
         tail: bool = False,
+        key: str = "",
     ) -> None:
         """Raise ValueError unless k >= 1, m >= 1, k + m <= 256, block_size >= 1 and ``frame``
-        is one of FRAMES. ``tail``: the last stripe's blocks are cut to its bytes (see above)."""
+        is one of FRAMES. ``tail``: the last stripe's blocks are cut to its bytes (see above).
+        ``key``: the upload id a keyed frame's tags are seeded with."""
         if frame not in FRAMES:
             raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
         for name, value in (
@@ -103,6 +113,8 @@ class Codec:
         self.tail = tail
         self.tag_len, self._tag = FRAMES[frame]
         self._hasher = _HASHERS[frame]
+        self._keyed = frame in KEYED_FRAMES
+        self._base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
         total = data_shards + parity_shards
         # zfec's m is the total shard count. Encoder/Decoder hold read-only tables and allocate
         # per call, so one instance is safe to share between CPU-pool threads.
@@ -151,7 +163,12 @@ class Codec:
             raise ValueError(f"need offset >= 0 and length >= 1, got {offset}, {length}")
         return offset // self.stripe_size, (offset + length - 1) // self.stripe_size
 
-    def encode_parts(self, stripe: Buffer) -> list[tuple[Buffer, bytes]]:
+    def _seed(self, index: int, number: int) -> int:
+        """The tag seed of block ``index`` of stripe ``number`` (keyed frames)."""
+        mixed = self._base ^ (index * 0x9E3779B97F4A7C15) ^ (number * 0xC2B2AE3D27D4EB4F)
+        return mixed & 0xFFFFFFFFFFFFFFFF
+
+    def encode_parts(self, stripe: Buffer, number: int = 0) -> list[tuple[Buffer, bytes]]:
         """Encode one stripe (at most stripe_size bytes; a shorter one is the file's last,
         zero-padded to k blocks) into k + m framed blocks, each as (block, tag): stored, a block
         is followed by its tag. Data blocks are views of ``stripe`` (no copy: a fresh buffer per
@@ -169,23 +186,31 @@ class Codec:
             view = memoryview(padded)
         data = tuple(view[i * bsize : (i + 1) * bsize] for i in range(self.data_shards))
         parity = self._encoder.encode(data, self._parity_nums)
+        blocks = (*data, *parity)
+        if self._keyed:
+            seed = self._seed
+            return [(b, xxhash.xxh3_128_digest(b, seed(i, number))) for i, b in enumerate(blocks)]
         tag = self._tag
-        return [(block, tag(block)) for block in (*data, *parity)]
+        return [(block, tag(block)) for block in blocks]
 
-    def encode_stripe(self, stripe: Buffer) -> list[bytes]:
+    def encode_stripe(self, stripe: Buffer, number: int = 0) -> list[bytes]:
         """``encode_parts`` joined: each framed block as stored."""
-        return [b"".join(part) for part in self.encode_parts(stripe)]
+        return [b"".join(part) for part in self.encode_parts(stripe, number)]
 
-    async def encode(self, stripe: Buffer) -> list[tuple[Buffer, bytes]]:
-        """``encode_parts`` on the CPU pool; do not mutate ``stripe`` while the parts are used."""
-        return await run_cpu(self.encode_parts, stripe)
+    async def encode(self, stripe: Buffer, number: int = 0) -> list[tuple[Buffer, bytes]]:
+        """``encode_parts`` of stripe ``number`` on the CPU pool; do not mutate ``stripe`` while
+        the parts are used."""
+        return await run_cpu(self.encode_parts, stripe, number)
 
-    def unframe(self, framed: Buffer) -> memoryview | None:
-        """The block inside ``framed`` if its tag matches (a view of it, no copy), else None."""
-        parts = self.unframe_parts((framed,))
+    def unframe(self, framed: Buffer, index: int = 0, number: int = 0) -> memoryview | None:
+        """The block inside ``framed`` (block ``index`` of stripe ``number``) if its tag
+        matches (a view of it, no copy), else None."""
+        parts = self.unframe_parts((framed,), index, number)
         return None if parts is None else parts[0]
 
-    def unframe_parts(self, framed: Sequence[Buffer]) -> list[memoryview] | None:
+    def unframe_parts(
+        self, framed: Sequence[Buffer], index: int = 0, number: int = 0
+    ) -> list[memoryview] | None:
         """``unframe`` of a framed block that arrived in pieces: the block as views of them (no
         copy), or None if its tag does not match or there is no block before the tag."""
         views = [memoryview(p).cast("B") for p in framed]
@@ -205,10 +230,12 @@ class Codec:
                 body.append(v[: body_len - pos])
                 tag += v[body_len - pos :]
             pos += v.nbytes
-        if len(body) == 1:
+        if len(body) == 1 and not self._keyed:
             digest = self._tag(body[0])
         else:
-            hasher = self._hasher()
+            hasher: _Hasher = (
+                xxhash.xxh3_128(seed=self._seed(index, number)) if self._keyed else self._hasher()
+            )
             for v in body:
                 hasher.update(v)
             digest = hasher.digest()

@@ -129,7 +129,7 @@ class Repairer:
                 await reader.start(0, stripes - 1, exclude=set(bad))
             for number in range(stripes):
                 stripe = await reader.stripe(number)
-                blocks = await codec.encode(stripe)
+                blocks = await codec.encode(stripe, number)
                 await asyncio.gather(*(w.send(blocks[i]) for i, w in writers.items()))
             for writer in writers.values():
                 await writer.send(None)

@@ -25,7 +25,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from callfs.concurrency import gather_all, put_unless_done, retrieved, run_cpu, to_end
-from callfs.erasure.codec import DEFAULT_BLOCK, DEFAULT_FRAME, LEGACY_BLOCK, Buffer, Codec
+from callfs.erasure.codec import (
+    DEFAULT_BLOCK,
+    DEFAULT_FRAME,
+    LEGACY_BLOCK,
+    LEGACY_FRAME,
+    Buffer,
+    Codec,
+)
 from callfs.erasure.shards import Pending, ShardIO, read_parts
 from callfs.errors import (
     BadRequest,
@@ -103,10 +110,10 @@ class ErasureService:
         self.io = io
         self._block = block_size
 
-    def codec(self, data_shards: int, parity_shards: int) -> Codec:
-        """The codec of new uploads."""
+    def codec(self, data_shards: int, parity_shards: int, upload_id: str) -> Codec:
+        """The codec of a new upload."""
         block = self._block or DEFAULT_BLOCK
-        return Codec(data_shards, parity_shards, block, DEFAULT_FRAME, tail=True)
+        return Codec(data_shards, parity_shards, block, DEFAULT_FRAME, tail=True, key=upload_id)
 
     @staticmethod
     def layout_codec(layout: ErasureLayout) -> Codec:
@@ -117,6 +124,7 @@ class ErasureService:
             layout.block_size or LEGACY_BLOCK,
             layout.frame,
             tail=layout.tail,
+            key=layout.upload_id,
         )
 
     # ---- upload --------------------------------------------------------------------------------
@@ -130,8 +138,8 @@ class ErasureService:
         """Encode ``chunks`` into shards on ``holders`` (one per shard index); the layout of the
         durable result, keyed by its new upload id. On failure nothing stays behind."""
         k, m = profile.data_shards, profile.parity_shards
-        codec = self.codec(k, m)
         upload_id = new_blob_key()
+        codec = self.codec(k, m, upload_id)
         writers = [_Writer(self.io, holders[i], upload_id, i) for i in range(k + m)]
         size = 0
         jobs: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -139,7 +147,7 @@ class ErasureService:
             # Chunks are joined into each stripe once (one copy; the stripe's data blocks are
             # views of it from then on).
             parts: list[bytes | memoryview] = []
-            held = 0
+            held = number = 0
             stripe = codec.stripe_size
             async for chunk in chunks:
                 size += len(chunk)
@@ -148,13 +156,13 @@ class ErasureService:
                     take = stripe - held
                     parts.append(view[:take])
                     view = view[take:]
-                    await self._emit(codec, writers, b"".join(parts), jobs)
-                    parts, held = [], 0
+                    await self._emit(codec, writers, b"".join(parts), number, jobs)
+                    parts, held, number = [], 0, number + 1
                 if view:
                     parts.append(view)
                     held += len(view)
             if held:
-                await self._emit(codec, writers, b"".join(parts), jobs)
+                await self._emit(codec, writers, b"".join(parts), number, jobs)
             while jobs:
                 await jobs.popleft()
             for w in writers:
@@ -202,6 +210,7 @@ class ErasureService:
         codec: Codec,
         writers: list[_Writer],
         stripe: bytes,
+        number: int,
         jobs: collections.deque[asyncio.Future[None]],
     ) -> None:
         """Start encoding ``stripe`` while earlier stripes are still being sent (two cores: zfec
@@ -210,7 +219,7 @@ class ErasureService:
         previous = jobs[-1] if jobs else None
 
         async def job() -> None:
-            blocks = await codec.encode(stripe)
+            blocks = await codec.encode(stripe, number)
             if previous is not None:
                 await previous
             await asyncio.gather(*(w.send(b) for w, b in zip(writers, blocks, strict=True)))
@@ -345,10 +354,10 @@ class _StripeReader:
         codec = self._codec
         if not framed:
             block = None
-        elif codec.frame == "xxh3":  # tens of GB/s: a thread hop would cost more than the check
-            block = codec.unframe_parts(framed)
+        elif codec.frame != LEGACY_FRAME:  # XXH3, tens of GB/s: a thread hop costs more
+            block = codec.unframe_parts(framed, index, number)
         else:
-            block = await run_cpu(codec.unframe_parts, framed)
+            block = await run_cpu(codec.unframe_parts, framed, index, number)
         if block is None:
             log.warning(
                 "erasure shard %d of %s is %s; using another shard",

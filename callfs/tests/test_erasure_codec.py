@@ -33,7 +33,7 @@ def _encode_file(codec: Codec, data: bytes) -> list[bytes]:
     for s in range(codec.stripes(len(data))):
         stripe = view[s * codec.stripe_size : (s + 1) * codec.stripe_size]
         offset, length = codec.block_span(s, len(data))
-        for shard, framed in zip(shards, codec.encode_stripe(stripe), strict=True):
+        for shard, framed in zip(shards, codec.encode_stripe(stripe, s), strict=True):
             assert len(shard) == offset
             assert len(framed) == length
             shard += framed
@@ -46,7 +46,7 @@ def _decode_file(codec: Codec, shards: dict[int, bytes], size: int) -> bytes:
         offset, length = codec.block_span(s, size)
         blocks = {}
         for i, shard in shards.items():
-            block = codec.unframe(shard[offset : offset + length])
+            block = codec.unframe(shard[offset : offset + length], i, s)
             assert block is not None
             blocks[i] = block
         out += codec.decode_stripe(blocks, codec.block_len(s, size))
@@ -86,7 +86,7 @@ def test_a_tail_layout_stores_a_small_file_at_its_size() -> None:
     assert tail.shard_size(tail.stripe_size + 1) == DEFAULT_BLOCK + 1 + 2 * tail.tag_len
     framed = tail.encode_stripe(b"0123456789")
     assert [len(f) for f in framed] == [3 + tail.tag_len] * 6
-    blocks = {i: tail.unframe(framed[i]) for i in (1, 3, 4, 5)}
+    blocks = {i: tail.unframe(framed[i], i) for i in (1, 3, 4, 5)}
     got = tail.decode_stripe({i: b for i, b in blocks.items() if b is not None}, 3)
     assert got == b"0123456789" + bytes(2)
 
@@ -98,17 +98,21 @@ def test_systematic_data_blocks_are_raw_slices(k: int, m: int, frame: str) -> No
     stripe = _data(codec.stripe_size)
     framed = codec.encode_stripe(stripe)
     assert len(framed) == k + m
-    tag = {"sha256": lambda b: hashlib.sha256(b).digest(), "xxh3": xxhash.xxh3_128_digest}[frame]
+    tags = {
+        "sha256": lambda b, _i: hashlib.sha256(b).digest(),
+        "xxh3": lambda b, _i: xxhash.xxh3_128_digest(b),
+        "xxh3k": lambda b, i: xxhash.xxh3_128_digest(b, codec._seed(i, 0)),
+    }
     for i in range(k):
         raw = stripe[i * 16 : (i + 1) * 16]
-        assert framed[i] == raw + tag(raw)
+        assert framed[i] == raw + tags[frame](raw, i)
 
 
 def test_short_stripe_is_zero_padded() -> None:
     codec = Codec(3, 2, 16)
     data = b"abc"
     framed = codec.encode_stripe(bytearray(data))
-    blocks = {i: codec.unframe(framed[i]) for i in (1, 3, 4)}
+    blocks = {i: codec.unframe(framed[i], i) for i in (1, 3, 4)}
     stripe = codec.decode_stripe({i: b for i, b in blocks.items() if b is not None})
     assert stripe == data + bytes(codec.stripe_size - 3)
 
@@ -131,14 +135,14 @@ def test_oversized_stripe_rejected() -> None:
 def test_unframe_rejects_a_flipped_bit(where: str, frame: str) -> None:
     codec = Codec(2, 1, 64, frame)
     last = 64 + codec.tag_len - 1
-    for framed in codec.encode_stripe(_data(100)):
-        assert codec.unframe(framed) is not None
-        assert codec.unframe(memoryview(framed)) == framed[:64]
+    for i, framed in enumerate(codec.encode_stripe(_data(100))):
+        assert codec.unframe(framed, i) is not None
+        assert codec.unframe(memoryview(framed), i) == framed[:64]
         pos = {"data_first": 0, "data_last": 63, "hash_first": 64, "hash_last": last}[where]
         for bit in range(8):
             bad = bytearray(framed)
             bad[pos] ^= 1 << bit
-            assert codec.unframe(bytes(bad)) is None
+            assert codec.unframe(bytes(bad), i) is None
 
 
 @pytest.mark.parametrize("frame", sorted(FRAMES))
@@ -155,7 +159,7 @@ def test_unframe_rejects_wrong_lengths(frame: str) -> None:
 def test_frames_differ_and_are_checked() -> None:
     """A shard framed with one tag is refused by a reader of the other: the layout's frame
     must match what was written (a legacy layout reads SHA-256 frames, a new one XXH3)."""
-    assert DEFAULT_FRAME == "xxh3"
+    assert DEFAULT_FRAME == "xxh3k"
     new, legacy = Codec(2, 1, 64, "xxh3"), Codec(2, 1, 64, "sha256")
     assert (new.framed_block, legacy.framed_block) == (80, 96)
     for framed in new.encode_stripe(_data(128)):
@@ -177,7 +181,7 @@ def test_corrupt_shard_is_never_decoded(frame: str) -> None:
     for s in range(codec.stripes(len(data))):
         blocks = {}
         for i, shard in enumerate([*shards[:1], bytes(bad), *shards[2:]]):
-            block = codec.unframe(shard[s * fb : (s + 1) * fb])
+            block = codec.unframe(shard[s * fb : (s + 1) * fb], i, s)
             if block is not None:
                 blocks[i] = block
         assert (1 in blocks) == (s != 1)
@@ -188,7 +192,7 @@ def test_corrupt_shard_is_never_decoded(frame: str) -> None:
 def test_decode_with_fewer_than_k_blocks() -> None:
     codec = Codec(3, 2, 16)
     framed = codec.encode_stripe(_data(48))
-    blocks = {i: codec.unframe(f) for i, f in enumerate(framed)}
+    blocks = {i: codec.unframe(f, i) for i, f in enumerate(framed)}
     with pytest.raises(ValueError):
         codec.decode_stripe({0: blocks[0], 4: blocks[4]})  # type: ignore[dict-item]
     with pytest.raises(ValueError):
@@ -257,9 +261,9 @@ async def test_async_round_trip_real_block() -> None:
     out_fast, out_slow = bytearray(), bytearray()
     for s in range(codec.stripes(len(data))):
         stripe = data[s * codec.stripe_size : (s + 1) * codec.stripe_size]
-        framed = [b"".join(part) for part in await codec.encode(memoryview(stripe))]
+        framed = [b"".join(part) for part in await codec.encode(memoryview(stripe), s)]
         assert [len(f) for f in framed] == [codec.block_span(s, len(data))[1]] * 6
-        blocks = {i: codec.unframe(f) for i, f in enumerate(framed)}
+        blocks = {i: codec.unframe(f, i, s) for i, f in enumerate(framed)}
         assert all(b is not None for b in blocks.values())
         raw: dict[int, bytes] = {i: b for i, b in blocks.items() if b is not None}
         block = codec.block_len(s, len(data))
@@ -279,7 +283,7 @@ async def test_shared_coder_is_thread_safe() -> None:
     want = [codec.encode_stripe(s) for s in stripes]
     got = await asyncio.gather(*(codec.encode(s) for s in stripes))
     assert [[b"".join(part) for part in parts] for parts in got] == want
-    lost = [{i: [codec.unframe(f[i]) or memoryview(b"")] for i in (2, 3, 4, 5)} for f in want]
+    lost = [{i: [codec.unframe(f[i], i) or memoryview(b"")] for i in (2, 3, 4, 5)} for f in want]
     rebuilt = await asyncio.gather(*(codec.decode(b) for b in lost))
     assert [b"".join(parts) for parts in rebuilt] == stripes
 
@@ -309,7 +313,7 @@ def test_unframe_parts_at_every_split(frame: str) -> None:
     rnd = random.Random(SEED)
     for cut in range(len(framed) + 1):
         for pieces in ([framed[:cut], framed[cut:]], _split(framed, rnd)):
-            got = codec.unframe_parts(pieces)
+            got = codec.unframe_parts(pieces, 2)
             assert got is not None and b"".join(got) == block
             for i, piece in enumerate(pieces):
                 if piece:
@@ -317,7 +321,7 @@ def test_unframe_parts_at_every_split(frame: str) -> None:
                     flipped = bytearray(piece)
                     flipped[rnd.randrange(len(piece))] ^= 0x10
                     bad[i] = bytes(flipped)
-                    assert codec.unframe_parts(bad) is None
+                    assert codec.unframe_parts(bad, 2) is None
     assert codec.unframe_parts([framed[:-1]]) is None
     assert codec.unframe_parts([b"", framed[: codec.tag_len]]) is None
 
@@ -350,3 +354,20 @@ async def test_read_parts_cuts_a_stream_into_exact_blocks() -> None:
         assert all(isinstance(p, memoryview) for p in parts)
         pos += n
     assert await read_parts(it, pending, 10) == []
+
+
+def test_a_keyed_tag_refuses_a_block_from_another_place() -> None:
+    """A plain tag accepted a whole shard of another upload, or another shard of the same file,
+    put in its place (a review read such a swap as 200 with wrong bytes). The keyed frame seeds
+    each tag with the upload id, the shard index and the stripe number: a block is accepted only
+    where it was written."""
+    data = _data(2 * 64 * 2)
+    mine, theirs = Codec(2, 1, 64, "xxh3k", key="a" * 32), Codec(2, 1, 64, "xxh3k", key="b" * 32)
+    first = mine.encode_stripe(data[:128], 0)
+    second = mine.encode_stripe(data[128:], 1)
+    assert mine.unframe(first[1], 1, 0) is not None
+    assert mine.unframe(first[1], 0, 0) is None  # another shard's block
+    assert mine.unframe(second[1], 1, 0) is None  # another stripe's block
+    assert theirs.unframe(first[1], 1, 0) is None  # another upload's block
+    plain = Codec(2, 1, 64, "xxh3")
+    assert plain.unframe(plain.encode_stripe(data[:128])[1], 0, 5) is not None  # the old flaw

@@ -391,7 +391,7 @@ async def test_legacy_sha256_framed_files_still_read_and_repair(
     entry = await node.meta.get("/old.bin")
     assert entry is not None and entry.blob_key is not None
     layout = await node.meta.get_erasure(entry.blob_key)
-    assert layout is not None and layout.frame == "xxh3"
+    assert layout is not None and layout.frame == "xxh3k"
     # rewrite the shards as the old code did, and the layout as it stored it
     legacy = Codec(2, 1, LEGACY_BLOCK, "sha256")
     shards = [bytearray() for _ in range(3)]
@@ -558,3 +558,37 @@ async def test_a_timeout_while_waiting_for_a_late_shard_is_a_failure_not_a_loop(
     assert got.status == 503
     assert (await got.json())["code"] == "INSUFFICIENT_SHARDS"
     assert calls[0] == calls[2] == 2
+
+
+async def test_a_shard_put_in_another_ones_place_is_never_read(
+    client: TestClient[Any, Any], node: Node, tmp_path: Path
+) -> None:
+    """Found by review: the block tags were a plain hash of the block, so a whole shard of
+    another file of the same size (or another shard of the same file) copied into a shard's
+    place passed every check, and GET answered 200 with the other file's bytes mixed in. Tags
+    are now seeded with the upload, the shard index and the stripe: the misplaced shard is
+    refused block by block and the file is rebuilt from the others."""
+    import hashlib
+
+    files = {p: os.urandom(2 * STRIPE + 1000) for p in ("/sw/g", "/sw/h")}
+    for path, data in files.items():
+        resp = await client.post(f"/v1/files{path}", data=io.BytesIO(data), headers=E)
+        assert resp.status == 201
+
+    async def shard(path: str, index: int) -> Path:
+        resp = await client.get(f"/v1/files{path}?manifest=true", headers=auth())
+        want = (await resp.json(content_type=None))["shards"][index]["checksum"]
+        (found,) = [
+            p for p in shard_files(tmp_path) if hashlib.sha256(p.read_bytes()).hexdigest() == want
+        ]
+        return found
+
+    g0, h0, h1 = await shard("/sw/g", 0), await shard("/sw/h", 0), await shard("/sw/h", 1)
+    g0.write_bytes(h0.read_bytes())  # another upload's shard 0
+    got = await client.get("/v1/files/sw/g", headers=auth())
+    assert (got.status, await got.read()) == (200, files["/sw/g"])
+    h0.write_bytes(h1.read_bytes())  # the same file's shard 1 in shard 0's place (equal size)
+    got = await client.get("/v1/files/sw/h", headers=auth())
+    assert got.status in (200, 503)
+    if got.status == 200:
+        assert await got.read() == files["/sw/h"]
