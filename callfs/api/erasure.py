@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -18,9 +19,10 @@ from callfs.api.state import api_state, identity
 from callfs.core.engine import ErasureRequest
 from callfs.core.maintenance import ErasureMaintenance
 from callfs.core.peer import url_path
+from callfs.erasure.codec import LEGACY_BLOCK
 from callfs.erasure.service import MAX_SHARDS
 from callfs.erasure.shards import SHA256_HEADER, hashed, shard_key
-from callfs.errors import BadRequest, InternalError, NotFound
+from callfs.errors import BadRequest, InternalError, NotFound, PayloadTooLarge
 from callfs.model import BackendType, Entry, ErasureLayout
 from callfs.paths import after_prefix, parse_body_path, parse_request_path
 from callfs.storage.base import StorageBackend, publish_or_discard
@@ -215,6 +217,21 @@ def _shard_address(raw: str) -> tuple[str, int] | web.Response:
     return path.path[1:], index
 
 
+def shard_cap(max_upload_size: int) -> int:
+    """The largest shard of a file within ``server.max_upload_size`` (§12.6's 413): a 1+m
+    profile's shard is the whole file plus a tag per block (32 bytes per 256 KiB at worst)."""
+    return max_upload_size + (max_upload_size // LEGACY_BLOCK + 1) * 32
+
+
+async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > cap:
+            raise PayloadTooLarge()
+        yield chunk
+
+
 async def internal_shard(request: web.Request) -> web.StreamResponse:
     state = api_state(request)
     if not state.auth.is_internal(request.headers.get("Authorization")):
@@ -234,10 +251,15 @@ async def internal_shard(request: web.Request) -> web.StreamResponse:
     backend = request.app[ERASURE_BACKEND]
     key = shard_key(shard, index)
     if request.method == "PUT":
+        cap = shard_cap(state.max_upload_size)
+        if (request.content_length or 0) > cap:
+            return _text(413, "shard too large")
         digest = hashlib.sha256()
         try:
-            body = hashed(request.content.iter_any(), digest)  # as received: no joins
+            body = hashed(_capped(request.content.iter_any(), cap), digest)  # no joins
             await publish_or_discard(await backend.stage(key, body))
+        except PayloadTooLarge:
+            return _text(413, "shard too large")
         except (BadRequest, ConnectionError):
             return _text(400, "body read error")
         except Exception:

@@ -592,3 +592,34 @@ async def test_a_shard_put_in_another_ones_place_is_never_read(
     assert got.status in (200, 503)
     if got.status == 200:
         assert await got.read() == files["/sw/h"]
+
+
+@pytest.fixture
+def small_uploads(config_env: dict[str, str]) -> None:
+    config_env["CALLFS_SERVER__MAX_UPLOAD_SIZE"] = str(1 << 20)
+
+
+async def test_an_internal_shard_over_the_upload_limit_is_413(
+    small_uploads: None, client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    """§12.6: a shard PUT over ``server.max_upload_size`` is 413; it stored any size (found by
+    review). The limit allows the block tags a 1+m profile's shard adds to a file at the limit."""
+    import collections.abc
+
+    from callfs.api.erasure import shard_cap
+
+    bearer = {"Authorization": f"Bearer {INTERNAL}"}
+    key = "0123456789abcdef0123456789abcdef"
+    cap = shard_cap(1 << 20)
+
+    async def chunked(size: int) -> collections.abc.AsyncIterator[bytes]:
+        for i in range(0, size, 65536):
+            yield b"z" * min(65536, size - i)
+
+    at_cap = io.BytesIO(b"z" * cap)
+    ok = await client.put(f"/v1/internal/shards/{key}/0", data=at_cap, headers=bearer)
+    assert ok.status == 201
+    for n, body in enumerate((io.BytesIO(b"z" * (cap + 1)), chunked(cap + 1))):
+        resp = await client.put(f"/v1/internal/shards/{key}/{n + 1}", data=body, headers=bearer)
+        assert (resp.status, await resp.text()) == (413, "shard too large\n")
+        assert not (tmp_path / "files" / ".erasure" / key / str(n + 1)).exists()
