@@ -156,17 +156,18 @@ class Metrics:
         )
         self.erasure_degraded = Gauge(
             "callfs_erasure_files_degraded",
-            "Erasure-coded files found with missing or corrupt shards by the last repair pass.",
+            "Erasure-coded files the last repair pass left without full redundancy (it could not"
+            " rebuild them, or waits for a holder that is down).",
             registry=reg,
         )
         self.erasure_repair_backlog = Gauge(
             "callfs_erasure_repair_backlog",
-            "Degraded erasure-coded files the running repair pass has not fixed yet.",
+            "Erasure-coded files the running repair pass has yet to check.",
             registry=reg,
         )
         self.erasure_shards_repaired = Counter(
             "callfs_erasure_shards_repaired_total",
-            "Erasure shards rebuilt onto live nodes.",
+            "Erasure shards rebuilt onto live nodes, or moved to spread a file again.",
             registry=reg,
         )
         # docs/security.md "Limits": what the listener refused or cut off.
