@@ -268,3 +268,15 @@ def test_socket_directories_of_dead_primaries_are_removed(
     assert alive.exists() and other.exists()
     assert os.path.basename(made).startswith(f"callfs-workers-{os.getpid()}-")
     assert os.stat(made).st_mode & 0o777 == 0o700
+
+
+async def test_a_workers_own_503_carries_retry_after_and_a_request_id(tmp_path: Path) -> None:
+    """A worker that cannot reach its primary answers 503 itself, before the pipeline: it had
+    no ``Retry-After`` (§8) and no ``X-Request-ID`` (§3) (found by review)."""
+    from callfs.api.relay import PrimaryRelay
+
+    relay = PrimaryRelay(str(tmp_path / "no-such.sock"), 8)
+    resp = await relay.forward(make_mocked_request("GET", "/v1/files/x"))  # shutting down
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert re.fullmatch(r"[0-9a-f]{16}", resp.headers["X-Request-ID"])
