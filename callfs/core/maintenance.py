@@ -63,7 +63,10 @@ class ErasureMaintenance:
 
     def lost(self, node: str) -> bool:
         """Whether ``node`` has been down for ``DOWN_GRACE`` (its shards may be rebuilt
-        elsewhere). The clock starts at this node's first probe that found it down."""
+        elsewhere), or is no peer at all any more (removed from the cluster). The clock starts
+        at this node's first probe that found it down (a new Raft leader starts it again)."""
+        if node != self._service.instance_id and node not in set(self._peer_ids()):
+            return True
         since = self._down_since.get(node)
         return since is not None and time.monotonic() - since >= DOWN_GRACE
 

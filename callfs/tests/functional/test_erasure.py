@@ -623,3 +623,26 @@ async def test_an_internal_shard_over_the_upload_limit_is_413(
         resp = await client.put(f"/v1/internal/shards/{key}/{n + 1}", data=body, headers=bearer)
         assert (resp.status, await resp.text()) == (413, "shard too large\n")
         assert not (tmp_path / "files" / ".erasure" / key / str(n + 1)).exists()
+
+
+async def test_a_holder_is_lost_after_the_grace_or_once_it_is_no_peer(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automatic pass leaves a down holder's shards to it for ``DOWN_GRACE``; a holder that
+    is no peer any more (``callfs cluster remove``) is lost at once (a review found the pass
+    would otherwise wait for it forever: a removed node is never probed)."""
+    from callfs.core import maintenance
+
+    upkeep = node.maintenance
+    assert upkeep is not None
+    peers = ["node-2"]
+    monkeypatch.setattr(upkeep, "_peer_ids", lambda: peers)
+    monkeypatch.setattr(upkeep._peers, "endpoint", lambda _n: None)  # node-2 never answers
+    assert await upkeep.live_nodes() == [node.cfg.instance_discovery.instance_id]
+    assert not upkeep.lost("node-2")  # down, within the grace
+    monkeypatch.setattr(maintenance, "DOWN_GRACE", 0.0)
+    assert upkeep.lost("node-2")
+    monkeypatch.setattr(maintenance, "DOWN_GRACE", 600.0)
+    peers.clear()  # removed from the cluster
+    assert upkeep.lost("node-2")
+    assert not upkeep.lost(node.cfg.instance_discovery.instance_id)
