@@ -701,6 +701,8 @@ class Node:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        if self.app is not None:
+            self.app[STATE].draining = True  # new requests refused (not a worker's relayed ones)
         if self.pool is not None:
             # Stop taking connections at once, then let the workers finish theirs (they may
             # still relay to this process's private socket) while this process finishes its own.

@@ -396,7 +396,11 @@ def test_sigterm_lets_the_uploads_in_progress_finish(tmp_path: Path, workers: in
     node.start()
     body = os.urandom(600_000)
     conns = []
+    idle = socket.create_connection(("127.0.0.1", node.port), timeout=20)
     try:
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        idle.sendall(health)
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")  # a kept-alive connection
         for i in range(4):
             s = socket.create_connection(("127.0.0.1", node.port), timeout=20)
             s.sendall(
@@ -410,6 +414,11 @@ def test_sigterm_lets_the_uploads_in_progress_finish(tmp_path: Path, workers: in
         node.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         time.sleep(0.5)
+        # a new request on a kept-alive connection while draining: refused, connection closed
+        idle.sendall(health)
+        refused = idle.recv(4096)
+        assert refused.startswith(b"HTTP/1.1 503"), refused
+        assert b"Connection: close" in refused, refused
         for s in conns:
             s.sendall(body[100_000:])
         answers = [s.recv(4096).split(b"\r\n", 1)[0] for s in conns]
@@ -417,6 +426,7 @@ def test_sigterm_lets_the_uploads_in_progress_finish(tmp_path: Path, workers: in
         assert node.proc.wait(timeout=20) == 0
         assert time.monotonic() - started < 10
     finally:
+        idle.close()
         for s in conns:
             s.close()
         node.stop()

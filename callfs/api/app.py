@@ -10,7 +10,7 @@ from aiohttp.typedefs import Middleware
 from callfs.api import directories, files, health, links, openapi, protocol_errors, websocket
 from callfs.api import status as status_api
 from callfs.api import ui as ui_api
-from callfs.api.middleware import on_response_prepare, pipeline
+from callfs.api.middleware import in_flight, on_response_prepare, pipeline
 from callfs.api.state import STATE, ApiState
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ _CLIENT_MAX_SIZE = 1 << 20
 
 def build_app(state: ApiState, relay: Middleware | None = None) -> web.Application:
     """``relay``: a worker process's hand-off to its primary (``api.relay``), run before all."""
-    middlewares = [pipeline] if relay is None else [relay, pipeline]
+    middlewares = [in_flight, pipeline] if relay is None else [in_flight, relay, pipeline]
     app = web.Application(middlewares=middlewares, client_max_size=_CLIENT_MAX_SIZE)
     app[STATE] = state
     app.on_response_prepare.append(on_response_prepare)

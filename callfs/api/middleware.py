@@ -177,16 +177,30 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 @web.middleware
-async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The first middleware: counts the requests in progress (also those a worker relays to
+    its primary) for ``Node._drain``. While the node drains, a new request (one more on a
+    kept-alive connection) gets 503 and every answer closes its connection, so the count
+    reaches zero instead of taking requests the node would cancel at the end."""
     state = api_state(request)
+    if state.draining and bridge_of(state, request) != "worker":  # workers finish theirs
+        resp = error_response(503, "UNAVAILABLE", "the node is shutting down")
+        resp.headers["Retry-After"] = "1"
+        resp.headers["X-Request-ID"] = new_request_id()
+        resp.force_close()
+        return resp
     state.active += 1
     try:
-        return await _pipeline(request, handler)
+        response = await handler(request)
+        if state.draining:
+            response.force_close()
+        return response
     finally:
         state.active -= 1
 
 
-async def _pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
+@web.middleware
+async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_internal(request):
         http_error = _refused_method(request.match_info)
         if http_error is not None:  # §12.6: 405, empty body

@@ -38,9 +38,10 @@ class ApiState:
     #: §15: link generation 100/s burst 1, downloads 10/s burst 5, per client IP, per node.
     link_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(100.0, 1))
     download_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(10.0, 5))
-    #: Requests in progress (``middleware.pipeline``): a stopping node waits for them while
-    #: their connections still read (``Node.stop``).
+    #: Requests in progress (``middleware.in_flight``): a stopping node waits for them while
+    #: their connections still read (``Node._drain``), refusing new ones (``draining``).
     active: int = 0
+    draining: bool = False
 
 
 STATE = web.AppKey("callfs_state", ApiState)
