@@ -85,6 +85,15 @@ def new_request_id() -> str:
     return f"{_ids.getrandbits(64):016x}"
 
 
+def unavailable_early(message: str) -> web.Response:
+    """A 503 answered before the pipeline (a draining node, a worker's relay): with
+    ``Retry-After`` (§8) and an ``X-Request-ID`` (§3) like every other answer."""
+    resp = error_response(503, "UNAVAILABLE", message)
+    resp.headers["Retry-After"] = "1"
+    resp.headers["X-Request-ID"] = new_request_id()
+    return resp
+
+
 def set_security_headers(response: web.StreamResponse, tls: bool) -> None:
     response.headers.update(SECURITY_HEADERS)
     if tls:
@@ -184,9 +193,7 @@ async def in_flight(request: web.Request, handler: Handler) -> web.StreamRespons
     reaches zero instead of taking requests the node would cancel at the end."""
     state = api_state(request)
     if state.draining and bridge_of(state, request) != "worker":  # workers finish theirs
-        resp = error_response(503, "UNAVAILABLE", "the node is shutting down")
-        resp.headers["Retry-After"] = "1"
-        resp.headers["X-Request-ID"] = new_request_id()
+        resp = unavailable_early("the node is shutting down")
         resp.force_close()
         return resp
     state.active += 1

@@ -24,7 +24,7 @@ from yarl import URL
 
 from callfs.api.errors import error_response
 from callfs.api.files import send_continue
-from callfs.api.middleware import new_request_id
+from callfs.api.middleware import unavailable_early
 from callfs.api.state import BRIDGE_CLIENT_HEADER, BRIDGE_TLS_HEADER, client_ip
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class PrimaryRelay:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         session = self._session
         if session is None:
-            return _unavailable("the node is shutting down")
+            return unavailable_early("the node is shutting down")
         headers: CIMultiDict[str] = CIMultiDict(
             (name, value) for name, value in request.headers.items() if name.lower() not in _DROPPED
         )
@@ -146,7 +146,7 @@ class PrimaryRelay:
                 gone.force_close()  # nobody reads it: aiohttp drops the write quietly
                 return gone
             log.warning("relay to the primary process failed: %s", exc)
-            return _unavailable("the node's primary process is not reachable")
+            return unavailable_early("the node's primary process is not reachable")
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
@@ -188,12 +188,3 @@ class PrimaryRelay:
                 log.debug("work-queue wake-up not delivered: %s", exc)
             if not self._wake_again:
                 return
-
-
-def _unavailable(message: str) -> web.Response:
-    """This worker's own 503, answered before the pipeline: with ``Retry-After`` (§8) and an
-    ``X-Request-ID`` (§3) like every other answer (found by review)."""
-    resp = error_response(503, "UNAVAILABLE", message)
-    resp.headers["Retry-After"] = "1"
-    resp.headers["X-Request-ID"] = new_request_id()
-    return resp

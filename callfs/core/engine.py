@@ -114,6 +114,11 @@ _DEFINITE = (
 )
 
 
+def _copy_arg(entry: Entry) -> str:
+    """A ``REPLICA_PUT`` item's argument: where the blob lives (``apply_work`` splits it)."""
+    return f"{entry.backend_type.value}\t{entry.instance_id or ''}\t{entry.path}"
+
+
 class WorkElsewhere(Exception):
     """A work item this node cannot carry out (another node's blob that no path names any more,
     or a copy to a replica this node does not write): the worker hands it back to the queue for
@@ -843,8 +848,7 @@ class Engine:
         if self.settings.require_replica_success or not self._replicated(entry):
             return False
         assert entry.blob_key is not None
-        arg = f"{entry.backend_type.value}\t{entry.instance_id or ''}\t{entry.path}"
-        await self._enqueue(REPLICA_PUT, entry.blob_key, arg)
+        await self._enqueue(REPLICA_PUT, entry.blob_key, _copy_arg(entry))
         return True
 
     async def _replicate(self, stored: Entry) -> None:
@@ -856,7 +860,7 @@ class Engine:
         if stored.blob_key in self._copied:
             self._copied.discard(stored.blob_key)
             return  # copied while the body streamed (``_stage``)
-        arg = f"{stored.backend_type.value}\t{stored.instance_id or ''}\t{stored.path}"
+        arg = _copy_arg(stored)
         if not self.settings.require_replica_success:
             await self._enqueue(REPLICA_PUT, stored.blob_key, arg)
             return

@@ -148,17 +148,21 @@ async def test_start_checks() -> None:
         await unreachable.start()
 
 
-@pytest.fixture
-async def s3_node(tmp_path: Path) -> AsyncIterator[Node]:
-    bucket = s3server.make_bucket()
-    cfg = make_config(
+def s3_config(tmp_path: Path, **extra: str) -> Any:
+    """A node's config with S3 on a fresh bucket of the moto server (``extra``: more settings)."""
+    return make_config(
         tmp_path,
-        CALLFS_BACKEND__DEFAULT_BACKEND="s3",
-        CALLFS_BACKEND__S3_BUCKET_NAME=bucket,
+        CALLFS_BACKEND__S3_BUCKET_NAME=s3server.make_bucket(),
         CALLFS_BACKEND__S3_ENDPOINT=s3server.endpoint(),
         CALLFS_BACKEND__S3_ACCESS_KEY="testing",
         CALLFS_BACKEND__S3_SECRET_KEY="testing",
+        **extra,
     )
+
+
+@pytest.fixture
+async def s3_node(tmp_path: Path) -> AsyncIterator[Node]:
+    cfg = s3_config(tmp_path, CALLFS_BACKEND__DEFAULT_BACKEND="s3")
     node = Node(cfg)
     node.build()
     await node.start_components()
@@ -268,14 +272,7 @@ async def test_a_write_during_a_move_to_another_backend_waits_only_for_its_commi
     copies the new version and then wins: one whole version, nothing left over."""
     import asyncio
 
-    cfg = make_config(
-        tmp_path,
-        CALLFS_BACKEND__S3_BUCKET_NAME=s3server.make_bucket(),
-        CALLFS_BACKEND__S3_ENDPOINT=s3server.endpoint(),
-        CALLFS_BACKEND__S3_ACCESS_KEY="testing",
-        CALLFS_BACKEND__S3_SECRET_KEY="testing",
-        CALLFS_DLM__LOCK_TIMEOUT="300ms",
-    )
+    cfg = s3_config(tmp_path, CALLFS_DLM__LOCK_TIMEOUT="300ms")
     node = Node(cfg)
     node.build()
     await node.start_components()
