@@ -10,7 +10,8 @@ by ``CRASH_ARM`` exists (the test creates it just before the request it wants to
   renamed (nor fsync'd: blob keys are always new names);
 - ``renamed``: the staged file was renamed to its blob key, not yet fsync'd;
 - ``published``: the blob is fsync'd under its own key, the metadata not yet committed;
-- ``committed``: the metadata commit returned, the answer not yet sent.
+- ``committed``: the metadata commit (a create, update or move) returned, the answer not yet
+  sent.
 
 The product has no such hook: this wrapper patches it from outside, in this process only.
 """
@@ -42,6 +43,7 @@ _publish = localfs._Staged.publish
 _rename = os.rename
 _create = sqlite_store.SqliteMetadataStore.create
 _update = sqlite_store.SqliteMetadataStore.update
+_move = sqlite_store.SqliteMetadataStore.move
 
 
 async def stage(self: Any, key: str, chunks: Any) -> Any:
@@ -77,10 +79,19 @@ async def update(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 localfs.LocalFSBackend.stage = stage  # type: ignore[method-assign]
+
+
+async def move(self: Any, *args: Any, **kwargs: Any) -> Any:
+    out = await _move(self, *args, **kwargs)
+    _reached("committed")
+    return out
+
+
 localfs._Staged.publish = publish  # type: ignore[method-assign]
 os.rename = rename  # type: ignore[assignment]
 sqlite_store.SqliteMetadataStore.create = create  # type: ignore[method-assign]
 sqlite_store.SqliteMetadataStore.update = update  # type: ignore[method-assign]
+sqlite_store.SqliteMetadataStore.move = move  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     from callfs.cli import main

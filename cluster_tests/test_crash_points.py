@@ -154,3 +154,49 @@ async def test_a_kill_right_after_the_commit_still_gets_the_replica_copy(tmp_pat
             assert [o["Size"] for o in copies.get("Contents", [])] == [len(NEW)]
     finally:
         await asyncio.to_thread(node.stop)
+
+
+@pytest.mark.timeout(120)
+async def test_a_kill_right_after_a_move_commit_still_gets_the_replica_copy(
+    tmp_path: Path,
+) -> None:
+    """A PATCH to another backend copies the bytes into a new blob and switches the record to
+    it; that blob's replica copy was queued after the commit, so a kill between the two left
+    the moved file without a copy on the replica (the same gap the writes had). Queued before
+    the commit now: after the restart the worker copies it."""
+    from callfs.tests import s3server
+
+    bucket = s3server.make_bucket()
+    s3 = {"s3_bucket_name": bucket, "s3_endpoint": s3server.endpoint()}
+    node, arm = crash_node(
+        tmp_path,
+        "committed",
+        backend={**s3, "s3_access_key": "testing", "s3_secret_key": "testing"},
+        ha={"replication_enabled": True, "replica_backend": "s3"},
+    )
+    await asyncio.to_thread(node.start)
+    try:
+        async with aiohttp.ClientSession() as s:
+            url = f"{node.base}/v1/files/d/moved.bin"
+            async with s.put(url, data=NEW, headers=H) as r:
+                assert r.status == 201, await r.text()
+            # to S3 (the replica's own backend: no copy), then back to localfs, killed just
+            # after that commit
+            async with s.patch(url, json={"destination": "/d/moved.bin", "backend": "s3"},
+                               headers=H) as r:  # fmt: skip
+                assert r.status == 200, await r.text()
+            back = s.patch(url, json={"destination": "/d/moved.bin", "backend": "localfs"},
+                           headers=H)  # fmt: skip
+            await crash(node, arm, back)
+            assert await read(s, node, "/d/moved.bin") == (200, NEW)
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                report = await asyncio.to_thread(fsck, node)
+                copies = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/replica/")
+                sizes = [o["Size"] for o in copies.get("Contents", [])]
+                if report["counts"]["missing"] == 0 and sizes == [len(NEW)]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (report, sizes)
+                await asyncio.sleep(0.5)
+    finally:
+        await asyncio.to_thread(node.stop)

@@ -943,20 +943,23 @@ class Engine:
         # Decided on fresh reads; the locks cover only the commit (``_locked``): a move to
         # another backend or node copies the bytes first, under a new key, and its command is
         # conditional on the source's version (a change meanwhile: copied again).
-        moved, old, occupant = await self._retrying(
+        moved, old, occupant, queued = await self._retrying(
             lambda: self._move_once(who, src, req), tries=_MOVE_TRIES
         )
         if occupant is not None:
             await self._reclaim(occupant)
         if moved.blob_key != old.blob_key:
             await self._reclaim(old)
-            await self._replicate(moved)
+            if not queued:
+                await self._replicate(moved)
         self._count("rename", moved.backend_type.value)
         return req.destination.path
 
     async def _move_once(
         self, who: Identity, src: CanonicalPath, req: MoveRequest
-    ) -> tuple[Entry, Entry, Entry | None]:
+    ) -> tuple[Entry, Entry, Entry | None, bool]:
+        """One decision and commit: (the moved entry, the source, a replaced occupant, whether
+        the new blob's replica copy is queued already)."""
         source = check_delete(who, await self._meta.get(src.path))
         dst = req.destination.path
         dst_entry, dst_parent = await self._lookup(dst)
@@ -1012,14 +1015,13 @@ class Engine:
             parents = self._parents(source.owner, source.backend_type.value)
         if changes_instance:
             assert instance is not None
-            moved, occupant = await self._move_to_node(source, dst, instance, dst_expected, parents)
-            return moved, source, occupant
+            return await self._move_to_node(source, dst, instance, dst_expected, parents)
         if not changes_backend:
             try:
                 moved, occupant = await self._switch(source, dst, dst_expected, parents)
             except ParentMissing as exc:
                 raise BadRequest("destination parent does not exist") from exc
-            return moved, source, occupant
+            return moved, source, occupant, False
         # Another backend on this node: copy into a new blob there, then switch the placement
         # record (and the path) in one command; the source bytes go only after that commit.
         self._route(source)
@@ -1028,10 +1030,25 @@ class Engine:
         staged_key = new_blob_key()
         size = await _copy_into(self.backend(kind), staged_key, stream)
         placement = Placement(BackendType(kind), self._instance_for(kind), staged_key, size)
+        queued = await self._queue_move_copy(source, dst, placement)
         moved, occupant = await self._commit(
             kind, staged_key, self._switch(source, dst, dst_expected, parents, placement)
         )
-        return moved, source, occupant
+        return moved, source, occupant, queued
+
+    async def _queue_move_copy(self, source: Entry, dst: str, placement: Placement) -> bool:
+        """A move that switches the bytes to a new blob queues that blob's replica copy before
+        its command, as a create does (``_queue_copy``): queued after the commit, a kill -9
+        between the two left the moved file without a replica copy (found by review)."""
+        return await self._queue_copy(
+            replace(
+                source,
+                path=dst,
+                backend_type=placement.backend_type,
+                instance_id=placement.instance_id,
+                blob_key=placement.blob_key,
+            )
+        )
 
     async def _switch(
         self,
@@ -1083,7 +1100,7 @@ class Engine:
         target: str,
         dst_expected: int | None,
         parents: NewParents | None,
-    ) -> tuple[Entry, Entry | None]:
+    ) -> tuple[Entry, Entry, Entry | None, bool]:
         """Another owner node: stream the bytes to ``target``, which makes them durable under a
         NEW blob key of its own; then ONE conditional command switches the placement record (and
         the path, for a rename) to that blob. ``move`` removes the source bytes after the commit.
@@ -1100,6 +1117,7 @@ class Engine:
         finally:
             await stream.aclose()
         placement = Placement(BackendType.LOCALFS, target, key, source.size)
+        queued = await self._queue_move_copy(source, dst, placement)
         try:
             moved, occupant = await self._switch(source, dst, dst_expected, parents, placement)
         except _DEFINITE as exc:
@@ -1113,7 +1131,7 @@ class Engine:
         if self._metrics is not None:
             self._metrics.node_moves_files.labels("patch").inc()
             self._metrics.node_moves_bytes.labels("patch").inc(source.size)
-        return moved, occupant
+        return moved, source, occupant, queued
 
     async def receive_blob(self, chunks: AsyncIterable[bytes], size: int) -> str:
         """The target side of a move between nodes: store another node's file bytes durably in
