@@ -252,6 +252,21 @@ class _Families(Collector):
         return self._families
 
 
+#: Families whose samples only ever grow while their process lives (``monotonic_only``).
+_MONOTONIC = ("counter", "histogram", "summary")
+
+
+def monotonic_only(text: bytes) -> bytes:
+    """The counter, histogram and summary families of an exposition (no gauges, no process
+    figures): what a worker process counted, kept in the node's sums once it is gone."""
+    kept = [
+        family
+        for family in text_string_to_metric_families(text.decode())
+        if family.type in _MONOTONIC and not family.name.startswith(_PER_PROCESS)
+    ]
+    return generate_latest(_Families(kept))
+
+
 def merge_expositions(own: bytes, others: Iterable[bytes]) -> bytes:
     """One node's metrics from its processes' expositions (``server.workers``): ``own`` is the
     primary's. Samples with the same name and labels are added up (counters, histogram buckets,

@@ -38,7 +38,7 @@ import aiohttp
 
 from callfs.config import Config
 from callfs.errors import ConfigError
-from callfs.metrics import Metrics, merge_expositions
+from callfs.metrics import Metrics, merge_expositions, monotonic_only
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,10 @@ class WorkerPool:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._closing = False
+        #: index -> (pid, its last exposition): stands in for a worker slow to answer a scrape
+        self._last: dict[int, tuple[int, bytes]] = {}
+        #: the counters of worker processes gone (died, restarted), summed
+        self._retired = b""
 
     @property
     def count(self) -> int:
@@ -309,10 +313,25 @@ class WorkerPool:
         self._procs.clear()
 
     async def exposition(self, own: bytes) -> bytes:
-        """The node's metrics: the primary's ``own`` plus every running worker's."""
-        indexes = list(self.pids())
+        """The node's metrics: the primary's ``own`` plus every running worker's, plus what the
+        workers gone had counted. Counters never go backwards (a scraper takes a drop for a
+        reset, and ``rate()`` jumps): a process that died or was restarted leaves its last
+        scraped counters in the sums, and one that misses a scrape is counted as last seen."""
+        pids = self.pids()
+        for index, (pid, last) in list(self._last.items()):
+            if pids.get(index) != pid:
+                del self._last[index]
+                self._retired = monotonic_only(merge_expositions(b"", [self._retired, last]))
+        indexes = list(pids)
         texts = await asyncio.gather(*(self._scrape(i) for i in indexes))
-        return merge_expositions(own, [t for t in texts if t is not None])
+        parts = [self._retired]
+        for index, scraped in zip(indexes, texts, strict=True):
+            if scraped is not None:
+                self._last[index] = (pids[index], scraped)
+                parts.append(scraped)
+            elif index in self._last:
+                parts.append(monotonic_only(self._last[index][1]))
+        return merge_expositions(own, parts)
 
     async def _scrape(self, index: int) -> bytes | None:
         connector = aiohttp.UnixConnector(path=metrics_socket(self._directory, index))

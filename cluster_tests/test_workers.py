@@ -249,6 +249,30 @@ def test_a_killed_worker_is_replaced_and_a_killed_primary_takes_its_workers(
     node.start()
     try:
         (first,) = wait_for("the worker process", lambda: worker_pids(node))
+        sent = [0]  # GET /health sent since the count before the kill
+
+        async def health_served(requests: int) -> float:
+            """``requests`` GET /health on connections of their own (both processes serve
+            them), then the node's count of them from /metrics."""
+            async with sessions(8) as clients:
+                for start in range(0, requests, 8):
+                    batch = clients[: min(8, requests - start)]
+                    sent[0] += len(batch)
+                    answers = await asyncio.gather(*(c.get(f"{node.base}/health") for c in batch))
+                    assert [r.status for r in answers] == [200] * len(batch)
+                    for r in answers:
+                        r.release()
+                async with clients[0].get(f"{node.base}/metrics") as r:
+                    text = await r.text()
+            served = re.findall(r'^callfs_http_requests_total\{[^}]*path="/health"[^}]*\} (\S+)$',
+                                text, re.M)  # fmt: skip
+            return sum(float(v) for v in served)
+
+        # Scraped once before it dies: what the worker had counted stays in the node's sums
+        # (they dropped by its share, which a scraper takes for a counter reset).
+        before = asyncio.run(health_served(40))
+        assert before >= 40
+        sent[0] = 0
         os.kill(first, signal.SIGKILL)
         (second,) = wait_for(
             "a new worker", lambda: [p for p in worker_pids(node) if p != first], 15.0
@@ -259,6 +283,7 @@ def test_a_killed_worker_is_replaced_and_a_killed_primary_takes_its_workers(
         async def restarts() -> float:
             async with sessions(8) as clients:
                 answers = await asyncio.gather(*(c.get(f"{node.base}/health") for c in clients))
+                sent[0] += len(clients)
                 assert [r.status for r in answers] == [200] * 8
                 for r in answers:
                     r.release()
@@ -267,6 +292,7 @@ def test_a_killed_worker_is_replaced_and_a_killed_primary_takes_its_workers(
 
         # counted once the new worker serves
         wait_for("the restart in /metrics", lambda: asyncio.run(restarts()) == 1.0)
+        assert asyncio.run(health_served(8)) == before + sent[0]
 
         assert node.proc is not None
         node.proc.send_signal(signal.SIGKILL)

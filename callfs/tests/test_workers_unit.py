@@ -21,7 +21,7 @@ from callfs.api.relay import WAKE_PATH, relayed
 from callfs.api.state import BRIDGE_CLIENT_HEADER, BRIDGE_TLS_HEADER, bridge_of, tls_of
 from callfs.config.loader import ConfigProblems, load_config_report
 from callfs.metrics import Metrics, merge_expositions
-from callfs.workers import WorkerSpec, _pickle
+from callfs.workers import WorkerPool, WorkerSpec, _pickle
 
 GOOD = {
     "CALLFS_AUTH__API_KEYS": "k" * 16,
@@ -181,6 +181,48 @@ def test_merge_adds_samples_and_keeps_the_primary_process_figures() -> None:
         10.0,
         float("inf"),
     ]
+
+
+def test_worker_counters_never_go_backwards(tmp_path: Path) -> None:
+    """A worker that misses a scrape counts as last seen (its gauges left out); one that died
+    or was restarted leaves its last counters in the sums, under the new process's."""
+    cfg = load(tmp_path, {"CALLFS_SERVER__WORKERS": "2"}).config
+    pool = WorkerPool(cfg, str(tmp_path), 1, 1.0, Metrics())
+    worker = Metrics()
+    answers: list[bytes | None] = []
+
+    class Proc:
+        def __init__(self, pid: int) -> None:
+            self.pid, self.returncode = pid, None
+
+    async def scrape(index: int) -> bytes | None:
+        return answers.pop(0)
+
+    pool._scrape = scrape  # type: ignore[method-assign]  # the processes are not the point
+    pool._procs = {1: Proc(100)}  # type: ignore[dict-item]
+    key = 'callfs_http_requests_total{method="GET",path="/health",status_code="200"}'
+    held = "callfs_active_locks"
+    own = Metrics().exposition()
+
+    def counted(text: bytes | None) -> tuple[float, float]:
+        values = _values(asyncio.run(pool.exposition(own)) if text is None else text)
+        return values.get(key, 0.0), values.get(held, 0.0)
+
+    worker.http_requests.labels("GET", "/health", "200").inc(5)
+    worker.active_locks.inc()
+    answers.append(worker.exposition())
+    assert counted(None) == (5.0, 1.0)
+    answers.append(None)  # slow to answer: its counters as last seen, not its gauges
+    assert counted(None) == (5.0, 0.0)
+    pool._procs = {1: Proc(101)}  # type: ignore[dict-item]  # died; a new one counts from 0
+    fresh = Metrics()
+    fresh.http_requests.labels("GET", "/health", "200").inc(2)
+    answers.append(fresh.exposition())
+    assert counted(None) == (7.0, 0.0)
+    answers.append(None)  # the new one slow to answer too
+    assert counted(None) == (7.0, 0.0)
+    pool._procs = {}  # type: ignore[dict-item]  # gone, not restarted (yet)
+    assert counted(None) == (7.0, 0.0)
 
 
 def test_merge_of_one_exposition_is_that_exposition() -> None:
