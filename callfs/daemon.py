@@ -60,6 +60,7 @@ from callfs.storage.base import StorageBackend
 from callfs.storage.instrumented import InstrumentedBackend
 from callfs.tls import client_context, server_context
 from callfs.workers import (
+    ALIVE_PATH,
     WorkerPool,
     WorkerSpec,
     listen_sockets,
@@ -653,6 +654,7 @@ class Node:
         assert self.worker is not None
         app = web.Application()
         app.router.add_get("/metrics", metrics_handler(self.metrics), allow_head=False)
+        app.router.add_get(ALIVE_PATH, _alive, allow_head=False)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._runners.append(runner)
@@ -729,6 +731,11 @@ class Node:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
                 setattr(self, attr, None)
+
+
+async def _alive(request: web.Request) -> web.Response:
+    """A worker's event loop answers its primary's probe (``WorkerPool._probe``)."""
+    return web.Response(status=204)
 
 
 async def serve(

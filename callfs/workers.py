@@ -50,7 +50,14 @@ _RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 _HEALTHY_RUN = 60.0
 #: A worker's metrics must arrive within this; a slow or dead one is left out of the sum.
 _SCRAPE_TIMEOUT = 2.0
+#: Every this many seconds the primary asks each worker whether its event loop still answers...
+PROBE_EVERY = 3.0
+#: ...and kills one that missed this many answers in a row (it is started again): a hung worker
+#: keeps its share of the port, and every connection the kernel gives it would hang too.
+PROBE_MISSES = 3
 _READY = b"ready\n"
+#: The worker's answer to "is your event loop alive" (its private socket; ``_probe``).
+ALIVE_PATH = "/alive"
 #: Listen backlog of the shared port's sockets (aiohttp's default).
 _BACKLOG = 128
 
@@ -238,7 +245,7 @@ class WorkerPool:
             raise failed[0]
         self._watchers = [
             asyncio.create_task(self._watch(i), name=f"callfs-worker-{i}") for i in indexes
-        ]
+        ] + [asyncio.create_task(self._probe(i), name=f"callfs-probe-{i}") for i in indexes]
         log.info("serving with %d processes (pids %s)", self.count, self._all_pids())
 
     def _all_pids(self) -> str:
@@ -303,6 +310,35 @@ class WorkerPool:
                 continue
             self._metrics.worker_restarts.inc()
 
+    async def _probe(self, index: int) -> None:
+        """Kill the worker ``index`` if its event loop stops answering (stuck in a call that
+        never returns, stopped by SIGSTOP): ``_watch`` starts it again."""
+        loop = asyncio.get_running_loop()
+        misses = 0
+        watched: int | None = None
+        answered = loop.time()
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            proc = self._procs.get(index)
+            if proc is None or proc.returncode is not None:
+                continue  # being started again
+            if proc.pid != watched:
+                watched, misses, answered = proc.pid, 0, loop.time()
+            if await self._ask(index, ALIVE_PATH, PROBE_EVERY) is not None:
+                misses, answered = 0, loop.time()
+                continue
+            misses += 1
+            if misses < PROBE_MISSES:
+                continue
+            log.error(
+                "worker process %d (pid %d) has not answered for %.0f s; killing it",
+                index, proc.pid, loop.time() - answered,
+            )  # fmt: skip
+            self._metrics.errors.labels("workers", "hung").inc()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            misses = 0
+
     async def close(self) -> None:
         self._closing = True
         for task in self._watchers:
@@ -334,17 +370,24 @@ class WorkerPool:
         return merge_expositions(own, parts)
 
     async def _scrape(self, index: int) -> bytes | None:
+        text = await self._ask(index, "/metrics", _SCRAPE_TIMEOUT)
+        if text is None:
+            log.warning("metrics of worker process %d left out: no answer", index)
+        return text
+
+    async def _ask(self, index: int, path: str, within: float) -> bytes | None:
+        """GET ``path`` on the worker's private socket: the body, None if no good answer came
+        within ``within`` seconds."""
         connector = aiohttp.UnixConnector(path=metrics_socket(self._directory, index))
-        timeout = aiohttp.ClientTimeout(total=_SCRAPE_TIMEOUT)
+        timeout = aiohttp.ClientTimeout(total=within)
         try:
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.get("http://callfs-worker/metrics") as resp,
+                session.get(f"http://callfs-worker{path}") as resp,
             ):
                 resp.raise_for_status()
                 return await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("metrics of worker process %d left out: %s", index, exc)
+        except (aiohttp.ClientError, TimeoutError, OSError):
             return None
 
 

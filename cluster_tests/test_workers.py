@@ -28,6 +28,7 @@ import yaml
 from yarl import URL
 
 from callfs.core.replication import IDLE_POLL
+from callfs.workers import PROBE_EVERY, PROBE_MISSES
 from cluster_tests.harness import (
     API_KEY,
     CREDS,
@@ -311,6 +312,36 @@ def test_a_killed_worker_is_replaced_and_a_killed_primary_takes_its_workers(
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", node.port))
             probe.listen()
+    finally:
+        node.stop()
+        for pid in worker_pids(node):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker whose event loop stops (here SIGSTOP) keeps its share of the port: the kernel
+    still hands it new connections, which hang. The primary probes each worker and kills one
+    that stops answering; the new one serves, and every connection is answered again."""
+    node = workers_node(tmp_path, {"type": "sqlite", "sqlite_path": str(tmp_path / "m.sqlite3")})
+    node.start()
+    try:
+        (hung,) = wait_for("the worker process", lambda: worker_pids(node))
+        os.kill(hung, signal.SIGSTOP)
+        limit = PROBE_EVERY * 2 * (PROBE_MISSES + 1) + 5
+        wait_for("a new worker", lambda: [p for p in worker_pids(node) if p != hung], limit)
+        assert "has not answered for" in node.logs()
+
+        async def all_answered() -> list[int]:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with sessions(16) as clients:
+                answers = await asyncio.gather(
+                    *(c.get(f"{node.base}/health", timeout=timeout) for c in clients)
+                )
+                for r in answers:
+                    r.release()
+                return [r.status for r in answers]
+
+        assert asyncio.run(all_answered()) == [200] * 16
     finally:
         node.stop()
         for pid in worker_pids(node):
