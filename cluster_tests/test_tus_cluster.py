@@ -128,6 +128,22 @@ async def test_tus_upload_through_the_other_node(
         assert status == 460, body
         status, _, _ = await patch(s, on_b, 5, b"zz")
         assert status == 409
+        # a POST with X-HTTP-Method-Override is that method, through the other node too
+        override = {**ALICE, "X-HTTP-Method-Override": "HEAD"}
+        async with s.post(on_b, headers=override) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Upload-Offset"] == "1000000"
+        override = {**ALICE, "X-HTTP-Method-Override": "PATCH", "Content-Type": OCTET}
+        async with s.post(on_b, data=b"", headers={**override, "Upload-Offset": "1000000"}) as r:
+            assert r.status == 204, await r.text()
+        async with s.post(on_b, headers={**ALICE, "X-HTTP-Method-Override": "PUT"}) as r:
+            assert r.status == 405
+            assert set(r.headers["Allow"].replace(" ", "").split(",")) == {
+                "DELETE",
+                "HEAD",
+                "OPTIONS",
+                "PATCH",
+            }
         # another user is refused through either node; the creator's view is unchanged
         assert (await head(s, on_b, BOB))[0] == 403
         assert (await patch(s, on_b, 1_000_000, b"x", BOB))[0] == 403

@@ -51,6 +51,7 @@ _TUS_REQUEST_HEADERS = (
     "Upload-Length",
     "Upload-Checksum",
     "Upload-Metadata",
+    "X-HTTP-Method-Override",  # a relayed POST is that method on the holder (``overridden``)
 )
 _TUS_RESPONSE_HEADERS = (
     "Tus-Resumable",
@@ -61,6 +62,7 @@ _TUS_RESPONSE_HEADERS = (
     "Upload-Metadata",
     "Cache-Control",
     "Location",
+    "Allow",  # the holder's 405 (an override it does not know)
 )
 
 TusHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
