@@ -738,6 +738,15 @@ async def _alive(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _hangup() -> None:
+    """SIGHUP (a closed terminal, or an operator expecting a reload) no longer kills the node
+    without draining (the default action): the configuration is read only at start."""
+    log.warning(
+        "SIGHUP ignored: the configuration is not reloaded; restart the node to apply changes"
+        " (SIGTERM stops it gracefully)"
+    )
+
+
 async def serve(
     cfg: Config, on_ready: Callable[[], None] | None = None, worker: WorkerSpec | None = None
 ) -> None:
@@ -748,6 +757,8 @@ async def serve(
     # stops it with SIGTERM or by closing its pipe.
     for sig in (signal.SIGTERM,) if worker is not None else (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is None:  # a worker ignores it from its first line (``callfs/worker.py``)
+        loop.add_signal_handler(signal.SIGHUP, _hangup)
     if worker is not None:
         watch_primary(loop, stop)
     try:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import signal
 import sys
 
-# Before anything else: Ctrl-C reaches the whole process group; the primary stops its workers.
+# Before anything else: Ctrl-C (and a terminal's hangup) reaches the whole process group; the
+# primary stops its workers.
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 from callfs.daemon import run_worker  # noqa: E402
 from callfs.workers import read_spec  # noqa: E402

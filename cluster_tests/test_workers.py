@@ -348,6 +348,30 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_sighup_neither_kills_nor_restarts_anything(tmp_path: Path) -> None:
+    """SIGHUP's default action killed the primary at once (no drain), and a terminal's hangup
+    reaches the whole process group: the node now logs that it does not reload and serves on."""
+    node = workers_node(tmp_path, {"type": "sqlite", "sqlite_path": str(tmp_path / "m.sqlite3")})
+    node.start()
+    try:
+        (worker,) = wait_for("the worker process", lambda: worker_pids(node))
+        assert node.proc is not None
+        os.killpg(os.getpgid(node.proc.pid), signal.SIGHUP)
+        wait_for("the warning", lambda: "SIGHUP ignored" in node.logs(), 5.0)
+        assert node.proc.poll() is None
+        assert worker_pids(node) == [worker]
+
+        async def health() -> int:
+            async with aiohttp.ClientSession() as s, s.get(f"{node.base}/health") as r:
+                return r.status
+
+        assert asyncio.run(health()) == 200
+    finally:
+        node.stop()
+        for pid in worker_pids(node):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_second_server_cannot_join_the_port(tmp_path: Path) -> None:
     """SO_REUSEPORT would let any process of the same user share the port; the primary checks
     the port is free first, so a second node (with workers or not) fails to start (§2)."""
