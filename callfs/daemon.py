@@ -585,6 +585,10 @@ class Node:
         assert self.app is not None
         cfg = self.cfg
         ssl_ctx = make_ssl_context(cfg) if uses_tls(cfg) else None
+        if cfg.server.enable_quic and ssl_ctx is None:
+            # HTTP/3's TLS over plain HTTP: the same checks before anything is bound (aioquic
+            # loads a key that does not match the certificate, and every handshake then fails)
+            make_ssl_context(cfg)
         # One guard for every TCP listener: the caps protect the process's file descriptors.
         guard = ConnectionGuard(
             ConnectionCaps(cfg.server.max_connections, cfg.server.max_connections_per_ip),

@@ -99,9 +99,22 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
             raise ConfigError(f"{key} is required for TLS")
         if not Path(value).is_file():
             raise ConfigError(f"{key}: file {value!r} not found")
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        # without this, OpenSSL prompts on the terminal for a passphrase and start-up waits
+        asked.append(True)
+        return b""
+
     try:
-        ctx.load_cert_chain(cert_file, key_file)
+        ctx.load_cert_chain(cert_file, key_file, password=no_passphrase)
     except ssl.SSLError as exc:
+        if asked:
+            raise ConfigError(
+                "server.key_file is encrypted (protected by a passphrase), which is not "
+                "supported: store it unencrypted, readable by the service user only "
+                "(openssl pkey -in KEY -out PLAIN.key)"
+            ) from exc
         raise ConfigError(
             "server.cert_file and server.key_file could not be loaded together "
             f"(not PEM, or the key does not match the certificate): {exc.reason or exc}"

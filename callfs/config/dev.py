@@ -9,6 +9,9 @@ from typing import Any
 
 import yaml
 
+from callfs.config.syntax import syntax_error
+from callfs.errors import ConfigError
+
 CREDENTIALS = "dev-credentials.yaml"
 DEV_LISTEN_ADDR = "127.0.0.1:8443"
 
@@ -21,7 +24,14 @@ def ensure_credentials(data_dir: Path) -> dict[str, Any]:
     """Create ``<data_dir>/dev-credentials.yaml`` (mode 0600) on first use; reuse it later."""
     path = data_dir / CREDENTIALS
     if path.is_file():
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            # not overwritten: it may hold the key scripts use; the person decides
+            raise ConfigError(
+                f"{path} is not valid YAML: {syntax_error(exc)}; fix it, or delete it to make"
+                " new dev credentials"
+            ) from None
         auth = loaded.get("auth") if isinstance(loaded, dict) else None
         if isinstance(auth, dict) and auth.get("api_keys"):
             return {"auth": auth}

@@ -19,6 +19,7 @@ import yaml
 
 from callfs.config.dev import dev_profile
 from callfs.config.schema import DURATION, Config, all_keys, section_classes
+from callfs.config.syntax import syntax_error
 from callfs.config.validate import cautions, problems
 from callfs.errors import ConfigError
 
@@ -197,33 +198,12 @@ def read_file(path: Path, explicit: bool, shown: str | None = None) -> dict[str,
                 f'failed to load config file {name}: unsupported config type "{suffix[1:]}"'
             )
     except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"failed to load config file {name}: {_syntax_error(exc)}") from None
+        raise ConfigError(f"failed to load config file {name}: {syntax_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"failed to load config file {name}: the top level must be a map")
     return data
-
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def _syntax_error(exc: Exception) -> str:
-    """What is wrong and where, never the text around it: PyYAML's message quotes the source
-    line, which may hold a secret (an unterminated ``internal_proxy_secret: "...``), and the
-    message goes to stderr and the journal before any secret is known to the log filter."""
-    if isinstance(exc, yaml.MarkedYAMLError):
-        what = "; ".join(str(p) for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        # PyYAML quotes tokens of the source in them too ("found undefined alias 'S3cr3t'")
-        what = _QUOTED.sub("'…'", what)
-        mark = exc.problem_mark or exc.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        return what + where
-    if isinstance(exc, json.JSONDecodeError):
-        return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
-    if isinstance(exc, yaml.YAMLError):
-        return "invalid YAML"
-    return type(exc).__name__
 
 
 class ConfigProblems(ConfigError):

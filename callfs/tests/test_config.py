@@ -294,6 +294,11 @@ def test_dev_profile(tmp_path: Path) -> None:
     again = load_config(None, dev=True, env={"CALLFS_SERVER__LISTEN_ADDR": ":1"}, cwd=tmp_path)
     assert again.auth.api_keys == cfg.auth.api_keys
     assert again.server.listen_addr == ":1"
+    # a damaged file is neither overwritten (it holds the key scripts use) nor quoted (secrets)
+    creds.write_text('auth:\n  api_keys: ["KEEP-ME\n')
+    with pytest.raises(ConfigError, match=r"dev-credentials.yaml is not valid YAML: .*line 3") as e:
+        load_config(None, dev=True, env={}, cwd=tmp_path)
+    assert "KEEP-ME" not in str(e.value) and "KEEP-ME" in creds.read_text()
 
 
 def test_full_example_names_every_key() -> None:

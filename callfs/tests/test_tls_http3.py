@@ -24,7 +24,7 @@ from aioquic.quic.events import QuicEvent
 from callfs.daemon import Node
 from callfs.errors import ConfigError
 from callfs.tests.functional.conftest import ALICE_KEY, make_config
-from callfs.tls import generate_self_signed
+from callfs.tls import generate_self_signed, server_context
 
 H = {"Authorization": f"Bearer {ALICE_KEY}"}
 MiB = 1 << 20
@@ -135,6 +135,38 @@ async def test_bad_tls_files_fail_start_with_the_key_named(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"do not match|could not be loaded"):
         await node.start()
     await node.stop()
+    # HTTP/3 over a plain-HTTP listener: its TLS files get the same checks (aioquic loaded
+    # them, the server ran, and every handshake failed)
+    quic_port = free_tcp_udp_port()
+    cfg = make_config(
+        tmp_path,
+        CALLFS_SERVER__PROTOCOL="http",
+        CALLFS_SERVER__ENABLE_QUIC="true",
+        CALLFS_SERVER__QUIC_LISTEN_ADDR=f"127.0.0.1:{quic_port}",
+        CALLFS_SERVER__CERT_FILE=str(other / "a.crt"),
+        CALLFS_SERVER__KEY_FILE=str(other / "b.key"),
+    )
+    node = Node(cfg)
+    with pytest.raises(ConfigError, match=r"do not match|could not be loaded"):
+        await node.start()
+    await node.stop()
+
+
+def test_an_encrypted_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
+    """OpenSSL asked for the passphrase on the terminal, and start-up waited for it."""
+    from cryptography.hazmat.primitives import serialization
+
+    generate_self_signed(["a"], tmp_path / "a.crt", tmp_path / "a.key")
+    key = serialization.load_pem_private_key((tmp_path / "a.key").read_bytes(), None)
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (tmp_path / "locked.key").write_bytes(locked)
+    with pytest.raises(ConfigError, match=r"server\.key_file is encrypted"):
+        server_context(str(tmp_path / "a.crt"), str(tmp_path / "locked.key"))
+    server_context(str(tmp_path / "a.crt"), str(tmp_path / "a.key"))  # the plain one loads
 
 
 class H3Client(QuicConnectionProtocol):
