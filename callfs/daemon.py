@@ -372,6 +372,9 @@ class Node:
     relay: PrimaryRelay | None = None
     pool: WorkerPool | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
+    #: A worker's private listener (its metrics and the primary's probe): served to the end of
+    #: a drain, or the probe would take the draining worker for a hung one
+    _private: web.AppRunner | None = None
     _started: list[Lifecycle] = field(default_factory=list)
     _http3: Http3Server | None = None
     _bridge_dir: str | None = None
@@ -662,6 +665,7 @@ class Node:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._runners.append(runner)
+        self._private = runner
         await web.UnixSite(runner, self.worker.metrics_socket).start()
         os.chmod(self.worker.metrics_socket, 0o600)
 
@@ -692,7 +696,7 @@ class Node:
         after 30 s, its bytes sent in time (found by review); here its connection still reads.
         ``runner.cleanup`` then cancels what is left, after ``DRAIN_GRACE``."""
         for runner in self._runners:
-            for site in list(runner.sites):
+            for site in list(runner.sites if runner is not self._private else ()):
                 await site.stop()
         if self.app is not None and self.app.frozen and self._runners:
             # its shutdown hooks first: they end the long-lived connections (the Raft channels

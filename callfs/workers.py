@@ -50,8 +50,10 @@ _RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 _HEALTHY_RUN = 60.0
 #: A worker's metrics must arrive within this; a slow or dead one is left out of the sum.
 _SCRAPE_TIMEOUT = 2.0
-#: Every this many seconds the primary asks each worker whether its event loop still answers...
+#: Every this many seconds the primary asks each worker that signalled ready whether its event
+#: loop still answers (within ``PROBE_WAIT``)...
 PROBE_EVERY = 3.0
+PROBE_WAIT = 5.0
 #: ...and kills one that missed this many answers in a row (it is started again): a hung worker
 #: keeps its share of the port, and every connection the kernel gives it would hang too.
 PROBE_MISSES = 3
@@ -227,6 +229,12 @@ class WorkerPool:
         self._last: dict[int, tuple[int, bytes]] = {}
         #: the counters of worker processes gone (died, restarted), summed
         self._retired = b""
+        #: one scrape at a time: two scrapers at once (an HA Prometheus pair) could otherwise
+        #: retire a dead worker's counters twice
+        self._scraping = asyncio.Lock()
+        #: index -> pid of the worker that signalled ready (the probe leaves starting ones alone:
+        #: ``READY_TIMEOUT`` covers those)
+        self._ready: dict[int, int] = {}
 
     @property
     def count(self) -> int:
@@ -268,7 +276,9 @@ class WorkerPool:
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
         except Exception:  # a broken pipe, the timeout, or garbage instead of the ready line
             line = b""
-        if line != _READY:
+        if line == _READY:
+            self._ready[index] = proc.pid
+        else:
             await _terminate(proc, 5.0)
             raise ConfigError(
                 f"worker process {index} did not start (exit code {proc.returncode}); "
@@ -320,11 +330,11 @@ class WorkerPool:
         while True:
             await asyncio.sleep(PROBE_EVERY)
             proc = self._procs.get(index)
-            if proc is None or proc.returncode is not None:
-                continue  # being started again
+            if proc is None or proc.returncode is not None or self._ready.get(index) != proc.pid:
+                continue  # being started (again)
             if proc.pid != watched:
                 watched, misses, answered = proc.pid, 0, loop.time()
-            if await self._ask(index, ALIVE_PATH, PROBE_EVERY) is not None:
+            if await self._ask(index, ALIVE_PATH, PROBE_WAIT) is not None:
                 misses, answered = 0, loop.time()
                 continue
             misses += 1
@@ -353,6 +363,10 @@ class WorkerPool:
         workers gone had counted. Counters never go backwards (a scraper takes a drop for a
         reset, and ``rate()`` jumps): a process that died or was restarted leaves its last
         scraped counters in the sums, and one that misses a scrape is counted as last seen."""
+        async with self._scraping:
+            return await self._exposition(own)
+
+    async def _exposition(self, own: bytes) -> bytes:
         pids = self.pids()
         for index, (pid, last) in list(self._last.items()):
             if pids.get(index) != pid:

@@ -28,7 +28,7 @@ import yaml
 from yarl import URL
 
 from callfs.core.replication import IDLE_POLL
-from callfs.workers import PROBE_EVERY, PROBE_MISSES
+from callfs.workers import PROBE_EVERY, PROBE_MISSES, PROBE_WAIT
 from cluster_tests.harness import (
     API_KEY,
     CREDS,
@@ -327,7 +327,7 @@ def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
     try:
         (hung,) = wait_for("the worker process", lambda: worker_pids(node))
         os.kill(hung, signal.SIGSTOP)
-        limit = PROBE_EVERY * 2 * (PROBE_MISSES + 1) + 5
+        limit = (PROBE_EVERY + PROBE_WAIT) * (PROBE_MISSES + 1) + 5
         wait_for("a new worker", lambda: [p for p in worker_pids(node) if p != hung], limit)
         assert "has not answered for" in node.logs()
 

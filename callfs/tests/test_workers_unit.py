@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from callfs import workers
 from callfs.api.relay import WAKE_PATH, relayed
 from callfs.api.state import BRIDGE_CLIENT_HEADER, BRIDGE_TLS_HEADER, bridge_of, tls_of
 from callfs.config.loader import ConfigProblems, load_config_report
@@ -223,6 +224,87 @@ def test_worker_counters_never_go_backwards(tmp_path: Path) -> None:
     assert counted(None) == (7.0, 0.0)
     pool._procs = {}  # type: ignore[dict-item]  # gone, not restarted (yet)
     assert counted(None) == (7.0, 0.0)
+
+
+def test_two_scrapes_at_once_retire_a_dead_worker_once(tmp_path: Path) -> None:
+    """Two scrapers at once (an HA Prometheus pair): one scrape's late result for a worker
+    that died meanwhile was retired a second time by the next scrape (found by review)."""
+    cfg = load(tmp_path, {"CALLFS_SERVER__WORKERS": "3"}).config
+    pool = WorkerPool(cfg, str(tmp_path), 1, 1.0, Metrics())
+    key = 'callfs_http_requests_total{method="GET",path="/health",status_code="200"}'
+
+    class Proc:
+        def __init__(self, pid: int) -> None:
+            self.pid, self.returncode = pid, None
+
+    def counted(n: int) -> bytes:
+        m = Metrics()
+        m.http_requests.labels("GET", "/health", "200").inc(n)
+        return m.exposition()
+
+    async def check() -> None:
+        slow = asyncio.Event()
+        answers = {1: counted(3)}
+
+        async def scrape(index: int) -> bytes | None:
+            if index == 2:
+                await slow.wait()
+                return counted(0)
+            return answers[1]
+
+        pool._scrape = scrape  # type: ignore[method-assign]
+        pool._procs = {1: Proc(100), 2: Proc(200)}  # type: ignore[dict-item]
+        slow.set()
+        await pool.exposition(b"")  # worker 1 seen with 3
+        slow.clear()
+        answers[1] = counted(5)
+        first = asyncio.ensure_future(pool.exposition(b""))  # waits on worker 2
+        await asyncio.sleep(0.01)
+        pool._procs = {1: Proc(101), 2: Proc(200)}  # type: ignore[dict-item]  # 100 died at 5
+        answers[1] = counted(0)
+        second = asyncio.ensure_future(pool.exposition(b""))
+        await asyncio.sleep(0.01)
+        slow.set()
+        await first
+        await second
+        values = _values(await pool.exposition(b""))
+        assert values[key] == 5.0
+
+    asyncio.run(check())
+
+
+def test_the_probe_leaves_a_starting_worker_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker still starting has no private socket yet: probed, it was killed after three
+    misses, again at every restart (found by review). Only ready ones are probed."""
+    monkeypatch.setattr(workers, "PROBE_EVERY", 0.01)
+    cfg = load(tmp_path, {"CALLFS_SERVER__WORKERS": "2"}).config
+    pool = WorkerPool(cfg, str(tmp_path), 1, 1.0, Metrics())
+    killed: list[int] = []
+
+    class Proc:
+        def __init__(self, pid: int) -> None:
+            self.pid, self.returncode = pid, None
+
+        def kill(self) -> None:
+            killed.append(self.pid)
+
+    async def silent(index: int, path: str, within: float) -> bytes | None:
+        return None  # no answer: not listening yet, or hung
+
+    async def check() -> None:
+        pool._ask = silent  # type: ignore[method-assign]
+        pool._procs = {1: Proc(100)}  # type: ignore[dict-item]
+        probe = asyncio.ensure_future(pool._probe(1))
+        await asyncio.sleep(0.3)
+        assert killed == []  # starting
+        pool._ready[1] = 100  # signalled ready, then stopped answering
+        await asyncio.sleep(0.3)
+        probe.cancel()
+        assert killed and set(killed) == {100}
+
+    asyncio.run(check())
 
 
 def test_merge_of_one_exposition_is_that_exposition() -> None:
