@@ -24,17 +24,17 @@ def ensure_credentials(data_dir: Path) -> dict[str, Any]:
     """Create ``<data_dir>/dev-credentials.yaml`` (mode 0600) on first use; reuse it later."""
     path = data_dir / CREDENTIALS
     if path.is_file():
+        # Never overwritten: it may hold the key scripts use; the person decides.
+        fix = "fix it, or delete it to make new dev credentials"
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            # not overwritten: it may hold the key scripts use; the person decides
-            raise ConfigError(
-                f"{path} is not valid YAML: {syntax_error(exc)}; fix it, or delete it to make"
-                " new dev credentials"
-            ) from None
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8
+            raise ConfigError(f"{path} is not valid YAML: {syntax_error(exc)}; {fix}") from None
         auth = loaded.get("auth") if isinstance(loaded, dict) else None
         if isinstance(auth, dict) and auth.get("api_keys"):
             return {"auth": auth}
+        if loaded is not None:
+            raise ConfigError(f"{path} has no auth.api_keys; {fix}")
     data_dir.mkdir(parents=True, exist_ok=True)
     auth = {
         "api_keys": [_token()],

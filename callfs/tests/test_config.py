@@ -299,6 +299,16 @@ def test_dev_profile(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dev-credentials.yaml is not valid YAML: .*line 3") as e:
         load_config(None, dev=True, env={}, cwd=tmp_path)
     assert "KEEP-ME" not in str(e.value) and "KEEP-ME" in creds.read_text()
+    for damaged in ("auth:\n  api_key: [KEEP-ME]\n", "- KEEP-ME\n", "auth:\n  api_keys: []\n"):
+        creds.write_text(damaged)
+        with pytest.raises(ConfigError, match=r"dev-credentials.yaml has no auth.api_keys; fix"):
+            load_config(None, dev=True, env={}, cwd=tmp_path)
+        assert creds.read_text() == damaged
+    creds.write_bytes(b"auth:\n  api_keys: [\xff\xfe]\n")
+    with pytest.raises(ConfigError, match=r"dev-credentials.yaml is not valid YAML"):
+        load_config(None, dev=True, env={}, cwd=tmp_path)
+    creds.write_text("")  # empty: made again
+    assert load_config(None, dev=True, env={}, cwd=tmp_path).auth.api_keys
 
 
 def test_full_example_names_every_key() -> None:
