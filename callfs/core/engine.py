@@ -1030,7 +1030,11 @@ class Engine:
         staged_key = new_blob_key()
         size = await _copy_into(self.backend(kind), staged_key, stream)
         placement = Placement(BackendType(kind), self._instance_for(kind), staged_key, size)
-        queued = await self._queue_move_copy(source, dst, placement)
+        try:
+            queued = await self._queue_move_copy(source, dst, placement)
+        except CallFSError:
+            await self._drop_blob(kind, staged_key)  # nothing names it: the move failed
+            raise
         moved, occupant = await self._commit(
             kind, staged_key, self._switch(source, dst, dst_expected, parents, placement)
         )
@@ -1117,7 +1121,11 @@ class Engine:
         finally:
             await stream.aclose()
         placement = Placement(BackendType.LOCALFS, target, key, source.size)
-        queued = await self._queue_move_copy(source, dst, placement)
+        try:
+            queued = await self._queue_move_copy(source, dst, placement)
+        except CallFSError:
+            await peers.drop_blob(target, key)  # nothing names it: the move failed
+            raise
         try:
             moved, occupant = await self._switch(source, dst, dst_expected, parents, placement)
         except _DEFINITE as exc:
