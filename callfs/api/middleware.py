@@ -219,6 +219,8 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     request_id_var.set(rid)
     started = time.perf_counter()
     status = 500
+    # now: a client that hangs up takes its transport (and its address) with it
+    remote = client_ip(request) if access_log.isEnabledFor(logging.INFO) else ""
     if _refused_method(request.match_info) is not None:
         await _note_refused_route(request)
     try:
@@ -230,7 +232,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
             status = CLIENT_CLOSED_REQUEST
         raise
     finally:
-        _observe(request, status, time.perf_counter() - started, rid)
+        _observe(request, status, time.perf_counter() - started, rid, remote)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -238,7 +240,7 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _observe(request: web.Request, status: int, duration: float, rid: str) -> None:
+def _observe(request: web.Request, status: int, duration: float, rid: str, remote: str) -> None:
     """One metrics observation and one access-log line per public request (§16, §17)."""
     template = route_template(request)
     metrics = api_state(request).metrics
@@ -248,7 +250,7 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
     if status >= 500:
         metrics.errors.labels("http", str(status)).inc()
     if not access_log.isEnabledFor(logging.INFO):
-        return  # the level hides the line: skip building its fields (client_ip, headers)
+        return  # the level hides the line: skip building its fields (headers)
     access_log.info(
         "HTTP request",
         extra={
@@ -257,7 +259,7 @@ def _observe(request: web.Request, status: int, duration: float, rid: str) -> No
             "status": status,
             "duration": round(duration, 6),
             "user_agent": request.headers.get("User-Agent", ""),
-            "remote_addr": client_ip(request),
+            "remote_addr": remote,
             "request_id": rid,
         },
     )

@@ -214,5 +214,8 @@ async def test_a_client_that_hangs_up_is_no_server_error(
     assert len(puts) == 1 and 'status_code="499"' in puts[0], puts
     assert 'callfs_errors_total{component="http"' not in text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    # its access-log line still names the client (the transport, gone, had taken its address)
+    (line,) = [r for r in caplog.records if getattr(r, "status", None) == 499]
+    assert line.remote_addr == "127.0.0.1", line.__dict__  # type: ignore[attr-defined]
     assert (await client.get("/v1/files/abandoned.bin", headers=auth())).status == 404
     del reader
