@@ -317,6 +317,43 @@ async def test_drain_then_stop_and_read_everything(
                 assert r.status == 404
 
 
+async def test_a_drain_ends_with_nothing_left_on_the_node(
+    cluster: dict[str, ClusterNode], tmp_path: Path
+) -> None:
+    """Found by audit: files renamed while a drain ran were "skipped" (not found under their
+    old paths) and stayed on the node, and a PUT in flight there took its file back; the drain
+    still said "0 remaining, 0 failed", and removing the node lost them. It lists the node again
+    after each pass now, and says done only when the node holds nothing."""
+    import asyncio
+
+    a, c = cluster["node-a"], cluster["node-c"]
+    contents = {f"/late/f{i:02d}.bin": os.urandom(2000) for i in range(60)}
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(put(s, c, p, body) for p, body in contents.items()))
+        args = ["cluster", "drain", "node-c", "--url", a.base, "--internal-secret", INTERNAL]
+        slowly = ["--parallel", "1", "--rate", "0.02"]
+        drain = asyncio.ensure_future(asyncio.to_thread(callfs, tmp_path, *args, *slowly))
+        await asyncio.sleep(1.0)  # planned, moving the first files (in path order)
+        assert not drain.done()
+        renamed = {}
+        for path in list(contents)[40:]:  # not reached yet: not found under these paths
+            new = path.replace("/late/", "/late/r-")
+            async with s.patch(f"{a.base}/v1/files{path}", json={"destination": new},
+                               headers=H) as r:  # fmt: skip
+                assert r.status == 200, await r.text()
+            renamed[new] = contents.pop(path)
+        contents.update(renamed)
+        out = await drain
+        print(out.stdout, out.stderr)
+        assert out.returncode == 0, out.stderr
+        assert "0 remaining, 0 failed" in out.stdout
+        owners = await asyncio.gather(*(owner(s, a, p) for p in contents))
+        assert set(owners) <= {"node-a", "node-b"}, owners
+        assert blobs(tmp_path, "node-c") == []
+        for path, body in contents.items():
+            assert await read(s, a, path) == body
+
+
 async def test_rebalance_after_a_join(cluster: dict[str, ClusterNode], tmp_path: Path) -> None:
     a, b, c, d = (cluster[n] for n in NAMES)
     contents = {}

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 JOB_LOCK = "node-moves"
 #: Failed paths kept in a job's report (the count is always exact).
 MAX_REPORTED = 100
+#: A drain lists the node's files again after each pass and moves what is still there (a PUT in
+#: flight on the drained node takes its file back when it commits; a file renamed meanwhile
+#: was not found under its old path): at most this many passes after the first.
+DRAIN_PASSES = 5
 _TREE_DEPTH = 1 << 30
 _ADMIN = Identity(INTERNAL_PROXY_USER)
 
@@ -104,6 +108,8 @@ Move = tuple[Entry, str]
 Planner = Callable[[Job], Awaitable[list[Move]]]
 #: Runs once the files are moved (a drain's directory re-tag).
 Finisher = Callable[[Job], Awaitable[None]]
+#: The moves still to do once a pass ended (a drain: the node's files still on it).
+Recheck = Callable[[Job], Awaitable[list[Move]]]
 
 
 def plan_drain(node: str, files: Sequence[Entry], targets: Sequence[str]) -> list[Move]:
@@ -215,10 +221,15 @@ class NodeMoves:
             job.planned_bytes = _after(files, moves, targets)
             return moves
 
+        async def again(job: Job) -> list[Move]:
+            files = await self._localfs_files()
+            targets = [n for n in await self.live_nodes() if n != node]
+            return plan_drain(node, files, targets) if targets else []
+
         async def finish(job: Job) -> None:
             await self._retag_directories(job, node)
 
-        return self._start(Job("drain", node), plan, parallel, rate, finish)
+        return self._start(Job("drain", node), plan, parallel, rate, finish, again)
 
     def start_rebalance(self, tolerance: float, parallel: int, rate: float) -> Job:
         """Start evening out localfs bytes over the live nodes."""
@@ -241,6 +252,7 @@ class NodeMoves:
         parallel: int,
         rate: float,
         finish: Finisher | None = None,
+        again: Recheck | None = None,
     ) -> Job:
         if self.job is not None and self.job.active:
             raise AlreadyExists(f"a {self.job.kind} job is running on this node")
@@ -249,11 +261,17 @@ class NodeMoves:
         if rate < 0:
             raise BadRequest("rate must not be negative")
         self.job = job
-        self._task = asyncio.create_task(self._run(job, plan, parallel, rate, finish))
+        self._task = asyncio.create_task(self._run(job, plan, parallel, rate, finish, again))
         return job
 
     async def _run(
-        self, job: Job, plan: Planner, parallel: int, rate: float, finish: Finisher | None
+        self,
+        job: Job,
+        plan: Planner,
+        parallel: int,
+        rate: float,
+        finish: Finisher | None,
+        again: Recheck | None,
     ) -> None:
         gauge = self._metrics.node_moves_remaining.labels(job.kind) if self._metrics else None
         try:
@@ -269,6 +287,8 @@ class NodeMoves:
                     shown_size(job.bytes_total),
                 )
                 await self._execute(job, moves, parallel, rate, gauge)
+                if again is not None:
+                    await self._until_done(job, again, parallel, rate, gauge)
                 if finish is not None:
                     await finish(job)
             job.state = "done" if not (job.files_failed or job.dirs_failed) else "failed"
@@ -304,11 +324,40 @@ class NodeMoves:
                 job.files_skipped,
             )
 
+    async def _until_done(
+        self, job: Job, again: Recheck, parallel: int, rate: float, gauge: Any
+    ) -> None:
+        """Pass after pass, move what is still to move (``again``): a drain reports done only
+        when the node holds no file any more. What failed or was skipped is planned again; after
+        ``DRAIN_PASSES`` what is left counts as failed (clients still writing through the node
+        drained: the new files stay there)."""
+        for passes in range(DRAIN_PASSES + 1):
+            moves = await again(job)
+            if not moves:
+                return
+            # this pass decides the files that failed or were skipped before
+            job.files_total -= job.files_failed + job.files_skipped
+            job.files_failed = job.files_skipped = 0
+            job.failed.clear()
+            if passes == DRAIN_PASSES:
+                job.files_total += len(moves)
+                job.files_failed = len(moves)
+                job.failed.extend(
+                    f"{entry.path}: still on {entry.instance_id} (written, renamed or unreadable"
+                    " during the drain)"
+                    for entry, _ in moves[:MAX_REPORTED]
+                )
+                return
+            log.info("%s: %d files still to move, pass %d", job.kind, len(moves), passes + 2)
+            job.files_total += len(moves)
+            job.bytes_total = job.bytes_moved + sum(e.size for e, _ in moves)
+            await self._execute(job, moves, parallel, rate, gauge)
+
     async def _execute(
         self, job: Job, moves: list[Move], parallel: int, rate: float, gauge: Any
     ) -> None:
         pending = iter(moves)
-        began = time.monotonic()
+        began, before = time.monotonic(), job.bytes_moved  # (a drain's later passes too)
 
         def remaining() -> None:
             if gauge is not None:
@@ -337,7 +386,7 @@ class NodeMoves:
                         self._metrics.node_moves_bytes.labels(job.kind).inc(entry.size)
                 remaining()
                 if rate > 0:  # throttle: never ahead of rate bytes per second
-                    ahead = job.bytes_moved / rate - (time.monotonic() - began)
+                    ahead = (job.bytes_moved - before) / rate - (time.monotonic() - began)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
 
