@@ -273,6 +273,31 @@ async def test_missing_target_read_is_404(client: Client) -> None:
     assert (await resp.json())["code"] == "FILE_NOT_FOUND"
 
 
+async def test_a_truncated_blob_is_never_served_as_the_whole_file(
+    client: Client, node: Node
+) -> None:
+    """Found by audit: a blob cut short on disk answered 200 with a Content-Length of what was
+    left (curl exits 0: the client takes it for the whole file), and a Range 206 with a short
+    Content-Range. Bytes missing from the backend are a 404 (§9.3); HEAD answers from metadata."""
+    body = os.urandom(200_000)
+    assert (await client.put("/v1/files/cut.bin", data=body, headers=auth())).status == 201
+    assert node.meta is not None
+    entry = await node.meta.get("/cut.bin")
+    assert entry is not None and entry.blob_key is not None
+    key = entry.blob_key
+    blob = Path(node.cfg.backend.localfs_root_path) / ".callfs" / "blobs" / key[:2] / key[2:4] / key
+    os.truncate(blob, 1000)
+    for headers in ({}, {"Range": "bytes=500-5000"}):
+        resp = await client.get("/v1/files/cut.bin", headers={**auth(), **headers})
+        assert resp.status == 404, (headers, resp.status)
+        assert (await resp.json())["code"] == "FILE_NOT_FOUND"
+    # a range wholly inside what is left is served: those bytes are right
+    resp = await client.get("/v1/files/cut.bin", headers={**auth(), "Range": "bytes=0-99"})
+    assert resp.status == 206 and await resp.read() == body[:100]
+    resp = await client.head("/v1/files/cut.bin", headers=auth())
+    assert resp.status == 200 and resp.headers["Content-Length"] == str(len(body))
+
+
 # ---- paths ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "raw",
