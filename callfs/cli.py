@@ -831,6 +831,11 @@ def _finding_line(f: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+#: Below this grace, ``fsck --repair`` warns: a write's or a move's bytes wait this long at most
+#: between publish and commit (lock wait, store and Raft timeouts) in any sane configuration.
+SAFE_GRACE = 600.0
+
+
 @cli.command("fsck", context_settings=CONTEXT)
 @click.option("--repair", is_flag=True, help="remove orphans and stale temp files, re-queue copies")
 @click.option(
@@ -861,6 +866,13 @@ def fsck(
     body: dict[str, Any] = {"repair": repair}
     if grace is not None:
         body["grace"] = grace
+        if repair and grace < SAFE_GRACE:
+            click.echo(
+                f"warning: --repair with a grace under {SAFE_GRACE:.0f} s can remove the new bytes"
+                " of a write or move in progress (published, not yet committed), losing it; use"
+                " it only while nothing writes to the cluster",
+                err=True,
+            )
     try:
         status, raw = _internal_call(base, "/v1/internal/fsck", secret, body, FSCK_TIMEOUT)
     except _NET_ERRORS as exc:

@@ -347,3 +347,14 @@ def test_undecodable_answers_name_the_status_and_body() -> None:
     with pytest.raises(click.ClickException, match="HTTP 200, body '\\[1\\]'"):
         _decode("status", 200, b"[1]")
     assert _decode("remove", 200, b'{"status":"removed"}\n') == {"status": "removed"}
+
+
+def test_fsck_repair_with_a_short_grace_warns() -> None:
+    """``--repair --grace 0`` removed the bytes of moves about to commit, in an audit that ran
+    it beside a drain: it is for a cluster where nothing writes, and says so."""
+    args = ["fsck", "--url", "http://127.0.0.1:9", "--internal-secret", "s", "--repair"]
+    warned = run([*args, "--grace", "0"])
+    assert "warning: --repair with a grace under 600 s can remove" in warned.output
+    assert warned.exit_code == 1  # nothing listens there
+    assert "warning" not in run([*args, "--grace", "600"]).output
+    assert "warning" not in run(args).output
