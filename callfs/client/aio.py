@@ -334,11 +334,11 @@ class AsyncClient:
         elif use_tus and not await self.supports_tus():
             raise ClientError(0, "TUS_UNSUPPORTED", "the server has no /v1/uploads (tus)")
 
-        def chunks(offset: int, n: int) -> AsyncIterator[bytes]:
+        def chunks(offset: int, n: int, report: Progress | None = progress) -> AsyncIterator[bytes]:
             if local is not None:
-                return _file_chunks(local, offset, n, progress)
+                return _file_chunks(local, offset, n, report)
             assert data is not None
-            return _bytes_chunks(data, offset, n, progress)
+            return _bytes_chunks(data, offset, n, report)
 
         if not use_tus:
             headers = {"Content-Type": "application/octet-stream"}
@@ -372,30 +372,44 @@ class AsyncClient:
         if progress and offset:
             progress(offset)
         failures = 0
-        while offset < size:
-            n = min(chunk_size, size - offset)
-            headers = {
-                "Tus-Resumable": TUS_VERSION,
-                "Upload-Offset": str(offset),
-                "Content-Type": OFFSET_CONTENT_TYPE,
-                "Content-Length": str(n),
-            }
+        sent = 0  # bytes of the current PATCH the progress bar has been told of
+        stale = False  # a PATCH failed: ask the server's offset (HEAD) before going on
+
+        def counted(k: int) -> None:
+            nonlocal sent
+            sent += k
+            if progress:
+                progress(k)
+
+        while offset < size or stale:
             try:
+                if stale:
+                    # retried like the PATCH: the server may be down a while (a restart)
+                    shown, offset = offset + sent, await self.tus_offset(upload_url)
+                    stale, sent = False, 0
+                    if progress and offset != shown:
+                        progress(offset - shown)
+                    continue
+                n = min(chunk_size, size - offset)
+                headers = {
+                    "Tus-Resumable": TUS_VERSION,
+                    "Upload-Offset": str(offset),
+                    "Content-Type": OFFSET_CONTENT_TYPE,
+                    "Content-Length": str(n),
+                }
+                sent = 0
                 resp = await self._request(
-                    "PATCH", upload_url, ok=(204,), data=chunks(offset, n), headers=headers
+                    "PATCH", upload_url, ok=(204,), data=chunks(offset, n, counted), headers=headers
                 )
                 offset = int(resp.headers.get("Upload-Offset") or offset + n)
-                failures = 0
+                sent = failures = 0
             except ClientError as exc:
                 retry = isinstance(exc, TransportError) or exc.status in (409, 500, 502, 503)
                 failures += 1
                 if not retry or failures > TUS_RETRIES:
                     raise
                 await asyncio.sleep(min(0.5 * 2**failures, 10.0))
-                before = offset
-                offset = await self.tus_offset(upload_url)
-                if progress and offset != before:
-                    progress(offset - before)
+                stale = True
         if on_upload_url:
             on_upload_url(None)
         return UploadResult(normalize(path), size, True, resumed_from, upload_url)

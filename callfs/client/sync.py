@@ -555,21 +555,35 @@ class Client:
         if progress and offset:
             progress(offset)
         failures = 0
-        while offset < size:
-            n = min(chunk_size, size - offset)
+        sent = 0  # bytes of the current PATCH the progress bar has been told of
+        stale = False  # a PATCH failed: ask the server's offset (HEAD) before going on
+
+        def counted(k: int) -> None:
+            nonlocal sent
+            sent += k
+            if progress:
+                progress(k)
+
+        while offset < size or stale:
             try:
-                offset = self._tus_patch(upload_url, offset, source.chunks(offset, n, progress), n)
-                failures = 0
+                if stale:
+                    # retried like the PATCH: the server may be down a while (a restart)
+                    shown, offset = offset + sent, self.tus_offset(upload_url)
+                    stale, sent = False, 0
+                    if progress and offset != shown:
+                        progress(offset - shown)
+                    continue
+                n = min(chunk_size, size - offset)
+                sent = 0
+                offset = self._tus_patch(upload_url, offset, source.chunks(offset, n, counted), n)
+                sent = failures = 0
             except ClientError as exc:
                 retry = isinstance(exc, TransportError) or exc.status in (409, 502, 503, 500)
                 failures += 1
                 if not retry or failures > TUS_RETRIES:
                     raise
                 time.sleep(min(0.5 * 2**failures, 10.0))
-                before = offset
-                offset = self.tus_offset(upload_url)
-                if progress and offset != before:
-                    progress(offset - before)
+                stale = True
         if on_upload_url:
             on_upload_url(None)
         return UploadResult(normalize(path), size, True, resumed_from, upload_url)

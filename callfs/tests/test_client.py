@@ -34,12 +34,9 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One node (SQLite, localfs, local locks) as a subprocess, shared by this module; each test
-    works under its own directory."""
-    tmp = tmp_path_factory.mktemp("callfs-node")
-    port = free_port()
+def start_node(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    """A ``callfs server`` (SQLite, localfs, local locks) on ``port`` with its data under
+    ``tmp``, answering ``/health``."""
     base = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -49,33 +46,45 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             CALLFS_SERVER__EXTERNAL_URL=base,
         ),
     }
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "callfs", "server"], cwd=tmp, env=env, stdout=log, stderr=log
-    )
+    with (tmp / "server.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "callfs", "server"], cwd=tmp, env=env, stdout=log, stderr=log
+        )
     http = urllib3.PoolManager(retries=False)
     deadline = time.monotonic() + 30
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited: {(tmp / 'server.log').read_text()}")
-            try:
-                if http.request("GET", base + "/health", timeout=1.0).status == 200:
-                    break
-            except urllib3.exceptions.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server did not answer /health in 30 s")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {(tmp / 'server.log').read_text()}")
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            if http.request("GET", base + "/health", timeout=1.0).status == 200:
+                return proc
+        except urllib3.exceptions.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_node(proc)
+            raise AssertionError("server did not answer /health in 30 s")
+        time.sleep(0.1)
+
+
+def stop_node(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One node as a subprocess, shared by this module; each test works under its own
+    directory."""
+    port = free_port()
+    proc = start_node(tmp_path_factory.mktemp("callfs-node"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_node(proc)
 
 
 @pytest.fixture
@@ -398,6 +407,55 @@ def test_cli_local_errors_are_one_line_and_a_quoted_insecure_is_refused(
     conf.parent.mkdir(parents=True)
     conf.write_text(f'profiles:\n  q:\n    url: {cli_env["CALLFS_URL"]}\n    insecure: "false"\n')
     assert "insecure must be true or false" in run("ls", root, "--profile", "q", code=1).stderr
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_resumable_upload_waits_out_a_server_restart(tmp_path: Path, flavour: str) -> None:
+    """docs/client.md: a broken connection is retried in place. The HEAD that asks the offset
+    after a failed PATCH was outside the retries: with the server down for more than a second
+    the upload gave up at once (found by audit)."""
+    port = free_port()
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    proc = start_node(node_dir, port)
+    data = os.urandom(3 * MiB + 7)
+    restarted: list[subprocess.Popen[bytes]] = []
+    seen = 0
+
+    def restart() -> None:
+        time.sleep(2.0)  # down longer than the first retries' waits
+        restarted.append(start_node(node_dir, port))
+
+    def kill_midway(n: int) -> None:
+        nonlocal seen
+        seen += n
+        if seen > MiB and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            threading.Thread(target=restart, daemon=True).start()
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if flavour == "sync":
+            with Client(base, ALICE_KEY) as c:
+                c.upload("/restart.bin", data, resumable=True, chunk_size=256 * KiB,
+                         progress=kill_midway)  # fmt: skip
+                assert c.read("/restart.bin") == data
+        else:
+            import asyncio
+
+            async def go() -> bytes:
+                async with AsyncClient(base, ALICE_KEY) as c:
+                    await c.upload("/restart.bin", data, resumable=True, chunk_size=256 * KiB,
+                                   progress=kill_midway)  # fmt: skip
+                    return await c.read("/restart.bin")
+
+            assert asyncio.run(go()) == data
+        assert restarted and seen >= len(data)
+    finally:
+        for running in [proc, *restarted]:
+            if running.poll() is None:
+                stop_node(running)
 
 
 def test_cli_put_resumes_after_ctrl_c(
