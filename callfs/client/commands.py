@@ -66,9 +66,20 @@ def _profiles() -> tuple[dict[str, Any], str | None]:
     import yaml
 
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+        text = path.read_text()
+        if path.stat().st_mode & 0o077:
+            click.echo(
+                f"warning: {path} holds API keys and others may read it: chmod 600 {path}",
+                err=True,
+            )
+        doc = yaml.safe_load(text) or {}
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, ValueError) as exc:
+        # never PyYAML's own text: it quotes the line, and the line may be an API key
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise click.ClickException(f"cannot read {path}: not valid YAML{where}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("profiles", {}), dict):
         raise click.ClickException(f"{path}: expected a mapping with a 'profiles' mapping")
     default = doc.get("default_profile")

@@ -377,6 +377,17 @@ def test_cli_settings_from_profile(
     assert "AUTHENTICATION_FAILED" in run("ls", root, "--profile", "bad", code=1).stderr
     run("ls", root, "--profile", "bad", "--api-key", ALICE_KEY)  # a flag beats the profile
     assert "no profile 'gone'" in run("ls", "--profile", "gone", code=1).stderr
+    # others may read it: said (it holds keys); 0600 is quiet
+    conf.chmod(0o644)
+    assert f"warning: {conf} holds API keys" in run("ls", root).stderr
+    conf.chmod(0o600)
+    assert "warning" not in run("ls", root).stderr
+    # a damaged file: where, never the line (found by audit: it printed the key)
+    secret = "SECRETKEY123456789abcdef"
+    for damaged in (f'profiles:\n  w:\n    api_key: "{secret}\n', f"x: {secret}: y\n"):
+        conf.write_text(damaged)
+        err = run("ls", root, code=1).stderr
+        assert "not valid YAML (line" in err and "SECRETKEY" not in err and "KEY12" not in err
 
 
 def test_cli_local_errors_are_one_line_and_a_quoted_insecure_is_refused(
