@@ -604,9 +604,14 @@ def _run_jobs(
             if advance is not None:
                 advance(n)
 
+        def run(job: _Job, report: Progress | None) -> None:
+            if stop.is_set():  # taken from the queue after Ctrl-C: do nothing
+                raise _Interrupted
+            work(job, report)
+
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="callfs-sync")
         try:
-            futures = {pool.submit(work, job, progress): job for job in todo}
+            futures = {pool.submit(run, job, progress): job for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
@@ -621,9 +626,12 @@ def _run_jobs(
         except KeyboardInterrupt:
             # transfers not started are dropped; running ones stop at their next chunk (they
             # had run to their end, however large, before the process could exit)
+            # (a thread freed by a stopped transfer could start a queued one, which then ran:
+            # its first requests, or a whole small file; found by audit)
+            pool.shutdown(wait=False, cancel_futures=True)
             stop.set()
             click.echo("interrupted: run the same command again to continue", err=True)
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)
             sys.exit(EXIT_INTERRUPTED)
         pool.shutdown()
     return failed
