@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -536,6 +537,50 @@ def _fresh(src_size: int, src_mtime: float | None, dst_size: int, dst_mtime: flo
     return int(dst_mtime) >= int(src_mtime)
 
 
+class _Synced:
+    """What ``sync`` last uploaded from each local file: its size and mtime (ns) just before.
+    Remote mtimes have whole seconds, so a same-size edit made in the second of the last upload
+    looked "not newer" and was skipped by every later sync (found by audit); a local file that
+    differs from its record has changed since, whatever the seconds say. Kept in
+    ``$XDG_STATE_HOME/callfs/synced.json``; a file with no record is judged by size and mtime."""
+
+    def __init__(self, path: Path, server: str) -> None:
+        self.path = path
+        self._server = server
+        self._lock = threading.Lock()
+        self._dirty = False
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        self._doc: dict[str, Any] = doc if isinstance(doc, dict) else {}
+
+    def _key(self, remote: str, local: Path) -> str:
+        raw = f"{self._server}|{normalize(remote)}|{os.path.abspath(local)}"
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def changed(self, remote: str, local: Path, st: os.stat_result) -> bool:
+        """True if this file was uploaded by ``sync`` and has changed since."""
+        seen = self._doc.get(self._key(remote, local))
+        return seen is not None and seen != [st.st_size, st.st_mtime_ns]
+
+    def record(self, remote: str, local: Path, st: os.stat_result) -> None:
+        with self._lock:
+            self._doc[self._key(remote, local)] = [st.st_size, st.st_mtime_ns]
+            self._dirty = True
+
+    def save(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._doc))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+            self._dirty = False
+
+
 @client_command("sync")
 @click.argument("src")
 @click.argument("dst")
@@ -644,30 +689,38 @@ def _sync_up(
         raise click.ClickException(f"{root}: not a directory")
     files, dirs = _local_tree(root)
     existing = _remote_tree(client, remote) or {}
+    synced = _Synced(state_dir() / "synced.json", client.url)
     todo: list[_Job] = []
     skipped = 0
     for rel, st in files.items():
         have = existing.get(rel)
+        target = _join(remote, rel)
         if (
             have is not None
             and not have.is_dir
+            and not synced.changed(target, root / rel, st)
             and _fresh(st.st_size, st.st_mtime, have.size, have.mtime_epoch)
         ):
             skipped += 1
             continue
-        todo.append(_Job(rel, st.st_size, root / rel, _join(remote, rel)))
+        todo.append(_Job(rel, st.st_size, root / rel, target))
     missing_dirs = [d for d in dirs if d not in existing]
     store = resume_store()
 
     def work(job: _Job, progress: Progress | None) -> None:
+        before = job.local.stat()  # an edit during the upload shows next time
         client.upload_file(job.local, job.remote, progress=progress, resume_store=store)
+        synced.record(job.remote, job.local, before)
 
     failed: list[dict[str, Any]] = []
     if not dry_run:
         for d in [remote, *(_join(remote, d) for d in missing_dirs)]:
             with contextlib.suppress(ClientError):
                 client.mkdir(d)
-        failed = _run_jobs(ctx, todo, jobs, work, "up")
+        try:
+            failed = _run_jobs(ctx, todo, jobs, work, "up")
+        finally:
+            synced.save()  # after Ctrl-C too: what was sent is known
     return _summary("up", todo, skipped, failed, dry_run)
 
 

@@ -548,6 +548,21 @@ def test_cli_sync_both_ways(
     )
 
 
+def test_cli_sync_up_sends_an_edit_made_in_the_second_of_the_last_upload(
+    cli_env: dict[str, str], client: Client, root: str, tmp_path: Path
+) -> None:
+    """Found by audit: the remote copy is stamped when written; a same-size edit within that
+    second looked "not newer" and was skipped by every later sync."""
+    src = tmp_path / "same"
+    src.mkdir()
+    (src / "f.txt").write_bytes(b"AAAA")
+    run_json("sync", str(src), f"callfs:{root}/same")
+    (src / "f.txt").write_bytes(b"BBBB")  # at once: most often the upload's second
+    assert run_json("sync", str(src), f"callfs:{root}/same")["files"] == ["f.txt"]
+    assert client.read(f"{root}/same/f.txt") == b"BBBB"
+    assert run_json("sync", str(src), f"callfs:{root}/same")["skipped"] == 1  # no extra upload
+
+
 # ---- the issue's large cases (slow: a GiB through the commands, 1,000-file trees) ---------------
 BIG_GENERATED = 1024 * MiB
 
