@@ -63,11 +63,17 @@ class AsyncDownload:
         self.content_length = response.content_length
 
     async def iter_chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
-        async for chunk in self._resp.content.iter_chunked(size):
-            yield chunk
+        try:
+            async for chunk in self._resp.content.iter_chunked(size):
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:  # broke off mid-body
+            raise TransportError(f"the download broke off: {type(exc).__name__}") from exc
 
     async def read(self) -> bytes:
-        return await self._resp.read()
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TransportError(f"the download broke off: {type(exc).__name__}") from exc
 
     def close(self) -> None:
         self._resp.release()

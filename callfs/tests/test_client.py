@@ -469,6 +469,37 @@ def test_a_resumable_upload_waits_out_a_server_restart(tmp_path: Path, flavour: 
                 stop_node(running)
 
 
+def test_async_download_cut_off_is_a_transport_error(tmp_path: Path) -> None:
+    """docs/client.md: every method raises ``ClientError`` (``TransportError`` when no answer
+    came). A download whose server died mid-body raised aiohttp's own ClientPayloadError from
+    ``AsyncClient`` (the blocking client wrapped it; found by audit)."""
+    import asyncio
+
+    port = free_port()
+    proc = start_node(tmp_path, port)
+    base = f"http://127.0.0.1:{port}"
+    with Client(base, ALICE_KEY) as c:
+        c.upload("/big.bin", os.urandom(64 * MiB))
+
+    def kill(_n: int) -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    async def go() -> None:
+        async with AsyncClient(base, ALICE_KEY) as c:
+            await c.download("/big.bin", tmp_path / "out.bin", progress=kill)
+
+    try:
+        with pytest.raises(TransportError):
+            asyncio.run(go())
+        assert not (tmp_path / "out.bin").exists()
+        assert not (tmp_path / ".out.bin.callfs-part").exists()
+    finally:
+        if proc.poll() is None:
+            stop_node(proc)
+
+
 def test_cli_put_resumes_after_ctrl_c(
     cli_env: dict[str, str],
     client: Client,
