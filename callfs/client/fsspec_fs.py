@@ -285,6 +285,8 @@ class CallFSFileSystem(AbstractFileSystem):  # type: ignore[misc]
         cache_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> CallFSFile:
+        if "a" in mode:  # refused now, not at close (the data written was silently lost)
+            raise NotImplementedError("CallFS files cannot be appended to")
         if "x" in mode and self.exists(path):
             raise FileExistsError(17, "file exists", self._strip_protocol(path))
         return CallFSFile(
@@ -305,6 +307,12 @@ class CallFSFile(AbstractBufferedFile):  # type: ignore[misc]
     """A file of ``CallFSFileSystem``: ranged reads, one streamed PUT for writes."""
 
     fs: CallFSFileSystem
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.mode == "rb" and self.details.get("type") == "directory":
+            # (read as b"" before; cat_file refuses a directory too)
+            raise IsADirectoryError(21, "is a directory", self.path)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         if start >= end:

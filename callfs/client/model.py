@@ -122,9 +122,13 @@ def directories_url(base: str, path: str) -> str:
 
 
 def range_header(start: int, end: int | None) -> str:
-    """``bytes=start-end`` with an exclusive ``end`` (Python slicing); ``None`` means to the end."""
+    """``bytes=start-end`` with an exclusive ``end`` (Python slicing); ``None`` means to the end.
+    A negative ``start`` (the last ``-start`` bytes) takes no ``end``: ``ValueError``, where the
+    server would ignore the malformed header and send the whole file (found by audit)."""
     if start < 0 and end is None:
         return f"bytes={start}"  # the last -start bytes
+    if start < 0 or (end is not None and end < 0):
+        raise ValueError("a negative start takes no end, and an end is never negative")
     return f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
 
 

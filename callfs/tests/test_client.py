@@ -814,6 +814,14 @@ def test_fsspec_filesystem(server: str, root: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CALLFS_URL", server)
     with fsspec.open(f"callfs:///{root.lstrip('/')}/moved/p.txt", "rb") as f:
         assert f.read() == b"piped"
+    # refused when asked, not later (found by audit): appending lost the data at close, and a
+    # directory read as b""
+    with pytest.raises(NotImplementedError):
+        fs.open(f"{root}/moved/p.txt", "ab")
+    with pytest.raises(IsADirectoryError):
+        fs.open(f"{root}/moved", "rb")
+    with pytest.raises(ValueError):
+        fs.client.read(f"{root}/moved/p.txt", -5, 10)
 
 
 def test_pandas_csv_round_trip(server: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
