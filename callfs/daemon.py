@@ -226,6 +226,8 @@ def make_lock_manager(cfg: Config) -> LockManager:
         password=cfg.dlm.redis_password,
         db=cfg.dlm.redis_db,
         key_prefix=cfg.dlm.redis_key_prefix,
+        # one lock call is bounded like a metadata call (it was 5 s whatever the config said)
+        op_timeout=cfg.server.metadata_op_timeout,
     )
 
 

@@ -80,6 +80,8 @@ class RedisLockManager:
         self._held = 0
         self._redis: aioredis.Redis | None = None
         self._pool: aioredis.BlockingConnectionPool | None = None
+        #: releases of tokens whose SET NX failed or timed out (``_disown``)
+        self._disowning: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Connect and PING, so an unreachable lock service fails start-up with its address and
@@ -98,6 +100,9 @@ class RedisLockManager:
             ) from exc
 
     async def close(self) -> None:
+        for task in list(self._disowning):
+            task.cancel()
+        await asyncio.gather(*self._disowning, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -149,12 +154,34 @@ class RedisLockManager:
                 if await self.client.set(name, token, nx=True, px=self._lease_ms):
                     return
             except RedisError as exc:
+                # A SET sent to a stalled Redis runs when it wakes: the lock would be held by
+                # nobody for a whole lease, every writer of the path refused (found by audit)
+                self._disown(name, token)
                 raise Unavailable("lock service unavailable") from exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LockTimeout()
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.1)
+
+    def _disown(self, name: str, token: str) -> None:
+        """Release ``token``'s hold of ``name`` if a SET NX that failed here took it after all:
+        tried until the lease would have run out anyway."""
+
+        async def release() -> None:
+            deadline = time.monotonic() + self._lease_ms / 1000
+            delay = 0.2
+            while time.monotonic() < deadline:
+                try:
+                    await self.client.eval(_RELEASE, 1, name, token)
+                    return  # released, or it never was ours: done either way
+                except (RedisError, Unavailable):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        task = asyncio.ensure_future(release())
+        self._disowning.add(task)
+        task.add_done_callback(self._disowning.discard)
 
     async def _renew(self, name: str, token: str, lost: asyncio.Event) -> None:
         interval = self._lease_ms / 3000
