@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from callfs.api.errors import status_and_code
 from callfs.api.state import api_state
 from callfs.core.engine import ORPHAN_GRACE
 from callfs.core.fsck import Fsck
+from callfs.errors import CallFSError
 
 FSCK = web.AppKey("callfs_fsck", Fsck)
 #: Keys one ``stat`` request may name.
@@ -64,6 +66,9 @@ def _guarded(handler: _Handler) -> Callable[[web.Request], Awaitable[web.StreamR
             return web.json_response(await handler(request.app[FSCK], body))
         except _Invalid as exc:
             return web.json_response({"error": f"invalid request: {exc}"}, status=400)
+        except CallFSError as exc:  # the store down: a 503 the CLI can say, not a bare 500
+            status, _code = status_and_code(exc)
+            return web.json_response({"error": exc.message}, status=status)
 
     return wrapped
 

@@ -128,6 +128,9 @@ _UNAVAILABLE = (
     asyncpg.CrashShutdownError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.PostgresConnectionError,
+    # a connection caught mid-operation by a server shutdown ("cannot switch to state ...;
+    # another operation is in progress"): a 500 under load in an audit's fast restarts
+    asyncpg.InternalClientError,
 )
 
 
@@ -256,21 +259,37 @@ class PostgresMetadataStore:
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` on a pooled connection within the op timeout; map outages."""
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise Unavailable("metadata store is not running")
+        conn: Any = None
+        answered = False  # the server answered (a result or an error of its own)
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as conn:
-                    return await fn(conn)
+                conn = await pool.acquire()
+                result = await fn(conn)
+            answered = True
+            return result
         except CallFSError:
+            answered = True  # decided on what the server said
             raise
         except _UNAVAILABLE as exc:
             raise Unavailable("metadata store unavailable") from exc
         except asyncpg.UniqueViolationError as exc:
+            answered = True
             raise AlreadyExists() from exc
         except asyncpg.PostgresError as exc:
+            answered = True
             log.error("postgres error: %s", type(exc).__name__)
             raise Unavailable("metadata store error") from exc
+        finally:
+            if conn is not None:
+                if not answered:
+                    # timed out, cancelled (the caller's own bound), the link broken: a graceful
+                    # release (cancel, reset) would wait on a frozen server again, doubling the
+                    # bound (found by audit); the pool opens a new connection instead
+                    conn.terminate()
+                await pool.release(conn)
 
     # ---- entries ---------------------------------------------------------------------------
     async def get(self, path: str) -> Entry | None:

@@ -343,6 +343,11 @@ class RedisMetadataStore:
     # ---- entries ---------------------------------------------------------------------------
     async def get(self, path: str) -> Entry | None:
         raw = await self._call(self.r.hgetall(self._e(path)))
+        if not raw and path == "/":
+            # A Redis restarted without its data (no persistence): the root comes back as at
+            # start, instead of "/" answering 404 until callfs was restarted (found by audit)
+            await self._call(self.r.eval(_CREATE_ROOT, 1, self._e("/"), *_fields(ROOT)))
+            raw = await self._call(self.r.hgetall(self._e(path)))
         return _decode(path, raw) if raw else None
 
     async def _command(self, decide: Callable[[Pipeline], Awaitable[tuple[Plan, T]]]) -> T:
