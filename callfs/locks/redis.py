@@ -141,7 +141,8 @@ class RedisLockManager:
             try:
                 released = await self.client.eval(_RELEASE, 1, name, token)
             except RedisError:
-                log.warning("could not release a lock; it expires with its lease")
+                log.warning("could not release a lock; released once Redis answers again")
+                self._disown(name, token)  # not left to block the path for its whole lease
                 released = 1
             if lost.is_set() or not released:
                 raise Unavailable("lock lost while held")
@@ -158,6 +159,9 @@ class RedisLockManager:
                 # nobody for a whole lease, every writer of the path refused (found by audit)
                 self._disown(name, token)
                 raise Unavailable("lock service unavailable") from exc
+            except asyncio.CancelledError:  # (a caller's own bound) the same, then cancelled
+                self._disown(name, token)
+                raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LockTimeout()
