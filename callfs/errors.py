@@ -70,6 +70,13 @@ class NotFound(CallFSError):
     default_message = "file not found"
 
 
+class BlobDamaged(NotFound):
+    """The file's bytes are shorter than its record (truncated on disk, a damaged object): a 404
+    to clients (§9.3: missing bytes), a failure, not "deleted meanwhile", to a drain."""
+
+    default_message = "the file's bytes are missing or incomplete"
+
+
 class LinkNotFound(CallFSError):
     default_message = "link not found"
 

@@ -352,6 +352,13 @@ async def test_a_drain_ends_with_nothing_left_on_the_node(
         assert blobs(tmp_path, "node-c") == []
         for path, body in contents.items():
             assert await read(s, a, path) == body
+        # a file whose bytes are damaged fails the drain, with its reason (it was "skipped")
+        await put(s, c, "/late/cut.bin", os.urandom(5000))
+        (cut,) = blobs(tmp_path, "node-c")
+        os.truncate(cut, 100)
+        out = await asyncio.to_thread(callfs, tmp_path, *args)
+        assert out.returncode == 1, out.stdout
+        assert "1 failed" in out.stdout and "missing or incomplete" in out.stdout, out.stdout
 
 
 async def test_rebalance_after_a_join(cluster: dict[str, ClusterNode], tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from callfs.erasure.service import ErasureService, Profile, placement
 from callfs.errors import (
     AlreadyExists,
     BadRequest,
+    BlobDamaged,
     CallFSError,
     DirectoryNotEmpty,
     InsufficientShards,
@@ -410,7 +411,7 @@ class Engine:
                 "the bytes of %s end %d bytes short of its record: damaged (callfs fsck lists "
                 "it as size-mismatch)", shown_path(entry.path), length - stream.length,
             )  # fmt: skip
-            raise NotFound("the file's bytes are missing or incomplete")
+            raise BlobDamaged()
         return stream
 
     async def _open_erasure(self, entry: Entry, offset: int, length: int | None) -> ByteStream:
@@ -1187,7 +1188,16 @@ class Engine:
                 return
             except RemoteOwner as exc:  # taken over by another node since it was listed
                 owner = exc.instance_id
-        await self._peer_client().relocate(owner, entry.path, target, entry.size)
+        try:
+            await self._peer_client().relocate(owner, entry.path, target, entry.size)
+        except NotFound:
+            now = await self._meta.get(entry.path)
+            if now is not None and now.blob_key == entry.blob_key and now.instance_id == owner:
+                # the record is still there, unchanged: the owner has no whole bytes for it
+                raise BlobDamaged(
+                    f"the file's bytes are missing or incomplete on {owner}"
+                ) from None
+            raise  # deleted or moved meanwhile
 
     async def retag_directory(self, entry: Entry, target: str) -> None:
         """The directory record ``entry`` names ``target`` as its owner node from now on:

@@ -30,7 +30,14 @@ from typing import Any
 
 from callfs.core.engine import Engine
 from callfs.core.peer import PeerClient
-from callfs.errors import AlreadyExists, BadRequest, CallFSError, LockTimeout, NotFound
+from callfs.errors import (
+    AlreadyExists,
+    BadRequest,
+    BlobDamaged,
+    CallFSError,
+    LockTimeout,
+    NotFound,
+)
 from callfs.locks.base import LockManager
 from callfs.log import shown_path, shown_size
 from callfs.metadata.base import MetadataStore
@@ -224,7 +231,9 @@ class NodeMoves:
         async def again(job: Job) -> list[Move]:
             files = await self._localfs_files()
             targets = [n for n in await self.live_nodes() if n != node]
-            return plan_drain(node, files, targets) if targets else []
+            if not targets:
+                raise BadRequest("no other live node to move the files to")
+            return plan_drain(node, files, targets)
 
         async def finish(job: Job) -> None:
             await self._retag_directories(job, node)
@@ -335,7 +344,9 @@ class NodeMoves:
             moves = await again(job)
             if not moves:
                 return
-            # this pass decides the files that failed or were skipped before
+            # this pass decides the files that failed or were skipped before (the reason a file
+            # failed is kept for the report if it is still there at the end)
+            why = {line.split(": ", 1)[0]: line for line in job.failed}
             job.files_total -= job.files_failed + job.files_skipped
             job.files_failed = job.files_skipped = 0
             job.failed.clear()
@@ -343,11 +354,13 @@ class NodeMoves:
                 job.files_total += len(moves)
                 job.files_failed = len(moves)
                 job.failed.extend(
-                    f"{entry.path}: still on {entry.instance_id} (written, renamed or unreadable"
-                    " during the drain)"
+                    why.get(entry.path)
+                    or f"{entry.path}: still on {entry.instance_id} (written or renamed during"
+                    " the drain)"
                     for entry, _ in moves[:MAX_REPORTED]
                 )
                 return
+            await asyncio.sleep(min(0.5 * 2**passes, 4.0))  # a target restarting: time to
             log.info("%s: %d files still to move, pass %d", job.kind, len(moves), passes + 2)
             job.files_total += len(moves)
             job.bytes_total = job.bytes_moved + sum(e.size for e, _ in moves)
@@ -369,8 +382,13 @@ class NodeMoves:
             for entry, target in pending:
                 try:
                     await self._engine.relocate(_ADMIN, entry, target)
-                except NotFound:
-                    job.files_skipped += 1  # deleted or moved away meanwhile
+                except NotFound as exc:
+                    if not isinstance(exc, BlobDamaged):
+                        job.files_skipped += 1  # deleted or moved away meanwhile
+                    else:  # its bytes are damaged: a failure to report (fsck: size-mismatch)
+                        job.files_failed += 1
+                        if len(job.failed) < MAX_REPORTED:
+                            job.failed.append(f"{entry.path}: {exc.message}")
                 except CallFSError as exc:
                     job.files_failed += 1
                     if len(job.failed) < MAX_REPORTED:
