@@ -164,7 +164,7 @@ async def test_a_frozen_store_answers_within_the_bound_and_leaves_no_stray_lock(
                 async with s.put(f"{node.base}/v1/files/frozen.txt", data=b"y", headers=H) as r:
                     assert r.status == 503, await r.text()
                 took = time.monotonic() - started
-                assert took < 2.0 + 1.0, took  # metadata_op_timeout is 2 s (plus the lock's)
+                assert took < 2.0 + 1.5, took  # metadata_op_timeout is 2 s (the old: 4 s, 5 s)
         finally:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)

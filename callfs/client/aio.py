@@ -39,7 +39,7 @@ from callfs.client.model import (
     range_header,
     tus_metadata,
 )
-from callfs.client.sync import LINK_RETRIES, TUS_RETRIES, Progress, UploadResult
+from callfs.client.sync import LINK_RETRIES, TUS_RETRIES, Progress, UploadResult, open_part
 
 AsyncSource = (
     bytes | bytearray | memoryview | str | os.PathLike[str] | AsyncIterable[bytes] | Iterable[bytes]
@@ -286,7 +286,7 @@ class AsyncClient:
         target = Path(local)
         part = target.with_name(f".{target.name}.callfs-part")
         async with self.open(path) as d:
-            out = await asyncio.to_thread(part.open, "wb")
+            out = await asyncio.to_thread(open_part, part, target)
             try:
                 async for chunk in d.iter_chunks():
                     await asyncio.to_thread(out.write, chunk)

@@ -538,22 +538,26 @@ def _fresh(src_size: int, src_mtime: float | None, dst_size: int, dst_mtime: flo
 
 
 class _Synced:
-    """What ``sync`` last uploaded from each local file: its size and mtime (ns) just before.
-    Remote mtimes have whole seconds, so a same-size edit made in the second of the last upload
-    looked "not newer" and was skipped by every later sync (found by audit); a local file that
-    differs from its record has changed since, whatever the seconds say. Kept in
-    ``$XDG_STATE_HOME/callfs/synced.json``; a file with no record is judged by size and mtime."""
+    """What ``sync`` last uploaded from each local file (its size and mtime in ns just before),
+    or downloaded to it (just after). Remote mtimes have whole seconds, so a same-size edit made
+    in the second of the last upload looked "not newer" and was skipped by every later sync
+    (found by audit); a local file that differs from its record has changed since, whatever the
+    seconds say. Kept in ``$XDG_STATE_HOME/callfs/synced.json``; a file with no record is judged
+    by size and mtime."""
 
     def __init__(self, path: Path, server: str) -> None:
         self.path = path
         self._server = server
         self._lock = threading.Lock()
-        self._dirty = False
+        self._doc = self._read()
+        self._mine: dict[str, list[int]] = {}  # this run's records, merged in at ``save``
+
+    def _read(self) -> dict[str, Any]:
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            doc = {}
-        self._doc: dict[str, Any] = doc if isinstance(doc, dict) else {}
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def _key(self, remote: str, local: Path) -> str:
         raw = f"{self._server}|{normalize(remote)}|{os.path.abspath(local)}"
@@ -565,20 +569,27 @@ class _Synced:
         return seen is not None and seen != [st.st_size, st.st_mtime_ns]
 
     def record(self, remote: str, local: Path, st: os.stat_result) -> None:
+        """``local`` was uploaded from (or downloaded to) ``remote``, as ``st`` shows it."""
         with self._lock:
-            self._doc[self._key(remote, local)] = [st.st_size, st.st_mtime_ns]
-            self._dirty = True
+            self._mine[self._key(remote, local)] = [st.st_size, st.st_mtime_ns]
 
     def save(self) -> None:
+        """Merge this run's records into the file (another sync may have saved meanwhile); a
+        state directory that cannot be written costs only a warning."""
         with self._lock:
-            if not self._dirty:
+            if not self._mine:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._doc))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-            self._dirty = False
+            doc = {**self._read(), **self._mine}
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(doc))
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                click.echo(f"warning: cannot save {self.path}: {exc.strerror or exc}", err=True)
+                return
+            self._mine.clear()
 
 
 @client_command("sync")
@@ -755,14 +766,21 @@ def _sync_down(
         entries[rel] = e
         todo.append(_Job(rel, e.size, local, e.path))
 
+    synced = _Synced(state_dir() / "synced.json", client.url)
+
     def work(job: _Job, progress: Progress | None) -> None:
         job.local.parent.mkdir(parents=True, exist_ok=True)
         got = client.download(job.remote, job.local, progress=progress)
         _set_mtime(job.local, got)
+        # a later sync up sees the file unchanged since (not sent back)
+        synced.record(job.remote, job.local, job.local.stat())
 
     failed: list[dict[str, Any]] = []
     if not dry_run:
-        failed = _run_jobs(ctx, todo, jobs, work, "down")
+        try:
+            failed = _run_jobs(ctx, todo, jobs, work, "down")
+        finally:
+            synced.save()
     return _summary("down", todo, skipped, dirs_failed + failed, dry_run)
 
 

@@ -200,11 +200,15 @@ class CallFSFileSystem(AbstractFileSystem):  # type: ignore[misc]
         maxdepth: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """A server-side move (replaces an existing destination, creates missing parents)."""
+        """A server-side move (replaces an existing file, creates missing parents). Into an
+        existing directory (or a path ending in ``/``) it goes inside it, under its own name,
+        as fsspec's ``mv`` and ``cp`` do (it failed: "destination exists with another type")."""
         if isinstance(path1, list) or self._has_magic(path1):
             super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
             return
         src, dst = self._strip_protocol(path1), self._strip_protocol(path2)
+        if str(path2).endswith("/") or (dst != src and self.isdir(dst)):
+            dst = f"{dst.rstrip('/')}/{src.rstrip('/').rsplit('/', 1)[-1]}"
         try:
             self.client.move(src, dst, overwrite=True, create_parents=True)
         except ClientError as exc:

@@ -110,6 +110,15 @@ class Download(io.RawIOBase):
         super().close()
 
 
+def open_part(part: Path, target: Path) -> BinaryIO:
+    """The part file a download is written to, beside ``target``; an error names ``target``, the
+    path the user gave (it named the hidden part file)."""
+    try:
+        return part.open("wb")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
+
+
 class ResumeStore:
     """Upload URLs of unfinished tus uploads, kept in a small JSON file so that a later run (after
     Ctrl-C or a crash) continues them. The key is the server, the destination, and the local
@@ -355,7 +364,7 @@ class Client:
         part = target.with_name(f".{target.name}.callfs-part")
         with self.open(path) as f:
             try:
-                with part.open("wb") as out:
+                with open_part(part, target) as out:
                     for chunk in f.iter_chunks():
                         out.write(chunk)
                         if progress:

@@ -400,6 +400,8 @@ def test_cli_local_errors_are_one_line_and_a_quoted_insecure_is_refused(
     client.mkdir(f"{root}/g/sub")
     got = run("get", f"{root}/g/x.txt", str(tmp_path / "nonexist" / "x.txt"), code=1)
     assert got.stderr.startswith("Error: ") and "Traceback" not in got.output
+    # the path given, not the hidden part file beside it (found by audit)
+    assert f"{tmp_path / 'nonexist' / 'x.txt'}: " in got.stderr and "callfs-part" not in got.stderr
     (tmp_path / "out" / "x.txt").mkdir(parents=True)
     got = run("get", f"{root}/g/x.txt", str(tmp_path / "out"), code=1)
     assert got.stderr.startswith("Error: ") and got.exception is not None
@@ -588,10 +590,20 @@ def test_cli_sync_up_sends_an_edit_made_in_the_second_of_the_last_upload(
     src.mkdir()
     (src / "f.txt").write_bytes(b"AAAA")
     run_json("sync", str(src), f"callfs:{root}/same")
-    (src / "f.txt").write_bytes(b"BBBB")  # at once: most often the upload's second
+    stamp = client.stat(f"{root}/same/f.txt").mtime_epoch
+    assert stamp is not None
+    (src / "f.txt").write_bytes(b"BBBB")
+    inside = int(stamp) * 1_000_000_000 + 500_000_000  # within the upload's second
+    os.utime(src / "f.txt", ns=(inside, inside))
     assert run_json("sync", str(src), f"callfs:{root}/same")["files"] == ["f.txt"]
     assert client.read(f"{root}/same/f.txt") == b"BBBB"
     assert run_json("sync", str(src), f"callfs:{root}/same")["skipped"] == 1  # no extra upload
+    # changed elsewhere, synced down into the same directory: not sent back up afterwards
+    client.upload(f"{root}/same/f.txt", b"CCCC")
+    os.utime(src / "f.txt", (stamp - 10, stamp - 10))  # older than the remote: fetched
+    assert run_json("sync", f"callfs:{root}/same", str(src))["files"] == ["f.txt"]
+    assert (src / "f.txt").read_bytes() == b"CCCC"
+    assert run_json("sync", str(src), f"callfs:{root}/same")["transferred"] == 0
 
 
 # ---- the large cases (slow: a GiB through the commands, 1,000-file trees) ---------------
@@ -822,6 +834,12 @@ def test_fsspec_filesystem(server: str, root: str, monkeypatch: pytest.MonkeyPat
         fs.open(f"{root}/moved", "rb")
     with pytest.raises(ValueError):
         fs.client.read(f"{root}/moved/p.txt", -5, 10)
+    # into an existing directory: inside it, as fsspec's mv and cp do (it was refused)
+    fs.makedirs(f"{root}/box", exist_ok=True)
+    fs.mv(f"{root}/moved/p.txt", f"{root}/box")
+    assert fs.cat(f"{root}/box/p.txt") == b"piped" and not fs.exists(f"{root}/moved/p.txt")
+    fs.mv(f"{root}/box/p.txt", f"{root}/moved/")
+    assert fs.cat(f"{root}/moved/p.txt") == b"piped"
 
 
 def test_pandas_csv_round_trip(server: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
