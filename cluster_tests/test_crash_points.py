@@ -75,6 +75,37 @@ def crash_node(tmp_path: Path, point: str, **sections: dict[str, Any]) -> tuple[
     return ClusterNode("solo", port, tmp_path, config, launcher=(str(WRAPPER),), env=env), arm
 
 
+def replicated_crash_node(tmp_path: Path) -> tuple[ClusterNode, Path, str]:
+    """``crash_node`` at "committed" with HA replication to a fresh moto bucket: also the
+    bucket's name."""
+    from callfs.tests import s3server
+
+    bucket = s3server.make_bucket()
+    s3 = {"s3_bucket_name": bucket, "s3_endpoint": s3server.endpoint()}
+    node, arm = crash_node(
+        tmp_path,
+        "committed",
+        backend={**s3, "s3_access_key": "testing", "s3_secret_key": "testing"},
+        ha={"replication_enabled": True, "replica_backend": "s3"},
+    )
+    return node, arm, bucket
+
+
+async def replica_holds(node: ClusterNode, bucket: str, sizes: list[int]) -> None:
+    """Within 30 s, fsck finds no missing copy and the replica holds copies of ``sizes``."""
+    from callfs.tests import s3server
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        report = await asyncio.to_thread(fsck, node)
+        copies = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/replica/")
+        held = [o["Size"] for o in copies.get("Contents", [])]
+        if report["counts"]["missing"] == 0 and held == sizes:
+            return
+        assert asyncio.get_running_loop().time() < deadline, (report, held)
+        await asyncio.sleep(0.5)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("point", POINTS)
 async def test_a_kill_at_each_step_of_a_write(tmp_path: Path, point: str) -> None:
@@ -127,31 +158,14 @@ async def test_a_kill_right_after_the_commit_still_gets_the_replica_copy(tmp_pat
     so a kill between the two left a committed, readable version that nothing would ever copy
     to the replica (found by review; only ``fsck --repair`` found it). It is queued before the
     commit now: after the restart the worker copies it."""
-    from callfs.tests import s3server
-
-    bucket = s3server.make_bucket()
-    s3 = {"s3_bucket_name": bucket, "s3_endpoint": s3server.endpoint()}
-    node, arm = crash_node(
-        tmp_path,
-        "committed",
-        backend={**s3, "s3_access_key": "testing", "s3_secret_key": "testing"},
-        ha={"replication_enabled": True, "replica_backend": "s3"},
-    )
+    node, arm, bucket = replicated_crash_node(tmp_path)
     await asyncio.to_thread(node.start)
     try:
         async with aiohttp.ClientSession() as s:
             url = f"{node.base}/v1/files/d/new.bin"
             await crash(node, arm, s.put(url, data=io.BytesIO(NEW), headers=H))
             assert await read(s, node, "/d/new.bin") == (200, NEW)
-            deadline = asyncio.get_running_loop().time() + 30
-            while True:
-                report = await asyncio.to_thread(fsck, node)
-                if report["counts"]["missing"] == 0:
-                    break
-                assert asyncio.get_running_loop().time() < deadline, report
-                await asyncio.sleep(0.5)
-            copies = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/replica/")
-            assert [o["Size"] for o in copies.get("Contents", [])] == [len(NEW)]
+            await replica_holds(node, bucket, [len(NEW)])
     finally:
         await asyncio.to_thread(node.stop)
 
@@ -164,16 +178,7 @@ async def test_a_kill_right_after_a_move_commit_still_gets_the_replica_copy(
     it; that blob's replica copy was queued after the commit, so a kill between the two left
     the moved file without a copy on the replica (the same gap the writes had). Queued before
     the commit now: after the restart the worker copies it."""
-    from callfs.tests import s3server
-
-    bucket = s3server.make_bucket()
-    s3 = {"s3_bucket_name": bucket, "s3_endpoint": s3server.endpoint()}
-    node, arm = crash_node(
-        tmp_path,
-        "committed",
-        backend={**s3, "s3_access_key": "testing", "s3_secret_key": "testing"},
-        ha={"replication_enabled": True, "replica_backend": "s3"},
-    )
+    node, arm, bucket = replicated_crash_node(tmp_path)
     await asyncio.to_thread(node.start)
     try:
         async with aiohttp.ClientSession() as s:
@@ -189,14 +194,6 @@ async def test_a_kill_right_after_a_move_commit_still_gets_the_replica_copy(
                            headers=H)  # fmt: skip
             await crash(node, arm, back)
             assert await read(s, node, "/d/moved.bin") == (200, NEW)
-            deadline = asyncio.get_running_loop().time() + 30
-            while True:
-                report = await asyncio.to_thread(fsck, node)
-                copies = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".callfs/replica/")
-                sizes = [o["Size"] for o in copies.get("Contents", [])]
-                if report["counts"]["missing"] == 0 and sizes == [len(NEW)]:
-                    break
-                assert asyncio.get_running_loop().time() < deadline, (report, sizes)
-                await asyncio.sleep(0.5)
+            await replica_holds(node, bucket, [len(NEW)])
     finally:
         await asyncio.to_thread(node.stop)

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from callfs.client.errors import ClientError, TransportError
-from callfs.client.model import REMOTE_PREFIX, TUS_CHUNK, Entry, normalize
+from callfs.client.model import (
+    REMOTE_PREFIX,
+    TUS_CHUNK,
+    Entry,
+    normalize,
+    read_state,
+    write_state,
+)
 
 if TYPE_CHECKING:
     # The transport (urllib3, and with it ssl and http.client) is imported by the command that
@@ -549,15 +556,8 @@ class _Synced:
         self.path = path
         self._server = server
         self._lock = threading.Lock()
-        self._doc = self._read()
+        self._doc = read_state(path)
         self._mine: dict[str, list[int]] = {}  # this run's records, merged in at ``save``
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
 
     def _key(self, remote: str, local: Path) -> str:
         raw = f"{self._server}|{normalize(remote)}|{os.path.abspath(local)}"
@@ -579,13 +579,8 @@ class _Synced:
         with self._lock:
             if not self._mine:
                 return
-            doc = {**self._read(), **self._mine}
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(doc))
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
+                write_state(self.path, {**read_state(self.path), **self._mine})
             except OSError as exc:
                 click.echo(f"warning: cannot save {self.path}: {exc.strerror or exc}", err=True)
                 return

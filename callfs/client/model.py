@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 #: Streaming chunk for downloads and for bodies read from files.
@@ -145,3 +148,22 @@ def base_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A small JSON state file of the client (an empty map when missing or unreadable)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def write_state(path: Path, doc: dict[str, Any]) -> None:
+    """Replace a state file atomically, readable by its user only (upload URLs and paths are
+    not secrets, but they are the user's business)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

@@ -42,7 +42,9 @@ from callfs.client.model import (
     files_url,
     normalize,
     range_header,
+    read_state,
     tus_metadata,
+    write_state,
 )
 
 Progress = Callable[[int], None]
@@ -135,11 +137,7 @@ class ResumeStore:
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def _read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        return read_state(self.path)
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -154,11 +152,7 @@ class ResumeStore:
                     return
             else:
                 doc[key] = {"upload_url": upload_url, "created": int(time.time())}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc, indent=1))
-            os.chmod(tmp, 0o600)  # upload URLs are not secrets, but they are the user's business
-            os.replace(tmp, self.path)
+            write_state(self.path, doc)
 
 
 class _Seekable:
