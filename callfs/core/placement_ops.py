@@ -341,6 +341,8 @@ class NodeMoves:
         ``DRAIN_PASSES`` what is left counts as failed (clients still writing through the node
         drained: the new files stay there)."""
         for passes in range(DRAIN_PASSES + 1):
+            if passes:  # a target restarting, a write about to commit: some time first
+                await asyncio.sleep(min(0.5 * 2 ** (passes - 1), 4.0))
             moves = await again(job)
             if not moves:
                 return
@@ -360,7 +362,6 @@ class NodeMoves:
                     for entry, _ in moves[:MAX_REPORTED]
                 )
                 return
-            await asyncio.sleep(min(0.5 * 2**passes, 4.0))  # a target restarting: time to
             log.info("%s: %d files still to move, pass %d", job.kind, len(moves), passes + 2)
             job.files_total += len(moves)
             job.bytes_total = job.bytes_moved + sum(e.size for e, _ in moves)
