@@ -391,3 +391,65 @@ async def test_a_frozen_holder_is_read_around(pg_cluster: list[ClusterNode]) -> 
                 assert time.monotonic() - started < 4 * SHARD_WAIT + 2
         finally:
             nodes[1].proc.send_signal(signal.SIGCONT)
+
+
+async def test_shards_in_a_shared_bucket_survive_fsck_repair_and_a_repair_spread(
+    tmp_path: Path, pg_store: dict[str, Any]
+) -> None:
+    """``erasure.shard_backend: s3``: every node keeps its shards in one bucket, under keys
+    that do not name the node. Found by audit: ``fsck --repair`` took the other nodes' shards
+    for strays and removed them (18 of 24 files unreadable), and a repair that spread shards
+    back to a returning node wrote each one's object again, then removed it."""
+    import json
+    import subprocess
+    import sys
+
+    from callfs.tests import s3server
+    from cluster_tests.harness import INTERNAL
+
+    bucket = s3server.make_bucket()
+    s3 = {
+        "s3_bucket_name": bucket,
+        "s3_endpoint": s3server.endpoint(),
+        "s3_access_key": "testing",
+        "s3_secret_key": "testing",
+    }
+    nodes = shared_store_cluster(tmp_path, pg_store)
+    for node in nodes:
+        node.config["backend"].update(s3)
+        node.config["erasure"] = {**ERASURE, "shard_backend": "s3"}
+
+    def objects() -> int:
+        listed = s3server.client().list_objects_v2(Bucket=bucket, Prefix=".erasure/")
+        return len(listed.get("Contents", []))
+
+    files = {f"/sb/f{i}.bin": os.urandom(50_000 + i) for i in range(6)}
+    try:
+        for node in nodes:
+            node.start()
+        async with aiohttp.ClientSession() as s:
+            for i, (path, body) in enumerate(files.items()):
+                await upload(s, nodes[i % 3], path, body, 2, 1)
+            assert objects() == 3 * len(files)
+            fsck = subprocess.run(
+                [sys.executable, "-m", "callfs", "fsck", "--json", "--repair", "--grace", "0",
+                 "--url", nodes[0].base, "--internal-secret", INTERNAL],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            report = json.loads(fsck.stdout)
+            assert report["counts"].get("orphan", 0) == 0, report
+            assert objects() == 3 * len(files)
+            # a holder down, the operator's repair rebuilds its shards on the others (the same
+            # keys in the bucket); back up, a repair would spread them back to it
+            nodes[2].stop()
+            assert repair_cli(tmp_path, nodes[0])["exit"] == 0
+            nodes[2].start()
+            await asyncio.sleep(3)  # past the live-node probe cache (2 s)
+            repair_cli(tmp_path, nodes[0])
+            assert objects() == 3 * len(files)
+            for node in nodes:
+                for path, body in files.items():
+                    assert await read(s, node, path) == (200, body), (node.name, path)
+    finally:
+        for node in nodes:
+            node.stop()

@@ -285,7 +285,7 @@ class Fsck:
                 if upload in live:
                     if not layouts:
                         continue
-                    mine = await self._held_here(upload)
+                    mine = await self._held_here(upload, kind)
                     if mine is None:
                         continue  # named but no layout: fsck reports it as missing
                     stray = [o for o in objs if _index_of(o.key) not in mine]
@@ -297,21 +297,30 @@ class Fsck:
                     found.detail = detail
                     report.findings.append(found)
                     if repair:
-                        found.repaired = await self._remove_shard(backend, upload, obj.key)
+                        found.repaired = await self._remove_shard(backend, kind, upload, obj.key)
                 if repair and upload not in live:
                     await self._forget_layout(upload)
 
-    async def _held_here(self, upload: str) -> set[int] | None:
+    async def _held_here(self, upload: str, kind: str) -> set[int] | None:
+        """The shard indices of ``upload`` that ``kind``'s storage of this node should hold
+        (None: no layout). An S3 bucket is shared by the nodes that keep their shards there
+        (``erasure.shard_backend: s3``), under keys that do not name the node: there every shard
+        the layout names is in place, whichever node serves it (each was reported as stray,
+        and ``--repair`` removed the shards of every other node; found by audit)."""
         layout = await self._meta.get_erasure(upload)
         if layout is None:
             return None
+        if kind == BackendType.S3.value:
+            return {s.index for s in layout.shards}
         return {s.index for s in layout.shards if s.instance_id == self.instance_id}
 
-    async def _remove_shard(self, backend: StorageBackend, upload: str, key: str) -> bool:
+    async def _remove_shard(
+        self, backend: StorageBackend, kind: str, upload: str, key: str
+    ) -> bool:
         """Delete a shard if, asked again now, its upload is unreferenced or the layout does not
         place it here."""
         if await self._meta.blobs_referenced([upload]):
-            mine = await self._held_here(upload)
+            mine = await self._held_here(upload, kind)
             if mine is None or _index_of(key) in mine:
                 return False
         try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from callfs.erasure.service import ErasureService, _StripeReader, _Writer
 from callfs.errors import CallFSError, InsufficientShards, NotFound, PeerUnavailable
-from callfs.model import ErasureLayout, ShardInfo
+from callfs.model import BackendType, ErasureLayout, ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,11 @@ class Repairer:
         if not bad:
             if waiting:
                 return None, 0, len(waiting)
+            if self.service.io.local.kind == BackendType.S3.value:
+                # Shards in a bucket shared by the nodes (``erasure.shard_backend: s3``) have one
+                # key whichever node serves them: a "move" wrote the same object, then removed
+                # it (found by audit). Nothing is crowded there; nothing to spread.
+                return None, 0, 0
             return await self._spread(layout, live)
         fixed, rebuilt = await self._rebuild(layout, bad, self._targets(layout, bad, live))
         return fixed, rebuilt, len(waiting)
