@@ -518,3 +518,49 @@ async def test_websocket_download_to_a_stalled_reader_is_cut_off(
     received = await stalled_download(client.port, request, 3.5, runner.server)
     assert received < size // 2
     assert sample(node, "callfs_connections_timed_out_total", reason="write_stall") == 1
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """One client frame (FIN set, masked, payload under 126 bytes)."""
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+async def test_a_websocket_upload_half_closed_after_eof_gets_its_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    """§9.9: after ``EOF`` the ``ok:<bytes>`` acknowledgement is always delivered. A client that
+    sent its frames and EOF, then half-closed (FIN, still reading), got the connection closed
+    at once: no acknowledgement, while the upload still committed a moment later (found by
+    audit). A half-close before EOF still stores nothing."""
+    request = (
+        "GET /v1/files/ws/{name}?mode=upload HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+    )
+
+    async def send_then_half_close(port: int, name: str, frames: bytes) -> bytes:
+        reader, writer = await connect(port)
+        writer.write(request.format(name=name).encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        writer.write(frames)
+        await writer.drain()
+        writer.write_eof()  # FIN: done sending, still reading
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # to the server's close
+        writer.close()
+        return answer
+
+    async with live_node(tmp_path) as (node, port):
+        answer = await send_then_half_close(
+            port, "acked.bin", _masked(0x2, b"abc") + _masked(0x1, b"EOF")
+        )
+        assert b"ok:3" in answer and b"upload complete" in answer, answer
+        assert node.meta is not None
+        entry = await node.meta.get("/acked.bin")
+        assert entry is not None and entry.size == 3  # committed before the answer
+        await send_then_half_close(port, "dropped.bin", _masked(0x2, b"abc"))
+        assert await node.meta.get("/dropped.bin") is None
