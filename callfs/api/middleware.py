@@ -19,6 +19,7 @@ from callfs.api.state import (
     REQUEST_ID,
     api_state,
     bridge_of,
+    client_gone,
     client_ip,
     tls_of,
 )
@@ -228,16 +229,11 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         status = response.status
         return response
     except asyncio.CancelledError:
-        if _client_gone(request):  # the server cancels the handler of a client that left
+        if client_gone(request):  # the server cancels the handler of a client that left
             status = CLIENT_CLOSED_REQUEST
         raise
     finally:
         _observe(request, status, time.perf_counter() - started, rid, remote)
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 def _observe(request: web.Request, status: int, duration: float, rid: str, remote: str) -> None:
@@ -285,7 +281,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp.force_close()  # the rest of the stream cannot be parsed either
         return resp
     except ConnectionError:
-        if _client_gone(request):
+        if client_gone(request):
             # the client hung up mid-request: not a server error (it inflated the 5xx rate and
             # logged a traceback per abort); nginx's 499 in the metrics and the access log
             return web.Response(status=CLIENT_CLOSED_REQUEST)

@@ -102,3 +102,9 @@ def client_ip(request: web.Request) -> str:
 
 def is_tls(request: web.Request) -> bool:
     return tls_of(api_state(request), request)
+
+
+def client_gone(request: web.Request) -> bool:
+    """The client of ``request`` hung up (its connection closed or closing)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()

@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from callfs.api.files import get_file, owner_routed, request_path
 from callfs.api.limits import cut_off
 from callfs.api.sockets import direct_socket, tcp_option
-from callfs.api.state import api_state, identity
+from callfs.api.state import api_state, client_gone, identity
 from callfs.core.peer import EXPECT_BLOB
 from callfs.errors import (
     AlreadyExists,
@@ -122,9 +122,14 @@ async def _download(ws: web.WebSocketResponse, request: web.Request, path: str) 
                 watch.progress()
                 await request.writer.drain()
                 watch.reading()
-    except (CallFSError, OSError):
+    except (CallFSError, OSError) as exc:
         if watch.fired:
             return  # §2: the client stopped reading; cut off and counted
+        if isinstance(exc, ConnectionError) and client_gone(request):
+            # the client left mid-download: not a failure of ours (it logged a WARNING and a
+            # traceback each time; found by audit)
+            log.debug("websocket download ended: the client went away")
+            return
         log.warning("websocket download of a file failed mid-way", exc_info=True)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"file read failed")
         return
@@ -166,7 +171,7 @@ def _send_frames(request: web.Request, view: memoryview) -> None:
     (the web socket's own writer sends the close frame after, in order, through the same
     transport)."""
     transport = request.transport
-    if transport is None or transport.is_closing():
+    if transport is None or client_gone(request):
         raise ConnectionResetError("the client went away")
     pieces = _frames(view)
     sock = direct_socket(transport)

@@ -564,3 +564,28 @@ async def test_a_websocket_upload_half_closed_after_eof_gets_its_acknowledgement
         assert entry is not None and entry.size == 3  # committed before the answer
         await send_then_half_close(port, "dropped.bin", _masked(0x2, b"abc"))
         assert await node.meta.get("/dropped.bin") is None
+
+
+async def test_a_websocket_download_the_client_leaves_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that leaves mid-download is no failure of ours: it logged a WARNING with a
+    traceback each time (found by audit)."""
+    caplog.set_level(logging.INFO)
+    request = (
+        "GET /v1/files/ws/left.bin HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Authorization: Bearer {ALICE_KEY}\r\n\r\n"
+    )
+    async with live_node(tmp_path) as (_node, port):
+        await put_big(port, "left.bin", 64 * MiB)
+        reader, writer = await connect(port)
+        writer.write(request.encode())
+        await reader.readexactly(1 << 20)  # under way
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # gone: a reset, mid-file
+        await asyncio.sleep(1.0)
+    failed = [r for r in caplog.records if "failed mid-way" in r.getMessage()]
+    assert failed == [], [r.getMessage() for r in failed]
