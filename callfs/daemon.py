@@ -807,6 +807,8 @@ def log_secrets(cfg: Config) -> list[str]:
         auth.internal_proxy_secret,
         auth.single_use_link_secret,
         cfg.backend.s3_secret_key,
+        # not secret to AWS, but it names the account: botocore's debug lines quoted it
+        cfg.backend.s3_access_key,
         cfg.metadata_store.redis_password,
         cfg.dlm.redis_password,
     ]

@@ -94,6 +94,7 @@ class WorkQueueWorker:
                 except WorkElsewhere as exc:
                     if exc.hopeless and item.attempts >= HAND_BACK_LIMIT:
                         log.warning("work item %s dropped: %s", item.kind, exc)
+                        self._failed("dropped")
                         done.append(item.id)
                     else:
                         handed.append(item)  # for the node that can: no backoff here
@@ -101,9 +102,7 @@ class WorkQueueWorker:
                     log.warning(
                         "work item %s failed (attempt %d); retried later", item.kind, item.attempts
                     )
-                    if self._metrics is not None:  # §16: every logged internal failure
-                        what = item.kind.removeprefix("replica-")
-                        self._metrics.errors.labels("replication", what).inc()
+                    self._failed(item.kind.removeprefix("replica-"))
                     failed.append(item.id)
         finally:  # the batch is settled within the lease its last renewal gave
             renewer.cancel()
@@ -124,6 +123,11 @@ class WorkQueueWorker:
         if self._metrics is not None:
             self._metrics.replication_backlog.set(await self._queue.backlog())
         return len(done), len(failed)
+
+    def _failed(self, what: str) -> None:
+        """§16: every logged internal failure counts in ``callfs_errors_total``."""
+        if self._metrics is not None:
+            self._metrics.errors.labels("replication", what).inc()
 
     async def _renew(self, held: set[int]) -> None:
         """Renew the leases of ``held`` every ``RENEW_EVERY`` until cancelled; drop from it the
@@ -148,6 +152,7 @@ class WorkQueueWorker:
                 applied, failed = await self.drain_once()
             except CallFSError:
                 log.warning("work queue unreachable; retrying in %.1f s", self._backoff)
+                self._failed("queue")  # (it was logged, never counted; found by audit)
                 applied, failed = 0, 1
             if failed:
                 await asyncio.sleep(self._backoff)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 import time
@@ -19,6 +20,7 @@ from callfs.core.engine import REPLICA_DELETE, REPLICA_PUT, WorkElsewhere
 from callfs.core.replication import WorkQueueWorker
 from callfs.daemon import Node
 from callfs.errors import ConfigError, ParentNotDirectory
+from callfs.metrics import Metrics
 from callfs.model import WorkItem
 from callfs.storage.base import new_blob_key
 from callfs.tests import s3server
@@ -352,9 +354,34 @@ async def test_hand_backs_wait_by_their_own_claims_and_only_hopeless_ones_are_dr
         WorkItem(4, REPLICA_PUT, "k4", "hopeless", 2),
     ]
     queue = Queue(items)
-    worker = WorkQueueWorker(Engine(), queue, "n1")  # type: ignore[arg-type]
+    metrics = Metrics()
+    worker = WorkQueueWorker(Engine(), queue, "n1", metrics)  # type: ignore[arg-type]
     started = time.time()
     await worker.drain_once()
     assert queue.acked == [3]  # only the hopeless one at the limit is dropped
+    # logged and counted (§16: every logged internal failure; found by audit)
+    assert metrics.errors.labels("replication", "dropped")._value.get() == 1
     waits = {tuple(ids): round(at - started) for ids, at in queue.retried}
     assert waits == {(1,): HAND_BACK, (4,): 2 * HAND_BACK, (2,): HAND_BACK_MAX}
+
+
+async def test_an_unreachable_work_queue_is_counted() -> None:
+    """§16: every logged internal failure counts; "work queue unreachable" was only logged
+    (found by audit)."""
+    from callfs.errors import Unavailable
+
+    class Down:
+        async def claim(self, *args: Any) -> list[WorkItem]:
+            raise Unavailable("metadata store unavailable")
+
+        async def backlog(self) -> int:
+            raise Unavailable("metadata store unavailable")
+
+    metrics = Metrics()
+    worker = WorkQueueWorker(object(), Down(), "n1", metrics)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(worker._run())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert metrics.errors.labels("replication", "queue")._value.get() >= 1
