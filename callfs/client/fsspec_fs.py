@@ -327,9 +327,7 @@ class CallFSFile(AbstractBufferedFile):  # type: ignore[misc]
             raise os_error(exc, self.path) from exc
 
     # ---- writing -------------------------------------------------------------------------
-    def _initiate_upload(self) -> None:
-        if "a" in self.mode:
-            raise NotImplementedError("CallFS files cannot be appended to")
+    def _initiate_upload(self) -> None:  # (appending is refused by ``_open``)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._put, name="callfs-fsspec-put", daemon=True)

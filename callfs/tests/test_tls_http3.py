@@ -112,44 +112,36 @@ async def test_https_hsts_alt_svc_and_wss(
 
 
 async def test_bad_tls_files_fail_start_with_the_key_named(tmp_path: Path) -> None:
-    cfg = make_config(
-        tmp_path,
+    async def refused(match: str, **env: str) -> None:
+        node = Node(make_config(tmp_path, **env))
+        with pytest.raises(ConfigError, match=match):
+            await node.start()
+        await node.stop()
+
+    await refused(
+        r"server\.cert_file",
         CALLFS_SERVER__PROTOCOL="https",
         CALLFS_SERVER__CERT_FILE=str(tmp_path / "missing.crt"),
         CALLFS_SERVER__KEY_FILE=str(tmp_path / "missing.key"),
     )
-    node = Node(cfg)
-    with pytest.raises(ConfigError, match=r"server\.cert_file"):
-        await node.start()
-    await node.stop()
     other = tmp_path / "other"
     generate_self_signed(["a"], other / "a.crt", other / "a.key")
     generate_self_signed(["b"], other / "b.crt", other / "b.key")
-    cfg = make_config(
-        tmp_path,
-        CALLFS_SERVER__PROTOCOL="https",
-        CALLFS_SERVER__CERT_FILE=str(other / "a.crt"),
-        CALLFS_SERVER__KEY_FILE=str(other / "b.key"),
-    )
-    node = Node(cfg)
-    with pytest.raises(ConfigError, match=r"do not match|could not be loaded"):
-        await node.start()
-    await node.stop()
+    mismatched = {
+        "CALLFS_SERVER__CERT_FILE": str(other / "a.crt"),
+        "CALLFS_SERVER__KEY_FILE": str(other / "b.key"),
+    }
+    no_match = r"do not match|could not be loaded"
+    await refused(no_match, CALLFS_SERVER__PROTOCOL="https", **mismatched)
     # HTTP/3 over a plain-HTTP listener: its TLS files get the same checks (aioquic loaded
     # them, the server ran, and every handshake failed)
-    quic_port = free_tcp_udp_port()
-    cfg = make_config(
-        tmp_path,
+    await refused(
+        no_match,
         CALLFS_SERVER__PROTOCOL="http",
         CALLFS_SERVER__ENABLE_QUIC="true",
-        CALLFS_SERVER__QUIC_LISTEN_ADDR=f"127.0.0.1:{quic_port}",
-        CALLFS_SERVER__CERT_FILE=str(other / "a.crt"),
-        CALLFS_SERVER__KEY_FILE=str(other / "b.key"),
+        CALLFS_SERVER__QUIC_LISTEN_ADDR=f"127.0.0.1:{free_tcp_udp_port()}",
+        **mismatched,
     )
-    node = Node(cfg)
-    with pytest.raises(ConfigError, match=r"do not match|could not be loaded"):
-        await node.start()
-    await node.stop()
 
 
 def test_an_encrypted_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
